@@ -1,0 +1,654 @@
+//! Command execution: load an aggregate, decide, append with the version it was loaded at.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::TryStreamExt;
+use serde_json::Value;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::aggregate::{Aggregate, Handle, HandleWith};
+use crate::event::{EncodeError, EventSet, Metadata, NewEvent, RecordedEvent};
+use crate::snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
+use crate::store::{
+    read_stream_batched, ConcurrencyError, EventStore, StoreError, DEFAULT_BATCH_SIZE,
+};
+use crate::stream::{ExpectedVersion, Position, StreamId, StreamVersion};
+use crate::upcast::DecodeError;
+
+/// Who is asking and why: the command's id (the causation id of every event it produces), the
+/// correlation id carried from the caller, and custom metadata copied onto every event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandContext {
+    /// This command's id; stored as the causation id of the events it produces.
+    pub command_id: Uuid,
+    /// The conversation it belongs to; defaults to the command id (a new conversation).
+    pub correlation_id: Option<Uuid>,
+    /// Copied into every produced event's [`Metadata::custom`] (user id, tenant, ...).
+    pub custom: BTreeMap<String, Value>,
+}
+
+impl Default for CommandContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CommandContext {
+    /// A context for a new conversation, with a fresh command id.
+    pub fn new() -> Self {
+        Self {
+            command_id: Uuid::now_v7(),
+            correlation_id: None,
+            custom: BTreeMap::new(),
+        }
+    }
+
+    /// A context for a command issued in reaction to `event` (a process manager or saga): the
+    /// event is the cause and its conversation continues.
+    pub fn caused_by(event: &RecordedEvent) -> Self {
+        Self {
+            command_id: Uuid::now_v7(),
+            correlation_id: Some(
+                event
+                    .metadata
+                    .correlation_id
+                    .unwrap_or(*event.event_id.as_uuid()),
+            ),
+            custom: event.metadata.custom.clone(),
+        }
+    }
+
+    /// Joins an existing conversation.
+    pub fn with_correlation_id(mut self, id: Uuid) -> Self {
+        self.correlation_id = Some(id);
+        self
+    }
+
+    /// Adds a custom metadata key/value.
+    pub fn with(mut self, key: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.custom.insert(key.into(), value.into());
+        self
+    }
+
+    fn metadata(&self) -> Metadata {
+        Metadata {
+            correlation_id: Some(self.correlation_id.unwrap_or(self.command_id)),
+            causation_id: Some(self.command_id),
+            custom: self.custom.clone(),
+        }
+    }
+}
+
+/// What a successful command did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandOutcome<E> {
+    /// The aggregate's stream.
+    pub stream: StreamId,
+    /// The events the command produced (empty if it decided nothing needed to happen).
+    pub events: Vec<E>,
+    /// The stream's version after the command.
+    pub stream_version: StreamVersion,
+    /// The global position of the last event written, the read-your-own-writes token; `None` if no
+    /// event was written.
+    pub position: Option<Position>,
+    /// How many times the command was decided (more than 1 after concurrency retries).
+    pub attempts: u32,
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExecuteError<E> {
+    /// The aggregate rejected the command.
+    #[error("command rejected: {0}")]
+    Domain(#[source] E),
+    /// Another writer appended to the stream first (after any configured retries).
+    #[error(transparent)]
+    Concurrency(ConcurrencyError),
+    /// A stored event of the aggregate could not be decoded.
+    #[error("cannot load `{stream}`: event at version {stream_version} (position {position}) failed to decode: {source}")]
+    Decode {
+        /// The aggregate's stream.
+        stream: StreamId,
+        /// The undecodable event's version.
+        stream_version: StreamVersion,
+        /// Its global position.
+        position: Position,
+        /// Why.
+        #[source]
+        source: DecodeError,
+    },
+    /// A produced event could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl<E> From<StoreError> for ExecuteError<E> {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Concurrency(c) => ExecuteError::Concurrency(c),
+            other => ExecuteError::Store(other),
+        }
+    }
+}
+
+impl<E> From<LoadError> for ExecuteError<E> {
+    fn from(error: LoadError) -> Self {
+        match error {
+            LoadError::Store(e) => e.into(),
+            LoadError::Decode {
+                stream,
+                stream_version,
+                position,
+                source,
+            } => ExecuteError::Decode {
+                stream,
+                stream_version,
+                position,
+                source,
+            },
+        }
+    }
+}
+
+impl<E> ExecuteError<E> {
+    /// Converts the domain error, keeping every other case.
+    pub fn map_domain<F>(self, f: impl FnOnce(E) -> F) -> ExecuteError<F> {
+        match self {
+            ExecuteError::Domain(e) => ExecuteError::Domain(f(e)),
+            ExecuteError::Concurrency(c) => ExecuteError::Concurrency(c),
+            ExecuteError::Decode {
+                stream,
+                stream_version,
+                position,
+                source,
+            } => ExecuteError::Decode {
+                stream,
+                stream_version,
+                position,
+                source,
+            },
+            ExecuteError::Encode(e) => ExecuteError::Encode(e),
+            ExecuteError::Store(e) => ExecuteError::Store(e),
+        }
+    }
+}
+
+/// Why an aggregate could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored event could not be decoded.
+    #[error("cannot load `{stream}`: event at version {stream_version} (position {position}) failed to decode: {source}")]
+    Decode {
+        /// The aggregate's stream.
+        stream: StreamId,
+        /// The undecodable event's version.
+        stream_version: StreamVersion,
+        /// Its global position.
+        position: Position,
+        /// Why.
+        #[source]
+        source: DecodeError,
+    },
+}
+
+/// Opt-in re-execution after a concurrency conflict: reload, decide again, append again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    max_retries: u32,
+    backoff: Duration,
+}
+
+impl RetryPolicy {
+    /// Never retry: a conflict is returned to the caller (the default).
+    pub const fn none() -> Self {
+        Self {
+            max_retries: 0,
+            backoff: Duration::ZERO,
+        }
+    }
+
+    /// Retry up to `max_retries` times, immediately.
+    pub const fn retries(max_retries: u32) -> Self {
+        Self {
+            max_retries,
+            backoff: Duration::ZERO,
+        }
+    }
+
+    /// Waits `backoff * attempt` (plus jitter of up to one `backoff`) before each retry.
+    pub const fn with_backoff(mut self, backoff: Duration) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    fn delay(&self, attempt: u32) -> Duration {
+        if self.backoff.is_zero() {
+            return Duration::ZERO;
+        }
+        let jitter = u64::from(Uuid::now_v7().as_u128() as u16) * self.backoff.as_micros() as u64
+            / u64::from(u16::MAX);
+        self.backoff * attempt + Duration::from_micros(jitter)
+    }
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self::none()
+    }
+}
+
+/// An aggregate's state as loaded from the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded<A> {
+    /// The state after folding every loaded event.
+    pub state: A,
+    /// The version of the last event folded in ([`StreamVersion::INITIAL`] if none).
+    pub version: StreamVersion,
+}
+
+/// Where to stop loading, for temporal queries.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    Latest,
+    Version(StreamVersion),
+    Time(DateTime<Utc>),
+}
+
+struct Snapshots<A> {
+    store: Arc<dyn SnapshotStore>,
+    policy: SnapshotPolicy,
+    encode: fn(&A) -> Result<Value, serde_json::Error>,
+    decode: fn(&Value) -> Result<A, serde_json::Error>,
+}
+
+impl<A> Clone for Snapshots<A> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            policy: self.policy,
+            encode: self.encode,
+            decode: self.decode,
+        }
+    }
+}
+
+/// Loads aggregates and executes commands against them.
+///
+/// Cheap to clone (shares the store). Snapshots and retries are opt-in:
+/// `Repository::new(store).with_snapshots(store, SnapshotPolicy::every(100)).with_retry(RetryPolicy::retries(3))`.
+pub struct Repository<A: Aggregate> {
+    store: Arc<dyn EventStore>,
+    snapshots: Option<Snapshots<A>>,
+    retry: RetryPolicy,
+    batch_size: usize,
+}
+
+impl<A: Aggregate> Clone for Repository<A> {
+    fn clone(&self) -> Self {
+        Self {
+            store: Arc::clone(&self.store),
+            snapshots: self.snapshots.clone(),
+            retry: self.retry,
+            batch_size: self.batch_size,
+        }
+    }
+}
+
+impl<A: Aggregate> Repository<A> {
+    /// A repository over `store`, without snapshots or retries.
+    pub fn new(store: impl EventStore) -> Self {
+        Self::from_arc(Arc::new(store))
+    }
+
+    /// A repository over a shared, type-erased store.
+    pub fn from_arc(store: Arc<dyn EventStore>) -> Self {
+        Self {
+            store,
+            snapshots: None,
+            retry: RetryPolicy::none(),
+            batch_size: DEFAULT_BATCH_SIZE,
+        }
+    }
+
+    /// Loads from the latest snapshot (if its [`Aggregate::SNAPSHOT_VERSION`] matches) and takes a new
+    /// one according to `policy`.
+    pub fn with_snapshots(mut self, store: impl SnapshotStore, policy: SnapshotPolicy) -> Self
+    where
+        A: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        self.snapshots = Some(Snapshots {
+            store: Arc::new(store),
+            policy,
+            encode: |state| serde_json::to_value(state),
+            decode: |v| A::deserialize(v),
+        });
+        self
+    }
+
+    /// Retries commands that hit a concurrency conflict.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Events fetched per round trip while loading (default [`DEFAULT_BATCH_SIZE`]).
+    pub fn with_batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size.max(1);
+        self
+    }
+
+    /// The store this repository writes to.
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.store
+    }
+
+    /// The stream of aggregate instance `id`.
+    pub fn stream_id(id: &str) -> StreamId {
+        StreamId::new(A::TYPE, id)
+    }
+
+    /// Loads the current state of `id` (snapshot + later events, or a full replay).
+    pub async fn load(&self, id: &str) -> Result<Loaded<A>, LoadError> {
+        self.load_until(&Self::stream_id(id), Until::Latest).await
+    }
+
+    /// The state of `id` as it was at `version` (or its latest version, if lower), reading no later event.
+    pub async fn load_at_version(
+        &self,
+        id: &str,
+        version: StreamVersion,
+    ) -> Result<Loaded<A>, LoadError> {
+        self.load_until(&Self::stream_id(id), Until::Version(version))
+            .await
+    }
+
+    /// The state of `id` as it was at instant `at`: every event recorded at or before it.
+    pub async fn load_as_of(&self, id: &str, at: DateTime<Utc>) -> Result<Loaded<A>, LoadError> {
+        self.load_until(&Self::stream_id(id), Until::Time(at)).await
+    }
+
+    async fn load_until(&self, stream: &StreamId, until: Until) -> Result<Loaded<A>, LoadError> {
+        let mut loaded = match until {
+            Until::Latest => self.load_snapshot(stream, None).await,
+            Until::Version(v) => self.load_snapshot(stream, Some(v)).await,
+            // A snapshot does not record when its last event happened; replay.
+            Until::Time(_) => None,
+        }
+        .unwrap_or_else(|| Loaded {
+            state: A::default(),
+            version: StreamVersion::INITIAL,
+        });
+        let batch = match until {
+            Until::Version(v) => {
+                let remaining = v.get().saturating_sub(loaded.version.get());
+                if remaining == 0 {
+                    return Ok(loaded);
+                }
+                usize::try_from(remaining).map_or(self.batch_size, |r| r.min(self.batch_size))
+            }
+            _ => self.batch_size,
+        };
+        let events = read_stream_batched(&*self.store, stream, loaded.version.next(), batch);
+        futures_util::pin_mut!(events);
+        while let Some(recorded) = events.try_next().await? {
+            match until {
+                Until::Version(v) if recorded.stream_version > v => break,
+                Until::Time(t) if recorded.recorded_at > t => break,
+                _ => {}
+            }
+            let event = decode(&recorded)?;
+            loaded.state.apply_event(&event);
+            loaded.version = recorded.stream_version;
+            if matches!(until, Until::Version(v) if loaded.version == v) {
+                break;
+            }
+        }
+        Ok(loaded)
+    }
+
+    /// The snapshot to start from, if there is a usable one. A snapshot that is missing, of another
+    /// schema version, undecodable or past `at_most` means a full replay, never a wrong state.
+    async fn load_snapshot(
+        &self,
+        stream: &StreamId,
+        at_most: Option<StreamVersion>,
+    ) -> Option<Loaded<A>> {
+        let snapshots = self.snapshots.as_ref()?;
+        let snapshot = match snapshots.store.load_snapshot(stream).await {
+            Ok(Some(snapshot)) => snapshot,
+            Ok(None) => return None,
+            Err(error) => {
+                tracing::warn!(%stream, %error, "snapshot unavailable; replaying the stream");
+                return None;
+            }
+        };
+        if snapshot.snapshot_version != A::SNAPSHOT_VERSION {
+            tracing::debug!(%stream, stored = snapshot.snapshot_version, current = A::SNAPSHOT_VERSION,
+                "ignoring snapshot of another schema version");
+            return None;
+        }
+        if at_most.is_some_and(|v| snapshot.stream_version > v) {
+            return None;
+        }
+        match (snapshots.decode)(&snapshot.payload) {
+            Ok(state) => Some(Loaded {
+                state,
+                version: snapshot.stream_version,
+            }),
+            Err(error) => {
+                tracing::warn!(%stream, %error, "undecodable snapshot ignored; replaying the stream");
+                None
+            }
+        }
+    }
+
+    /// Executes `command` against aggregate `id` in a new conversation.
+    pub async fn execute<C>(
+        &self,
+        id: &str,
+        command: &C,
+    ) -> Result<CommandOutcome<A::Event>, ExecuteError<<A as Handle<C>>::Error>>
+    where
+        A: Handle<C>,
+        C: Sync,
+    {
+        self.execute_in(id, command, &CommandContext::new()).await
+    }
+
+    /// Executes `command` against aggregate `id` within `context` (correlation, causation, metadata).
+    pub async fn execute_in<C>(
+        &self,
+        id: &str,
+        command: &C,
+        context: &CommandContext,
+    ) -> Result<CommandOutcome<A::Event>, ExecuteError<<A as Handle<C>>::Error>>
+    where
+        A: Handle<C>,
+        C: Sync,
+    {
+        self.run::<C, _>(id, context, Pure(command)).await
+    }
+
+    /// Executes a command whose handler needs `services` (see [`HandleWith`]).
+    pub async fn execute_with<C, S>(
+        &self,
+        id: &str,
+        command: &C,
+        services: &S,
+        context: &CommandContext,
+    ) -> Result<CommandOutcome<A::Event>, ExecuteError<<A as HandleWith<C, S>>::Error>>
+    where
+        A: HandleWith<C, S>,
+        C: Sync,
+        S: ?Sized + Sync,
+    {
+        self.run::<C, _>(id, context, WithServices(command, services))
+            .await
+    }
+
+    async fn run<C, D>(
+        &self,
+        id: &str,
+        context: &CommandContext,
+        decider: D,
+    ) -> Result<CommandOutcome<A::Event>, ExecuteError<D::Error>>
+    where
+        D: Decide<A>,
+    {
+        let stream = Self::stream_id(id);
+        let span = tracing::info_span!(
+            "command",
+            aggregate = A::TYPE,
+            id,
+            command = std::any::type_name::<C>(),
+            command_id = %context.command_id,
+        );
+        async move {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                let loaded = self.load_until(&stream, Until::Latest).await?;
+                let events = decider
+                    .decide(&loaded.state)
+                    .await
+                    .map_err(ExecuteError::Domain)?;
+                match self.commit(&stream, loaded, events, context, attempt).await {
+                    Err(ExecuteError::Concurrency(conflict))
+                        if attempt <= self.retry.max_retries =>
+                    {
+                        tracing::debug!(%conflict, attempt, "retrying after concurrency conflict");
+                        tokio::time::sleep(self.retry.delay(attempt)).await;
+                    }
+                    result => return result,
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn commit<E>(
+        &self,
+        stream: &StreamId,
+        loaded: Loaded<A>,
+        events: Vec<A::Event>,
+        context: &CommandContext,
+        attempts: u32,
+    ) -> Result<CommandOutcome<A::Event>, ExecuteError<E>> {
+        if events.is_empty() {
+            return Ok(CommandOutcome {
+                stream: stream.clone(),
+                events,
+                stream_version: loaded.version,
+                position: None,
+                attempts,
+            });
+        }
+        let metadata = context.metadata();
+        let encoded = events
+            .iter()
+            .map(|e| NewEvent::from_set(e).map(|n| n.with_metadata(metadata.clone())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let expected = ExpectedVersion::Exact(loaded.version);
+        let appended = self.store.append(stream, expected, encoded).await?;
+        self.maybe_snapshot(stream, loaded, &events, appended.stream_version)
+            .await;
+        Ok(CommandOutcome {
+            stream: stream.clone(),
+            events,
+            stream_version: appended.stream_version,
+            position: Some(appended.position),
+            attempts,
+        })
+    }
+
+    /// Takes a snapshot if the policy says so. The events are committed already, so a failure here is
+    /// logged, not returned: the next load replays a little more.
+    async fn maybe_snapshot(
+        &self,
+        stream: &StreamId,
+        loaded: Loaded<A>,
+        events: &[A::Event],
+        version: StreamVersion,
+    ) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        if !snapshots.policy.should_snapshot(loaded.version, version) {
+            return;
+        }
+        let mut state = loaded.state;
+        for event in events {
+            state.apply_event(event);
+        }
+        let payload = match (snapshots.encode)(&state) {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::warn!(%stream, %error, "cannot encode snapshot");
+                return;
+            }
+        };
+        let snapshot = Snapshot {
+            stream: stream.clone(),
+            stream_version: version,
+            snapshot_version: A::SNAPSHOT_VERSION,
+            payload,
+        };
+        if let Err(error) = snapshots.store.save_snapshot(snapshot).await {
+            tracing::warn!(%stream, %error, "cannot save snapshot");
+        }
+    }
+}
+
+fn decode<S: EventSet>(recorded: &RecordedEvent) -> Result<S, LoadError> {
+    recorded
+        .decode_set::<S>()
+        .map_err(|source| LoadError::Decode {
+            stream: recorded.stream.clone(),
+            stream_version: recorded.stream_version,
+            position: recorded.position,
+            source,
+        })
+}
+
+/// A command decision against loaded state, pure or with services.
+trait Decide<A: Aggregate>: Send + Sync {
+    type Error;
+    fn decide(&self, state: &A) -> impl Future<Output = Result<Vec<A::Event>, Self::Error>> + Send;
+}
+
+struct Pure<'c, C>(&'c C);
+
+impl<A: Handle<C>, C: Sync> Decide<A> for Pure<'_, C> {
+    type Error = <A as Handle<C>>::Error;
+    async fn decide(&self, state: &A) -> Result<Vec<A::Event>, Self::Error> {
+        state.handle(self.0)
+    }
+}
+
+struct WithServices<'c, C, S: ?Sized>(&'c C, &'c S);
+
+impl<A, C, S> Decide<A> for WithServices<'_, C, S>
+where
+    A: HandleWith<C, S>,
+    C: Sync,
+    S: ?Sized + Sync,
+{
+    type Error = <A as HandleWith<C, S>>::Error;
+    fn decide(&self, state: &A) -> impl Future<Output = Result<Vec<A::Event>, Self::Error>> + Send {
+        state.handle_with(self.0, self.1)
+    }
+}

@@ -1,0 +1,232 @@
+//! Events: the [`Event`] trait for one event type, [`EventSet`] for an aggregate's set of events,
+//! and the envelopes they travel in ([`NewEvent`] before append, [`RecordedEvent`] after).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::stream::{Position, StreamId, StreamVersion};
+use crate::upcast::DecodeError;
+
+/// The unique id of an event; time-ordered (UUID v7) by default. Appending an event whose id is already
+/// stored is an idempotent retry (see [`crate::EventStore::append`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventId(Uuid);
+
+impl EventId {
+    /// A fresh time-ordered id.
+    pub fn new() -> Self {
+        Self(Uuid::now_v7())
+    }
+
+    /// Wraps an existing UUID.
+    pub const fn from_uuid(id: Uuid) -> Self {
+        Self(id)
+    }
+
+    /// The UUID.
+    pub const fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl Default for EventId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// One event type: a plain struct with a stable stored name and a schema version.
+///
+/// Implemented by `#[event]`, which also generates [`Event::decode`] for older schema versions
+/// (the upcast chain). A hand-written impl only needs the two constants: the default `decode`
+/// accepts the current version and rejects every other one with a typed error.
+///
+/// ```
+/// use cqrs_core::Event;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Serialize, Deserialize)]
+/// struct Deposited { amount: i64 }
+///
+/// impl Event for Deposited {
+///     const NAME: &'static str = "Deposited";
+///     const VERSION: u32 = 1;
+/// }
+///
+/// let json = serde_json::json!({ "amount": 5 });
+/// assert_eq!(Deposited::decode(1, &json).unwrap().amount, 5);
+/// assert!(Deposited::decode(2, &json).is_err());
+/// ```
+pub trait Event: Serialize + serde::de::DeserializeOwned + Send + Sync + 'static {
+    /// The name stored with every event of this type. Never derived from module paths: moving the type
+    /// must not rename stored data.
+    const NAME: &'static str;
+    /// The current schema version (1-based).
+    const VERSION: u32;
+
+    /// Decodes a payload stored with `schema_version`, upcasting older versions to this type.
+    fn decode(schema_version: u32, payload: &Value) -> Result<Self, DecodeError> {
+        if schema_version == Self::VERSION {
+            crate::upcast::deserialize(Self::NAME, schema_version, payload)
+        } else {
+            Err(DecodeError::UnsupportedVersion {
+                event_type: Self::NAME.to_owned(),
+                version: schema_version,
+                current: Self::VERSION,
+            })
+        }
+    }
+
+    /// Encodes this event as its stored JSON payload.
+    fn encode(&self) -> Result<Value, EncodeError> {
+        serde_json::to_value(self).map_err(|source| EncodeError {
+            event_type: Self::NAME,
+            source,
+        })
+    }
+}
+
+/// The closed set of events one aggregate (or stream) produces; usually the enum that
+/// `#[derive(Aggregate)]` generates, with one variant per [`Event`] type.
+pub trait EventSet: Sized + Send + Sync + 'static {
+    /// The stored names of every event in the set.
+    const NAMES: &'static [&'static str];
+
+    /// The stored name of this event.
+    fn event_type(&self) -> &'static str;
+    /// The schema version this event is written with.
+    fn schema_version(&self) -> u32;
+    /// Encodes the event's payload.
+    fn encode(&self) -> Result<Value, EncodeError>;
+    /// Decodes a stored event by its type name and schema version.
+    fn decode(event_type: &str, schema_version: u32, payload: &Value) -> Result<Self, DecodeError>;
+}
+
+/// An event could not be serialized (e.g. a map with non-string keys).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot encode event `{event_type}`: {source}")]
+pub struct EncodeError {
+    /// The event type that failed.
+    pub event_type: &'static str,
+    /// The serializer's error.
+    #[source]
+    pub source: serde_json::Error,
+}
+
+/// Context stored with every event: why it happened and in which conversation.
+///
+/// `causation_id` is the id of the command (or event) that caused it; `correlation_id` is shared by
+/// everything that follows from one original request. `custom` holds user key/values (user id,
+/// tenant, ...).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    /// The conversation this event belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<Uuid>,
+    /// The command or event that directly caused this event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<Uuid>,
+    /// User-defined key/values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub custom: BTreeMap<String, Value>,
+}
+
+/// An encoded event ready to append: what a command produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// Unique id; re-appending the same id is an idempotent retry.
+    pub event_id: EventId,
+    /// The stored event type name.
+    pub event_type: String,
+    /// The schema version of `payload`.
+    pub schema_version: u32,
+    /// The event's JSON payload.
+    pub payload: Value,
+    /// Correlation, causation and custom metadata.
+    pub metadata: Metadata,
+}
+
+impl NewEvent {
+    /// Encodes a typed event with a fresh id and empty metadata.
+    pub fn from_event<E: Event>(event: &E) -> Result<Self, EncodeError> {
+        Ok(Self {
+            event_id: EventId::new(),
+            event_type: E::NAME.to_owned(),
+            schema_version: E::VERSION,
+            payload: event.encode()?,
+            metadata: Metadata::default(),
+        })
+    }
+
+    /// Encodes one event of an [`EventSet`] with a fresh id and empty metadata.
+    pub fn from_set<S: EventSet>(event: &S) -> Result<Self, EncodeError> {
+        Ok(Self {
+            event_id: EventId::new(),
+            event_type: event.event_type().to_owned(),
+            schema_version: event.schema_version(),
+            payload: event.encode()?,
+            metadata: Metadata::default(),
+        })
+    }
+
+    /// Replaces the metadata.
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// A stored event with its full envelope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    /// Unique event id.
+    pub event_id: EventId,
+    /// The stream it belongs to.
+    pub stream: StreamId,
+    /// Its version within the stream (1-based, dense).
+    pub stream_version: StreamVersion,
+    /// Its place in the global log.
+    pub position: Position,
+    /// The stored event type name.
+    pub event_type: String,
+    /// The schema version the payload was written with.
+    pub schema_version: u32,
+    /// When the store recorded it.
+    pub recorded_at: DateTime<Utc>,
+    /// The JSON payload as stored (upcasting happens on decode, never in storage).
+    pub payload: Value,
+    /// Correlation, causation and custom metadata.
+    pub metadata: Metadata,
+}
+
+impl RecordedEvent {
+    /// Decodes the payload as event type `E`, upcasting older schema versions.
+    ///
+    /// Fails with [`DecodeError::UnexpectedType`] if the stored type name is not `E::NAME`.
+    pub fn decode<E: Event>(&self) -> Result<E, DecodeError> {
+        if self.event_type != E::NAME {
+            return Err(DecodeError::UnexpectedType {
+                expected: E::NAME,
+                found: self.event_type.clone(),
+            });
+        }
+        E::decode(self.schema_version, &self.payload)
+    }
+
+    /// Decodes the payload as one event of the set `S`.
+    pub fn decode_set<S: EventSet>(&self) -> Result<S, DecodeError> {
+        S::decode(&self.event_type, self.schema_version, &self.payload)
+    }
+}

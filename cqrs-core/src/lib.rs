@@ -1,0 +1,61 @@
+//! # cqrs-core
+//!
+//! Event sourcing and CQRS for Rust. Annotate plain domain types; the macros generate the plumbing.
+//!
+//! The journey of an event, module by module:
+//! [`aggregate`] (state + decisions) → [`command`] (load, decide, append) → [`store`] (the log)
+//! → [`projection`] (read models) → queries. [`event`] and [`upcast`] define what is stored and how
+//! old versions are read; [`snapshot`] and [`checkpoint`] shorten loads and track projections;
+//! [`memory`] is the in-memory backend; [`testing`] has given/when/then fixtures; [`conformance`] is
+//! the test suite every backend runs.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod aggregate;
+pub mod bus;
+pub mod checkpoint;
+pub mod command;
+pub mod conformance;
+pub mod event;
+pub mod memory;
+pub mod projection;
+pub mod snapshot;
+pub mod store;
+pub mod stream;
+pub mod testing;
+pub mod upcast;
+
+pub use aggregate::{Aggregate, Apply, Command, Handle, HandleWith};
+pub use bus::{BusError, CommandBus, CommandHandler, DomainError, Receipt};
+pub use checkpoint::CheckpointStore;
+pub use command::{
+    CommandContext, CommandOutcome, ExecuteError, LoadError, Loaded, Repository, RetryPolicy,
+};
+pub use event::{EncodeError, Event, EventId, EventSet, Metadata, NewEvent, RecordedEvent};
+pub use memory::InMemoryStore;
+pub use projection::{HandlerError, Projection, ProjectionError};
+pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
+pub use store::{AppendResult, ConcurrencyError, EventStore, EventTypes, StoreError};
+pub use stream::{ExpectedVersion, Position, StreamId, StreamVersion};
+pub use upcast::DecodeError;
+
+/// The names most programs need: `use cqrs_core::prelude::*;`.
+pub mod prelude {
+    pub use crate::{
+        Aggregate, Apply, Command, CommandBus, CommandContext, Event, EventStore, ExpectedVersion,
+        Handle, HandleWith, InMemoryStore, Position, Projection, RecordedEvent, Repository,
+        RetryPolicy, SnapshotPolicy, StreamId, StreamVersion,
+    };
+}
+
+/// Paths the macros' generated code uses. Not public API: may change in any release.
+#[doc(hidden)]
+pub mod __private {
+    pub use ::core;
+    pub use ::serde;
+    pub use ::serde_json;
+    pub use ::std;
+
+    pub use crate::projection::HandlerOutput;
+    pub use crate::upcast::{deserialize, JsonUpcastResult};
+}

@@ -1,0 +1,329 @@
+//! An in-memory backend implementing every storage trait: for tests, examples and prototypes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use async_trait::async_trait;
+use chrono::Utc;
+use tokio::sync::watch;
+
+use crate::checkpoint::CheckpointStore;
+use crate::event::{EventId, NewEvent, RecordedEvent};
+use crate::snapshot::{Snapshot, SnapshotStore};
+use crate::store::{
+    resolve_retry, validate_append, AppendResult, ConcurrencyError, EventStore, EventTypes,
+    StoreError, StoredEventRef,
+};
+use crate::stream::{ExpectedVersion, Position, StreamId, StreamVersion};
+
+/// Events, snapshots and checkpoints in process memory, safe to share between tasks (clone it: clones
+/// share the same data). Appends are serialized, so log order is commit order and every batch gets its
+/// own `tx` in [`Position`].
+#[derive(Clone)]
+pub struct InMemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: RwLock<Log>,
+    snapshots: RwLock<HashMap<StreamId, Snapshot>>,
+    checkpoints: RwLock<HashMap<String, Position>>,
+    head: watch::Sender<Position>,
+}
+
+#[derive(Default)]
+struct Log {
+    events: Vec<RecordedEvent>,
+    streams: HashMap<StreamId, Vec<usize>>,
+    ids: HashMap<EventId, usize>,
+    batches: u64,
+}
+
+impl Log {
+    fn version(&self, stream: &StreamId) -> StreamVersion {
+        StreamVersion::new(self.streams.get(stream).map_or(0, |s| s.len() as u64))
+    }
+}
+
+impl Default for InMemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl InMemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                log: RwLock::default(),
+                snapshots: RwLock::default(),
+                checkpoints: RwLock::default(),
+                head: watch::channel(Position::START).0,
+            }),
+        }
+    }
+
+    /// A receiver that changes to the new head position after every append; subscriptions wait on it.
+    pub fn watch_head(&self) -> watch::Receiver<Position> {
+        self.inner.head.subscribe()
+    }
+
+    /// Stores a raw event as an older release (or a bug, or another tool) might have written it,
+    /// bypassing validation and the version check: for upcasting and bad-data tests.
+    #[doc(hidden)]
+    pub fn insert_raw(&self, stream: &StreamId, event: NewEvent) -> RecordedEvent {
+        let mut log = self
+            .inner
+            .log
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let version = log.version(stream).next();
+        log.batches += 1;
+        let recorded = record(&log, stream, version, event);
+        push(&mut log, recorded.clone());
+        drop(log);
+        self.inner.head.send_replace(recorded.position);
+        recorded
+    }
+}
+
+fn record(log: &Log, stream: &StreamId, version: StreamVersion, event: NewEvent) -> RecordedEvent {
+    RecordedEvent {
+        event_id: event.event_id,
+        stream: stream.clone(),
+        stream_version: version,
+        position: Position::new(log.batches, log.events.len() as u64 + 1),
+        event_type: event.event_type,
+        schema_version: event.schema_version,
+        recorded_at: Utc::now(),
+        payload: event.payload,
+        metadata: event.metadata,
+    }
+}
+
+fn push(log: &mut Log, event: RecordedEvent) {
+    let index = log.events.len();
+    log.ids.insert(event.event_id, index);
+    log.streams
+        .entry(event.stream.clone())
+        .or_default()
+        .push(index);
+    log.events.push(event);
+}
+
+#[async_trait]
+impl EventStore for InMemoryStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        validate_append(stream, &events)?;
+        let mut log = self
+            .inner
+            .log
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let stored: Vec<StoredEventRef> = events
+            .iter()
+            .filter_map(|e| log.ids.get(&e.event_id))
+            .map(|&i| {
+                let e = &log.events[i];
+                StoredEventRef {
+                    event_id: e.event_id,
+                    stream: e.stream.clone(),
+                    stream_version: e.stream_version,
+                    position: e.position,
+                }
+            })
+            .collect();
+        if !stored.is_empty() {
+            return resolve_retry(stream, &events, &stored);
+        }
+        let actual = log.version(stream);
+        if !expected.is_satisfied_by(actual) {
+            return Err(ConcurrencyError {
+                stream: stream.clone(),
+                expected,
+                actual,
+            }
+            .into());
+        }
+        log.batches += 1;
+        let mut version = actual;
+        for event in events {
+            version = version.next();
+            let recorded = record(&log, stream, version, event);
+            push(&mut log, recorded);
+        }
+        let position = log.events.last().map_or(Position::START, |e| e.position);
+        drop(log);
+        self.inner.head.send_replace(position);
+        Ok(AppendResult {
+            stream_version: version,
+            position,
+        })
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: StreamVersion,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let log = self
+            .inner
+            .log
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(indices) = log.streams.get(stream) else {
+            return Ok(Vec::new());
+        };
+        let skip = usize::try_from(from.get().saturating_sub(1)).unwrap_or(usize::MAX);
+        Ok(indices
+            .iter()
+            .skip(skip)
+            .take(limit)
+            .map(|&i| log.events[i].clone())
+            .collect())
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        types: EventTypes<'_>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let log = self
+            .inner
+            .log
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Positions are dense from 1 in the in-memory log, so the sequence is the index + 1.
+        let start = usize::try_from(after.sequence).unwrap_or(usize::MAX);
+        Ok(log
+            .events
+            .iter()
+            .skip(start)
+            .filter(|e| types.matches(&e.event_type))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, StoreError> {
+        let log = self
+            .inner
+            .log
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(log.version(stream))
+    }
+
+    async fn head(&self) -> Result<Option<Position>, StoreError> {
+        let log = self
+            .inner
+            .log
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(log.events.last().map(|e| e.position))
+    }
+
+    async fn count_after(&self, after: Position, types: EventTypes<'_>) -> Result<u64, StoreError> {
+        let log = self
+            .inner
+            .log
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let start = usize::try_from(after.sequence).unwrap_or(usize::MAX);
+        Ok(log
+            .events
+            .iter()
+            .skip(start)
+            .filter(|e| types.matches(&e.event_type))
+            .count() as u64)
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for InMemoryStore {
+    async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let snapshots = self
+            .inner
+            .snapshots
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(snapshots.get(stream).cloned())
+    }
+
+    async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
+        snapshot.stream.validate()?;
+        let mut snapshots = self
+            .inner
+            .snapshots
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let newer_stored = snapshots
+            .get(&snapshot.stream)
+            .is_some_and(|s| s.stream_version > snapshot.stream_version);
+        if !newer_stored {
+            snapshots.insert(snapshot.stream.clone(), snapshot);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl CheckpointStore for InMemoryStore {
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        let checkpoints = self
+            .inner
+            .checkpoints
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok(checkpoints.get(name).copied())
+    }
+
+    async fn save_checkpoint(
+        &self,
+        name: &str,
+        expected: Option<Position>,
+        new: Position,
+    ) -> Result<(), StoreError> {
+        let mut checkpoints = self
+            .inner
+            .checkpoints
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let actual = checkpoints.get(name).copied();
+        if actual != expected {
+            return Err(StoreError::CheckpointConflict {
+                name: name.to_owned(),
+                expected,
+                actual,
+            });
+        }
+        checkpoints.insert(name.to_owned(), new);
+        Ok(())
+    }
+
+    async fn delete_checkpoint(&self, name: &str) -> Result<(), StoreError> {
+        let mut checkpoints = self
+            .inner
+            .checkpoints
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        checkpoints.remove(name);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod conformance {
+    async fn fresh() -> super::InMemoryStore {
+        super::InMemoryStore::new()
+    }
+    crate::backend_conformance_tests!(fresh);
+}

@@ -1,0 +1,81 @@
+//! Projections: read models built from the global log.
+//!
+//! `#[projection]` on an impl block implements [`Projection`]: it routes each stored event to the
+//! handler method whose event parameter has that type, and lists the handled types so the store
+//! reads only those.
+
+use std::error::Error as StdError;
+use std::future::Future;
+
+use crate::event::RecordedEvent;
+use crate::stream::Position;
+use crate::upcast::DecodeError;
+
+/// A type-erased handler error.
+pub type HandlerError = Box<dyn StdError + Send + Sync>;
+
+/// A read model fed by events.
+pub trait Projection: Send + 'static {
+    /// Unique name; the key of its checkpoint.
+    const NAME: &'static str;
+    /// The stored type names this projection handles; every other event is skipped unread.
+    const EVENT_TYPES: &'static [&'static str];
+    /// What handlers get besides the event: `()` for in-memory read models, a database connection
+    /// (e.g. `sqlx::PgConnection`) for read models that commit together with the checkpoint.
+    type Context: Send;
+
+    /// Applies one event. Events of types not in [`Projection::EVENT_TYPES`] are ignored.
+    fn handle<'a>(
+        &'a mut self,
+        event: &'a RecordedEvent,
+        context: &'a mut Self::Context,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send + 'a;
+}
+
+/// Why a projection could not apply an event.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProjectionError {
+    /// The event could not be decoded.
+    #[error("projection `{projection}` cannot decode event at position {position}: {source}")]
+    Decode {
+        /// The projection.
+        projection: &'static str,
+        /// The event's position.
+        position: Position,
+        /// Why.
+        #[source]
+        source: DecodeError,
+    },
+    /// A handler returned an error.
+    #[error("projection `{projection}` failed on `{event_type}` at position {position}: {source}")]
+    Handler {
+        /// The projection.
+        projection: &'static str,
+        /// The event's type.
+        event_type: String,
+        /// The event's position.
+        position: Position,
+        /// The handler's error.
+        #[source]
+        source: HandlerError,
+    },
+}
+
+/// What a handler may return: nothing, or a `Result` whose error converts into [`HandlerError`].
+pub trait HandlerOutput {
+    /// Normalizes the output.
+    fn into_result(self) -> Result<(), HandlerError>;
+}
+
+impl HandlerOutput for () {
+    fn into_result(self) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+impl<E: Into<HandlerError>> HandlerOutput for Result<(), E> {
+    fn into_result(self) -> Result<(), HandlerError> {
+        self.map_err(Into::into)
+    }
+}

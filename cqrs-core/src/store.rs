@@ -1,0 +1,324 @@
+//! The event store: append with optimistic concurrency, read a stream, read the global log.
+
+use std::collections::VecDeque;
+
+use async_trait::async_trait;
+use futures_util::stream::{self, Stream};
+
+use crate::event::{EventId, NewEvent, RecordedEvent};
+use crate::stream::{ExpectedVersion, InvalidId, Position, StreamId, StreamVersion};
+
+/// Default number of events fetched per round trip by the streaming helpers and the repository.
+pub const DEFAULT_BATCH_SIZE: usize = 512;
+
+/// What an append wrote: the stream's new version and the global position of the last event.
+///
+/// The position is the read-your-own-writes token: wait for a projection to reach it before
+/// querying the read model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendResult {
+    /// The stream's version after the append (the version of its last event).
+    pub stream_version: StreamVersion,
+    /// The global position of the last appended event.
+    pub position: Position,
+}
+
+/// Which event types a global read returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EventTypes<'a> {
+    /// Every event.
+    #[default]
+    All,
+    /// Only events whose stored type name is in the list.
+    Only(&'a [&'a str]),
+}
+
+impl EventTypes<'_> {
+    /// Whether an event of this type passes the filter.
+    pub fn matches(&self, event_type: &str) -> bool {
+        match self {
+            EventTypes::All => true,
+            EventTypes::Only(types) => types.contains(&event_type),
+        }
+    }
+}
+
+/// The append was rejected because the stream is not at the expected version.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "concurrency conflict on stream `{stream}`: expected {expected}, but it is at version {actual}"
+)]
+pub struct ConcurrencyError {
+    /// The stream appended to.
+    pub stream: StreamId,
+    /// What the writer expected.
+    pub expected: ExpectedVersion,
+    /// The stream's actual version at the time of the append.
+    pub actual: StreamVersion,
+}
+
+/// A storage failure. Every backend reports through this type.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Optimistic concurrency check failed; nothing was written.
+    #[error(transparent)]
+    Concurrency(#[from] ConcurrencyError),
+    /// Some of the appended event ids are already stored, but not as exactly this batch on this
+    /// stream. A full retry of an earlier append is not an error: it returns the original result.
+    #[error("event id {event_id} is already stored ({detail}); nothing was written")]
+    IdempotencyConflict {
+        /// The first conflicting id.
+        event_id: EventId,
+        /// What differs from the stored batch.
+        detail: String,
+    },
+    /// The same event id appears twice in one batch.
+    #[error("event id {event_id} appears more than once in the batch; nothing was written")]
+    DuplicateIdInBatch {
+        /// The repeated id.
+        event_id: EventId,
+    },
+    /// An append with no events.
+    #[error("cannot append an empty batch to stream `{stream}`")]
+    EmptyAppend {
+        /// The target stream.
+        stream: StreamId,
+    },
+    /// A stream id or event type name that cannot be stored.
+    #[error(transparent)]
+    InvalidId(#[from] InvalidId),
+    /// A stored row cannot be read back (corrupt JSON, bad column, unexpected NULL).
+    #[error("stored event at position {position} is unreadable: {reason}")]
+    CorruptEvent {
+        /// Where the bad row is, so an operator can find it.
+        position: Position,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A checkpoint compare-and-set failed: another runner moved it.
+    #[error("checkpoint `{name}` moved: expected {expected:?}, found {actual:?}")]
+    CheckpointConflict {
+        /// The checkpoint name.
+        name: String,
+        /// What the caller read.
+        expected: Option<Position>,
+        /// What is stored now.
+        actual: Option<Position>,
+    },
+    /// The backend could not be reached or the connection was lost; retrying later may succeed.
+    /// Nothing was written if this is returned from an append.
+    #[error("storage connection failed: {0}")]
+    Connection(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Any other backend failure.
+    #[error("storage backend error: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StoreError {
+    /// Whether retrying the same call later may succeed (lost connection, pool exhausted).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Connection(_))
+    }
+}
+
+/// An append-only log of events, partitioned into streams. Object-safe: hold it as
+/// `Arc<dyn EventStore>` to pick the backend at run time.
+///
+/// Every backend runs the conformance suite in [`crate::conformance`].
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to `stream` atomically if it satisfies `expected`; all or nothing.
+    ///
+    /// Idempotency (the KurrentDB semantics): if every event id of the batch is already stored, as
+    /// this very batch (same stream, consecutive versions, same order), the append is a retry of an
+    /// earlier successful one: nothing is written and the original [`AppendResult`] is returned,
+    /// whatever `expected` says now. If only some ids are stored, or they are stored elsewhere, the
+    /// append fails with [`StoreError::IdempotencyConflict`].
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError>;
+
+    /// Reads up to `limit` events of `stream` with version `>= from`, in version order.
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: StreamVersion,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Reads up to `limit` events of the global log strictly after `after`, in log order, filtered by
+    /// type. Gap-free: an event is never returned after an event that follows it in log order, so a
+    /// reader that resumes from the last position it saw never skips one.
+    async fn read_all(
+        &self,
+        after: Position,
+        types: EventTypes<'_>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// The current version of `stream` ([`StreamVersion::INITIAL`] if it has no events).
+    async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, StoreError>;
+
+    /// The position of the last event `read_all` can currently return, if any.
+    async fn head(&self) -> Result<Option<Position>, StoreError>;
+
+    /// How many events `read_all` would return after `after` with this filter (for lag and progress).
+    async fn count_after(&self, after: Position, types: EventTypes<'_>) -> Result<u64, StoreError>;
+}
+
+/// Reads a stream from `from` as an async stream of events, `batch` at a time: memory stays bounded
+/// by one batch however long the stream is.
+pub fn read_stream_batched<'a>(
+    store: &'a dyn EventStore,
+    stream: &'a StreamId,
+    from: StreamVersion,
+    batch: usize,
+) -> impl Stream<Item = Result<RecordedEvent, StoreError>> + Send + 'a {
+    paginate(
+        from,
+        batch,
+        move |next, limit| store.read_stream(stream, next, limit),
+        |e| e.stream_version.next(),
+    )
+}
+
+/// Reads the global log after `after` as an async stream of events, `batch` at a time, until a
+/// batch comes back short (the head at that moment).
+pub fn read_all_batched<'a>(
+    store: &'a dyn EventStore,
+    after: Position,
+    types: EventTypes<'a>,
+    batch: usize,
+) -> impl Stream<Item = Result<RecordedEvent, StoreError>> + Send + 'a {
+    paginate(
+        after,
+        batch,
+        move |cursor, limit| store.read_all(cursor, types, limit),
+        |e| e.position,
+    )
+}
+
+/// Keyset pagination: fetch a page from `cursor`, yield its events one by one, move the cursor past
+/// the last one, stop after a short page.
+fn paginate<'a, C, F, Fut>(
+    start: C,
+    batch: usize,
+    fetch: F,
+    cursor_after: fn(&RecordedEvent) -> C,
+) -> impl Stream<Item = Result<RecordedEvent, StoreError>> + Send + 'a
+where
+    C: Copy + Send + 'a,
+    F: Fn(C, usize) -> Fut + Send + 'a,
+    Fut: std::future::Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send + 'a,
+{
+    let batch = batch.max(1);
+    let state = (VecDeque::<RecordedEvent>::new(), start, false);
+    stream::try_unfold(state, move |(mut buffer, cursor, exhausted)| {
+        let page = (buffer.is_empty() && !exhausted).then(|| fetch(cursor, batch));
+        async move {
+            let (mut cursor, mut exhausted) = (cursor, exhausted);
+            if let Some(page) = page {
+                let page = page.await?;
+                exhausted = page.len() < batch;
+                if let Some(last) = page.last() {
+                    cursor = cursor_after(last);
+                }
+                buffer.extend(page);
+            }
+            Ok(buffer
+                .pop_front()
+                .map(|event| (event, (buffer, cursor, exhausted))))
+        }
+    })
+}
+
+/// Checks a batch before any backend writes it: a valid stream id, at least one event, valid type
+/// names, no id twice. Backends call this first so every backend rejects the same input the same way.
+pub fn validate_append(stream: &StreamId, events: &[NewEvent]) -> Result<(), StoreError> {
+    stream.validate()?;
+    if events.is_empty() {
+        return Err(StoreError::EmptyAppend {
+            stream: stream.clone(),
+        });
+    }
+    let mut seen = std::collections::HashSet::with_capacity(events.len());
+    for event in events {
+        crate::stream::validate_name(
+            "event type",
+            &event.event_type,
+            crate::stream::MAX_EVENT_TYPE_LEN,
+        )?;
+        if !seen.insert(event.event_id) {
+            return Err(StoreError::DuplicateIdInBatch {
+                event_id: event.event_id,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Where an already-stored event is; input to [`resolve_retry`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEventRef {
+    /// The stored event's id.
+    pub event_id: EventId,
+    /// Its stream.
+    pub stream: StreamId,
+    /// Its stream version.
+    pub stream_version: StreamVersion,
+    /// Its global position.
+    pub position: Position,
+}
+
+/// Decides an append whose event ids were (partly) found in the store: returns the original result if
+/// `stored` is exactly `batch` on `stream` (same ids, consecutive versions, same order), otherwise
+/// [`StoreError::IdempotencyConflict`]. `stored` may be in any order.
+pub fn resolve_retry(
+    stream: &StreamId,
+    batch: &[NewEvent],
+    stored: &[StoredEventRef],
+) -> Result<AppendResult, StoreError> {
+    let conflict =
+        |event_id: EventId, detail: String| StoreError::IdempotencyConflict { event_id, detail };
+    let find = |id: &EventId| stored.iter().find(|s| s.event_id == *id);
+    let first = batch.first().ok_or_else(|| StoreError::EmptyAppend {
+        stream: stream.clone(),
+    })?;
+    let Some(head) = find(&first.event_id) else {
+        let present = stored.first().map_or(first.event_id, |s| s.event_id);
+        return Err(conflict(
+            present,
+            "only part of the batch is stored".to_owned(),
+        ));
+    };
+    let mut last = head;
+    for (offset, event) in (0u64..).zip(batch) {
+        let Some(found) = find(&event.event_id) else {
+            return Err(conflict(
+                head.event_id,
+                "only part of the batch is stored".to_owned(),
+            ));
+        };
+        if found.stream != *stream {
+            return Err(conflict(
+                found.event_id,
+                format!("it belongs to stream `{}`", found.stream),
+            ));
+        }
+        if found.stream_version != head.stream_version.advance(offset) {
+            return Err(conflict(
+                found.event_id,
+                "the stored events are not this batch in this order".to_owned(),
+            ));
+        }
+        last = found;
+    }
+    Ok(AppendResult {
+        stream_version: last.stream_version,
+        position: last.position,
+    })
+}

@@ -1,0 +1,2 @@
+//! PostgreSQL backend for `cqrs-core`.
+#![forbid(unsafe_code)]

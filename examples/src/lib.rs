@@ -1,0 +1,1 @@
+//! Example domains shared by the example binaries and their tests.
