@@ -10,6 +10,9 @@
 //!
 //! Each case is also a public async function here, to call directly. They panic on failure, like tests.
 
+// A test suite: failing assertions panic by design.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::collections::{HashMap, HashSet};
 
 use futures_util::TryStreamExt;
@@ -748,6 +751,14 @@ impl Aggregate for Counter {
     fn apply_event(&mut self, event: &Added) {
         self.total += event.n;
         self.adds += 1;
+    }
+}
+
+/// Routed to the counter `"bus"` (for command-bus tests).
+impl crate::aggregate::Command for Add {
+    type Aggregate = Counter;
+    fn aggregate_id(&self) -> String {
+        "bus".to_owned()
     }
 }
 

@@ -10,6 +10,7 @@
 //! the test suite every backend runs.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+#![warn(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod aggregate;
 pub mod bus;
@@ -22,6 +23,7 @@ pub mod projection;
 pub mod snapshot;
 pub mod store;
 pub mod stream;
+pub mod subscription;
 pub mod testing;
 pub mod upcast;
 
