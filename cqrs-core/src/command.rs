@@ -294,6 +294,39 @@ pub struct Repository<A: Aggregate> {
     snapshots: Option<Snapshots<A>>,
     retry: RetryPolicy,
     batch_size: usize,
+    cache: Option<Arc<AggregateCache<A>>>,
+}
+
+/// Aggregate states kept after commands, keyed by stream. A command takes its aggregate's entry out
+/// (so a concurrent command on the same stream loads from the store instead) and puts the new state
+/// back after a successful append. The append's expected-version check still guards every write: a
+/// stale entry ends in a conflict, which evicts it and re-executes once from the store.
+struct AggregateCache<A> {
+    entries: std::sync::Mutex<std::collections::HashMap<StreamId, Loaded<A>>>,
+    capacity: usize,
+}
+
+impl<A> AggregateCache<A> {
+    fn take(&self, stream: &StreamId) -> Option<Loaded<A>> {
+        self.lock().remove(stream)
+    }
+
+    fn put(&self, stream: StreamId, loaded: Loaded<A>) {
+        let mut entries = self.lock();
+        if entries.len() >= self.capacity && !entries.contains_key(&stream) {
+            // Bounded, not LRU: dropping an arbitrary entry only costs one reload.
+            if let Some(victim) = entries.keys().next().cloned() {
+                entries.remove(&victim);
+            }
+        }
+        entries.insert(stream, loaded);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<StreamId, Loaded<A>>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl<A: Aggregate> Clone for Repository<A> {
@@ -303,6 +336,7 @@ impl<A: Aggregate> Clone for Repository<A> {
             snapshots: self.snapshots.clone(),
             retry: self.retry,
             batch_size: self.batch_size,
+            cache: self.cache.clone(),
         }
     }
 }
@@ -320,7 +354,20 @@ impl<A: Aggregate> Repository<A> {
             snapshots: None,
             retry: RetryPolicy::none(),
             batch_size: DEFAULT_BATCH_SIZE,
+            cache: None,
         }
+    }
+
+    /// Keeps up to `capacity` aggregate states in memory between commands, so a command on a cached
+    /// aggregate skips the load (one round trip instead of two). Correct with several processes or
+    /// writers: appends still check the expected version, and a conflict evicts and re-executes.
+    /// Clones of this repository share the cache.
+    pub fn with_cache(mut self, capacity: usize) -> Self {
+        self.cache = Some(Arc::new(AggregateCache {
+            entries: std::sync::Mutex::default(),
+            capacity: capacity.max(1),
+        }));
+        self
     }
 
     /// Loads from the latest snapshot (if its [`Aggregate::SNAPSHOT_VERSION`] matches) and takes a new
@@ -518,17 +565,30 @@ impl<A: Aggregate> Repository<A> {
         );
         async move {
             let mut attempt = 0;
+            let mut retries_left = self.retry.max_retries;
             loop {
                 attempt += 1;
-                let loaded = self.load_until(&stream, Until::Latest).await?;
-                let events = decider
-                    .decide(&loaded.state)
-                    .await
-                    .map_err(ExecuteError::Domain)?;
+                let cached = self.cache.as_ref().and_then(|c| c.take(&stream));
+                let from_cache = cached.is_some();
+                let loaded = match cached {
+                    Some(loaded) => loaded,
+                    None => self.load_until(&stream, Until::Latest).await?,
+                };
+                let events = match decider.decide(&loaded.state).await {
+                    Ok(events) => events,
+                    Err(domain) => {
+                        // Deciding does not change the state: keep it cached.
+                        if let Some(cache) = &self.cache {
+                            cache.put(stream.clone(), loaded);
+                        }
+                        return Err(ExecuteError::Domain(domain));
+                    }
+                };
                 match self.commit(&stream, loaded, events, context, attempt).await {
-                    Err(ExecuteError::Concurrency(conflict))
-                        if attempt <= self.retry.max_retries =>
-                    {
+                    // A stale cache entry is not the caller's conflict: it is evicted; retry from the store.
+                    Err(ExecuteError::Concurrency(_)) if from_cache => {}
+                    Err(ExecuteError::Concurrency(conflict)) if retries_left > 0 => {
+                        retries_left -= 1;
                         tracing::debug!(%conflict, attempt, "retrying after concurrency conflict");
                         tokio::time::sleep(self.retry.delay(attempt)).await;
                     }
@@ -564,7 +624,7 @@ impl<A: Aggregate> Repository<A> {
             .collect::<Result<Vec<_>, _>>()?;
         let expected = ExpectedVersion::Exact(loaded.version);
         let appended = self.store.append(stream, expected, encoded).await?;
-        self.maybe_snapshot(stream, loaded, &events, appended.stream_version)
+        self.after_append(stream, loaded, &events, appended.stream_version)
             .await;
         Ok(CommandOutcome {
             stream: stream.clone(),
@@ -575,26 +635,40 @@ impl<A: Aggregate> Repository<A> {
         })
     }
 
-    /// Takes a snapshot if the policy says so. The events are committed already, so a failure here is
-    /// logged, not returned: the next load replays a little more.
-    async fn maybe_snapshot(
+    /// Brings the state up to the appended version for the cache, and takes a snapshot if the policy
+    /// says so. The events are committed already, so a snapshot failure is logged, not returned: the
+    /// next load replays a little more.
+    async fn after_append(
         &self,
         stream: &StreamId,
         loaded: Loaded<A>,
         events: &[A::Event],
         version: StreamVersion,
     ) {
-        let Some(snapshots) = &self.snapshots else {
-            return;
-        };
-        if !snapshots.policy.should_snapshot(loaded.version, version) {
+        let snapshot_due = self
+            .snapshots
+            .as_ref()
+            .is_some_and(|s| s.policy.should_snapshot(loaded.version, version));
+        if self.cache.is_none() && !snapshot_due {
             return;
         }
         let mut state = loaded.state;
         for event in events {
             state.apply_event(event);
         }
-        let payload = match (snapshots.encode)(&state) {
+        if snapshot_due {
+            self.save_snapshot(stream, &state, version).await;
+        }
+        if let Some(cache) = &self.cache {
+            cache.put(stream.clone(), Loaded { state, version });
+        }
+    }
+
+    async fn save_snapshot(&self, stream: &StreamId, state: &A, version: StreamVersion) {
+        let Some(snapshots) = &self.snapshots else {
+            return;
+        };
+        let payload = match (snapshots.encode)(state) {
             Ok(payload) => payload,
             Err(error) => {
                 tracing::warn!(%stream, %error, "cannot encode snapshot");

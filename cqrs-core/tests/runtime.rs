@@ -413,3 +413,119 @@ async fn rebuild_reports_progress_and_equals_replay() {
     );
     let _ = Position::START;
 }
+
+/// Counts stream reads, to prove what the cache saves.
+#[derive(Clone)]
+struct CountingStore {
+    inner: InMemoryStore,
+    stream_reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl EventStore for CountingStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<cqrs_core::AppendResult, cqrs_core::StoreError> {
+        self.inner.append(stream, expected, events).await
+    }
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: StreamVersion,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, cqrs_core::StoreError> {
+        self.stream_reads
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.read_stream(stream, from, limit).await
+    }
+    async fn read_all(
+        &self,
+        after: Position,
+        types: cqrs_core::EventTypes<'_>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, cqrs_core::StoreError> {
+        self.inner.read_all(after, types, limit).await
+    }
+    async fn stream_version(
+        &self,
+        stream: &StreamId,
+    ) -> Result<StreamVersion, cqrs_core::StoreError> {
+        self.inner.stream_version(stream).await
+    }
+    async fn head(&self) -> Result<Option<Position>, cqrs_core::StoreError> {
+        self.inner.head().await
+    }
+    async fn count_after(
+        &self,
+        after: Position,
+        types: cqrs_core::EventTypes<'_>,
+    ) -> Result<u64, cqrs_core::StoreError> {
+        self.inner.count_after(after, types).await
+    }
+}
+
+#[tokio::test]
+async fn cache_skips_loads_and_recovers_from_stale_entries() {
+    let inner = InMemoryStore::new();
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let store = CountingStore {
+        inner: inner.clone(),
+        stream_reads: reads.clone(),
+    };
+    let repo = Repository::<Counter>::new(store).with_cache(100);
+    for n in 1..=10 {
+        repo.execute("k", &Add(n)).await.unwrap();
+    }
+    assert_eq!(
+        reads.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the first command loads"
+    );
+    assert!(matches!(
+        repo.execute("k", &Add(-5)).await,
+        Err(ExecuteError::Domain(_))
+    ));
+
+    // Another writer (another process) appends behind the cache's back.
+    let outsider = Repository::<Counter>::new(inner.clone());
+    outsider.execute("k", &Add(1000)).await.unwrap();
+    let outcome = repo.execute("k", &Add(1)).await.unwrap();
+    assert_eq!(
+        outcome.attempts, 2,
+        "the stale entry conflicted and was re-executed"
+    );
+    assert_eq!(outcome.stream_version, StreamVersion::new(12));
+    assert_eq!(repo.load("k").await.unwrap().state.total, 55 + 1000 + 1);
+    // The refreshed entry is used again.
+    let before = reads.load(std::sync::atomic::Ordering::SeqCst);
+    repo.execute("k", &Add(1)).await.unwrap();
+    assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), before);
+}
+
+/// Every public future can be spawned: a compile-time proof.
+#[allow(dead_code)]
+fn public_futures_are_send(repo: Repository<Counter>, store: InMemoryStore, bus: CommandBus) {
+    fn is_send<T: Send>(_: T) {}
+    is_send(async move {
+        let _ = repo.execute("x", &Add(1)).await;
+        let _ = repo.execute_in("x", &Add(1), &CommandContext::new()).await;
+        let _ = repo.load("x").await;
+        let _ = store
+            .append(&StreamId::new("a", "b"), ExpectedVersion::Any, vec![])
+            .await;
+        let _ = store
+            .read_all(Position::START, cqrs_core::EventTypes::All, 1)
+            .await;
+        let _ = bus.dispatch(Add(1), CommandContext::new()).await;
+        let handle = ProjectionRunner::new(Totals::default(), store.clone()).spawn();
+        let _ = handle
+            .wait_for(Position::START, Duration::from_secs(1))
+            .await;
+        let _ = ProjectionRunner::new(Totals::default(), store)
+            .catch_up(|_| {})
+            .await;
+    });
+}
