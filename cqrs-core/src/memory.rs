@@ -28,7 +28,8 @@ pub struct InMemoryStore {
 }
 
 struct Inner {
-    log: RwLock<Log>,
+    log: tokio::sync::RwLock<Log>,
+    inline: RwLock<Vec<Arc<dyn InlineHook>>>,
     snapshots: RwLock<HashMap<StreamId, Snapshot>>,
     checkpoints: RwLock<HashMap<String, Position>>,
     head: watch::Sender<Position>,
@@ -74,7 +75,8 @@ impl InMemoryStore {
     pub fn new() -> Self {
         Self {
             inner: Arc::new(Inner {
-                log: RwLock::default(),
+                log: tokio::sync::RwLock::default(),
+                inline: RwLock::default(),
                 snapshots: RwLock::default(),
                 checkpoints: RwLock::default(),
                 head: watch::channel(Position::START).0,
@@ -89,6 +91,26 @@ impl InMemoryStore {
         self.inner.head.subscribe()
     }
 
+    /// Registers an inline projection: from now on every append runs it on the new events while the
+    /// append is still uncommitted, and a handler error fails the append, so events and read model
+    /// always agree. Read the model through the returned [`InlineReadModel`]. Handlers run on a copy
+    /// of the read model that replaces it only when the append commits (hence `Clone`).
+    pub fn add_inline<P>(&self, projection: P) -> InlineReadModel<P>
+    where
+        P: Projection<Context = ()> + Clone + Sync,
+    {
+        let model = InlineReadModel {
+            state: Arc::new(RwLock::new(projection)),
+        };
+        let hook: Arc<dyn InlineHook> = Arc::new(model.clone());
+        self.inner
+            .inline
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(hook);
+        model
+    }
+
     /// Every event skipped by a projection on request, oldest first.
     pub fn skipped_events(&self) -> Vec<SkippedEvent> {
         self.inner
@@ -101,12 +123,8 @@ impl InMemoryStore {
     /// Stores a raw event as an older release (or a bug, or another tool) might have written it,
     /// bypassing validation and the version check: for upcasting and bad-data tests.
     #[doc(hidden)]
-    pub fn insert_raw(&self, stream: &StreamId, event: NewEvent) -> RecordedEvent {
-        let mut log = self
-            .inner
-            .log
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+    pub async fn insert_raw(&self, stream: &StreamId, event: NewEvent) -> RecordedEvent {
+        let mut log = self.inner.log.write().await;
         let version = log.version(stream).next();
         log.batches += 1;
         let recorded = record(&log, stream, version, event);
@@ -150,11 +168,7 @@ impl EventStore for InMemoryStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         validate_append(stream, &events)?;
-        let mut log = self
-            .inner
-            .log
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut log = self.inner.log.write().await;
         let stored: Vec<StoredEventRef> = events
             .iter()
             .filter_map(|e| log.ids.get(&e.event_id))
@@ -182,10 +196,40 @@ impl EventStore for InMemoryStore {
         }
         log.batches += 1;
         let mut version = actual;
+        let mut recorded = Vec::with_capacity(events.len());
         for event in events {
             version = version.next();
-            let recorded = record(&log, stream, version, event);
-            push(&mut log, recorded);
+            let next = record(&log, stream, version, event);
+            // `record` numbers by log length; account for the events staged before this one.
+            let sequence = next.position.sequence + recorded.len() as u64;
+            recorded.push(RecordedEvent {
+                position: Position::new(next.position.tx, sequence),
+                ..next
+            });
+        }
+        // Inline projections see the events before anyone else and decide with them: all commit, or
+        // the append fails and nothing (events or read-model changes) is kept.
+        let hooks = self
+            .inner
+            .inline
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut commits = Vec::with_capacity(hooks.len());
+        for hook in &hooks {
+            match hook.stage(&recorded).await {
+                Ok(commit) => commits.push(commit),
+                Err(error) => {
+                    log.batches -= 1;
+                    return Err(StoreError::InlineProjection(error));
+                }
+            }
+        }
+        for event in recorded {
+            push(&mut log, event);
+        }
+        for commit in commits {
+            commit();
         }
         let position = log.events.last().map_or(Position::START, |e| e.position);
         drop(log);
@@ -202,11 +246,7 @@ impl EventStore for InMemoryStore {
         from: StreamVersion,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let log = self
-            .inner
-            .log
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let log = self.inner.log.read().await;
         let Some(indices) = log.streams.get(stream) else {
             return Ok(Vec::new());
         };
@@ -225,11 +265,7 @@ impl EventStore for InMemoryStore {
         types: EventTypes<'_>,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let log = self
-            .inner
-            .log
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let log = self.inner.log.read().await;
         // Positions are dense from 1 in the in-memory log, so the sequence is the index + 1.
         let start = usize::try_from(after.sequence).unwrap_or(usize::MAX);
         Ok(log
@@ -243,29 +279,17 @@ impl EventStore for InMemoryStore {
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, StoreError> {
-        let log = self
-            .inner
-            .log
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let log = self.inner.log.read().await;
         Ok(log.version(stream))
     }
 
     async fn head(&self) -> Result<Option<Position>, StoreError> {
-        let log = self
-            .inner
-            .log
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let log = self.inner.log.read().await;
         Ok(log.events.last().map(|e| e.position))
     }
 
     async fn count_after(&self, after: Position, types: EventTypes<'_>) -> Result<u64, StoreError> {
-        let log = self
-            .inner
-            .log
-            .read()
-            .unwrap_or_else(PoisonError::into_inner);
+        let log = self.inner.log.read().await;
         let start = usize::try_from(after.sequence).unwrap_or(usize::MAX);
         Ok(log
             .events
@@ -438,6 +462,67 @@ impl<P: Projection<Context = ()>> ProjectionBackend<P> for InMemoryStore {
     async fn wait_for_append(&self, after: Position, timeout: Duration) {
         let mut head = self.watch_head();
         let _ = tokio::time::timeout(timeout, head.wait_for(|h| *h > after)).await;
+    }
+}
+
+/// A read model kept up to date inside the in-memory store's appends (see [`InMemoryStore::add_inline`]).
+pub struct InlineReadModel<P> {
+    state: Arc<RwLock<P>>,
+}
+
+impl<P> Clone for InlineReadModel<P> {
+    fn clone(&self) -> Self {
+        Self {
+            state: Arc::clone(&self.state),
+        }
+    }
+}
+
+impl<P: Clone> InlineReadModel<P> {
+    /// A copy of the read model as of the last committed append.
+    pub fn snapshot(&self) -> P {
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads the model without copying it.
+    pub fn read<T>(&self, f: impl FnOnce(&P) -> T) -> T {
+        f(&self.state.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+type Commit = Box<dyn FnOnce() + Send>;
+
+/// Type-erased inline projection: apply events to a staged copy, return how to commit it.
+trait InlineHook: Send + Sync {
+    fn stage<'a>(
+        &'a self,
+        events: &'a [RecordedEvent],
+    ) -> futures_util::future::BoxFuture<'a, Result<Commit, crate::projection::ProjectionError>>;
+}
+
+impl<P: Projection<Context = ()> + Clone + Sync> InlineHook for InlineReadModel<P> {
+    fn stage<'a>(
+        &'a self,
+        events: &'a [RecordedEvent],
+    ) -> futures_util::future::BoxFuture<'a, Result<Commit, crate::projection::ProjectionError>>
+    {
+        Box::pin(async move {
+            let mut staged = self.snapshot();
+            for event in events
+                .iter()
+                .filter(|e| P::EVENT_TYPES.contains(&e.event_type.as_str()))
+            {
+                staged.handle(event, &mut ()).await?;
+            }
+            let state = Arc::clone(&self.state);
+            let commit: Commit = Box::new(move || {
+                *state.write().unwrap_or_else(PoisonError::into_inner) = staged;
+            });
+            Ok(commit)
+        })
     }
 }
 

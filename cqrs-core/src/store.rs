@@ -106,6 +106,9 @@ pub enum StoreError {
         /// What is stored now.
         actual: Option<Position>,
     },
+    /// An inline projection rejected the appended events; nothing was written.
+    #[error("inline projection failed, nothing was written: {0}")]
+    InlineProjection(#[source] crate::projection::ProjectionError),
     /// The backend could not be reached or the connection was lost; retrying later may succeed.
     /// Nothing was written if this is returned from an append.
     #[error("storage connection failed: {0}")]

@@ -170,6 +170,7 @@ fn diff(expected: &impl Debug, actual: &impl Debug) -> String {
 pub struct ProjectionFixture<P: Projection<Context = ()>> {
     projection: P,
     store: InMemoryStore,
+    given: Vec<(StreamId, NewEvent)>,
 }
 
 impl<P: Projection<Context = ()>> ProjectionFixture<P> {
@@ -178,6 +179,7 @@ impl<P: Projection<Context = ()>> ProjectionFixture<P> {
         Self {
             projection,
             store: InMemoryStore::new(),
+            given: Vec::new(),
         }
     }
 
@@ -187,7 +189,7 @@ impl<P: Projection<Context = ()>> ProjectionFixture<P> {
     /// If an event cannot be encoded or appended (a bug in the test).
     #[track_caller]
     pub fn given<S: crate::event::EventSet>(
-        self,
+        mut self,
         stream: StreamId,
         events: impl IntoIterator<Item = S>,
     ) -> Self {
@@ -196,14 +198,16 @@ impl<P: Projection<Context = ()>> ProjectionFixture<P> {
             .map(|e| NewEvent::from_set(&e))
             .collect::<Result<_, _>>()
             .unwrap_or_else(|e| panic!("cannot encode given event: {e}"));
-        for event in encoded {
-            self.store.insert_raw(&stream, event);
-        }
+        self.given
+            .extend(encoded.into_iter().map(|e| (stream.clone(), e)));
         self
     }
 
     /// Projects every given event in log order and returns the read model.
     pub async fn run(mut self) -> Result<P, ProjectionError> {
+        for (stream, event) in std::mem::take(&mut self.given) {
+            self.store.insert_raw(&stream, event).await;
+        }
         let events = read_all_batched(
             &self.store,
             crate::stream::Position::START,

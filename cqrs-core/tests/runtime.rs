@@ -184,7 +184,7 @@ fn fixture_failure_shows_a_diff() {
 }
 
 /// Sums `Added` per stream; fails on a chosen amount.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Totals {
     by_stream: HashMap<String, i64>,
     handled: u64,
@@ -528,4 +528,46 @@ fn public_futures_are_send(repo: Repository<Counter>, store: InMemoryStore, bus:
             .catch_up(|_| {})
             .await;
     });
+}
+
+#[tokio::test]
+async fn inline_projection_commits_with_the_append_or_not_at_all() {
+    let store = InMemoryStore::new();
+    let model = store.add_inline(Totals {
+        poison: Some(13),
+        ..Totals::default()
+    });
+    let repo = Repository::<Counter>::new(store.clone());
+    repo.execute("i", &Add(2)).await.unwrap();
+    repo.execute("i", &Add(3)).await.unwrap();
+    assert_eq!(
+        model.read(|t| t.by_stream["i"]),
+        5,
+        "visible as soon as the command returns"
+    );
+
+    let err = repo.execute("i", &Add(13)).await.unwrap_err();
+    assert!(err.to_string().contains("poison amount 13"), "{err}");
+    assert_eq!(
+        model.snapshot().by_stream["i"],
+        5,
+        "the failed append changed the read model"
+    );
+    assert_eq!(
+        repo.load("i").await.unwrap().version,
+        StreamVersion::new(2),
+        "events were kept"
+    );
+    assert_eq!(
+        store
+            .count_after(Position::START, cqrs_core::EventTypes::All)
+            .await
+            .unwrap(),
+        2
+    );
+
+    // Later appends continue with consistent positions.
+    let p = repo.execute("i", &Add(1)).await.unwrap().position.unwrap();
+    assert_eq!(store.head().await.unwrap(), Some(p));
+    assert_eq!(model.snapshot().by_stream["i"], 6);
 }
