@@ -1,7 +1,7 @@
 //! An in-memory backend implementing every storage trait: for tests, examples and prototypes.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,7 +17,6 @@ use crate::store::{
     StoreError, StoredEventRef,
 };
 use crate::stream::{ExpectedVersion, Position, StreamId, StreamVersion};
-use crate::subscription::{BatchError, Lease, ProjectionBackend};
 
 /// Events, snapshots and checkpoints in process memory, safe to share between tasks (clone it: clones
 /// share the same data). Appends are serialized, so log order is commit order and every batch gets its
@@ -33,21 +32,6 @@ struct Inner {
     snapshots: RwLock<HashMap<StreamId, Snapshot>>,
     checkpoints: RwLock<HashMap<String, Position>>,
     head: watch::Sender<Position>,
-    leases: Mutex<HashSet<String>>,
-    skipped: Mutex<Vec<SkippedEvent>>,
-}
-
-/// An event a projection skipped on a user's request ([`crate::subscription::ProjectionHandle::skip`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SkippedEvent {
-    /// The projection's checkpoint name.
-    pub projection: String,
-    /// The skipped event's position.
-    pub position: Position,
-    /// Its type.
-    pub event_type: String,
-    /// The error it caused.
-    pub reason: String,
 }
 
 #[derive(Default)]
@@ -80,8 +64,6 @@ impl InMemoryStore {
                 snapshots: RwLock::default(),
                 checkpoints: RwLock::default(),
                 head: watch::channel(Position::START).0,
-                leases: Mutex::default(),
-                skipped: Mutex::default(),
             }),
         }
     }
@@ -109,15 +91,6 @@ impl InMemoryStore {
             .unwrap_or_else(PoisonError::into_inner)
             .push(hook);
         model
-    }
-
-    /// Every event skipped by a projection on request, oldest first.
-    pub fn skipped_events(&self) -> Vec<SkippedEvent> {
-        self.inner
-            .skipped
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
     }
 
     /// Stores a raw event as an older release (or a bug, or another tool) might have written it,
@@ -298,6 +271,11 @@ impl EventStore for InMemoryStore {
             .filter(|e| types.matches(&e.event_type))
             .count() as u64)
     }
+
+    async fn wait_for_append(&self, after: Position, timeout: Duration) {
+        let mut head = self.watch_head();
+        let _ = tokio::time::timeout(timeout, head.wait_for(|h| *h > after)).await;
+    }
 }
 
 #[async_trait]
@@ -373,98 +351,6 @@ impl CheckpointStore for InMemoryStore {
     }
 }
 
-/// Runs projections whose read model lives in memory (`Context = ()`). Handlers apply one event at a
-/// time; on a failure the checkpoint is moved to the last applied event, so the in-memory state and
-/// the checkpoint never disagree. In-memory read models are volatile: give a new process's runner a
-/// fresh checkpoint (a new store, or [`crate::subscription::ProjectionRunner::rebuild`]).
-impl<P: Projection<Context = ()>> ProjectionBackend<P> for InMemoryStore {
-    fn events(&self) -> &dyn EventStore {
-        self
-    }
-
-    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
-        CheckpointStore::load_checkpoint(self, name).await
-    }
-
-    async fn commit_batch(
-        &self,
-        projection: &mut P,
-        name: &str,
-        expected: Option<Position>,
-        events: &[RecordedEvent],
-        to: Position,
-    ) -> Result<(), BatchError> {
-        let actual = CheckpointStore::load_checkpoint(self, name).await?;
-        if actual != expected {
-            return Err(StoreError::CheckpointConflict {
-                name: name.to_owned(),
-                expected,
-                actual,
-            }
-            .into());
-        }
-        for (index, event) in events.iter().enumerate() {
-            if let Err(error) = projection.handle(event, &mut ()).await {
-                if let Some(done) = index.checked_sub(1).map(|i| events[i].position) {
-                    self.save_checkpoint(name, expected, done).await?;
-                }
-                return Err(BatchError::Projection {
-                    index,
-                    committed: index,
-                    error,
-                });
-            }
-        }
-        self.save_checkpoint(name, expected, to).await?;
-        Ok(())
-    }
-
-    async fn reset_checkpoint(&self, name: &str) -> Result<(), StoreError> {
-        self.delete_checkpoint(name).await
-    }
-
-    async fn record_skip(
-        &self,
-        name: &str,
-        expected: Option<Position>,
-        event: &RecordedEvent,
-        reason: &str,
-    ) -> Result<(), StoreError> {
-        self.save_checkpoint(name, expected, event.position).await?;
-        self.inner
-            .skipped
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(SkippedEvent {
-                projection: name.to_owned(),
-                position: event.position,
-                event_type: event.event_type.clone(),
-                reason: reason.to_owned(),
-            });
-        Ok(())
-    }
-
-    async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
-        let mut leases = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if !leases.insert(name.to_owned()) {
-            return Ok(None);
-        }
-        Ok(Some(Box::new(MemoryLease {
-            inner: Arc::clone(&self.inner),
-            name: name.to_owned(),
-        })))
-    }
-
-    async fn wait_for_append(&self, after: Position, timeout: Duration) {
-        let mut head = self.watch_head();
-        let _ = tokio::time::timeout(timeout, head.wait_for(|h| *h > after)).await;
-    }
-}
-
 /// A read model kept up to date inside the in-memory store's appends (see [`InMemoryStore::add_inline`]).
 pub struct InlineReadModel<P> {
     state: Arc<RwLock<P>>,
@@ -523,28 +409,6 @@ impl<P: Projection<Context = ()> + Clone + Sync> InlineHook for InlineReadModel<
             });
             Ok(commit)
         })
-    }
-}
-
-struct MemoryLease {
-    inner: Arc<Inner>,
-    name: String,
-}
-
-#[async_trait]
-impl Lease for MemoryLease {
-    async fn is_held(&mut self) -> bool {
-        true
-    }
-}
-
-impl Drop for MemoryLease {
-    fn drop(&mut self) {
-        self.inner
-            .leases
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.name);
     }
 }
 

@@ -171,6 +171,14 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// How many events `read_all` would return after `after` with this filter (for lag and progress).
     async fn count_after(&self, after: Position, types: EventTypes<'_>) -> Result<u64, StoreError>;
+
+    /// Resolves when events may have been appended after `after`, or after `timeout` at the latest.
+    /// Subscriptions use it to follow live appends. Backends with a notification mechanism override
+    /// it; the default waits a short polling interval.
+    async fn wait_for_append(&self, after: Position, timeout: std::time::Duration) {
+        let _ = after;
+        tokio::time::sleep(timeout.min(std::time::Duration::from_millis(50))).await;
+    }
 }
 
 /// Reads a stream from `from` as an async stream of events, `batch` at a time: memory stays bounded

@@ -1,11 +1,14 @@
 //! Repository, bus, fixture and projection-runner behaviour on the in-memory backend.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_core::bus::{BusError, CommandBus, Receipt};
 use cqrs_core::conformance::{Add, Added, Counter, Negative};
-use cqrs_core::subscription::{ProjectionRunner, ProjectionState, RunnerConfig, WaitError};
+use cqrs_core::subscription::{
+    InProcess, ProjectionRunner, ProjectionState, RunnerConfig, WaitError,
+};
 use cqrs_core::testing::AggregateFixture;
 use cqrs_core::{
     CommandContext, EventStore, ExecuteError, ExpectedVersion, InMemoryStore, NewEvent, Position,
@@ -252,7 +255,7 @@ async fn runner_catches_up_follows_and_reads_only_its_types() {
         repo.execute(&format!("c{}", i % 3), &Add(i)).await.unwrap();
     }
     noise(&store, 15).await;
-    let handle = ProjectionRunner::new(Totals::default(), store.clone())
+    let handle = ProjectionRunner::new(Totals::default(), InProcess::new(store.clone()))
         .with_config(fast())
         .spawn();
     let last = repo
@@ -280,7 +283,8 @@ async fn runner_catches_up_follows_and_reads_only_its_types() {
 async fn wait_for_times_out_cleanly_when_stopped() {
     let store = InMemoryStore::new();
     let repo = Repository::<Counter>::new(store.clone());
-    let handle = ProjectionRunner::new(Totals::default(), store.clone())
+    let backend = Arc::new(InProcess::new(store.clone()));
+    let handle = ProjectionRunner::with_backend(Totals::default(), backend.clone())
         .with_config(fast())
         .spawn();
     let first = repo.execute("a", &Add(1)).await.unwrap().position.unwrap();
@@ -292,10 +296,14 @@ async fn wait_for_times_out_cleanly_when_stopped() {
     let _ = handle.stop().await;
     assert_eq!(watcher.borrow().state, ProjectionState::Stopped);
     let later = repo.execute("a", &Add(1)).await.unwrap().position.unwrap();
-    let err =
-        cqrs_core::subscription::wait_for(&store, "totals", later, Duration::from_millis(100))
-            .await
-            .unwrap_err();
+    let err = cqrs_core::subscription::wait_for(
+        backend.checkpoints(),
+        "totals",
+        later,
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(err, WaitError::Timeout { reached: Some(r), .. } if r == first),
         "{err}"
@@ -314,11 +322,12 @@ async fn failure_stops_at_last_good_event_and_skip_is_recorded() {
         .await
         .unwrap()[0]
         .position;
+    let backend = Arc::new(InProcess::new(store.clone()));
     let totals = Totals {
         poison: Some(13),
         ..Totals::default()
     };
-    let handle = ProjectionRunner::new(totals, store.clone())
+    let handle = ProjectionRunner::with_backend(totals, backend.clone())
         .with_config(fast())
         .spawn();
     let mut status = handle.watch_status();
@@ -344,7 +353,7 @@ async fn failure_stops_at_last_good_event_and_skip_is_recorded() {
     handle.skip(poison_position).await;
     let head = store.head().await.unwrap().unwrap();
     handle.wait_for(head, Duration::from_secs(5)).await.unwrap();
-    let skipped = store.skipped_events();
+    let skipped = backend.skipped_events();
     assert_eq!(skipped.len(), 1);
     assert_eq!(skipped[0].position, poison_position);
     assert!(skipped[0].reason.contains("poison"));
@@ -356,8 +365,9 @@ async fn failure_stops_at_last_good_event_and_skip_is_recorded() {
 async fn one_active_runner_and_handover() {
     let store = InMemoryStore::new();
     let repo = Repository::<Counter>::new(store.clone());
+    let backend = Arc::new(InProcess::new(store.clone()));
     repo.execute("h", &Add(1)).await.unwrap();
-    let first = ProjectionRunner::new(Totals::default(), store.clone())
+    let first = ProjectionRunner::with_backend(Totals::default(), backend.clone())
         .with_config(fast())
         .spawn();
     let mut first_status = first.watch_status();
@@ -365,7 +375,7 @@ async fn one_active_runner_and_handover() {
         .wait_for(|s| s.state == ProjectionState::Running)
         .await
         .unwrap();
-    let second = ProjectionRunner::new(Totals::default(), store.clone())
+    let second = ProjectionRunner::with_backend(Totals::default(), backend.clone())
         .with_config(fast())
         .spawn();
     let mut second_status = second.watch_status();
@@ -386,16 +396,17 @@ async fn one_active_runner_and_handover() {
 async fn rebuild_reports_progress_and_equals_replay() {
     let store = InMemoryStore::new();
     let repo = Repository::<Counter>::new(store.clone());
+    let backend = Arc::new(InProcess::new(store.clone()));
     for i in 0..50 {
         repo.execute(&format!("r{}", i % 5), &Add(i)).await.unwrap();
     }
-    let first = ProjectionRunner::new(Totals::default(), store.clone())
+    let first = ProjectionRunner::with_backend(Totals::default(), backend.clone())
         .with_config(fast())
         .catch_up(|_| {})
         .await
         .unwrap();
     let mut reports = Vec::new();
-    let rebuilt = ProjectionRunner::new(Totals::default(), store.clone())
+    let rebuilt = ProjectionRunner::with_backend(Totals::default(), backend.clone())
         .with_config(fast())
         .rebuild(Totals::default(), || async { Ok(()) }, |p| reports.push(p))
         .await
@@ -406,7 +417,9 @@ async fn rebuild_reports_progress_and_equals_replay() {
     assert_eq!((last.done, last.total), (50, 50));
     assert!(reports.len() >= 50 / 7, "progress after every batch");
     assert_eq!(
-        cqrs_core::CheckpointStore::load_checkpoint(&store, "totals")
+        backend
+            .checkpoints()
+            .load_checkpoint("totals")
             .await
             .unwrap(),
         store.head().await.unwrap()
@@ -520,11 +533,12 @@ fn public_futures_are_send(repo: Repository<Counter>, store: InMemoryStore, bus:
             .read_all(Position::START, cqrs_core::EventTypes::All, 1)
             .await;
         let _ = bus.dispatch(Add(1), CommandContext::new()).await;
-        let handle = ProjectionRunner::new(Totals::default(), store.clone()).spawn();
+        let handle =
+            ProjectionRunner::new(Totals::default(), InProcess::new(store.clone())).spawn();
         let _ = handle
             .wait_for(Position::START, Duration::from_secs(1))
             .await;
-        let _ = ProjectionRunner::new(Totals::default(), store)
+        let _ = ProjectionRunner::new(Totals::default(), InProcess::new(store))
             .catch_up(|_| {})
             .await;
     });
