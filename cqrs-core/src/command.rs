@@ -20,12 +20,18 @@ use crate::store::{
 use crate::stream::{ExpectedVersion, Position, StreamId, StreamVersion};
 use crate::upcast::DecodeError;
 
-/// Who is asking and why: the command's id (the causation id of every event it produces), the
-/// correlation id carried from the caller, and custom metadata copied onto every event.
+/// Who is asking and why: the command's id, what caused it, the correlation id carried from the
+/// caller, and custom metadata copied onto every event.
+///
+/// The events a command produces are stamped with `causation_id` = the command's cause if it has one
+/// (the event a process manager reacted to, see [`CommandContext::caused_by`]), else the command id;
+/// and `correlation_id` = the conversation's id (the first command's id unless one is carried in).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandContext {
-    /// This command's id; stored as the causation id of the events it produces.
+    /// This command's id.
     pub command_id: Uuid,
+    /// The message (usually an event) that caused this command, if any.
+    pub causation_id: Option<Uuid>,
     /// The conversation it belongs to; defaults to the command id (a new conversation).
     pub correlation_id: Option<Uuid>,
     /// Copied into every produced event's [`Metadata::custom`] (user id, tenant, ...).
@@ -43,6 +49,7 @@ impl CommandContext {
     pub fn new() -> Self {
         Self {
             command_id: Uuid::now_v7(),
+            causation_id: None,
             correlation_id: None,
             custom: BTreeMap::new(),
         }
@@ -53,6 +60,7 @@ impl CommandContext {
     pub fn caused_by(event: &RecordedEvent) -> Self {
         Self {
             command_id: Uuid::now_v7(),
+            causation_id: Some(*event.event_id.as_uuid()),
             correlation_id: Some(
                 event
                     .metadata
@@ -78,7 +86,7 @@ impl CommandContext {
     fn metadata(&self) -> Metadata {
         Metadata {
             correlation_id: Some(self.correlation_id.unwrap_or(self.command_id)),
-            causation_id: Some(self.command_id),
+            causation_id: Some(self.causation_id.unwrap_or(self.command_id)),
             custom: self.custom.clone(),
         }
     }

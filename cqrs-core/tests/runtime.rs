@@ -38,6 +38,13 @@ async fn execute_appends_with_causation_and_correlation() {
     // A command caused by that event continues the conversation.
     let follow_up = CommandContext::caused_by(&stored[0]);
     assert_eq!(follow_up.correlation_id, Some(conversation));
+    let next = repo.execute_in("c", &Add(1), &follow_up).await.unwrap();
+    let reaction = store
+        .read_stream(&StreamId::new("counter", "c"), next.stream_version, 1)
+        .await
+        .unwrap();
+    assert_eq!(reaction[0].metadata.causation_id, Some(*stored[0].event_id.as_uuid()));
+    assert_eq!(reaction[0].metadata.correlation_id, Some(conversation));
 }
 
 #[tokio::test]
