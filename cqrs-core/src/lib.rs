@@ -41,13 +41,19 @@ pub use store::{AppendResult, ConcurrencyError, EventStore, EventTypes, StoreErr
 pub use stream::{ExpectedVersion, Position, StreamId, StreamVersion};
 pub use upcast::DecodeError;
 
+#[cfg(feature = "derive")]
+pub use cqrs_derive::{event, projection, Aggregate};
+
 /// The names most programs need: `use cqrs_core::prelude::*;`.
 pub mod prelude {
     pub use crate::{
         Aggregate, Apply, Command, CommandBus, CommandContext, Event, EventStore, ExpectedVersion,
         Handle, HandleWith, InMemoryStore, Position, Projection, RecordedEvent, Repository,
-        RetryPolicy, SnapshotPolicy, StreamId, StreamVersion,
+        RetryPolicy, SnapshotPolicy, SnapshotStore, StreamId, StreamVersion,
     };
+
+    #[cfg(feature = "derive")]
+    pub use crate::{event, projection};
 }
 
 /// Paths the macros' generated code uses. Not public API: may change in any release.
@@ -60,4 +66,20 @@ pub mod __private {
 
     pub use crate::projection::HandlerOutput;
     pub use crate::upcast::{deserialize, JsonUpcastResult};
+
+    /// String equality usable in constants (compile-time checks of stored names).
+    pub const fn str_eq(a: &str, b: &str) -> bool {
+        let (a, b) = (a.as_bytes(), b.as_bytes());
+        if a.len() != b.len() {
+            return false;
+        }
+        let mut i = 0;
+        while i < a.len() {
+            if a[i] != b[i] {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
 }

@@ -43,7 +43,10 @@ async fn execute_appends_with_causation_and_correlation() {
         .read_stream(&StreamId::new("counter", "c"), next.stream_version, 1)
         .await
         .unwrap();
-    assert_eq!(reaction[0].metadata.causation_id, Some(*stored[0].event_id.as_uuid()));
+    assert_eq!(
+        reaction[0].metadata.causation_id,
+        Some(*stored[0].event_id.as_uuid())
+    );
     assert_eq!(reaction[0].metadata.correlation_id, Some(conversation));
 }
 
