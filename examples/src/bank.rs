@@ -1,0 +1,383 @@
+//! The bank account domain: open, deposit, withdraw, with `InsufficientFunds`.
+
+use std::collections::BTreeMap;
+
+use cqrs_core::prelude::*;
+use cqrs_core::{event, projection};
+use serde::{Deserialize, Serialize};
+
+/// An account was opened for `owner`.
+#[event(name = "AccountOpened")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AccountOpened {
+    /// Who owns it.
+    pub owner: String,
+}
+
+/// Money was paid in.
+#[event(name = "MoneyDeposited")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoneyDeposited {
+    /// Amount in cents.
+    pub amount: i64,
+    /// Free text shown on the statement.
+    pub memo: String,
+}
+
+/// Money was paid out.
+#[event(name = "MoneyWithdrawn")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoneyWithdrawn {
+    /// Amount in cents.
+    pub amount: i64,
+}
+
+/// A bank account: its state is only what decisions need.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, Aggregate)]
+#[aggregate(
+    name = "account",
+    events(AccountOpened, MoneyDeposited, MoneyWithdrawn)
+)]
+pub struct Account {
+    /// Whether the account was opened.
+    pub open: bool,
+    /// Balance in cents.
+    pub balance: i64,
+}
+
+impl Apply<AccountOpened> for Account {
+    fn apply(&mut self, _: &AccountOpened) {
+        self.open = true;
+    }
+}
+
+impl Apply<MoneyDeposited> for Account {
+    fn apply(&mut self, event: &MoneyDeposited) {
+        self.balance += event.amount;
+    }
+}
+
+impl Apply<MoneyWithdrawn> for Account {
+    fn apply(&mut self, event: &MoneyWithdrawn) {
+        self.balance -= event.amount;
+    }
+}
+
+/// Why the bank refuses a command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BankError {
+    /// The account is already open.
+    #[error("account is already open")]
+    AlreadyOpen,
+    /// The account was never opened.
+    #[error("account is not open")]
+    NotOpen,
+    /// Amounts must be positive.
+    #[error("amount must be positive, got {0}")]
+    NonPositiveAmount(i64),
+    /// The balance does not cover the withdrawal.
+    #[error("insufficient funds: balance {balance}, requested {requested}")]
+    InsufficientFunds {
+        /// Current balance.
+        balance: i64,
+        /// Requested amount.
+        requested: i64,
+    },
+}
+
+/// Open an account.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OpenAccount {
+    /// Account id.
+    pub account: String,
+    /// Owner's name.
+    pub owner: String,
+}
+
+/// Deposit money.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deposit {
+    /// Account id.
+    pub account: String,
+    /// Amount in cents.
+    pub amount: i64,
+    /// Statement text.
+    pub memo: String,
+}
+
+/// Withdraw money.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Withdraw {
+    /// Account id.
+    pub account: String,
+    /// Amount in cents.
+    pub amount: i64,
+}
+
+fn positive(amount: i64) -> Result<(), BankError> {
+    if amount > 0 {
+        Ok(())
+    } else {
+        Err(BankError::NonPositiveAmount(amount))
+    }
+}
+
+impl Handle<OpenAccount> for Account {
+    type Error = BankError;
+    fn handle(&self, command: &OpenAccount) -> Result<Vec<AccountEvent>, BankError> {
+        if self.open {
+            return Err(BankError::AlreadyOpen);
+        }
+        Ok(vec![AccountOpened {
+            owner: command.owner.clone(),
+        }
+        .into()])
+    }
+}
+
+impl Handle<Deposit> for Account {
+    type Error = BankError;
+    fn handle(&self, command: &Deposit) -> Result<Vec<AccountEvent>, BankError> {
+        if !self.open {
+            return Err(BankError::NotOpen);
+        }
+        positive(command.amount)?;
+        Ok(vec![MoneyDeposited {
+            amount: command.amount,
+            memo: command.memo.clone(),
+        }
+        .into()])
+    }
+}
+
+impl Handle<Withdraw> for Account {
+    type Error = BankError;
+    fn handle(&self, command: &Withdraw) -> Result<Vec<AccountEvent>, BankError> {
+        if !self.open {
+            return Err(BankError::NotOpen);
+        }
+        positive(command.amount)?;
+        if command.amount > self.balance {
+            return Err(BankError::InsufficientFunds {
+                balance: self.balance,
+                requested: command.amount,
+            });
+        }
+        Ok(vec![MoneyWithdrawn {
+            amount: command.amount,
+        }
+        .into()])
+    }
+}
+
+macro_rules! routed_by_account {
+    ($($command:ty),*) => {$(
+        impl Command for $command {
+            type Aggregate = Account;
+            fn aggregate_id(&self) -> String {
+                self.account.clone()
+            }
+        }
+    )*};
+}
+routed_by_account!(OpenAccount, Deposit, Withdraw);
+
+/// Read model: balance and number of movements per account.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Balances {
+    /// Balance in cents by account id.
+    pub balances: BTreeMap<String, i64>,
+    /// Deposits and withdrawals seen by account id.
+    pub movements: BTreeMap<String, u32>,
+}
+
+#[projection(name = "balances")]
+impl Balances {
+    fn on_opened(&mut self, _: &AccountOpened, meta: &RecordedEvent) {
+        self.balances.insert(meta.stream.id().to_owned(), 0);
+    }
+
+    fn on_deposited(&mut self, event: &MoneyDeposited, meta: &RecordedEvent) {
+        self.change(meta, event.amount);
+    }
+
+    fn on_withdrawn(&mut self, event: &MoneyWithdrawn, meta: &RecordedEvent) {
+        self.change(meta, -event.amount);
+    }
+
+    #[helper]
+    fn change(&mut self, meta: &RecordedEvent, delta: i64) {
+        let account = meta.stream.id().to_owned();
+        *self.balances.entry(account.clone()).or_default() += delta;
+        *self.movements.entry(account).or_default() += 1;
+    }
+}
+
+/// A teller that looks every withdrawal over asynchronously before it is decided. For the demo it
+/// holds the first two withdrawals until both have loaded the account, so they race for real: both
+/// decide against the same version, one append wins, the other conflicts and is retried.
+#[derive(Debug, Default)]
+pub struct Teller {
+    arrived: std::sync::atomic::AtomicUsize,
+    both_loaded: tokio::sync::Notify,
+}
+
+impl HandleWith<Withdraw, Teller> for Account {
+    type Error = BankError;
+
+    async fn handle_with(
+        &self,
+        command: &Withdraw,
+        teller: &Teller,
+    ) -> Result<Vec<AccountEvent>, BankError> {
+        use std::sync::atomic::Ordering;
+        let waiting = teller.both_loaded.notified();
+        match teller.arrived.fetch_add(1, Ordering::SeqCst) {
+            0 => waiting.await,
+            1 => teller.both_loaded.notify_waiters(),
+            _ => {}
+        }
+        self.handle(command)
+    }
+}
+
+/// What the demo did, for printing and for tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BankReport {
+    /// The account used.
+    pub account: String,
+    /// Balance after everything.
+    pub balance: i64,
+    /// The rejected over-withdrawal.
+    pub rejected: BankError,
+    /// Attempts each of the two racing withdrawals needed.
+    pub race_attempts: Vec<u32>,
+    /// Balance as of stream version 3.
+    pub balance_at_version_3: i64,
+    /// Balance at the instant right after the first deposit was recorded.
+    pub balance_after_first_deposit: i64,
+    /// The balance the projection shows once it has caught up with the last command.
+    pub projected_balance: i64,
+    /// Stream version of the latest snapshot.
+    pub snapshot_version: Option<u64>,
+}
+
+/// Runs the bank story on `store`, printing what happens to `out`.
+pub async fn demo<S>(
+    store: S,
+    account: &str,
+    out: &mut impl std::io::Write,
+) -> Result<BankReport, Box<dyn std::error::Error + Send + Sync>>
+where
+    S: EventStore + SnapshotStore + Clone,
+{
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use cqrs_core::subscription::{InProcess, ProjectionRunner};
+
+    let accounts = Repository::<Account>::new(store.clone())
+        .with_snapshots(store.clone(), SnapshotPolicy::every(5))
+        .with_retry(RetryPolicy::retries(3));
+    let projections = Arc::new(InProcess::new(store.clone()));
+    let balances = ProjectionRunner::with_backend(Balances::default(), projections).spawn();
+
+    let open = OpenAccount {
+        account: account.to_owned(),
+        owner: "Ada".to_owned(),
+    };
+    accounts.execute(account, &open).await?;
+    writeln!(out, "opened {account}")?;
+    for i in 1..=6 {
+        let deposit = Deposit {
+            account: account.to_owned(),
+            amount: 100,
+            memo: format!("salary part {i}"),
+        };
+        let outcome = accounts.execute(account, &deposit).await?;
+        writeln!(out, "deposited 100 -> version {}", outcome.stream_version)?;
+    }
+    let stream = StreamId::new(Account::TYPE, account);
+    let first_deposit = store.read_stream(&stream, StreamVersion::new(2), 1).await?;
+    let first_deposit_at = first_deposit
+        .first()
+        .map(|e| e.recorded_at)
+        .ok_or("first deposit missing")?;
+
+    let rejected = match accounts
+        .execute(
+            account,
+            &Withdraw {
+                account: account.to_owned(),
+                amount: 10_000,
+            },
+        )
+        .await
+    {
+        Err(cqrs_core::ExecuteError::Domain(error)) => error,
+        other => return Err(format!("expected InsufficientFunds, got {other:?}").into()),
+    };
+    writeln!(out, "withdraw 10000 rejected: {rejected}")?;
+
+    let teller = Arc::new(Teller::default());
+    let race = |amount| {
+        let accounts = accounts.clone();
+        let teller = Arc::clone(&teller);
+        let account = account.to_owned();
+        tokio::spawn(async move {
+            let command = Withdraw {
+                account: account.clone(),
+                amount,
+            };
+            accounts
+                .execute_with(&account, &command, &*teller, &CommandContext::new())
+                .await
+        })
+    };
+    let (a, b) = (race(200), race(150));
+    let mut race_attempts = vec![a.await??.attempts, b.await??.attempts];
+    race_attempts.sort_unstable();
+    writeln!(
+        out,
+        "two concurrent withdrawals took {race_attempts:?} attempts (one conflict, retried)"
+    )?;
+
+    let last = accounts
+        .execute(
+            account,
+            &Deposit {
+                account: account.to_owned(),
+                amount: 1,
+                memo: "interest".into(),
+            },
+        )
+        .await?;
+    let now = accounts.load(account).await?;
+    let at_3 = accounts
+        .load_at_version(account, StreamVersion::new(3))
+        .await?;
+    let after_first = accounts.load_as_of(account, first_deposit_at).await?;
+    writeln!(
+        out,
+        "balance now {} (version {}); at version 3 it was {}",
+        now.state.balance, now.version, at_3.state.balance
+    )?;
+
+    let position = last.position.ok_or("the deposit wrote no event")?;
+    balances.wait_for(position, Duration::from_secs(10)).await?;
+    let projected = balances.stop().await.ok_or("projection runner ended")?;
+    let projected_balance = projected.balances.get(account).copied().unwrap_or_default();
+    writeln!(out, "balance projection shows {projected_balance}")?;
+    let snapshot = store.load_snapshot(&stream).await?;
+
+    Ok(BankReport {
+        account: account.to_owned(),
+        balance: now.state.balance,
+        rejected,
+        race_attempts,
+        balance_at_version_3: at_3.state.balance,
+        balance_after_first_deposit: after_first.state.balance,
+        projected_balance,
+        snapshot_version: snapshot.map(|s| s.stream_version.get()),
+    })
+}

@@ -1,0 +1,22 @@
+//! `cargo run -p examples --bin http`: the bank as an HTTP service on 127.0.0.1:3000
+//! (override with `BIND`), in memory (or on PostgreSQL when `DATABASE_URL` is set).
+//!
+//! ```text
+//! curl -si -XPOST localhost:3000/accounts -H 'content-type: application/json' -d '{"id":"a1","owner":"Ada"}'
+//! curl -si -XPOST localhost:3000/accounts/a1/deposits -H 'content-type: application/json' -d '{"amount":500}'
+//! curl -si localhost:3000/accounts/a1/balance -H 'x-consistency-token: <token from the POST>'
+//! ```
+
+use std::time::Duration;
+
+use cqrs_core::InMemoryStore;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let app = examples::http::app(InMemoryStore::new(), Duration::from_secs(2))?;
+    let listener = tokio::net::TcpListener::bind(&bind).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, app).await?;
+    Ok(())
+}

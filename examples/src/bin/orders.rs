@@ -1,0 +1,13 @@
+//! `cargo run -p examples --bin orders`: the orders story, in memory (or on PostgreSQL when
+//! `DATABASE_URL` is set).
+
+use cqrs_core::InMemoryStore;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let run = format!("{}", std::process::id());
+    let mut out = std::io::stdout();
+    let report = examples::orders::demo(InMemoryStore::new(), &run, &mut out).await?;
+    println!("{report:#?}");
+    Ok(())
+}

@@ -1,0 +1,81 @@
+//! The example stories, asserted on (in memory; the PostgreSQL runs are in `postgres.rs`).
+
+use cqrs_core::InMemoryStore;
+use examples::bank::{self, BankError};
+use examples::catalogue::{self, CatalogueError};
+use examples::orders::{self, OrderError};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_story() {
+    let report = bank::demo(InMemoryStore::new(), "acc-1", &mut Vec::new())
+        .await
+        .unwrap();
+    assert_bank(&report);
+}
+
+fn assert_bank(report: &bank::BankReport) {
+    assert_eq!(
+        report.rejected,
+        BankError::InsufficientFunds {
+            balance: 600,
+            requested: 10_000
+        }
+    );
+    assert_eq!(
+        report.race_attempts,
+        vec![1, 2],
+        "one withdrawal conflicted and was retried"
+    );
+    assert_eq!(report.balance, 600 - 200 - 150 + 1);
+    assert_eq!(report.balance_at_version_3, 200, "open + two deposits");
+    assert_eq!(report.balance_after_first_deposit, 100);
+    assert_eq!(report.projected_balance, report.balance);
+    assert_eq!(report.snapshot_version, Some(10), "snapshots every 5 events; 10 events written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_story() {
+    let report = orders::demo(InMemoryStore::new(), "run", &mut Vec::new())
+        .await
+        .unwrap();
+    assert_orders(&report);
+}
+
+fn assert_orders(report: &orders::OrdersReport) {
+    assert_eq!(report.not_editable, OrderError::OrderNotEditable);
+    assert_eq!(report.empty, OrderError::EmptyOrder);
+    assert_eq!(report.upcast_price, (999, "EUR".to_owned()));
+    assert_eq!(report.first_order.status, "submitted");
+    assert_eq!(report.first_order.total_cents, 4_500 + 3 * 700);
+    assert_eq!(report.first_order.lines["cable"], 3);
+    assert_eq!(report.search_hits.len(), 1);
+    assert!(report.search_hits.iter().all(|id| id.ends_with("-o1")));
+    assert_eq!(report.revenue_today, (4_500 + 3 * 700 + 999, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalogue_story() {
+    let report = catalogue::demo(InMemoryStore::new(), "mug", &mut Vec::new())
+        .await
+        .unwrap();
+    assert_catalogue(&report);
+}
+
+fn assert_catalogue(report: &catalogue::CatalogueReport) {
+    assert_eq!(report.bad_price, CatalogueError::NonPositivePrice(-5));
+    assert!(
+        report.discontinued,
+        "the process manager discontinued the sold-out product"
+    );
+    let (depleted_id, depleted_correlation) = report.depleted;
+    assert_eq!(
+        report.discontinued_metadata.0,
+        Some(depleted_id),
+        "caused by StockDepleted"
+    );
+    assert!(depleted_correlation.is_some());
+    assert_eq!(
+        report.discontinued_metadata.1, depleted_correlation,
+        "same conversation"
+    );
+}
