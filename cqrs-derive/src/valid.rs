@@ -150,6 +150,13 @@ pub struct ProjectionModel {
 pub fn projection(cx: &mut Ctxt, attr: ProjectionAttr, item: &mut ItemImpl) -> ProjectionModel {
     if let Some((path, _)) = &item.trait_ {
         cx.error_spanned_by(path, "#[projection] goes on an inherent impl block (`impl MyProjection { ... }`), not a trait impl");
+        // Its methods belong to the trait: judging them as handlers would only add noise.
+        return ProjectionModel {
+            krate: default_crate(),
+            name: LitStr::new("", proc_macro2::Span::call_site()),
+            context: None,
+            handlers: Vec::new(),
+        };
     }
     let mut handlers = Vec::new();
     for impl_item in &mut item.items {

@@ -1,0 +1,18 @@
+use cqrs_core::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[event]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Opened {}
+#[event]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Closed {}
+#[derive(Default, Aggregate)]
+#[aggregate(events(Opened, Closed))]
+pub struct Account {}
+
+impl Apply<Opened> for Account {
+    fn apply(&mut self, _: &Opened) {}
+}
+
+fn main() {}

@@ -1,0 +1,16 @@
+use cqrs_core::prelude::*;
+use serde::{Deserialize, Serialize};
+
+#[event(version = 0)]
+#[derive(Serialize, Deserialize)]
+pub struct Zero {}
+
+#[event(version = "2")]
+#[derive(Serialize, Deserialize)]
+pub struct Text {}
+
+#[event(verison = 2, name = "")]
+#[derive(Serialize, Deserialize)]
+pub struct Typo {}
+
+fn main() {}
