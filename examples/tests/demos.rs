@@ -30,7 +30,11 @@ fn assert_bank(report: &bank::BankReport) {
     assert_eq!(report.balance_at_version_3, 200, "open + two deposits");
     assert_eq!(report.balance_after_first_deposit, 100);
     assert_eq!(report.projected_balance, report.balance);
-    assert_eq!(report.snapshot_version, Some(10), "snapshots every 5 events; 10 events written");
+    assert_eq!(
+        report.snapshot_version,
+        Some(10),
+        "snapshots every 5 events; 10 events written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,4 +82,53 @@ fn assert_catalogue(report: &catalogue::CatalogueReport) {
         report.discontinued_metadata.1, depleted_correlation,
         "same conversation"
     );
+}
+
+#[test]
+fn bank_fixture_given_when_then() {
+    use bank::{Account, AccountOpened, Deposit, MoneyDeposited, MoneyWithdrawn, Withdraw};
+    use cqrs_core::testing::AggregateFixture;
+    let opened = AccountOpened {
+        owner: "Ada".into(),
+    };
+    AggregateFixture::<Account>::given([opened.clone().into()])
+        .when(&Deposit {
+            account: "a".into(),
+            amount: 10,
+            memo: "m".into(),
+        })
+        .expect_events([MoneyDeposited {
+            amount: 10,
+            memo: "m".into(),
+        }
+        .into()]);
+    AggregateFixture::<Account>::given([
+        opened.clone().into(),
+        MoneyDeposited {
+            amount: 10,
+            memo: String::new(),
+        }
+        .into(),
+    ])
+    .when(&Withdraw {
+        account: "a".into(),
+        amount: 10,
+    })
+    .expect_events([MoneyWithdrawn { amount: 10 }.into()]);
+    AggregateFixture::<Account>::given([opened.into()])
+        .when(&Withdraw {
+            account: "a".into(),
+            amount: 1,
+        })
+        .expect_error(BankError::InsufficientFunds {
+            balance: 0,
+            requested: 1,
+        });
+    AggregateFixture::<Account>::given_no_previous_events()
+        .when(&Deposit {
+            account: "a".into(),
+            amount: 1,
+            memo: String::new(),
+        })
+        .expect_error(BankError::NotOpen);
 }

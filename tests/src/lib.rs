@@ -1,1 +1,6 @@
 //! Integration tests live in `tests/tests/`; the compile-fail suite in `tests/ui/`.
+//!
+//! The README's code is compiled and run as this crate's doctest, so it stays true.
+
+#[doc = include_str!("../../README.md")]
+pub mod readme {}
