@@ -4,7 +4,7 @@
 //!
 //! The journey of an event, module by module:
 //! [`aggregate`] (state + decisions) → [`command`] (load, decide, append) → [`store`] (the log)
-//! → [`projection`] (read models) → queries. [`event`] and [`upcast`] define what is stored and how
+//! → [`projection`](mod@projection) (read models) → queries. [`event`](mod@event) and [`upcast`] define what is stored and how
 //! old versions are read; [`snapshot`] and [`checkpoint`] shorten loads and track projections;
 //! [`memory`] is the in-memory backend; [`testing`] has given/when/then fixtures; [`conformance`] is
 //! the test suite every backend runs.

@@ -162,7 +162,7 @@ impl fmt::Display for ExpectedVersion {
 /// reader never passes an event that is committed later with a lower sequence number (see
 /// ARCHITECTURE.md, "gap-free reads"). For the in-memory store `tx` is the append's batch number.
 ///
-/// Positions are the read-your-own-writes token: [`Position::to_string`] and [`str::parse`]
+/// Positions are the read-your-own-writes token: `to_string()` and [`str::parse`]
 /// round-trip (`"<tx>.<sequence>"`), so a position can travel through an HTTP header.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
