@@ -132,3 +132,36 @@ fn bank_fixture_given_when_then() {
         })
         .expect_error(BankError::NotOpen);
 }
+
+#[tokio::test]
+async fn balances_projection_fixture() {
+    use bank::{AccountEvent, AccountOpened, Balances, MoneyDeposited, MoneyWithdrawn};
+    use cqrs_core::testing::ProjectionFixture;
+    use cqrs_core::StreamId;
+    let account = |id: &str| StreamId::new("account", id);
+    let events: Vec<AccountEvent> = vec![
+        AccountOpened {
+            owner: "Ada".into(),
+        }
+        .into(),
+        MoneyDeposited {
+            amount: 70,
+            memo: String::new(),
+        }
+        .into(),
+        MoneyWithdrawn { amount: 20 }.into(),
+    ];
+    let model = ProjectionFixture::new(Balances::default())
+        .given(account("a"), events)
+        .given(
+            account("b"),
+            [AccountEvent::from(AccountOpened { owner: "Bo".into() })],
+        )
+        .run()
+        .await
+        .unwrap();
+    assert_eq!(model.balances["a"], 50);
+    assert_eq!(model.balances["b"], 0);
+    assert_eq!(model.movements["a"], 2);
+    assert!(!model.movements.contains_key("b"));
+}
