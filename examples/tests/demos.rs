@@ -1,6 +1,7 @@
-//! The example stories, asserted on (in memory; the PostgreSQL runs are in `postgres.rs`).
+//! The example stories, asserted on, in memory and on PostgreSQL (`DATABASE_URL`, own schema).
 
 use cqrs_core::InMemoryStore;
+use cqrs_postgres::PostgresStore;
 use examples::bank::{self, BankError};
 use examples::catalogue::{self, CatalogueError};
 use examples::orders::{self, OrderError};
@@ -164,4 +165,36 @@ async fn balances_projection_fixture() {
     assert_eq!(model.balances["b"], 0);
     assert_eq!(model.movements["a"], 2);
     assert!(!model.movements.contains_key("b"));
+}
+
+async fn postgres() -> PostgresStore {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let store = PostgresStore::connect(&url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL is required at {url} (set DATABASE_URL): {e}"))
+        .with_schema(&format!("ex_{}", uuid::Uuid::now_v7().simple()))
+        .unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stories_on_postgres() {
+    let store = postgres().await;
+    assert_bank(
+        &bank::demo(store.clone(), "acc-1", &mut Vec::new())
+            .await
+            .unwrap(),
+    );
+    assert_orders(
+        &orders::demo(store.clone(), "run", &mut Vec::new())
+            .await
+            .unwrap(),
+    );
+    assert_catalogue(
+        &catalogue::demo(store, "mug", &mut Vec::new())
+            .await
+            .unwrap(),
+    );
 }

@@ -14,7 +14,11 @@ use cqrs_core::InMemoryStore;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
-    let app = examples::http::app(InMemoryStore::new(), Duration::from_secs(2))?;
+    let wait = Duration::from_secs(2);
+    let app = match examples::postgres_from_env().await? {
+        Some(store) => examples::http::app(store, wait)?,
+        None => examples::http::app(InMemoryStore::new(), wait)?,
+    };
     let listener = tokio::net::TcpListener::bind(&bind).await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app).await?;
