@@ -18,8 +18,8 @@ fn url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
-async fn fresh() -> (PostgresStore, MutexGuard<'static, ()>) {
-    let turn = TURN.lock().await;
+/// A store on a new schema. Callers hold `TURN` (see the module docs).
+async fn fresh_store() -> PostgresStore {
     let url = url();
     let store = PostgresStore::connect(&url)
         .await
@@ -27,32 +27,15 @@ async fn fresh() -> (PostgresStore, MutexGuard<'static, ()>) {
     let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
     let store = store.with_schema(&schema).unwrap();
     store.migrate().await.unwrap();
-    (store, turn)
+    store
 }
 
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {$(
-        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-        async fn $case() {
-            let (store, _turn) = fresh().await;
-            conformance::$case(store).await;
-        }
-    )*};
+async fn fresh() -> (PostgresStore, MutexGuard<'static, ()>) {
+    let turn = TURN.lock().await;
+    (fresh_store().await, turn)
 }
 
-conformance!(
-    append_and_read_round_trip,
-    expected_version_cases,
-    concurrent_appends_lose_and_duplicate_nothing,
-    idempotent_append,
-    invalid_input_is_rejected,
-    hostile_ids_round_trip,
-    read_all_order_filter_and_paging,
-    snapshots_latest_wins,
-    stale_and_broken_snapshots_replay,
-    temporal_loads,
-    checkpoints_compare_and_set,
-);
+cqrs_core::backend_conformance_tests!(fresh_store, serialized_by = TURN);
 
 #[tokio::test]
 async fn events_are_immutable() {
