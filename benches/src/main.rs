@@ -1,0 +1,139 @@
+//! Side-by-side benchmarks of this framework against raw SQL and (with `--features peers`) cqrs-es 0.5 +
+//! postgres-es 0.5, on the PostgreSQL at `DATABASE_URL`. See BENCHMARKS.md at the repository root.
+//!
+//! ```text
+//! cargo run -p benches --release --features peers -- --quick     # < 2 minutes
+//! cargo run -p benches --release --features peers                # the full set
+//! cargo run -p benches --release --features peers -- --only w1,dispatch
+//! ```
+//!
+//! Every figure is measured in the same run as its baseline and printed with the ratio to it. Each
+//! contender gets its own fresh schema and a pool of the same size ([`db::POOL_SIZE`]).
+
+mod append;
+mod catchup;
+mod db;
+mod dispatch;
+mod domain;
+mod memory;
+#[cfg(feature = "peers")]
+mod peers;
+mod report;
+mod w1;
+mod w2;
+
+use std::time::Instant;
+
+use report::Table;
+
+/// How much work each benchmark does.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The PostgreSQL to run against.
+    pub url: String,
+    /// Quick mode: fewer repetitions and smaller data where the benchmark allows it.
+    pub quick: bool,
+    /// Repetitions of each measured figure (the table shows the median and the range).
+    pub rounds: usize,
+}
+
+const BENCHMARKS: &[&str] = &["w1", "w2", "append", "catchup", "dispatch", "memory"];
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: benches [--quick] [--rounds N] [--only {}]\n\
+         DATABASE_URL defaults to postgres://postgres@127.0.0.1:5432/test",
+        BENCHMARKS.join(",")
+    );
+    std::process::exit(2)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(memory::CHILD_FLAG) {
+        memory::child_main(&args[1..]);
+        return;
+    }
+    let mut quick = false;
+    let mut rounds = None;
+    let mut only: Option<Vec<String>> = None;
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--quick" => quick = true,
+            "--rounds" => rounds = it.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
+            "--only" => {
+                only = it
+                    .next()
+                    .map(|s| s.split(',').map(str::to_owned).collect())
+                    .or_else(|| usage());
+            }
+            // `cargo bench` passes `--bench`; accept and ignore it.
+            "--bench" => {}
+            _ => usage(),
+        }
+    }
+    if let Some(only) = &only {
+        if let Some(bad) = only.iter().find(|b| !BENCHMARKS.contains(&b.as_str())) {
+            eprintln!("unknown benchmark `{bad}`");
+            usage();
+        }
+    }
+    let config = Config {
+        url: std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
+        quick,
+        rounds: rounds.unwrap_or(if quick { 1 } else { 3 }).max(1),
+    };
+    let selected = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|b| b == name));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| fail(&format!("cannot start the tokio runtime: {e}")));
+    let started = Instant::now();
+    println!("{}", report::machine_summary(&config));
+    let mut tables: Vec<Table> = Vec::new();
+    runtime.block_on(async {
+        if let Err(e) = db::check(&config.url).await {
+            fail(&format!("cannot reach PostgreSQL at {}: {e}", config.url));
+        }
+        for name in BENCHMARKS.iter().copied().filter(|b| selected(b)) {
+            let t = Instant::now();
+            eprintln!("== {name}");
+            let result = match name {
+                "w1" => w1::run(&config).await,
+                "w2" => w2::run(&config).await,
+                "append" => append::run(&config).await,
+                "catchup" => catchup::run(&config).await,
+                "dispatch" => Ok(dispatch::run(&config)),
+                "memory" => memory::run(&config).await,
+                _ => unreachable!("checked above"),
+            };
+            match result {
+                Ok(mut t) => {
+                    for table in &t {
+                        println!("{table}");
+                    }
+                    tables.append(&mut t);
+                }
+                Err(e) => fail(&format!("benchmark `{name}` failed: {e}")),
+            }
+            eprintln!("   ({name} took {:.1} s)", t.elapsed().as_secs_f64());
+        }
+    });
+    println!(
+        "All benchmarks done in {:.1} s ({} tables).",
+        started.elapsed().as_secs_f64(),
+        tables.len()
+    );
+}
+
+/// Prints `message` and exits with status 1.
+fn fail(message: &str) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(1)
+}
+
+/// The error type of the benchmarks: any failure aborts the run with its message.
+pub type BenchError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,404 @@
+//! W1 command throughput: 200 accounts × (open + 9 deposits with a 100-byte memo), one command per
+//! execute, with 1 sequential client and with 8 concurrent clients (each owning 25 accounts).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cqrs_core::{EventSet, Repository};
+use sqlx::postgres::PgPool;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::domain::{account_id, w1_commands, Account, Cmd, MoneyDeposited};
+use crate::report::{median, rate, ratio, Table};
+use crate::{db, BenchError, Config};
+
+/// Accounts in the workload.
+pub const ACCOUNTS: usize = 200;
+/// Commands per account (open + 9 deposits).
+pub const COMMANDS_PER_ACCOUNT: usize = 10;
+
+/// Something that executes one workload command end to end (decide against the stream's state,
+/// then store the event durably).
+pub trait Contender: Send + Sync + 'static {
+    /// Executes `cmd` on account `id`.
+    fn execute(&self, id: &str, cmd: &Cmd) -> impl Future<Output = Result<(), BenchError>> + Send;
+    /// How many events are stored now (checked after each run: every command must have written one).
+    fn stored_events(&self) -> impl Future<Output = Result<i64, BenchError>> + Send;
+    /// Drops the contender's schema.
+    fn finish(self) -> impl Future<Output = Result<(), BenchError>> + Send;
+}
+
+/// Runs accounts `accounts` of the workload with `clients` concurrent clients on a fresh contender;
+/// returns the seconds it took and the number of commands.
+pub async fn drive<C: Contender>(
+    contender: C,
+    clients: usize,
+    accounts: Range<usize>,
+) -> Result<(f64, usize), BenchError> {
+    let contender = Arc::new(contender);
+    let mut chunks: Vec<Vec<(String, Vec<Cmd>)>> = vec![Vec::new(); clients];
+    let total = accounts.len() * COMMANDS_PER_ACCOUNT;
+    for i in accounts {
+        chunks[i % clients].push((account_id(i), w1_commands(i)));
+    }
+    let started = Instant::now();
+    let mut tasks = JoinSet::new();
+    for chunk in chunks {
+        let contender = Arc::clone(&contender);
+        tasks.spawn(async move {
+            for (id, commands) in &chunk {
+                for cmd in commands {
+                    contender.execute(id, cmd).await?;
+                }
+            }
+            Ok::<_, BenchError>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let stored = contender.stored_events().await?;
+    if stored != total as i64 {
+        return Err(format!("expected {total} stored events, found {stored}").into());
+    }
+    let contender = Arc::into_inner(contender).ok_or("contender still shared")?;
+    contender.finish().await?;
+    Ok((elapsed, total))
+}
+
+/// Ours: `Repository<Account>` over `PostgresStore`, optionally with the aggregate cache.
+pub struct Ours {
+    repo: Repository<Account>,
+    pool: PgPool,
+    schema: String,
+}
+
+impl Ours {
+    /// A fresh schema; `cache` enables `Repository::with_cache`.
+    pub async fn new(url: &str, name: &str, cache: bool) -> Result<Self, BenchError> {
+        let schema = db::schema_name(name);
+        let store = db::our_store(url, &schema).await?;
+        let pool = store.pool().clone();
+        let mut repo = Repository::new(store);
+        if cache {
+            repo = repo.with_cache(10_000);
+        }
+        Ok(Self { repo, pool, schema })
+    }
+}
+
+impl Contender for Ours {
+    async fn execute(&self, id: &str, cmd: &Cmd) -> Result<(), BenchError> {
+        self.repo.execute(id, cmd).await?;
+        Ok(())
+    }
+
+    async fn stored_events(&self) -> Result<i64, BenchError> {
+        count(&self.pool, &format!("\"{}\".events", self.schema)).await
+    }
+
+    async fn finish(self) -> Result<(), BenchError> {
+        db::drop_schema(&self.pool, &self.schema).await?;
+        self.pool.close().await;
+        Ok(())
+    }
+}
+
+async fn count(pool: &PgPool, table: &str) -> Result<i64, BenchError> {
+    Ok(
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+            .fetch_one(pool)
+            .await?,
+    )
+}
+
+/// The least raw SQL for the job: read the stream, fold it, decide, then one INSERT (autocommit);
+/// the unique index on the version rejects a concurrent writer.
+pub struct RawReadInsert {
+    pool: PgPool,
+    schema: String,
+    select: String,
+    insert: String,
+}
+
+impl RawReadInsert {
+    /// A fresh schema with the raw table.
+    pub async fn new(url: &str, name: &str) -> Result<Self, BenchError> {
+        let schema = db::schema_name(name);
+        let pool = db::pool(url).await?;
+        let table = db::raw_table(&pool, &schema).await?;
+        Ok(Self {
+            pool,
+            schema,
+            select: format!(
+                "SELECT stream_version, event_type, payload::text FROM {table}
+                 WHERE stream_type = $1 AND stream_id = $2 ORDER BY stream_version"
+            ),
+            insert: insert_sql(&table),
+        })
+    }
+}
+
+fn insert_sql(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
+         VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, '{{}}'::jsonb)"
+    )
+}
+
+async fn raw_insert(
+    pool: &PgPool,
+    sql: &str,
+    id: &str,
+    version: i64,
+    cmd: &Cmd,
+) -> Result<(), BenchError> {
+    let event = cmd.event();
+    sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind("account")
+        .bind(id)
+        .bind(version)
+        .bind(Uuid::now_v7())
+        .bind(event.event_type())
+        .bind(i32::try_from(event.schema_version())?)
+        .bind(event.encode()?.to_string())
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+impl Contender for RawReadInsert {
+    async fn execute(&self, id: &str, cmd: &Cmd) -> Result<(), BenchError> {
+        let rows: Vec<(i64, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(&*self.select))
+            .bind("account")
+            .bind(id)
+            .fetch_all(&self.pool)
+            .await?;
+        let (mut open, mut balance, mut version) = (false, 0_i64, 0_i64);
+        for (v, event_type, payload) in rows {
+            version = v;
+            match event_type.as_str() {
+                "AccountOpened" => open = true,
+                "MoneyDeposited" => {
+                    balance += serde_json::from_str::<MoneyDeposited>(&payload)?.amount;
+                }
+                other => return Err(format!("unexpected event type {other}").into()),
+            }
+        }
+        std::hint::black_box(balance);
+        cmd.validate(open)?;
+        raw_insert(&self.pool, &self.insert, id, version + 1, cmd).await
+    }
+
+    async fn stored_events(&self) -> Result<i64, BenchError> {
+        count(&self.pool, &format!("\"{}\".events", self.schema)).await
+    }
+
+    async fn finish(self) -> Result<(), BenchError> {
+        db::drop_schema(&self.pool, &self.schema).await?;
+        self.pool.close().await;
+        Ok(())
+    }
+}
+
+/// Raw, one INSERT per command: the state is already in memory (the floor for one commit per
+/// command).
+pub struct RawInsert {
+    pool: PgPool,
+    schema: String,
+    insert: String,
+    state: Mutex<HashMap<String, (bool, i64)>>,
+}
+
+impl RawInsert {
+    /// A fresh schema with the raw table.
+    pub async fn new(url: &str, name: &str) -> Result<Self, BenchError> {
+        let schema = db::schema_name(name);
+        let pool = db::pool(url).await?;
+        let table = db::raw_table(&pool, &schema).await?;
+        Ok(Self {
+            pool,
+            schema,
+            insert: insert_sql(&table),
+            state: Mutex::default(),
+        })
+    }
+}
+
+impl Contender for RawInsert {
+    async fn execute(&self, id: &str, cmd: &Cmd) -> Result<(), BenchError> {
+        let (open, version) = self
+            .state
+            .lock()
+            .map_err(|_| "poisoned")?
+            .get(id)
+            .copied()
+            .unwrap_or((false, 0));
+        cmd.validate(open)?;
+        raw_insert(&self.pool, &self.insert, id, version + 1, cmd).await?;
+        self.state
+            .lock()
+            .map_err(|_| "poisoned")?
+            .insert(id.to_owned(), (true, version + 1));
+        Ok(())
+    }
+
+    async fn stored_events(&self) -> Result<i64, BenchError> {
+        count(&self.pool, &format!("\"{}\".events", self.schema)).await
+    }
+
+    async fn finish(self) -> Result<(), BenchError> {
+        db::drop_schema(&self.pool, &self.schema).await?;
+        self.pool.close().await;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Kind {
+    #[cfg(feature = "peers")]
+    CqrsEs,
+    RawReadInsert,
+    RawInsert,
+    Ours,
+    OursCache,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            #[cfg(feature = "peers")]
+            Kind::CqrsEs => "cqrs-es 0.5 + postgres-es 0.5",
+            Kind::RawReadInsert => "raw sqlx: read stream, then one INSERT",
+            Kind::RawInsert => "raw sqlx: one INSERT (state in memory)",
+            Kind::Ours => "ours: Repository over PostgresStore",
+            Kind::OursCache => "ours + aggregate cache (`with_cache`)",
+        }
+    }
+
+    async fn measure(
+        self,
+        url: &str,
+        clients: usize,
+        accounts: Range<usize>,
+    ) -> Result<(f64, usize), BenchError> {
+        let name = format!("w1_{self:?}_{clients}");
+        match self {
+            #[cfg(feature = "peers")]
+            Kind::CqrsEs => {
+                let peer = crate::peers::CqrsEs::new(url, &name, None).await?;
+                drive(peer, clients, accounts).await
+            }
+            Kind::RawReadInsert => {
+                drive(RawReadInsert::new(url, &name).await?, clients, accounts).await
+            }
+            Kind::RawInsert => drive(RawInsert::new(url, &name).await?, clients, accounts).await,
+            Kind::Ours => drive(Ours::new(url, &name, false).await?, clients, accounts).await,
+            Kind::OursCache => drive(Ours::new(url, &name, true).await?, clients, accounts).await,
+        }
+    }
+}
+
+/// The workload is cut into this many slices of accounts; the contenders take turns slice by slice,
+/// so a burst of load from elsewhere on the machine hits all of them alike.
+pub const SLICES: usize = 5;
+
+/// Runs W1 for every contender, `config.rounds` times each, rotating the order between rounds.
+pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
+    let kinds = [
+        #[cfg(feature = "peers")]
+        Kind::CqrsEs,
+        Kind::RawReadInsert,
+        Kind::RawInsert,
+        Kind::Ours,
+        Kind::OursCache,
+    ];
+    let clients = [1_usize, 8];
+    let mut results: HashMap<(Kind, usize), Vec<f64>> = HashMap::new();
+    let per_slice = ACCOUNTS / SLICES;
+    for round in 0..config.rounds {
+        // (seconds, commands) per contender and client count, summed over the slices.
+        let mut sums: HashMap<(Kind, usize), (f64, usize)> = HashMap::new();
+        for slice in 0..SLICES {
+            let mut order = kinds.to_vec();
+            order.rotate_left((round * SLICES + slice) % kinds.len());
+            let accounts = slice * per_slice..(slice + 1) * per_slice;
+            for kind in order {
+                for &c in &clients {
+                    let (seconds, commands) =
+                        kind.measure(&config.url, c, accounts.clone()).await?;
+                    let sum = sums.entry((kind, c)).or_default();
+                    sum.0 += seconds;
+                    sum.1 += commands;
+                }
+            }
+        }
+        for (&(kind, c), &(seconds, commands)) in &sums {
+            let rate = commands as f64 / seconds;
+            eprintln!(
+                "   round {round}: {} @ {c} clients: {rate:.0} cmd/s",
+                kind.label()
+            );
+            results.entry((kind, c)).or_default().push(rate);
+        }
+    }
+    let get = |kind: Kind, c: usize| results.get(&(kind, c)).map(|v| median(v));
+    #[cfg(feature = "peers")]
+    let cqrs_es = |c| get(Kind::CqrsEs, c);
+    #[cfg(not(feature = "peers"))]
+    let cqrs_es = |_c: usize| None::<f64>;
+    let mut table = Table::new(
+        "W1 command throughput (commands/s, higher is better)",
+        &[
+            "contender",
+            "1 client",
+            "vs raw read+INSERT",
+            "vs raw one-INSERT",
+            "8 clients",
+            "vs cqrs-es",
+            "vs raw read+INSERT",
+        ],
+    );
+    for &kind in &kinds {
+        let empty = Vec::new();
+        let one = results.get(&(kind, 1)).unwrap_or(&empty);
+        let eight = results.get(&(kind, 8)).unwrap_or(&empty);
+        table.row(vec![
+            kind.label().to_owned(),
+            rate(one),
+            ratio(median(one), get(Kind::RawReadInsert, 1)),
+            ratio(median(one), get(Kind::RawInsert, 1)),
+            rate(eight),
+            ratio(median(eight), cqrs_es(8)),
+            ratio(median(eight), get(Kind::RawReadInsert, 8)),
+        ]);
+    }
+    table.row(vec![
+        "ours + group commit".to_owned(),
+        "not measured: group commit has not landed in cqrs-postgres".to_owned(),
+        "–".to_owned(),
+        "–".to_owned(),
+        "–".to_owned(),
+        "–".to_owned(),
+        "–".to_owned(),
+    ]);
+    if !cfg!(feature = "peers") {
+        table.note("cqrs-es not measured: built without `--features peers`.");
+    }
+    table.note(format!(
+        "{ACCOUNTS} accounts × {COMMANDS_PER_ACCOUNT} commands = {} commands per cell; median of {} round(s), range in parentheses. \
+         The accounts are cut into {SLICES} slices of {} and the contenders take turns slice by slice (rotating the order), \
+         each slice on a fresh schema and a pool of {} warm connections, with the stored event count checked after it; \
+         a cell's rate is all its commands over the sum of its slices' times.",
+        ACCOUNTS * COMMANDS_PER_ACCOUNT,
+        config.rounds,
+        ACCOUNTS / SLICES,
+        db::POOL_SIZE
+    ));
+    Ok(vec![table])
+}

@@ -1,0 +1,204 @@
+//! W2: one command on a stream of 1,000 events, with and without snapshots; and loading that stream
+//! alone. Ours vs cqrs-es.
+
+use std::time::Instant;
+
+use cqrs_core::{EventStore, ExpectedVersion, Repository, SnapshotPolicy, StreamId, StreamVersion};
+
+use crate::domain::{deposits, memo, opened, Account, Cmd};
+use crate::report::{median, ratio, Table};
+use crate::{db, BenchError, Config};
+
+/// Events in the stream before the measured commands.
+pub const STREAM_LEN: usize = 1_000;
+/// Snapshot interval for both frameworks.
+pub const SNAPSHOT_EVERY: usize = 100;
+const ID: &str = "big";
+
+/// Per-operation means in milliseconds: (one command, one load).
+type Timings = (f64, f64);
+
+/// Set when cqrs-es's snapshot store loaded a wrong state (see `cqrs_es`).
+static SNAPSHOT_BUG_SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn deposit(n: usize) -> Cmd {
+    Cmd::Deposit {
+        amount: 100,
+        memo: memo(0, n),
+    }
+}
+
+async fn ours(url: &str, snapshots: bool, repeats: usize) -> Result<Timings, BenchError> {
+    let schema = db::schema_name(if snapshots { "w2_ours_snap" } else { "w2_ours" });
+    let store = db::our_store(url, &schema).await?;
+    // Seed STREAM_LEN - 1 events; the unmeasured warm-up command makes it STREAM_LEN (and, with
+    // snapshots, crosses a multiple of SNAPSHOT_EVERY, so a snapshot at STREAM_LEN exists).
+    let stream = StreamId::new("account", ID);
+    let mut events = vec![opened(0)];
+    events.extend(deposits(0, 1, STREAM_LEN - 2));
+    let mut version = 0;
+    for chunk in events.chunks(500) {
+        store
+            .append(
+                &stream,
+                ExpectedVersion::Exact(StreamVersion::new(version)),
+                chunk.to_vec(),
+            )
+            .await?;
+        version += chunk.len() as u64;
+    }
+    let mut repo = Repository::<Account>::new(store.clone());
+    if snapshots {
+        repo = repo.with_snapshots(store.clone(), SnapshotPolicy::every(SNAPSHOT_EVERY as u64));
+    }
+    repo.execute(ID, &deposit(STREAM_LEN)).await?;
+    let started = Instant::now();
+    for n in 0..repeats {
+        repo.execute(ID, &deposit(STREAM_LEN + 1 + n)).await?;
+    }
+    let command = started.elapsed().as_secs_f64() * 1e3 / repeats as f64;
+    let started = Instant::now();
+    for _ in 0..repeats {
+        let loaded = repo.load(ID).await?;
+        if loaded.state.deposits as usize != STREAM_LEN + repeats - 1 {
+            return Err(format!("wrong state after load: {:?}", loaded.state).into());
+        }
+    }
+    let load = started.elapsed().as_secs_f64() * 1e3 / repeats as f64;
+    db::drop_schema(store.pool(), &schema).await?;
+    store.pool().close().await;
+    Ok((command, load))
+}
+
+#[cfg(feature = "peers")]
+async fn cqrs_es(url: &str, snapshots: bool, repeats: usize) -> Result<Timings, BenchError> {
+    use crate::w1::Contender;
+    let name = if snapshots {
+        "w2_cqrses_snap"
+    } else {
+        "w2_cqrses"
+    };
+    let peer = crate::peers::CqrsEs::new(url, name, snapshots.then_some(SNAPSHOT_EVERY)).await?;
+    peer.seed(ID, STREAM_LEN - 2).await?;
+    peer.execute(ID, &deposit(STREAM_LEN)).await?;
+    let started = Instant::now();
+    for n in 0..repeats {
+        peer.execute(ID, &deposit(STREAM_LEN + 1 + n)).await?;
+    }
+    let command = started.elapsed().as_secs_f64() * 1e3 / repeats as f64;
+    let started = Instant::now();
+    for _ in 0..repeats {
+        let deposits = peer.load(ID).await? as usize;
+        let expected = STREAM_LEN + repeats - 1;
+        // cqrs-es 0.5's snapshot store applies the events of the command that takes the snapshot
+        // twice (once in `EventSink::write`, again when building the snapshot), so its snapshot
+        // state is off by that command's events. Accept exactly that, and report it.
+        let off_by = usize::from(snapshots);
+        if deposits != expected && deposits != expected + off_by {
+            return Err(format!("cqrs-es loaded {deposits} deposits, expected {expected}").into());
+        }
+        if deposits != expected {
+            SNAPSHOT_BUG_SEEN.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let load = started.elapsed().as_secs_f64() * 1e3 / repeats as f64;
+    peer.finish().await?;
+    Ok((command, load))
+}
+
+#[cfg(not(feature = "peers"))]
+async fn cqrs_es(_: &str, _: bool, _: usize) -> Result<Timings, BenchError> {
+    Err("built without --features peers".into())
+}
+
+/// Runs W2.
+pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
+    let repeats = if config.quick { 20 } else { 50 };
+    // (label, is ours, snapshots) → samples
+    let variants = [
+        ("cqrs-es, no snapshots", false, false),
+        ("ours, no snapshots", true, false),
+        ("cqrs-es, snapshot every 100", false, true),
+        ("ours, snapshot every 100", true, true),
+    ];
+    let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); variants.len()];
+    let rounds = config.rounds.max(3);
+    for _ in 0..rounds {
+        for (i, &(label, is_ours, snapshots)) in variants.iter().enumerate() {
+            let result = if is_ours {
+                ours(&config.url, snapshots, repeats).await
+            } else if cfg!(feature = "peers") {
+                cqrs_es(&config.url, snapshots, repeats).await
+            } else {
+                continue;
+            };
+            let (command, load) = result?;
+            eprintln!("   {label}: command {command:.2} ms, load {load:.2} ms");
+            samples[i].0.push(command);
+            samples[i].1.push(load);
+        }
+    }
+    let mut table = Table::new(
+        format!(
+            "W2: one command on a {STREAM_LEN}-event stream (ms per operation, lower is better)"
+        ),
+        &[
+            "variant",
+            "execute one command (ms)",
+            "commands/s",
+            "vs cqrs-es (throughput)",
+            "load the aggregate only (ms)",
+            "vs cqrs-es (speed)",
+        ],
+    );
+    for (i, &(label, is_ours, _)) in variants.iter().enumerate() {
+        let (command, load) = (&samples[i].0, &samples[i].1);
+        if command.is_empty() {
+            table.row(vec![
+                label.to_owned(),
+                "not measured: built without `--features peers`".to_owned(),
+                "–".to_owned(),
+                "–".to_owned(),
+                "–".to_owned(),
+                "–".to_owned(),
+            ]);
+            continue;
+        }
+        let (c, l) = (median(command), median(load));
+        // The cqrs-es row of the same snapshot mode is the one just before ours.
+        let peer = (is_ours && !samples[i - 1].0.is_empty())
+            .then(|| (median(&samples[i - 1].0), median(&samples[i - 1].1)));
+        table.row(vec![
+            label.to_owned(),
+            format!("{c:.2}"),
+            format!("{:.0}", 1e3 / c),
+            if is_ours {
+                ratio(1.0 / c, peer.map(|p| 1.0 / p.0))
+            } else {
+                "baseline".to_owned()
+            },
+            format!("{l:.2}"),
+            if is_ours {
+                ratio(1.0 / l, peer.map(|p| 1.0 / p.1))
+            } else {
+                "baseline".to_owned()
+            },
+        ]);
+    }
+    table.note(format!(
+        "The stream holds {} events (seeded directly in each framework's own format, then one unmeasured warm-up command), \
+         then {repeats} sequential deposit commands are timed, then {repeats} loads. Snapshots: both frameworks snapshot every \
+         {SNAPSHOT_EVERY} events, so each measured command loads the snapshot at {STREAM_LEN} plus the events after it. \
+         Median over {} round(s) of the per-operation mean.",
+        STREAM_LEN,
+        rounds
+    ));
+    if SNAPSHOT_BUG_SEEN.load(std::sync::atomic::Ordering::Relaxed) {
+        table.note(
+            "Correctness note: cqrs-es 0.5's snapshot store loaded one deposit too many (the event of the command that \
+             took the snapshot is applied twice: once by `EventSink::write`, again when the snapshot is built). Its \
+             snapshot timings are still reported; ours loaded the exact state in every run (checked).",
+        );
+    }
+    Ok(vec![table])
+}
