@@ -54,18 +54,87 @@ pub mod prelude {
 
     #[cfg(feature = "derive")]
     pub use crate::{event, projection};
+    // `Aggregate` (the derive) comes with the trait of the same name above.
 }
 
-/// Paths the macros' generated code uses. Not public API: may change in any release.
+/// Paths and helpers the macros' generated code uses. Not public API: may change in any release.
+///
+/// Generated code names everything through this module (`::cqrs_core::__private::…`), so it
+/// compiles whatever the user's scope shadows.
 #[doc(hidden)]
 pub mod __private {
     pub use ::core;
+    pub use ::core::result::Result;
+    pub use ::core::result::Result::{Err, Ok};
     pub use ::serde;
     pub use ::serde_json;
     pub use ::std;
 
     pub use crate::projection::HandlerOutput;
     pub use crate::upcast::{deserialize, JsonUpcastResult};
+
+    use crate::event::{Event, RecordedEvent};
+    use crate::projection::{Projection, ProjectionError};
+    use crate::upcast::DecodeError;
+
+    /// `schema_version` has no decode path for `E`.
+    pub fn unsupported_version<E: Event>(schema_version: u32) -> DecodeError {
+        DecodeError::UnsupportedVersion {
+            event_type: E::NAME.to_owned(),
+            version: schema_version,
+            current: E::VERSION,
+        }
+    }
+
+    /// `event_type` names no event of the set.
+    pub fn unknown_event_type(event_type: &str) -> DecodeError {
+        DecodeError::UnknownEventType {
+            event_type: event_type.to_owned(),
+        }
+    }
+
+    /// Decodes an older payload of `E` by rewriting its JSON with the user's upcaster
+    /// (`#[event(upcast_json = f)]`), then deserializing the result as the current version.
+    pub fn upcast_json<E: Event>(
+        schema_version: u32,
+        payload: &serde_json::Value,
+        upcaster: fn(u32, serde_json::Value) -> JsonUpcastResult,
+    ) -> Result<E, DecodeError> {
+        match upcaster(schema_version, payload.clone()) {
+            Ok(current) => deserialize(E::NAME, E::VERSION, &current),
+            Err(source) => Err(DecodeError::Upcast {
+                event_type: E::NAME.to_owned(),
+                from_version: schema_version,
+                source,
+            }),
+        }
+    }
+
+    /// Decodes a stored event for projection `P`'s handler of `E`.
+    pub fn decode_for<P: Projection, E: Event>(
+        event: &RecordedEvent,
+    ) -> Result<E, ProjectionError> {
+        E::decode(event.schema_version, &event.payload).map_err(|source| ProjectionError::Decode {
+            projection: P::NAME,
+            position: event.position,
+            source,
+        })
+    }
+
+    /// Normalizes what projection `P`'s handler returned (`()` or `Result<(), E>`).
+    pub fn handled<P: Projection>(
+        event: &RecordedEvent,
+        output: impl HandlerOutput,
+    ) -> Result<(), ProjectionError> {
+        output
+            .into_result()
+            .map_err(|source| ProjectionError::Handler {
+                projection: P::NAME,
+                event_type: event.event_type.clone(),
+                position: event.position,
+                source,
+            })
+    }
 
     /// String equality usable in constants (compile-time checks of stored names).
     pub const fn str_eq(a: &str, b: &str) -> bool {

@@ -1,6 +1,12 @@
-//! Attribute grammar: syn input → the macros' own models. Reports, never expands.
+//! Attribute grammar: tokens → raw attribute values. Reports malformed input, never expands.
+//!
+//! Every value is a type, an ident, a path or a literal: never a string holding code. After a
+//! malformed or unknown key parsing goes on with the next key, so one build reports every mistake.
 
-use syn::parse::ParseStream;
+use proc_macro2::TokenStream;
+use quote::ToTokens;
+use syn::meta::ParseNestedMeta;
+use syn::parse::{Parse, ParseStream};
 use syn::{Ident, LitInt, LitStr, Path, Token, Type};
 
 use crate::ctxt::{unknown_key, Ctxt};
@@ -19,14 +25,16 @@ pub struct EventAttr {
 /// One entry of `events(...)`: a type, optionally renamed with `as Variant`.
 pub struct ListedEvent {
     pub ty: Type,
-    pub variant: Ident,
+    /// The explicit `as Variant`, if any.
+    pub rename: Option<Ident>,
 }
 
 /// `#[aggregate(name = "...", events(A, b::B as Bee), event_enum = Name, snapshot_version = N, crate = path)]`
 #[derive(Default)]
 pub struct AggregateAttr {
     pub name: Option<LitStr>,
-    pub events: Option<Vec<ListedEvent>>,
+    /// The `events` key itself (for spans) and its entries.
+    pub events: Option<(Path, Vec<ListedEvent>)>,
     pub event_enum: Option<Ident>,
     pub snapshot_version: Option<u32>,
     pub krate: Option<Path>,
@@ -40,78 +48,28 @@ pub struct ProjectionAttr {
     pub krate: Option<Path>,
 }
 
-fn set<T>(cx: &mut Ctxt, slot: &mut Option<T>, value: T, path: &Path) {
-    if slot.is_some() {
-        cx.error_spanned_by(path, format!("duplicate key `{}`", key(path)));
-    } else {
-        *slot = Some(value);
-    }
-}
-
-fn key(path: &Path) -> String {
-    path.get_ident()
-        .map_or_else(|| "?".to_owned(), ToString::to_string)
-}
-
-fn version_literal(lit: &LitInt) -> syn::Result<u32> {
-    match lit.base10_parse::<u32>() {
-        Ok(0) => Err(syn::Error::new_spanned(lit, "version must be at least 1")),
-        Ok(v) => Ok(v),
-        Err(_) => Err(syn::Error::new_spanned(
-            lit,
-            "version must be a positive integer, e.g. `version = 2`",
-        )),
-    }
-}
-
-fn int_value(input: ParseStream, what: &str) -> syn::Result<LitInt> {
-    input.parse::<LitInt>().map_err(|e| {
-        syn::Error::new(
-            e.span(),
-            format!("{what} must be a positive integer, e.g. `{what} = 2`"),
-        )
-    })
-}
-
-fn name_value(input: ParseStream) -> syn::Result<LitStr> {
-    let lit: LitStr = input.parse().map_err(|e| {
-        syn::Error::new(
-            e.span(),
-            "name must be a string literal, e.g. `name = \"MoneyDeposited\"`",
-        )
-    })?;
-    if lit.value().is_empty() {
-        return Err(syn::Error::new_spanned(&lit, "name must not be empty"));
-    }
-    Ok(lit)
-}
-
-fn is(path: &Path, symbol: &str) -> bool {
-    path.is_ident(symbol) || (symbol == CRATE && path.is_ident("crate"))
-}
-
 /// Parses `#[event(...)]` arguments.
-pub fn event(cx: &mut Ctxt, args: proc_macro2::TokenStream) -> EventAttr {
+pub fn event(cx: &mut Ctxt, args: TokenStream) -> EventAttr {
     let mut attr = EventAttr::default();
     let parser = syn::meta::parser(|meta| {
         let path = meta.path.clone();
         if is(&path, NAME) {
-            let v = name_value(meta.value()?)?;
+            let v = name_value(&meta)?;
             set(cx, &mut attr.name, v, &path);
         } else if is(&path, VERSION) {
-            let lit = int_value(meta.value()?, VERSION)?;
-            match version_literal(&lit) {
+            let lit = int_value(&meta, VERSION)?;
+            match version_literal(&lit, VERSION) {
                 Ok(v) => set(cx, &mut attr.version, (v, lit), &path),
                 Err(e) => cx.push(e),
             }
         } else if is(&path, UPCAST_FROM) {
-            let ty: Type = meta.value()?.parse()?;
+            let ty = code_value::<Type>(&meta, UPCAST_FROM, "a type", "DepositedV1")?;
             set(cx, &mut attr.upcast_from, ty, &path);
         } else if is(&path, UPCAST_JSON) {
-            let f: Path = meta.value()?.parse()?;
+            let f = code_value::<Path>(&meta, UPCAST_JSON, "a function path", "upcast::deposited")?;
             set(cx, &mut attr.upcast_json, f, &path);
         } else if is(&path, CRATE) {
-            let p: Path = meta.value()?.parse()?;
+            let p = code_value::<Path>(&meta, CRATE, "a path", "::my_framework::cqrs")?;
             set(cx, &mut attr.krate, p, &path);
         } else {
             cx.push(unknown_key(&path, EVENT_KEYS));
@@ -125,50 +83,30 @@ pub fn event(cx: &mut Ctxt, args: proc_macro2::TokenStream) -> EventAttr {
     attr
 }
 
-/// Parses the `#[aggregate(...)]` attributes of a derive input.
+/// Parses the `#[aggregate(...)]` attributes of a derive input (several are merged).
 pub fn aggregate(cx: &mut Ctxt, attrs: &[syn::Attribute]) -> AggregateAttr {
     let mut attr = AggregateAttr::default();
     for a in attrs.iter().filter(|a| a.path().is_ident(AGGREGATE)) {
         let result = a.parse_nested_meta(|meta| {
             let path = meta.path.clone();
             if is(&path, NAME) {
-                let v = name_value(meta.value()?)?;
+                let v = name_value(&meta)?;
                 set(cx, &mut attr.name, v, &path);
             } else if is(&path, EVENTS) {
-                let content;
-                syn::parenthesized!(content in meta.input);
-                let mut events = Vec::new();
-                while !content.is_empty() {
-                    let ty: Type = content.parse()?;
-                    let variant = if content.peek(Token![as]) {
-                        content.parse::<Token![as]>()?;
-                        content.parse::<Ident>()?
-                    } else {
-                        match last_ident(&ty) {
-                            Some(ident) => ident,
-                            None => {
-                                cx.error_spanned_by(&ty, "expected an event type path; rename other types with `Type as Variant`");
-                                Ident::new("Invalid", proc_macro2::Span::call_site())
-                            }
-                        }
-                    };
-                    events.push(ListedEvent { ty, variant });
-                    if !content.is_empty() {
-                        content.parse::<Token![,]>()?;
-                    }
-                }
-                set(cx, &mut attr.events, events, &path);
+                let events = event_list(&meta)?;
+                set(cx, &mut attr.events, (path.clone(), events), &path);
             } else if is(&path, EVENT_ENUM) {
-                let ident: Ident = meta.value()?.parse()?;
+                let ident =
+                    code_value::<Ident>(&meta, EVENT_ENUM, "an identifier", "AccountEvent")?;
                 set(cx, &mut attr.event_enum, ident, &path);
             } else if is(&path, SNAPSHOT_VERSION) {
-                let lit = int_value(meta.value()?, SNAPSHOT_VERSION)?;
-                match version_literal(&lit) {
+                let lit = int_value(&meta, SNAPSHOT_VERSION)?;
+                match version_literal(&lit, SNAPSHOT_VERSION) {
                     Ok(v) => set(cx, &mut attr.snapshot_version, v, &path),
                     Err(e) => cx.push(e),
                 }
             } else if is(&path, CRATE) {
-                let p: Path = meta.value()?.parse()?;
+                let p = code_value::<Path>(&meta, CRATE, "a path", "::my_framework::cqrs")?;
                 set(cx, &mut attr.krate, p, &path);
             } else {
                 cx.push(unknown_key(&path, AGGREGATE_KEYS));
@@ -184,18 +122,18 @@ pub fn aggregate(cx: &mut Ctxt, attrs: &[syn::Attribute]) -> AggregateAttr {
 }
 
 /// Parses `#[projection(...)]` arguments.
-pub fn projection(cx: &mut Ctxt, args: proc_macro2::TokenStream) -> ProjectionAttr {
+pub fn projection(cx: &mut Ctxt, args: TokenStream) -> ProjectionAttr {
     let mut attr = ProjectionAttr::default();
     let parser = syn::meta::parser(|meta| {
         let path = meta.path.clone();
         if is(&path, NAME) {
-            let v = name_value(meta.value()?)?;
+            let v = name_value(&meta)?;
             set(cx, &mut attr.name, v, &path);
         } else if is(&path, CONTEXT) {
-            let ty: Type = meta.value()?.parse()?;
+            let ty = code_value::<Type>(&meta, CONTEXT, "a type", "sqlx::PgConnection")?;
             set(cx, &mut attr.context, ty, &path);
         } else if is(&path, CRATE) {
-            let p: Path = meta.value()?.parse()?;
+            let p = code_value::<Path>(&meta, CRATE, "a path", "::my_framework::cqrs")?;
             set(cx, &mut attr.krate, p, &path);
         } else {
             cx.push(unknown_key(&path, PROJECTION_KEYS));
@@ -207,6 +145,122 @@ pub fn projection(cx: &mut Ctxt, args: proc_macro2::TokenStream) -> ProjectionAt
         cx.push(e);
     }
     attr
+}
+
+/// `events(A, b::B as Bee, ...)`
+fn event_list(meta: &ParseNestedMeta) -> syn::Result<Vec<ListedEvent>> {
+    if !meta.input.peek(syn::token::Paren) {
+        return Err(meta.error("expected a list of event types: `events(Opened, Deposited)`"));
+    }
+    let content;
+    syn::parenthesized!(content in meta.input);
+    let mut events = Vec::new();
+    while !content.is_empty() {
+        if content.peek(LitStr) {
+            let lit: LitStr = content.parse()?;
+            return Err(syn::Error::new_spanned(
+                &lit,
+                format!("list event types, not strings: `events({})`", lit.value()),
+            ));
+        }
+        let ty: Type = content.parse()?;
+        let rename = if content.peek(Token![as]) {
+            content.parse::<Token![as]>()?;
+            Some(content.parse::<Ident>()?)
+        } else {
+            None
+        };
+        events.push(ListedEvent { ty, rename });
+        if !content.is_empty() {
+            content.parse::<Token![,]>()?;
+        }
+    }
+    Ok(events)
+}
+
+fn set<T>(cx: &mut Ctxt, slot: &mut Option<T>, value: T, path: &Path) {
+    if slot.is_some() {
+        cx.error_spanned_by(path, format!("duplicate key `{}`; give it once", key(path)));
+    } else {
+        *slot = Some(value);
+    }
+}
+
+fn key(path: &Path) -> String {
+    path.to_token_stream().to_string().replace(' ', "")
+}
+
+fn is(path: &Path, symbol: &str) -> bool {
+    path.is_ident(symbol) || (symbol == CRATE && path.is_ident("crate"))
+}
+
+fn version_literal(lit: &LitInt, what: &str) -> syn::Result<u32> {
+    match lit.base10_parse::<u32>() {
+        Ok(0) => Err(syn::Error::new_spanned(
+            lit,
+            format!("{what} starts at 1: write `{what} = 1` or higher"),
+        )),
+        Ok(v) => Ok(v),
+        Err(_) => Err(syn::Error::new_spanned(
+            lit,
+            format!("{what} must be a positive integer that fits in u32, e.g. `{what} = 2`"),
+        )),
+    }
+}
+
+fn int_value(meta: &ParseNestedMeta, what: &str) -> syn::Result<LitInt> {
+    meta.value()?.parse::<LitInt>().map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            format!("{what} must be a positive integer, e.g. `{what} = 2`"),
+        )
+    })
+}
+
+fn name_value(meta: &ParseNestedMeta) -> syn::Result<LitStr> {
+    let lit: LitStr = meta.value()?.parse().map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            "name must be a string literal, e.g. `name = \"MoneyDeposited\"`",
+        )
+    })?;
+    if lit.value().is_empty() {
+        return Err(syn::Error::new_spanned(
+            &lit,
+            "name must not be empty; it is stored with every event",
+        ));
+    }
+    Ok(lit)
+}
+
+/// A value that is code (a type, a path, an ident), rejecting the string-holding-code mistake.
+fn code_value<T: Parse>(
+    meta: &ParseNestedMeta,
+    key: &str,
+    what: &str,
+    example: &str,
+) -> syn::Result<T> {
+    let input = meta.value()?;
+    if input.peek(LitStr) {
+        let lit: LitStr = input.parse()?;
+        return Err(syn::Error::new_spanned(
+            &lit,
+            format!(
+                "`{key}` takes {what}, not a string: write `{key} = {}`",
+                if lit.value().is_empty() {
+                    example.to_owned()
+                } else {
+                    lit.value()
+                }
+            ),
+        ));
+    }
+    input.parse().map_err(|e| {
+        syn::Error::new(
+            e.span(),
+            format!("`{key}` takes {what}, e.g. `{key} = {example}`"),
+        )
+    })
 }
 
 /// After an unknown key, consume `= value` or `(...)` so parsing can report the next mistake too.
@@ -222,6 +276,7 @@ fn skip_value(input: ParseStream) -> syn::Result<()> {
     Ok(())
 }
 
+/// The last segment of a plain type path (`a::b::Created` → `Created`).
 pub fn last_ident(ty: &Type) -> Option<Ident> {
     match ty {
         Type::Path(p) if p.qself.is_none() => p.path.segments.last().map(|s| s.ident.clone()),

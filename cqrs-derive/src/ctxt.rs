@@ -2,7 +2,6 @@
 
 use std::fmt::Display;
 
-use proc_macro2::TokenStream;
 use quote::ToTokens;
 
 #[derive(Default)]
@@ -53,11 +52,4 @@ fn distance(a: &str, b: &str) -> usize {
         }
     }
     row[b.len()]
-}
-
-/// The item unchanged plus the errors, so one mistake does not bury the real message.
-pub fn with_errors(item: impl ToTokens, error: &syn::Error) -> TokenStream {
-    let mut tokens = error.to_compile_error();
-    item.to_tokens(&mut tokens);
-    tokens
 }

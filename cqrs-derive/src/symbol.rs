@@ -1,6 +1,15 @@
-//! Every attribute name and key the macros understand, in one place.
+//! Every attribute name and key the macros understand, in one place: the whole grammar on one
+//! screen.
+//!
+//! ```text
+//! #[event(name = "MoneyDeposited", version = 2, upcast_from = DepositedV1 | upcast_json = path::to::f, crate = path)]
+//! #[aggregate(name = "account", events(A, b::B as BeeVariant), event_enum = Name, snapshot_version = 2, crate = path)]
+//! #[projection(name = "balances", context = Type, crate = path)]   // methods: #[helper] to opt out
+//! ```
 
+/// The derive's helper attribute: `#[aggregate(...)]`.
 pub const AGGREGATE: &str = "aggregate";
+/// Marks a method of a `#[projection]` impl block as an ordinary method, not a handler.
 pub const HELPER: &str = "helper";
 
 pub const NAME: &str = "name";
@@ -16,3 +25,6 @@ pub const CONTEXT: &str = "context";
 pub const EVENT_KEYS: &[&str] = &[NAME, VERSION, UPCAST_FROM, UPCAST_JSON, CRATE];
 pub const AGGREGATE_KEYS: &[&str] = &[NAME, EVENTS, EVENT_ENUM, SNAPSHOT_VERSION, CRATE];
 pub const PROJECTION_KEYS: &[&str] = &[NAME, CONTEXT, CRATE];
+
+/// The envelope type a handler's optional second parameter must name.
+pub const RECORDED_EVENT: &str = "RecordedEvent";

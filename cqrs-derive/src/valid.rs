@@ -1,27 +1,25 @@
-//! Semantic checks and the validated models expansion works on.
+//! Semantic checks: raw attributes + the annotated item → validated models ([`crate::ast`]).
+//!
+//! Every check reports into the [`Ctxt`] and goes on, so all mistakes surface in one build. Facts
+//! the macro cannot see (another type's version or name, whether an impl exists) are checked by
+//! the generated code instead, spanned at the user's tokens (see `expand`).
 
+use proc_macro2::{TokenStream, TokenTree};
 use quote::ToTokens;
 use syn::{FnArg, ImplItem, ItemImpl, LitStr, Path, ReceiverKind, Type};
 
-use crate::attr::{AggregateAttr, EventAttr, ListedEvent, ProjectionAttr};
+use crate::ast::{Aggregate, AggregateEvent, Event, Handler, Projection, Upcast};
+use crate::attr::{last_ident, AggregateAttr, EventAttr, ProjectionAttr};
 use crate::ctxt::Ctxt;
-use crate::symbol::HELPER;
+use crate::symbol::{HELPER, RECORDED_EVENT};
 
-fn default_crate() -> Path {
+pub fn default_crate() -> Path {
     syn::parse_quote!(::cqrs_core)
 }
 
-pub struct Event {
-    pub krate: Path,
-    pub name: LitStr,
-    pub version: u32,
-    pub upcast: Upcast,
-}
-
-pub enum Upcast {
-    None,
-    From(Type),
-    Json(Path),
+/// Tokens as text without spaces, for messages and syntactic comparisons.
+pub fn text(tokens: impl ToTokens) -> String {
+    tokens.to_token_stream().to_string().replace(' ', "")
 }
 
 pub fn event(cx: &mut Ctxt, attr: EventAttr, input: &syn::DeriveInput) -> Event {
@@ -34,7 +32,10 @@ pub fn event(cx: &mut Ctxt, attr: EventAttr, input: &syn::DeriveInput) -> Event 
     let version = attr.version.as_ref().map_or(1, |(v, _)| *v);
     let upcast = match (attr.upcast_from, attr.upcast_json) {
         (Some(from), Some(json)) => {
-            cx.error_spanned_by(json, "use either `upcast_from` or `upcast_json`, not both");
+            cx.error_spanned_by(
+                json,
+                "use either `upcast_from` (typed chain) or `upcast_json` (JSON rewrite), not both",
+            );
             Upcast::From(from)
         }
         (Some(from), None) => Upcast::From(from),
@@ -48,26 +49,20 @@ pub fn event(cx: &mut Ctxt, attr: EventAttr, input: &syn::DeriveInput) -> Event 
         );
         cx.error_spanned_by(
             span,
-            "version 1 has nothing to upcast from; set `version = 2` or higher",
+            "version 1 has nothing to upcast from; set `version = 2` or higher on this event",
         );
     }
-    let name = attr
-        .name
-        .unwrap_or_else(|| LitStr::new(&input.ident.to_string(), input.ident.span()));
     Event {
         krate: attr.krate.unwrap_or_else(default_crate),
-        name,
+        name: attr.name.unwrap_or_else(|| ident_name(&input.ident)),
         version,
         upcast,
     }
 }
 
-pub struct Aggregate {
-    pub krate: Path,
-    pub name: LitStr,
-    pub events: Vec<ListedEvent>,
-    pub event_enum: syn::Ident,
-    pub snapshot_version: Option<u32>,
+/// The stored name when none is given: the type's ident, verbatim.
+fn ident_name(ident: &syn::Ident) -> LitStr {
+    LitStr::new(&ident.to_string(), ident.span())
 }
 
 pub fn aggregate(cx: &mut Ctxt, attr: AggregateAttr, input: &syn::DeriveInput) -> Aggregate {
@@ -75,145 +70,241 @@ pub fn aggregate(cx: &mut Ctxt, attr: AggregateAttr, input: &syn::DeriveInput) -
         syn::Data::Struct(_) => {}
         syn::Data::Enum(e) => cx.error_spanned_by(
             e.enum_token,
-            "#[derive(Aggregate)] supports structs only; keep the state in a struct",
+            "#[derive(Aggregate)] supports structs only; keep the state in a struct (an enum can be one of its fields)",
         ),
         syn::Data::Union(u) => cx.error_spanned_by(
             u.union_token,
             "#[derive(Aggregate)] supports structs only, not unions",
         ),
     }
-    let events = match attr.events {
-        Some(events) if events.is_empty() => {
+    let listed = match attr.events {
+        Some((key, events)) if events.is_empty() => {
+            cx.error_spanned_by(
+                key,
+                "`events()` is empty; list the events this aggregate applies, e.g. `events(Opened, Deposited)`",
+            );
+            Vec::new()
+        }
+        Some((_, events)) => events,
+        None => {
             cx.error_spanned_by(
                 &input.ident,
-                "`events(...)` is empty; list the events this aggregate applies",
+                "missing `#[aggregate(events(...))]`: list the events this aggregate applies, e.g. `#[aggregate(events(Opened, Deposited))]`",
             );
-            events
-        }
-        Some(events) => events,
-        None => {
-            cx.error_spanned_by(&input.ident, "missing `#[aggregate(events(...))]`: list the events this aggregate applies, e.g. `#[aggregate(events(Opened, Deposited))]`");
             Vec::new()
         }
     };
-    for (i, event) in events.iter().enumerate() {
-        for earlier in &events[..i] {
-            let same_type =
-                earlier.ty.to_token_stream().to_string() == event.ty.to_token_stream().to_string();
-            if same_type {
-                cx.error_spanned_by(
-                    &event.ty,
-                    format!("event `{}` is listed twice", event.ty.to_token_stream()),
-                );
-            } else if earlier.variant == event.variant {
-                cx.error_spanned_by(
-                    &event.ty,
-                    format!(
-                        "two listed events are both named `{}`; rename one with `{} as OtherName`",
-                        event.variant,
-                        event.ty.to_token_stream().to_string().replace(' ', "")
-                    ),
-                );
-            }
+    let params: Vec<String> = input
+        .generics
+        .type_params()
+        .map(|p| p.ident.to_string())
+        .collect();
+    let mut events: Vec<AggregateEvent> = Vec::new();
+    for listed in listed {
+        let ty = listed.ty;
+        let Some(variant) = listed.rename.or_else(|| last_ident(&ty)) else {
+            cx.error_spanned_by(
+                &ty,
+                format!(
+                    "cannot name an enum variant after `{}`; rename it with `{} as VariantName`",
+                    text(&ty),
+                    text(&ty)
+                ),
+            );
+            continue;
+        };
+        if let Some(param) = mentions(&ty, &params) {
+            cx.error_spanned_by(
+                &ty,
+                format!(
+                    "an event type cannot use the aggregate's type parameter `{param}`: the event enum is not generic; list concrete event types"
+                ),
+            );
+            continue;
         }
+        if let Some(earlier) = events.iter().find(|e| text(&e.ty) == text(&ty)) {
+            cx.error_spanned_by(
+                &ty,
+                format!(
+                    "event `{}` is listed twice; remove this one",
+                    text(&earlier.ty)
+                ),
+            );
+            continue;
+        }
+        if let Some(earlier) = events.iter().find(|e| e.variant == variant) {
+            cx.error_spanned_by(
+                &ty,
+                format!(
+                    "`{}` and `{}` would both be variant `{variant}` of the event enum; rename one: `{} as OtherName`",
+                    text(&earlier.ty),
+                    text(&ty),
+                    text(&ty)
+                ),
+            );
+            continue;
+        }
+        events.push(AggregateEvent { ty, variant });
     }
     let event_enum = attr
         .event_enum
         .unwrap_or_else(|| syn::Ident::new(&format!("{}Event", input.ident), input.ident.span()));
+    if event_enum == input.ident {
+        cx.error_spanned_by(
+            &event_enum,
+            "the event enum needs a name of its own; pick another `event_enum`",
+        );
+    }
     Aggregate {
         krate: attr.krate.unwrap_or_else(default_crate),
-        name: attr
-            .name
-            .unwrap_or_else(|| LitStr::new(&input.ident.to_string(), input.ident.span())),
+        name: attr.name.unwrap_or_else(|| ident_name(&input.ident)),
         events,
         event_enum,
         snapshot_version: attr.snapshot_version,
     }
 }
 
-pub struct Handler {
-    pub method: syn::Ident,
-    pub is_async: bool,
-    pub event: Type,
-    pub takes_meta: bool,
-    pub context: Option<Type>,
-}
-
-pub struct ProjectionModel {
-    pub krate: Path,
-    pub name: LitStr,
-    pub context: Option<Type>,
-    pub handlers: Vec<Handler>,
-}
-
-/// Validates the impl block and strips `#[helper]` markers from it.
-pub fn projection(cx: &mut Ctxt, attr: ProjectionAttr, item: &mut ItemImpl) -> ProjectionModel {
-    if let Some((path, _)) = &item.trait_ {
-        cx.error_spanned_by(path, "#[projection] goes on an inherent impl block (`impl MyProjection { ... }`), not a trait impl");
-        // Its methods belong to the trait: judging them as handlers would only add noise.
-        return ProjectionModel {
-            krate: default_crate(),
-            name: LitStr::new("", proc_macro2::Span::call_site()),
-            context: None,
-            handlers: Vec::new(),
-        };
+/// The first of `params` that `ty` mentions as an identifier.
+fn mentions(ty: &Type, params: &[String]) -> Option<String> {
+    fn walk(tokens: TokenStream, params: &[String]) -> Option<String> {
+        tokens.into_iter().find_map(|tt| match tt {
+            TokenTree::Ident(i) => params.iter().find(|p| i == p.as_str()).cloned(),
+            TokenTree::Group(g) => walk(g.stream(), params),
+            _ => None,
+        })
     }
-    let mut handlers = Vec::new();
-    for impl_item in &mut item.items {
+    walk(ty.to_token_stream(), params)
+}
+
+/// Validates the impl block and strips its `#[helper]` markers (always, so that the block can be
+/// re-emitted as is on error).
+pub fn projection(cx: &mut Ctxt, attr: ProjectionAttr, item: &mut ItemImpl) -> Projection {
+    let helpers_stripped = strip_helpers(item);
+    let name = attr.name.unwrap_or_else(|| {
+        let ident =
+            last_ident(&item.self_ty).map_or_else(|| "projection".to_owned(), |i| i.to_string());
+        LitStr::new(&ident, proc_macro2::Span::call_site())
+    });
+    let mut model = Projection {
+        krate: attr.krate.unwrap_or_else(default_crate),
+        name,
+        context: attr.context,
+        handlers: Vec::new(),
+    };
+    if let Some((path, _)) = &item.trait_ {
+        cx.error_spanned_by(
+            path,
+            "#[projection] goes on an inherent impl block (`impl MyReadModel { ... }`), not on a trait impl",
+        );
+        // Its methods belong to the trait: judging them as handlers would only add noise.
+        return model;
+    }
+    let mut candidates = 0;
+    for impl_item in &item.items {
         let ImplItem::Fn(method) = impl_item else {
             continue;
         };
-        let before = method.attrs.len();
-        method.attrs.retain(|a| !a.path().is_ident(HELPER));
-        if method.attrs.len() != before {
+        if helpers_stripped.contains(&method.sig.ident) {
             continue;
         }
+        candidates += 1;
         if let Some(handler) = handler(cx, &method.sig) {
-            handlers.push(handler);
+            model.handlers.push(handler);
         }
     }
-    if handlers.is_empty() {
+    if candidates == 0 {
         cx.error_spanned_by(
             &item.self_ty,
-            "a projection needs at least one handler: `fn on_x(&mut self, event: &SomeEvent)`",
+            "a projection needs at least one handler: `fn on_deposited(&mut self, event: &Deposited)`",
         );
     }
-    let name = attr.name.unwrap_or_else(|| {
-        let ident = crate::attr::last_ident(&item.self_ty)
-            .map_or_else(|| "projection".to_owned(), |i| i.to_string());
-        LitStr::new(&ident, proc_macro2::Span::call_site())
-    });
-    let context = attr
-        .context
-        .or_else(|| handlers.iter().find_map(|h| h.context.clone()));
-    ProjectionModel {
-        krate: attr.krate.unwrap_or_else(default_crate),
-        name,
-        context,
-        handlers,
+    for (i, h) in model.handlers.iter().enumerate() {
+        if let Some(earlier) = model.handlers[..i]
+            .iter()
+            .find(|e| text(&e.event) == text(&h.event))
+        {
+            cx.error_spanned_by(
+                &h.event,
+                format!(
+                    "`{}` and `{}` both handle `{}`; one handler per event type: merge them",
+                    earlier.method,
+                    h.method,
+                    text(&h.event)
+                ),
+            );
+        }
     }
+    // Every handler's `&mut C` must agree on `C` (or with `context = C`).
+    let mut context = model.context.clone();
+    for h in &model.handlers {
+        let Some(ty) = &h.context else { continue };
+        match &context {
+            None => context = Some(ty.clone()),
+            Some(c) if text(c) == text(ty) => {}
+            Some(c) => cx.error_spanned_by(
+                ty,
+                format!(
+                    "every handler shares one context type, and this projection's is `{}`; take `&mut {}` here",
+                    text(c),
+                    text(c)
+                ),
+            ),
+        }
+    }
+    model.context = context;
+    model
 }
 
-const HANDLER_SHAPE: &str = "expected `fn name(&mut self, event: &Event)`, optionally followed by `meta: &RecordedEvent` and `context: &mut Context`; mark other methods with `#[helper]`";
+/// Removes `#[helper]` from the block's methods; returns the names of the methods it marked.
+fn strip_helpers(item: &mut ItemImpl) -> Vec<syn::Ident> {
+    let mut helpers = Vec::new();
+    for impl_item in &mut item.items {
+        if let ImplItem::Fn(method) = impl_item {
+            let before = method.attrs.len();
+            method.attrs.retain(|a| !a.path().is_ident(HELPER));
+            if method.attrs.len() != before {
+                helpers.push(method.sig.ident.clone());
+            }
+        }
+    }
+    helpers
+}
+
+const HANDLER_SHAPE: &str = "a handler is `fn name(&mut self, event: &SomeEvent)`, optionally followed by `meta: &RecordedEvent` and then `context: &mut Context`; mark other methods `#[helper]`";
 
 fn handler(cx: &mut Ctxt, sig: &syn::Signature) -> Option<Handler> {
+    let ident = &sig.ident;
     let mut inputs = sig.inputs.iter();
     match inputs.next() {
         Some(FnArg::Receiver(r)) if matches!(r.kind, ReceiverKind::Reference(_, _, Some(_))) => {}
         Some(FnArg::Receiver(r)) => {
-            cx.error_spanned_by(r, format!("handler `{}` must take `&mut self`", sig.ident));
-            return None;
-        }
-        _ => {
+            let how = match r.kind {
+                ReceiverKind::Value => "takes `self` by value",
+                ReceiverKind::Reference(..) => "takes `&self`",
+                _ => "takes a typed `self`",
+            };
             cx.error_spanned_by(
-                &sig.ident,
+                r,
                 format!(
-                    "handler `{}` must take `&mut self` first; {HANDLER_SHAPE}",
-                    sig.ident
+                    "handler `{ident}` {how}; handlers update the read model: take `&mut self`"
                 ),
             );
             return None;
         }
+        _ => {
+            cx.error_spanned_by(
+                ident,
+                format!("handler `{ident}` has no `self`; take `&mut self` first, or mark it `#[helper]` if it is not a handler"),
+            );
+            return None;
+        }
+    }
+    if let Some(param) = sig.generics.params.first() {
+        cx.error_spanned_by(
+            param,
+            format!("handler `{ident}` cannot be generic: routing needs one concrete event type"),
+        );
+        return None;
     }
     let typed: Vec<&syn::PatType> = inputs
         .filter_map(|a| match a {
@@ -223,42 +314,43 @@ fn handler(cx: &mut Ctxt, sig: &syn::Signature) -> Option<Handler> {
         .collect();
     let Some(first) = typed.first() else {
         cx.error_spanned_by(
-            &sig.ident,
-            format!(
-                "handler `{}` has no event parameter; {HANDLER_SHAPE}",
-                sig.ident
-            ),
+            ident,
+            format!("handler `{ident}` has no event parameter; {HANDLER_SHAPE}"),
         );
         return None;
     };
-    let Type::Reference(event_ref) = &*first.ty else {
-        cx.error_spanned_by(
-            &first.ty,
-            "the event parameter must be a shared reference, e.g. `event: &Deposited`",
-        );
-        return None;
+    let event = match &*first.ty {
+        Type::Reference(r) if r.mutability.is_none() => (*r.elem).clone(),
+        Type::Reference(_) => {
+            cx.error_spanned_by(
+                &first.ty,
+                "take the event by shared reference (`&Event`): events are immutable facts",
+            );
+            return None;
+        }
+        other => {
+            cx.error_spanned_by(
+                other,
+                format!("take the event by reference: `&{}`", text(other)),
+            );
+            return None;
+        }
     };
-    if event_ref.mutability.is_some() {
-        cx.error_spanned_by(
-            &first.ty,
-            "the event parameter must be a shared reference (`&Event`): events are immutable",
-        );
-        return None;
-    }
-    let mut takes_meta = false;
+    let mut meta = None;
     let mut context = None;
     for (i, arg) in typed.iter().enumerate().skip(1) {
         match &*arg.ty {
             Type::Reference(r) if r.mutability.is_none() && i == 1 => {
-                if crate::attr::last_ident(&r.elem).is_some_and(|id| id != "RecordedEvent") {
-                    cx.error_spanned_by(&arg.ty, "a handler takes one event; the second parameter, if shared, is the envelope `&RecordedEvent`");
+                if last_ident(&r.elem).is_some_and(|id| id != RECORDED_EVENT) {
+                    cx.error_spanned_by(
+                        &arg.ty,
+                        "a handler takes exactly one event; a shared second parameter is the envelope `&RecordedEvent`. Split this into one handler per event type",
+                    );
                     return None;
                 }
-                takes_meta = true;
+                meta = Some((*arg.ty).clone());
             }
-            Type::Reference(r)
-                if r.mutability.is_some() && context.is_none() && i + 1 == typed.len() =>
-            {
+            Type::Reference(r) if r.mutability.is_some() && i + 1 == typed.len() => {
                 context = Some((*r.elem).clone());
             }
             _ => {
@@ -268,10 +360,10 @@ fn handler(cx: &mut Ctxt, sig: &syn::Signature) -> Option<Handler> {
         }
     }
     Some(Handler {
-        method: sig.ident.clone(),
+        method: ident.clone(),
         is_async: sig.asyncness.is_some(),
-        event: (*event_ref.elem).clone(),
-        takes_meta,
+        event,
+        meta,
         context,
     })
 }

@@ -1,0 +1,57 @@
+//! The validated models expansion works on. Building one means every user error was reported.
+
+use syn::{Ident, LitStr, Path, Type};
+
+/// A validated `#[event]`.
+pub struct Event {
+    pub krate: Path,
+    pub name: LitStr,
+    pub version: u32,
+    pub upcast: Upcast,
+}
+
+/// How an `#[event]` decodes versions older than its own.
+pub enum Upcast {
+    /// It cannot: older versions are `DecodeError::UnsupportedVersion`.
+    None,
+    /// `upcast_from = Prev`: decode as `Prev` (recursively), then `From<Prev>`.
+    From(Type),
+    /// `upcast_json = f`: rewrite the JSON with `f`, then deserialize as the current version.
+    Json(Path),
+}
+
+/// A validated `#[derive(Aggregate)]`.
+pub struct Aggregate {
+    pub krate: Path,
+    pub name: LitStr,
+    pub events: Vec<AggregateEvent>,
+    pub event_enum: Ident,
+    pub snapshot_version: Option<u32>,
+}
+
+/// One listed event and the variant that carries it.
+pub struct AggregateEvent {
+    pub ty: Type,
+    pub variant: Ident,
+}
+
+/// A validated `#[projection]`.
+pub struct Projection {
+    pub krate: Path,
+    pub name: LitStr,
+    /// `Projection::Context`: `context = Type`, else the handlers' `&mut C`, else `()`.
+    pub context: Option<Type>,
+    pub handlers: Vec<Handler>,
+}
+
+/// One handler method: `fn method(&mut self, event: &E [, meta: &RecordedEvent] [, ctx: &mut C])`.
+pub struct Handler {
+    pub method: Ident,
+    pub is_async: bool,
+    /// `E`, as written by the user (routing goes through `<E as Event>::NAME`).
+    pub event: Type,
+    /// The `&RecordedEvent` parameter's type, if taken.
+    pub meta: Option<Type>,
+    /// The `&mut C` parameter's type, if taken.
+    pub context: Option<Type>,
+}

@@ -1,0 +1,126 @@
+//! What a macro emits next to its errors (thiserror's `fallback.rs`): the user's item and a minimal
+//! impl of the trait, so that code using the type does not add "trait not implemented" noise to
+//! the real message. The bodies are never run: the crate does not compile.
+
+use proc_macro2::TokenStream;
+use quote::{quote, ToTokens};
+
+use crate::ast::{Aggregate, Projection};
+use crate::expand::event_enum_def;
+
+/// The errors, then the item unchanged.
+pub fn with_errors(item: impl ToTokens, error: &syn::Error) -> TokenStream {
+    let mut tokens = error.to_compile_error();
+    item.to_tokens(&mut tokens);
+    tokens
+}
+
+/// `#[event]`: the item and `impl Event` with the name and version the user asked for.
+pub fn event(
+    input: &syn::DeriveInput,
+    model: &crate::ast::Event,
+    error: &syn::Error,
+) -> TokenStream {
+    let mut tokens = with_errors(input, error);
+    if matches!(input.data, syn::Data::Union(_)) {
+        return tokens;
+    }
+    let crate::ast::Event {
+        krate,
+        name,
+        version,
+        ..
+    } = model;
+    let ident = &input.ident;
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let version = proc_macro2::Literal::u32_unsuffixed(*version);
+    tokens.extend(quote! {
+        impl #impl_generics #krate::Event for #ident #ty_generics #where_clause {
+            const NAME: &'static str = #name;
+            const VERSION: u32 = #version;
+        }
+    });
+    tokens
+}
+
+/// `#[derive(Aggregate)]`: the event enum with the variants that were valid, and impls whose
+/// bodies are unreachable.
+pub fn aggregate(input: &syn::DeriveInput, model: &Aggregate, error: &syn::Error) -> TokenStream {
+    let mut tokens = error.to_compile_error();
+    if !matches!(input.data, syn::Data::Struct(_)) {
+        return tokens;
+    }
+    let Aggregate {
+        krate,
+        name,
+        event_enum,
+        ..
+    } = model;
+    let p = quote!(#krate::__private);
+    let ident = &input.ident;
+    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    tokens.extend(event_enum_def(model, input));
+    tokens.extend(quote! {
+        impl #krate::EventSet for #event_enum {
+            const NAMES: &'static [&'static str] = &[];
+            fn event_type(&self) -> &'static str {
+                #p::core::unreachable!()
+            }
+            fn schema_version(&self) -> u32 {
+                #p::core::unreachable!()
+            }
+            fn encode(&self) -> #p::Result<#p::serde_json::Value, #krate::EncodeError> {
+                #p::core::unreachable!()
+            }
+            fn decode(
+                event_type: &str,
+                _: u32,
+                _: &#p::serde_json::Value,
+            ) -> #p::Result<Self, #krate::DecodeError> {
+                #p::Err(#p::unknown_event_type(event_type))
+            }
+        }
+        impl #impl_generics #krate::Aggregate for #ident #ty_generics #where_clause {
+            const TYPE: &'static str = #name;
+            type Event = #event_enum;
+            fn apply_event(&mut self, _: &#event_enum) {}
+        }
+    });
+    tokens
+}
+
+/// `#[projection]`: the impl block (without `#[helper]` markers) and an `impl Projection` that
+/// handles nothing.
+pub fn projection(item: &syn::ItemImpl, model: &Projection, error: &syn::Error) -> TokenStream {
+    let mut tokens = with_errors(item, error);
+    if item.trait_.is_some() {
+        return tokens;
+    }
+    let Projection {
+        krate,
+        name,
+        context,
+        ..
+    } = model;
+    let p = quote!(#krate::__private);
+    let self_ty = &item.self_ty;
+    let (impl_generics, _, where_clause) = item.generics.split_for_impl();
+    let context = context.as_ref().map_or_else(|| quote!(()), |c| quote!(#c));
+    tokens.extend(quote! {
+        impl #impl_generics #krate::Projection for #self_ty #where_clause {
+            const NAME: &'static str = #name;
+            const EVENT_TYPES: &'static [&'static str] = &[];
+            type Context = #context;
+            fn handle<'__cqrs>(
+                &'__cqrs mut self,
+                _: &'__cqrs #krate::RecordedEvent,
+                _: &'__cqrs mut Self::Context,
+            ) -> impl #p::core::future::Future<
+                Output = #p::Result<(), #krate::ProjectionError>,
+            > + #p::core::marker::Send + '__cqrs {
+                async { #p::Ok(()) }
+            }
+        }
+    });
+    tokens
+}
