@@ -1,61 +1,122 @@
 //! PostgreSQL backend for `cqrs-core`: events, snapshots and checkpoints in one schema.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), cqrs_core::StoreError> {
-//! let store = cqrs_postgres::PostgresStore::connect("postgres://postgres@127.0.0.1/test")
+//! use cqrs_core::{EventId, EventStore, ExpectedVersion, NewEvent, StreamId};
+//! use cqrs_postgres::PostgresStore;
+//!
+//! fn opened(owner: &str) -> NewEvent {
+//!     NewEvent {
+//!         event_id: EventId::new(),
+//!         event_type: "Opened".into(),
+//!         schema_version: 1,
+//!         payload: serde_json::json!({ "owner": owner }),
+//!         metadata: Default::default(),
+//!     }
+//! }
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = PostgresStore::connect("postgres://postgres@127.0.0.1:5432/test")
 //!     .await?
 //!     .with_schema("bank")?;
-//! store.migrate().await?;
+//! store.migrate().await?; // explicit: creates or upgrades the schema's tables
+//!
+//! let account = StreamId::new("account", "acc-42");
+//! let written = store.append(&account, ExpectedVersion::NoStream, vec![opened("ada")]).await?;
+//! println!("at version {} and position {}", written.stream_version, written.position);
+//!
+//! // Append atomically with your own writes (an outbox row, an inline read model):
+//! let mut tx = store.pool().begin().await?;
+//! let expected = ExpectedVersion::Exact(written.stream_version);
+//! store.append_in(&mut tx, &account, expected, vec![opened("bob")]).await?;
+//! sqlx::query("INSERT INTO outbox (body) VALUES ('account opened')").execute(&mut *tx).await?;
+//! tx.commit().await?;
 //! # Ok(()) }
 //! ```
 //!
-//! - **Append** is one guarded statement per batch (`INSERT … SELECT … FROM UNNEST(…) WHERE <stream is
-//!   at the expected version>`), so a batch is all-or-nothing and never leaves a version gap; the unique
-//!   index on `(stream_type, stream_id, stream_version)` rejects the loser of a race.
-//! - **Idempotency**: a batch whose event ids are stored resolves through
-//!   [`cqrs_core::store::resolve_retry`], exactly like every other backend.
-//! - **Gap-free reads**: `read_all` orders by `(tx, position)` and reads only below the oldest running
-//!   transaction (`pg_snapshot_xmin`), so a reader never passes an event that commits later with a
-//!   lower position.
-//! - **SQL**: statements are built once per schema in `sql.rs`; the only text spliced in is the
-//!   validated, quoted schema name (hence `AssertSqlSafe`); every value is a bound parameter.
-//! - **Immutability**: a trigger rejects `UPDATE` and `DELETE` on the events table.
+//! # How it works
+//!
+//! - **Schema.** One `events` table (global `position` identity, the writing transaction's `tx xid8`,
+//!   stream type/id/version, unique event id, type, schema version, `jsonb` payload and metadata,
+//!   `recorded_at`), `snapshots` and `checkpoints`, created by [`PostgresStore::migrate`] from the
+//!   embedded migrations in `migrations/` inside the configured schema ([`PostgresStore::with_schema`]).
+//!   Every statement names the schema explicitly; only the validated, quoted schema name is spliced
+//!   into SQL, every value is a bound parameter.
+//! - **Append** is one statement per batch (`INSERT … SELECT … FROM UNNEST(…)`) that reads the
+//!   stream's version, checks the expectation and inserts consecutive versions. The unique index on
+//!   `(stream_type, stream_id, stream_version)` rejects the loser of a race (SQLSTATE 23505), which
+//!   becomes a [`cqrs_core::ConcurrencyError`] with the actual version (`Any` and `StreamExists`
+//!   retry instead). A 23505 on the event id means a retry: the ids are looked up and
+//!   [`cqrs_core::store::resolve_retry`] decides, exactly as for every other backend. The same
+//!   statement sends `NOTIFY` (delivered on commit).
+//! - **Gap-free reads.** [`EventStore::read_all`] orders by `(tx, position)` and returns only events
+//!   below the visibility horizon `pg_snapshot_xmin(pg_current_snapshot())`: every transaction
+//!   below it has finished, and any later writer gets a larger `tx`, so nothing can commit behind
+//!   a reader's cursor. One long transaction anywhere in the cluster holds the horizon back;
+//!   [`PostgresStore::horizon`] says which. When a read comes back short while committed events
+//!   wait above the horizon, it waits (up to [`PostgresStore::with_horizon_wait`]) for the
+//!   in-flight transactions below them to finish, so a reader sees what was committed before it
+//!   asked.
+//! - **Immutability.** A trigger rejects `UPDATE`, `DELETE` and `TRUNCATE` on the events table.
+//! - **Group commit** (opt-in, [`PostgresStore::with_group_commit`]): concurrent appends to
+//!   different streams are written by one task in one statement and one commit.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+mod append;
+mod error;
+mod group;
+mod notify;
+mod row;
 mod sql;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cqrs_core::store::{resolve_retry, validate_append, StoredEventRef};
 use cqrs_core::{
-    AppendResult, CheckpointStore, ConcurrencyError, EventId, EventStore, EventTypes,
-    ExpectedVersion, Metadata, NewEvent, Position, RecordedEvent, Snapshot, SnapshotStore,
-    StoreError, StreamId, StreamVersion,
+    AppendResult, CheckpointStore, EventStore, EventTypes, ExpectedVersion, NewEvent, Position,
+    RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId, StreamVersion,
 };
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::Row;
-use uuid::Uuid;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Executor, Row};
 
-/// The events, snapshots and checkpoints of one schema. Cheap to clone (shares the pool).
+pub use error::{map_error, SchemaMismatch};
+pub use group::GroupCommit;
+pub use notify::AppendListener;
+pub use sql::MAX_SCHEMA_LEN;
+
+use crate::error::{map_error_in, out_of_range};
+
+/// The embedded migrations (`cqrs-postgres/migrations/`), applied by [`PostgresStore::migrate`].
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Default for [`PostgresStore::with_horizon_wait`].
+pub const DEFAULT_HORIZON_WAIT: Duration = Duration::from_secs(5);
+
+/// The events, snapshots and checkpoints of one schema. Cheap to clone: clones share the pool (and
+/// the group-commit writer, if any).
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
     sql: Arc<sql::Statements>,
+    horizon_wait: Duration,
+    notifier: Arc<OnceLock<Arc<notify::Notifier>>>,
+    group: Option<Arc<group::GroupCommitter>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresStore")
             .field("schema", &self.sql.schema)
-            .finish()
+            .field("horizon_wait", &self.horizon_wait)
+            .field("group_commit", &self.group.as_ref().map(|g| g.config()))
+            .finish_non_exhaustive()
     }
 }
 
 impl PostgresStore {
-    /// Connects a pool of 10 connections to `url`, using schema `public`.
+    /// Connects a pool of up to 10 connections to `url`; the store uses schema `public`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let pool = PgPoolOptions::new()
             .max_connections(10)
@@ -70,27 +131,48 @@ impl PostgresStore {
         Self {
             pool,
             sql: Arc::new(sql::Statements::new("public")),
+            horizon_wait: DEFAULT_HORIZON_WAIT,
+            notifier: Arc::default(),
+            group: None,
         }
     }
 
-    /// Uses schema `schema` (lower-case letters, digits and `_`, starting with a letter or `_`, at
-    /// most 63 bytes) for every table. The name is validated, then quoted into the statements; all
-    /// values are bound parameters.
+    /// Uses schema `schema` for every table: `[a-z_][a-z0-9_]*`, at most [`MAX_SCHEMA_LEN`] bytes,
+    /// not starting with `pg_`. The name is validated, then quoted into the statements.
     pub fn with_schema(mut self, schema: &str) -> Result<Self, StoreError> {
-        let valid = !schema.is_empty()
-            && schema.len() <= 63
-            && schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-            && schema
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-        if !valid {
-            return Err(StoreError::InvalidId(cqrs_core::stream::InvalidId {
-                what: "schema name",
-                reason: format!("`{schema}` must match [a-z_][a-z0-9_]* and be at most 63 bytes"),
-            }));
-        }
+        sql::validate_schema(schema)?;
         self.sql = Arc::new(sql::Statements::new(schema));
+        self.notifier = Arc::default();
+        if let Some(group) = &self.group {
+            self.group = Some(group::GroupCommitter::new(
+                self.pool.clone(),
+                self.sql.clone(),
+                group.config(),
+            ));
+        }
         Ok(self)
+    }
+
+    /// How long [`EventStore::read_all`] may wait when it comes back short while events committed
+    /// before the call are still held above the visibility horizon by older, running
+    /// transactions (default [`DEFAULT_HORIZON_WAIT`]). The wait ends as soon as they finish.
+    /// `Duration::ZERO` returns at once with what is below the horizon.
+    pub fn with_horizon_wait(mut self, wait: Duration) -> Self {
+        self.horizon_wait = wait;
+        self
+    }
+
+    /// Routes [`EventStore::append`] through a group-commit writer: concurrent appends to
+    /// different streams are written by one task in one statement and one transaction; see
+    /// [`GroupCommit`]. [`PostgresStore::append_in`] is unaffected (it uses the caller's
+    /// transaction). The writer task starts on the first append, on that append's runtime.
+    pub fn with_group_commit(mut self, config: GroupCommit) -> Self {
+        self.group = Some(group::GroupCommitter::new(
+            self.pool.clone(),
+            self.sql.clone(),
+            config,
+        ));
+        self
     }
 
     /// The connection pool.
@@ -103,215 +185,357 @@ impl PostgresStore {
         &self.sql.schema
     }
 
-    /// Creates the schema, tables, indexes and the immutability trigger if they do not exist.
-    /// Safe to run concurrently and repeatedly.
+    /// The `LISTEN/NOTIFY` channel every append notifies on commit: `<schema>_events`, with the
+    /// position of the append's last event (`"<tx>.<sequence>"`) as payload.
+    pub fn notification_channel(&self) -> &str {
+        &self.sql.channel
+    }
+
+    /// Applies the embedded migrations to this store's schema, creating the schema if needed.
+    /// Idempotent, and safe to run from several processes at once (sqlx's migration lock).
+    ///
+    /// The migrations are plain SQL with unqualified names; they run on a dedicated connection
+    /// whose `search_path` is set to the schema only (so they land there), with the migration
+    /// history in `<schema>._sqlx_migrations`. The connection is closed afterwards, never
+    /// returned to the pool.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(map_error)?;
-        // Serialize concurrent migrations of the same schema.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
-            .bind(format!("cqrs-migrate:{}", self.sql.schema))
-            .execute(&mut *tx)
+        let mut conn = self.pool.acquire().await.map_err(map_error)?.detach();
+        let result = self.migrate_on(&mut conn).await;
+        let _ = sqlx::Connection::close(conn).await;
+        result
+    }
+
+    async fn migrate_on(&self, conn: &mut PgConnection) -> Result<(), StoreError> {
+        let quoted = &self.sql.quoted;
+        conn.execute(sqlx::AssertSqlSafe(format!("SET search_path TO {quoted}")))
             .await
             .map_err(map_error)?;
-        for statement in &self.sql.migration {
-            sqlx::query(sqlx::AssertSqlSafe(statement.as_str()))
-                .execute(&mut *tx)
-                .await
-                .map_err(map_error)?;
+        let mut migrator =
+            sqlx::migrate::Migrator::with_migrations(MIGRATOR.iter().cloned().collect());
+        migrator.create_schema(quoted.clone());
+        migrator.dangerous_set_table_name(format!("{quoted}._sqlx_migrations"));
+        migrator.run(&mut *conn).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => map_error(e),
+            other => StoreError::Backend(Box::new(other)),
+        })
+    }
+
+    /// Appends inside the caller's transaction, so the events commit (or roll back) together with
+    /// the caller's other writes: inline projections, an outbox. Same checks, idempotency and
+    /// result as [`EventStore::append`]; `conn` must be inside a transaction (pass
+    /// `&mut *transaction`). Runs in a savepoint, so a conflict leaves the caller's transaction
+    /// usable. The notification is sent when the caller commits.
+    ///
+    /// The events' `tx` is the caller's transaction id: while it stays open it holds every gap-free
+    /// reader back, so keep such transactions short.
+    pub async fn append_in(
+        &self,
+        conn: &mut PgConnection,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        let batch = append::encode(stream, &events)?;
+        append::append_on(conn, &self.sql, stream, expected, &events, &batch, true).await
+    }
+
+    /// [`CheckpointStore::load_checkpoint`] on the caller's connection (inside its transaction).
+    pub async fn load_checkpoint_in(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+    ) -> Result<Option<Position>, StoreError> {
+        validate_checkpoint_name(name)?;
+        let row = sqlx::query(self.sql.load_checkpoint.clone())
+            .bind(name)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| self.fail(e))?;
+        row.as_ref().map(checkpoint_position).transpose()
+    }
+
+    /// [`CheckpointStore::save_checkpoint`] (compare-and-set) on the caller's connection, so a
+    /// projection commits its read-model writes and its checkpoint in one transaction. On
+    /// [`StoreError::CheckpointConflict`] nothing changed; roll back and re-read.
+    pub async fn save_checkpoint_in(
+        &self,
+        conn: &mut PgConnection,
+        name: &str,
+        expected: Option<Position>,
+        new: Position,
+    ) -> Result<(), StoreError> {
+        validate_checkpoint_name(name)?;
+        let sequence = |p: Position| {
+            i64::try_from(p.sequence).map_err(|_| out_of_range("position sequence", p.sequence))
+        };
+        let done = match expected {
+            None => {
+                sqlx::query(self.sql.insert_checkpoint.clone())
+                    .bind(name)
+                    .bind(new.tx.to_string())
+                    .bind(sequence(new)?)
+                    .execute(&mut *conn)
+                    .await
+            }
+            Some(old) => {
+                sqlx::query(self.sql.update_checkpoint.clone())
+                    .bind(name)
+                    .bind(new.tx.to_string())
+                    .bind(sequence(new)?)
+                    .bind(old.tx.to_string())
+                    .bind(sequence(old)?)
+                    .execute(&mut *conn)
+                    .await
+            }
         }
-        tx.commit().await.map_err(map_error)
+        .map_err(|e| self.fail(e))?;
+        if done.rows_affected() == 1 {
+            return Ok(());
+        }
+        Err(StoreError::CheckpointConflict {
+            name: name.to_owned(),
+            expected,
+            actual: self.load_checkpoint_in(conn, name).await?,
+        })
     }
 
-    async fn stored_refs(&self, ids: &[Uuid]) -> Result<Vec<StoredEventRef>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(self.sql.find_ids.as_str()))
-            .bind(ids)
-            .fetch_all(&self.pool)
+    /// Listens for appends on this store's channel (one connection from the pool, held until the
+    /// listener is dropped).
+    pub async fn listen(&self) -> Result<AppendListener, StoreError> {
+        AppendListener::new(&self.pool, &self.sql.channel).await
+    }
+
+    /// The visibility horizon and what holds it back: for a subscription's status ("held back by
+    /// transaction N since T") when it seems stuck.
+    pub async fn horizon(&self) -> Result<Horizon, StoreError> {
+        let row = sqlx::query(self.sql.horizon_status.clone())
+            .fetch_one(&self.pool)
             .await
-            .map_err(map_error)?;
-        rows.iter()
-            .map(|row| {
-                let position = position_of(row)?;
-                Ok(StoredEventRef {
-                    event_id: EventId::from_uuid(
-                        row.try_get("event_id").map_err(|e| corrupt(position, &e))?,
-                    ),
-                    stream: StreamId::new(
-                        row.try_get::<String, _>("stream_type")
-                            .map_err(|e| corrupt(position, &e))?,
-                        row.try_get::<String, _>("stream_id")
-                            .map_err(|e| corrupt(position, &e))?,
-                    ),
-                    stream_version: version_of(row, position)?,
-                    position,
-                })
-            })
-            .collect()
+            .map_err(|e| self.fail(e))?;
+        horizon(&row)
     }
 
-    /// One guarded insert; `Ok(None)` when the stream was not at `base` (or a racer won).
-    async fn try_append(
+    fn fail(&self, error: sqlx::Error) -> StoreError {
+        map_error_in(&self.sql.schema, error)
+    }
+
+    async fn individual_append(
         &self,
         stream: &StreamId,
-        base: StreamVersion,
+        expected: ExpectedVersion,
         events: &[NewEvent],
-    ) -> Result<Option<AppendResult>, sqlx::Error> {
-        let n = events.len();
-        let mut versions = Vec::with_capacity(n);
-        let mut ids = Vec::with_capacity(n);
-        let mut types = Vec::with_capacity(n);
-        let mut schema_versions = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        let mut metadata = Vec::with_capacity(n);
-        for (offset, event) in (1_i64..).zip(events) {
-            versions.push(
-                i64::try_from(base.get())
-                    .unwrap_or(i64::MAX)
-                    .saturating_add(offset),
-            );
-            ids.push(*event.event_id.as_uuid());
-            types.push(event.event_type.as_str());
-            schema_versions.push(i32::try_from(event.schema_version).unwrap_or(i32::MAX));
-            payloads.push(event.payload.to_string());
-            metadata
-                .push(serde_json::to_string(&event.metadata).unwrap_or_else(|_| "{}".to_owned()));
-        }
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(sqlx::AssertSqlSafe(self.sql.append.as_str()))
-            .bind(stream.stream_type())
-            .bind(stream.id())
-            .bind(i64::try_from(base.get()).unwrap_or(i64::MAX))
-            .bind(&versions)
-            .bind(&ids)
-            .bind(&types)
-            .bind(&schema_versions)
-            .bind(&payloads)
-            .bind(&metadata)
-            .fetch_all(&mut *tx)
-            .await;
-        let rows = match inserted {
-            Ok(rows) => rows,
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
-                return Ok(None)
+        batch: &append::Encoded,
+    ) -> Result<AppendResult, StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(map_error)?;
+        append::append_on(&mut conn, &self.sql, stream, expected, events, batch, false).await
+    }
+
+    async fn read_page(
+        &self,
+        after: Position,
+        types: EventTypes<'_>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let query = match types {
+            EventTypes::All => sqlx::query(self.sql.read_all.clone()),
+            EventTypes::Only(names) => {
+                sqlx::query(self.sql.read_all_filtered.clone()).bind(names.to_vec())
             }
-            Err(e) => return Err(e),
         };
-        if rows.len() != n {
-            return Ok(None);
+        let rows = query
+            .bind(after.tx.to_string())
+            .bind(sequence_after(after))
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.fail(e))?;
+        rows.iter().map(row::recorded).collect()
+    }
+
+    /// After a short read that ended at `after`: if events after it exist (they were above the
+    /// horizon when read, or committed since), waits until the horizon passes them, at most
+    /// `horizon_wait`. `true` if a re-read will find them.
+    async fn wait_for_pending(
+        &self,
+        after: Position,
+        types: EventTypes<'_>,
+    ) -> Result<bool, StoreError> {
+        let query = match types {
+            EventTypes::All => sqlx::query(self.sql.pending.clone()),
+            EventTypes::Only(names) => {
+                sqlx::query(self.sql.pending_filtered.clone()).bind(names.to_vec())
+            }
+        };
+        let row = query
+            .bind(after.tx.to_string())
+            .bind(sequence_after(after))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let Some(row) = row else { return Ok(false) };
+        let tx_of = |column: &str| -> Result<u64, StoreError> {
+            let text: String = row.try_get(column).map_err(map_error)?;
+            row::parse_tx(&text).map_err(|e| StoreError::Backend(e.into()))
+        };
+        let pending = tx_of("tx_text")?;
+        if tx_of("horizon")? > pending {
+            return Ok(true);
         }
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(&self.sql.channel)
-            .bind(stream.stream_type())
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        // One transaction: one tx id; the batch's last event has the highest position.
-        let mut last: Option<(String, i64)> = None;
-        for row in &rows {
-            let position: i64 = row.try_get("position")?;
-            if last.as_ref().is_none_or(|(_, p)| position > *p) {
-                last = Some((row.try_get("tx_text")?, position));
+        let deadline = Instant::now() + self.horizon_wait;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if Instant::now() + pause > deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(25));
+            let horizon: String = sqlx::query_scalar(self.sql.horizon.clone())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| self.fail(e))?;
+            if row::parse_tx(&horizon).map_err(|e| StoreError::Backend(e.into()))? > pending {
+                return Ok(true);
             }
         }
-        let (tx_text, position) =
-            last.ok_or_else(|| sqlx::Error::Protocol("append returned no rows".into()))?;
-        let tx_id = tx_text
-            .parse()
-            .map_err(|e| sqlx::Error::Protocol(format!("bad transaction id `{tx_text}`: {e}")))?;
-        Ok(Some(AppendResult {
-            stream_version: base.advance(n as u64),
-            position: Position::new(tx_id, u64::try_from(position).unwrap_or_default()),
-        }))
     }
 }
 
-/// Maps driver errors: lost or unavailable connections become [`StoreError::Connection`].
-pub fn map_error(error: sqlx::Error) -> StoreError {
-    let connection_class = match &error {
-        sqlx::Error::Io(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(e) => e
-            .code()
-            .is_some_and(|c| c.starts_with("08") || c == "57P01" || c == "57P02" || c == "57P03"),
-        _ => false,
-    };
-    if connection_class {
-        StoreError::Connection(Box::new(error))
-    } else {
-        StoreError::Backend(Box::new(error))
-    }
-}
+/// Longest checkpoint name accepted, in bytes (it is the key of a B-tree index).
+pub const MAX_CHECKPOINT_NAME_LEN: usize = 1024;
 
-fn corrupt(position: Position, reason: &dyn std::fmt::Display) -> StoreError {
-    StoreError::CorruptEvent {
-        position,
-        reason: reason.to_string(),
-    }
-}
-
-fn position_of(row: &PgRow) -> Result<Position, StoreError> {
-    let sequence: i64 = row.try_get("position").map_err(map_error)?;
-    let sequence = u64::try_from(sequence).unwrap_or_default();
-    let tx: String = row.try_get("tx_text").map_err(map_error)?;
-    let tx = tx.parse().map_err(|e| {
-        corrupt(
-            Position::new(0, sequence),
-            &format!("bad transaction id `{tx}`: {e}"),
+fn validate_checkpoint_name(name: &str) -> Result<(), StoreError> {
+    let reason = if name.is_empty() {
+        "must not be empty".to_owned()
+    } else if name.len() > MAX_CHECKPOINT_NAME_LEN {
+        format!(
+            "is {} bytes long; the limit is {MAX_CHECKPOINT_NAME_LEN}",
+            name.len()
         )
-    })?;
-    Ok(Position::new(tx, sequence))
-}
-
-fn version_of(row: &PgRow, position: Position) -> Result<StreamVersion, StoreError> {
-    let version: i64 = row
-        .try_get("stream_version")
-        .map_err(|e| corrupt(position, &e))?;
-    u64::try_from(version)
-        .map(StreamVersion::new)
-        .map_err(|_| corrupt(position, &format!("negative stream version {version}")))
-}
-
-fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
-    let position = position_of(row)?;
-    let get_text = |column: &str| {
-        row.try_get::<String, _>(column)
-            .map_err(|e| corrupt(position, &e))
+    } else if name.contains('\0') {
+        "must not contain a NUL character".to_owned()
+    } else {
+        return Ok(());
     };
-    let payload = serde_json::from_str(&get_text("payload_text")?)
-        .map_err(|e| corrupt(position, &format!("payload: {e}")))?;
-    let metadata: Metadata = serde_json::from_str(&get_text("metadata_text")?)
-        .map_err(|e| corrupt(position, &format!("metadata: {e}")))?;
-    let schema_version: i32 = row
-        .try_get("schema_version")
-        .map_err(|e| corrupt(position, &e))?;
-    Ok(RecordedEvent {
-        event_id: EventId::from_uuid(row.try_get("event_id").map_err(|e| corrupt(position, &e))?),
-        stream: StreamId::new(get_text("stream_type")?, get_text("stream_id")?),
-        stream_version: version_of(row, position)?,
-        position,
-        event_type: get_text("event_type")?,
-        schema_version: u32::try_from(schema_version).map_err(|_| {
-            corrupt(
-                position,
-                &format!("negative schema version {schema_version}"),
-            )
-        })?,
-        recorded_at: row
-            .try_get::<DateTime<Utc>, _>("recorded_at")
-            .map_err(|e| corrupt(position, &e))?,
-        payload,
-        metadata,
+    Err(StoreError::InvalidId(cqrs_core::stream::InvalidId {
+        what: "checkpoint name",
+        reason,
+    }))
+}
+
+/// The `after` cursor's sequence as a bigint; beyond `i64::MAX` nothing can follow it anyway.
+fn sequence_after(after: Position) -> i64 {
+    i64::try_from(after.sequence).unwrap_or(i64::MAX)
+}
+
+fn checkpoint_position(row: &PgRow) -> Result<Position, StoreError> {
+    let tx: String = row.try_get("tx_text").map_err(map_error)?;
+    let sequence: i64 = row.try_get("position").map_err(map_error)?;
+    Ok(Position::new(
+        row::parse_tx(&tx).map_err(|e| StoreError::Backend(e.into()))?,
+        u64::try_from(sequence)
+            .map_err(|_| StoreError::Backend(format!("negative checkpoint {sequence}").into()))?,
+    ))
+}
+
+/// The visibility horizon of gap-free reads, from [`PostgresStore::horizon`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Horizon {
+    /// The oldest running transaction id (`pg_snapshot_xmin`): [`EventStore::read_all`] returns
+    /// only events written by transactions below it.
+    pub xmin: u64,
+    /// Events already committed but not yet readable because the horizon is below them.
+    pub waiting_events: u64,
+    /// The running transaction at the horizon, if it can be seen.
+    pub held_by: Option<HorizonHolder>,
+}
+
+/// The transaction at the visibility horizon. Fields are `None` where PostgreSQL does not show them
+/// to this role (`pg_stat_activity` hides other users' sessions unless `pg_read_all_stats`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HorizonHolder {
+    /// Its transaction id.
+    pub xid: u64,
+    /// The backend process, for `pg_terminate_backend` (`None` for a prepared transaction).
+    pub pid: Option<i32>,
+    /// Its database (any database in the cluster holds the horizon).
+    pub database: Option<String>,
+    /// Its user.
+    pub user: Option<String>,
+    /// Its `application_name`.
+    pub application_name: Option<String>,
+    /// Its state (`active`, `idle in transaction`, ...).
+    pub state: Option<String>,
+    /// When its transaction started (for a prepared transaction: when it was prepared).
+    pub since: Option<DateTime<Utc>>,
+    /// The global id, if it is a prepared (two-phase) transaction.
+    pub prepared_gid: Option<String>,
+}
+
+impl std::fmt::Display for Horizon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.held_by {
+            None => write!(f, "horizon at transaction {}", self.xmin)?,
+            Some(holder) => {
+                write!(f, "held back by transaction {}", holder.xid)?;
+                if let Some(since) = holder.since {
+                    write!(f, " since {}", since.to_rfc3339())?;
+                }
+                match (&holder.prepared_gid, holder.pid) {
+                    (Some(gid), _) => write!(f, " (prepared transaction `{gid}`)")?,
+                    (None, Some(pid)) => {
+                        write!(f, " (pid {pid}")?;
+                        for (label, value) in [
+                            ("database", &holder.database),
+                            ("application", &holder.application_name),
+                            ("state", &holder.state),
+                        ] {
+                            if let Some(value) = value.as_deref().filter(|v| !v.is_empty()) {
+                                write!(f, ", {label} {value}")?;
+                            }
+                        }
+                        f.write_str(")")?;
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+        write!(f, "; {} committed events waiting", self.waiting_events)
+    }
+}
+
+fn horizon(row: &PgRow) -> Result<Horizon, StoreError> {
+    let get_text = |column: &str| -> Result<Option<String>, StoreError> {
+        row.try_get(column).map_err(map_error)
+    };
+    let xmin_text: String = row.try_get("xmin").map_err(map_error)?;
+    let xmin = row::parse_tx(&xmin_text).map_err(|e| StoreError::Backend(e.into()))?;
+    let waiting: i64 = row.try_get("waiting").map_err(map_error)?;
+    let pid: Option<i32> = row.try_get("pid").map_err(map_error)?;
+    let prepared_gid = get_text("gid")?;
+    let held_by = (pid.is_some() || prepared_gid.is_some())
+        .then(|| -> Result<HorizonHolder, StoreError> {
+            let started: Option<DateTime<Utc>> = row.try_get("xact_start").map_err(map_error)?;
+            let prepared: Option<DateTime<Utc>> = row.try_get("prepared").map_err(map_error)?;
+            Ok(HorizonHolder {
+                xid: xmin,
+                pid,
+                database: get_text("datname")?,
+                user: get_text("usename")?,
+                application_name: get_text("application_name")?,
+                state: get_text("state")?,
+                since: started.or(prepared),
+                prepared_gid: prepared_gid.clone(),
+            })
+        })
+        .transpose()?;
+    Ok(Horizon {
+        xmin,
+        waiting_events: u64::try_from(waiting).unwrap_or_default(),
+        held_by,
     })
-}
-
-fn to_i64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-fn limit(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 #[async_trait]
@@ -322,182 +546,142 @@ impl EventStore for PostgresStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
-        validate_append(stream, &events)?;
-        if let Some(event) = events
-            .iter()
-            .find(|e| e.payload.to_string().contains("\\u0000"))
-        {
-            return Err(StoreError::Backend(
-                format!("event {} has a NUL character in its payload, which PostgreSQL jsonb cannot store", event.event_id).into(),
-            ));
-        }
-        loop {
-            let base = match expected {
-                ExpectedVersion::Exact(v) => v,
-                ExpectedVersion::NoStream => StreamVersion::INITIAL,
-                ExpectedVersion::Any | ExpectedVersion::StreamExists => {
-                    self.stream_version(stream).await?
-                }
-            };
-            if expected == ExpectedVersion::StreamExists && base == StreamVersion::INITIAL {
-                let ids: Vec<Uuid> = events.iter().map(|e| *e.event_id.as_uuid()).collect();
-                let stored = self.stored_refs(&ids).await?;
-                if !stored.is_empty() {
-                    return resolve_retry(stream, &events, &stored);
-                }
-                return Err(ConcurrencyError {
-                    stream: stream.clone(),
-                    expected,
-                    actual: base,
-                }
-                .into());
-            }
-            if let Some(result) = self
-                .try_append(stream, base, &events)
-                .await
-                .map_err(map_error)?
-            {
+        let batch = Arc::new(append::encode(stream, &events)?);
+        if let Some(group) = &self.group {
+            if let Some(result) = group.append(stream, expected, &batch).await {
                 return Ok(result);
             }
-            // Not written: a retry of a stored batch, or the stream moved.
-            let ids: Vec<Uuid> = events.iter().map(|e| *e.event_id.as_uuid()).collect();
-            let stored = self.stored_refs(&ids).await?;
-            if !stored.is_empty() {
-                return resolve_retry(stream, &events, &stored);
-            }
-            let actual = self.stream_version(stream).await?;
-            if matches!(
-                expected,
-                ExpectedVersion::Any | ExpectedVersion::StreamExists
-            ) {
-                continue; // lost a race; `Any`/`StreamExists` still hold, try at the new version
-            }
-            return Err(ConcurrencyError {
-                stream: stream.clone(),
-                expected,
-                actual,
-            }
-            .into());
+            // Not written by the group (a conflict, a retry, a failed group): alone, with the
+            // full checks, so this caller gets exactly its own result or error.
         }
+        self.individual_append(stream, expected, &events, &batch)
+            .await
     }
 
     async fn read_stream(
         &self,
         stream: &StreamId,
         from: StreamVersion,
-        max: usize,
+        limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(self.sql.read_stream.as_str()))
+        let rows = sqlx::query(self.sql.read_stream.clone())
             .bind(stream.stream_type())
             .bind(stream.id())
-            .bind(to_i64(from.get()))
-            .bind(limit(max))
+            .bind(i64::try_from(from.get()).unwrap_or(i64::MAX))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
             .fetch_all(&self.pool)
             .await
-            .map_err(map_error)?;
-        rows.iter().map(recorded).collect()
+            .map_err(|e| self.fail(e))?;
+        rows.iter().map(row::recorded).collect()
     }
 
     async fn read_all(
         &self,
         after: Position,
         types: EventTypes<'_>,
-        max: usize,
+        limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let query = match types {
-            EventTypes::All => sqlx::query(sqlx::AssertSqlSafe(self.sql.read_all.as_str())),
-            EventTypes::Only(names) => {
-                sqlx::query(sqlx::AssertSqlSafe(self.sql.read_all_filtered.as_str()))
-                    .bind(names.to_vec())
-            }
-        };
-        let rows = query
-            .bind(after.tx.to_string())
-            .bind(to_i64(after.sequence))
-            .bind(limit(max))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(map_error)?;
-        rows.iter().map(recorded).collect()
+        let mut events = self.read_page(after, types, limit).await?;
+        if events.len() >= limit || self.horizon_wait.is_zero() {
+            return Ok(events);
+        }
+        // Short: events committed before this call may still be held above the horizon by
+        // older running transactions. Wait for those to finish, then read on.
+        let cursor = events.last().map_or(after, |e| e.position);
+        if self.wait_for_pending(cursor, types).await? {
+            let more = self.read_page(cursor, types, limit - events.len()).await?;
+            events.extend(more);
+        }
+        Ok(events)
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, StoreError> {
-        let version: i64 =
-            sqlx::query_scalar(sqlx::AssertSqlSafe(self.sql.stream_version.as_str()))
-                .bind(stream.stream_type())
-                .bind(stream.id())
-                .fetch_one(&self.pool)
-                .await
-                .map_err(map_error)?;
-        Ok(StreamVersion::new(
-            u64::try_from(version).unwrap_or_default(),
-        ))
+        let mut conn = self.pool.acquire().await.map_err(map_error)?;
+        append::stream_version(&mut conn, &self.sql, stream).await
     }
 
     async fn head(&self) -> Result<Option<Position>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(self.sql.head.as_str()))
+        let row = sqlx::query(self.sql.head.clone())
             .fetch_optional(&self.pool)
             .await
-            .map_err(map_error)?;
-        row.as_ref().map(position_of).transpose()
+            .map_err(|e| self.fail(e))?;
+        row.as_ref().map(row::position).transpose()
     }
 
     async fn count_after(&self, after: Position, types: EventTypes<'_>) -> Result<u64, StoreError> {
         let query = match types {
-            EventTypes::All => {
-                sqlx::query_scalar(sqlx::AssertSqlSafe(self.sql.count_after.as_str()))
-            }
+            EventTypes::All => sqlx::query_scalar(self.sql.count_after.clone()),
             EventTypes::Only(names) => {
-                sqlx::query_scalar(sqlx::AssertSqlSafe(self.sql.count_after_filtered.as_str()))
-                    .bind(names.to_vec())
+                sqlx::query_scalar(self.sql.count_after_filtered.clone()).bind(names.to_vec())
             }
         };
         let count: i64 = query
             .bind(after.tx.to_string())
-            .bind(to_i64(after.sequence))
+            .bind(sequence_after(after))
             .fetch_one(&self.pool)
             .await
-            .map_err(map_error)?;
+            .map_err(|e| self.fail(e))?;
         Ok(u64::try_from(count).unwrap_or_default())
+    }
+
+    /// Wakes on this store's `NOTIFY` (one background listener connection per store, started on
+    /// first use), or after `timeout`.
+    async fn wait_for_append(&self, after: Position, timeout: Duration) {
+        let notifier = self
+            .notifier
+            .get_or_init(|| notify::Notifier::start(&self.pool, self.sql.channel.clone()));
+        notifier.wait(after, timeout).await;
     }
 }
 
 #[async_trait]
 impl SnapshotStore for PostgresStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(self.sql.load_snapshot.as_str()))
+        let row = sqlx::query(self.sql.load_snapshot.clone())
             .bind(stream.stream_type())
             .bind(stream.id())
             .fetch_optional(&self.pool)
             .await
-            .map_err(map_error)?;
+            .map_err(|e| self.fail(e))?;
         let Some(row) = row else { return Ok(None) };
         let version: i64 = row.try_get("stream_version").map_err(map_error)?;
-        let snapshot_version: i32 = row.try_get("snapshot_version").map_err(map_error)?;
+        let snapshot_version: i64 = row.try_get("snapshot_version").map_err(map_error)?;
         let payload: String = row.try_get("payload_text").map_err(map_error)?;
         // An unreadable snapshot is no snapshot: the repository replays the stream.
-        let Ok(payload) = serde_json::from_str(&payload) else {
+        let (Ok(payload), Ok(snapshot_version), Ok(version)) = (
+            serde_json::from_str(&payload),
+            u32::try_from(snapshot_version),
+            u64::try_from(version),
+        ) else {
+            tracing::warn!(%stream, "ignoring an unreadable snapshot");
             return Ok(None);
         };
         Ok(Some(Snapshot {
             stream: stream.clone(),
-            stream_version: StreamVersion::new(u64::try_from(version).unwrap_or_default()),
-            snapshot_version: u32::try_from(snapshot_version).unwrap_or_default(),
+            stream_version: StreamVersion::new(version),
+            snapshot_version,
             payload,
         }))
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         snapshot.stream.validate()?;
-        sqlx::query(sqlx::AssertSqlSafe(self.sql.save_snapshot.as_str()))
+        append::check_json(&snapshot.payload).map_err(|reason| {
+            StoreError::InvalidId(cqrs_core::stream::InvalidId {
+                what: "snapshot payload",
+                reason,
+            })
+        })?;
+        let version = snapshot.stream_version.get();
+        sqlx::query(self.sql.save_snapshot.clone())
             .bind(snapshot.stream.stream_type())
             .bind(snapshot.stream.id())
-            .bind(to_i64(snapshot.stream_version.get()))
-            .bind(i32::try_from(snapshot.snapshot_version).unwrap_or(i32::MAX))
+            .bind(i64::try_from(version).map_err(|_| out_of_range("stream version", version))?)
+            .bind(i64::from(snapshot.snapshot_version))
             .bind(snapshot.payload.to_string())
             .execute(&self.pool)
             .await
-            .map_err(map_error)?;
+            .map_err(|e| self.fail(e))?;
         Ok(())
     }
 }
@@ -505,20 +689,8 @@ impl SnapshotStore for PostgresStore {
 #[async_trait]
 impl CheckpointStore for PostgresStore {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(self.sql.load_checkpoint.as_str()))
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(map_error)?;
-        row.map(|r| {
-            let tx: i64 = r.try_get("tx").map_err(map_error)?;
-            let position: i64 = r.try_get("position").map_err(map_error)?;
-            Ok(Position::new(
-                u64::try_from(tx).unwrap_or_default(),
-                u64::try_from(position).unwrap_or_default(),
-            ))
-        })
-        .transpose()
+        let mut conn = self.pool.acquire().await.map_err(map_error)?;
+        self.load_checkpoint_in(&mut conn, name).await
     }
 
     async fn save_checkpoint(
@@ -527,43 +699,18 @@ impl CheckpointStore for PostgresStore {
         expected: Option<Position>,
         new: Position,
     ) -> Result<(), StoreError> {
-        let done = match expected {
-            None => {
-                sqlx::query(sqlx::AssertSqlSafe(self.sql.insert_checkpoint.as_str()))
-                    .bind(name)
-                    .bind(to_i64(new.tx))
-                    .bind(to_i64(new.sequence))
-                    .execute(&self.pool)
-                    .await
-            }
-            Some(old) => {
-                sqlx::query(sqlx::AssertSqlSafe(self.sql.update_checkpoint.as_str()))
-                    .bind(name)
-                    .bind(to_i64(new.tx))
-                    .bind(to_i64(new.sequence))
-                    .bind(to_i64(old.tx))
-                    .bind(to_i64(old.sequence))
-                    .execute(&self.pool)
-                    .await
-            }
-        }
-        .map_err(map_error)?;
-        if done.rows_affected() == 1 {
-            return Ok(());
-        }
-        Err(StoreError::CheckpointConflict {
-            name: name.to_owned(),
-            expected,
-            actual: self.load_checkpoint(name).await?,
-        })
+        let mut conn = self.pool.acquire().await.map_err(map_error)?;
+        self.save_checkpoint_in(&mut conn, name, expected, new)
+            .await
     }
 
     async fn delete_checkpoint(&self, name: &str) -> Result<(), StoreError> {
-        sqlx::query(sqlx::AssertSqlSafe(self.sql.delete_checkpoint.as_str()))
+        validate_checkpoint_name(name)?;
+        sqlx::query(self.sql.delete_checkpoint.clone())
             .bind(name)
             .execute(&self.pool)
             .await
-            .map_err(map_error)?;
+            .map_err(|e| self.fail(e))?;
         Ok(())
     }
 }

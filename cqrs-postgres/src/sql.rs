@@ -1,153 +1,257 @@
-//! Every statement the store runs, built once per schema. Values are always bound parameters; only
-//! the validated schema identifier is quoted in.
+//! Every statement the store runs, built once per schema.
+//!
+//! The only text spliced into a statement is the schema name, validated by [`validate_schema`] and
+//! double-quoted; every value is a bound parameter.
 
+use cqrs_core::stream::InvalidId;
+use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
+
+/// Longest schema name accepted: the notification channel `<schema>_events` must stay within
+/// PostgreSQL's 63-byte identifier limit.
+pub const MAX_SCHEMA_LEN: usize = 56;
+
+/// The columns of a read, in the shape [`crate::row`] decodes. `tx` is aliased `tx_text`: an alias
+/// named `tx` would capture `ORDER BY tx` and lose the index (DESIGN.md).
 const COLUMNS: &str = "position, tx::text AS tx_text, stream_type, stream_id, stream_version, event_id, \
      event_type, schema_version, payload::text AS payload_text, metadata::text AS metadata_text, recorded_at";
 
-/// Visible to gap-free readers: written by a transaction older than every running one.
-const BELOW_HORIZON: &str = "tx < pg_snapshot_xmin(pg_current_snapshot())";
+/// The visibility horizon: every transaction with a smaller id has finished, and any transaction
+/// that writes later gets a larger id, so nothing can ever appear below it behind a reader.
+pub const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())";
+
+/// Accepts `[a-z_][a-z0-9_]*`, at most [`MAX_SCHEMA_LEN`] bytes, not `pg_*` (reserved).
+pub fn validate_schema(schema: &str) -> Result<(), InvalidId> {
+    let reason = if schema.is_empty() || schema.len() > MAX_SCHEMA_LEN {
+        format!("must be 1 to {MAX_SCHEMA_LEN} bytes long")
+    } else if !schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        || !schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    {
+        "must match [a-z_][a-z0-9_]*".to_owned()
+    } else if schema.starts_with("pg_") {
+        "names starting with `pg_` are reserved by PostgreSQL".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(InvalidId {
+        what: "schema name",
+        reason: format!("`{schema}` {reason}"),
+    })
+}
 
 pub struct Statements {
     pub schema: String,
+    /// `"schema"`, ready to splice.
+    pub quoted: String,
     pub channel: String,
-    pub migration: Vec<String>,
-    pub append: String,
-    pub find_ids: String,
-    pub read_stream: String,
-    pub read_all: String,
-    pub read_all_filtered: String,
-    pub stream_version: String,
-    pub head: String,
-    pub count_after: String,
-    pub count_after_filtered: String,
-    pub load_snapshot: String,
-    pub save_snapshot: String,
-    pub load_checkpoint: String,
-    pub insert_checkpoint: String,
-    pub update_checkpoint: String,
-    pub delete_checkpoint: String,
+    pub append: SqlStr,
+    pub append_many: SqlStr,
+    pub find_ids: SqlStr,
+    pub read_stream: SqlStr,
+    pub read_all: SqlStr,
+    pub read_all_filtered: SqlStr,
+    pub pending: SqlStr,
+    pub pending_filtered: SqlStr,
+    pub horizon: SqlStr,
+    pub horizon_status: SqlStr,
+    pub stream_version: SqlStr,
+    pub head: SqlStr,
+    pub count_after: SqlStr,
+    pub count_after_filtered: SqlStr,
+    pub load_snapshot: SqlStr,
+    pub save_snapshot: SqlStr,
+    pub load_checkpoint: SqlStr,
+    pub insert_checkpoint: SqlStr,
+    pub update_checkpoint: SqlStr,
+    pub delete_checkpoint: SqlStr,
+}
+
+fn sql(text: String) -> SqlStr {
+    AssertSqlSafe(text).into_sql_str()
+}
+
+/// The expected-version guard shared by both append statements. `$expected` is the code from
+/// [`crate::append::expected_code`]: `>= 0` exact, `-1` any, `-2` the stream must exist.
+fn guard(expected: &str, version: &str) -> String {
+    format!(
+        "CASE WHEN {expected} >= 0 THEN {version} = {expected} \
+              WHEN {expected} = -2 THEN {version} > 0 \
+              ELSE true END"
+    )
 }
 
 impl Statements {
     pub fn new(schema: &str) -> Self {
         let s = format!("\"{schema}\"");
         let events = format!("{s}.events");
+        let guard_one = guard("$3", "version");
+        let guard_many = guard("expected", "version");
         Self {
             schema: schema.to_owned(),
             channel: format!("{schema}_events"),
-            migration: vec![
-                format!("CREATE SCHEMA IF NOT EXISTS {s}"),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {events} (
-                        position        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-                        tx              xid8   NOT NULL DEFAULT pg_current_xact_id(),
-                        stream_type     text   NOT NULL,
-                        stream_id       text   NOT NULL,
-                        stream_version  bigint NOT NULL CHECK (stream_version > 0),
-                        event_id        uuid   NOT NULL UNIQUE,
-                        event_type      text   NOT NULL,
-                        schema_version  integer NOT NULL,
-                        payload         jsonb  NOT NULL,
-                        metadata        jsonb  NOT NULL,
-                        recorded_at     timestamptz NOT NULL DEFAULT now(),
-                        UNIQUE (stream_type, stream_id, stream_version)
-                    )"
-                ),
-                format!("CREATE INDEX IF NOT EXISTS events_tx_position ON {events} (tx, position)"),
-                format!("CREATE INDEX IF NOT EXISTS events_type_tx_position ON {events} (event_type, tx, position)"),
-                format!(
-                    "CREATE OR REPLACE FUNCTION {s}.events_are_immutable() RETURNS trigger LANGUAGE plpgsql AS
-                     $$ BEGIN RAISE EXCEPTION 'events are immutable: % is not allowed', TG_OP; END $$"
-                ),
-                format!(
-                    "CREATE OR REPLACE TRIGGER events_are_immutable BEFORE UPDATE OR DELETE ON {events}
-                     FOR EACH ROW EXECUTE FUNCTION {s}.events_are_immutable()"
-                ),
-                format!(
-                    "CREATE OR REPLACE TRIGGER events_no_truncate BEFORE TRUNCATE ON {events}
-                     FOR EACH STATEMENT EXECUTE FUNCTION {s}.events_are_immutable()"
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {s}.snapshots (
-                        stream_type      text    NOT NULL,
-                        stream_id        text    NOT NULL,
-                        stream_version   bigint  NOT NULL,
-                        snapshot_version integer NOT NULL,
-                        payload          jsonb   NOT NULL,
-                        PRIMARY KEY (stream_type, stream_id)
-                    )"
-                ),
-                format!(
-                    "CREATE TABLE IF NOT EXISTS {s}.checkpoints (
-                        name       text PRIMARY KEY,
-                        tx         bigint NOT NULL,
-                        position   bigint NOT NULL,
-                        updated_at timestamptz NOT NULL DEFAULT now()
-                    )"
-                ),
-            ],
-            // Guarded: inserts nothing unless the stream is at $3, so no gap can appear; the unique
-            // index on the version rejects the loser of a race.
-            append: format!(
-                "INSERT INTO {events} (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
-                 SELECT $1, $2, u.v, u.id, u.t, u.sv, u.p::jsonb, u.m::jsonb
-                 FROM UNNEST($4::bigint[], $5::uuid[], $6::text[], $7::int[], $8::text[], $9::text[]) AS u(v, id, t, sv, p, m)
-                 WHERE (SELECT COALESCE(max(stream_version), 0) FROM {events} WHERE stream_type = $1 AND stream_id = $2) = $3
-                 RETURNING position, tx::text AS tx_text"
-            ),
-            find_ids: format!(
+            // One statement, one implicit transaction: read the stream's version, check the
+            // expectation, insert the batch with consecutive versions, notify. A racer that slips
+            // in between fails on the unique version index (23505), never silently.
+            //
+            // `tx` is this transaction's id, or the stream's previous event's `tx` if that is
+            // larger: possible only when the caller's transaction (`append_in`) got its id before
+            // the previous event's writer. Any value at or above the own id keeps reads gap-free
+            // (the row stays above the horizon while this transaction runs), and this one keeps
+            // each stream's events in version order in the global log.
+            append: sql(format!(
+                "WITH current AS (
+                    SELECT COALESCE(last.stream_version, 0) AS version, last.tx AS last_tx
+                    FROM (SELECT 1) AS one LEFT JOIN LATERAL (
+                        SELECT stream_version, tx FROM {events}
+                        WHERE stream_type = $1 AND stream_id = $2
+                        ORDER BY stream_version DESC LIMIT 1
+                    ) AS last ON true
+                 ), accepted AS (
+                    SELECT version AS base, GREATEST(pg_current_xact_id(), last_tx) AS tx
+                    FROM current WHERE {guard_one}
+                 ), inserted AS (
+                    INSERT INTO {events}
+                        (tx, stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
+                    SELECT a.tx, $1, $2, a.base + u.n, u.id, u.t, u.sv, u.p::jsonb, u.m::jsonb
+                    FROM accepted a,
+                         UNNEST($4::uuid[], $5::text[], $6::int[], $7::text[], $8::text[])
+                             WITH ORDINALITY AS u(id, t, sv, p, m, n)
+                    ORDER BY u.n
+                    RETURNING tx, position
+                 ), summary AS (
+                    SELECT count(*) AS n, max(position) AS last, max(tx)::text AS tx FROM inserted
+                 )
+                 SELECT s.n, s.last, s.tx, c.version AS actual,
+                        CASE WHEN s.n > 0 THEN pg_notify($9, s.tx || '.' || s.last)::text END AS notified
+                 FROM summary s, current c"
+            )),
+            // Group commit: several batches, each for a different stream, in one statement. A
+            // batch whose guard fails is skipped (its row comes back with n = 0); the others commit.
+            append_many: sql(format!(
+                "WITH input AS (
+                    SELECT * FROM UNNEST($1::int[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+                                         $6::uuid[], $7::text[], $8::int[], $9::text[], $10::text[])
+                        WITH ORDINALITY AS u(b, st, sid, expected, k, id, t, sv, p, m, n)
+                 ), streams AS (
+                    SELECT d.b, d.st, d.sid, d.expected,
+                           (SELECT COALESCE(max(e.stream_version), 0) FROM {events} e
+                            WHERE e.stream_type = d.st AND e.stream_id = d.sid) AS version
+                    FROM (SELECT DISTINCT b, st, sid, expected FROM input) d
+                 ), accepted AS (
+                    SELECT b, version AS base FROM streams WHERE {guard_many}
+                 ), inserted AS (
+                    INSERT INTO {events}
+                        (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
+                    SELECT i.st, i.sid, a.base + i.k, i.id, i.t, i.sv, i.p::jsonb, i.m::jsonb
+                    FROM input i JOIN accepted a ON a.b = i.b
+                    ORDER BY i.n
+                    RETURNING stream_type, stream_id, tx, position
+                 ), done AS (
+                    SELECT stream_type, stream_id, count(*) AS n, max(position) AS last, max(tx)::text AS tx
+                    FROM inserted GROUP BY stream_type, stream_id
+                 ), notified AS (
+                    SELECT pg_notify($11, max(tx) || '.' || max(last))::text AS sent FROM done HAVING count(*) > 0
+                 )
+                 SELECT s.b, s.version AS actual, COALESCE(d.n, 0) AS n, d.last, d.tx,
+                        (SELECT count(*) FROM notified) AS notified
+                 FROM streams s LEFT JOIN done d ON d.stream_type = s.st AND d.stream_id = s.sid"
+            )),
+            find_ids: sql(format!(
                 "SELECT position, tx::text AS tx_text, event_id, stream_type, stream_id, stream_version
                  FROM {events} WHERE event_id = ANY($1)"
-            ),
-            read_stream: format!(
+            )),
+            read_stream: sql(format!(
                 "SELECT {COLUMNS} FROM {events}
                  WHERE stream_type = $1 AND stream_id = $2 AND stream_version >= $3
                  ORDER BY stream_version LIMIT $4"
-            ),
-            read_all: format!(
+            )),
+            read_all: sql(format!(
                 "SELECT {COLUMNS} FROM {events}
-                 WHERE (tx, position) > ($1::text::xid8, $2) AND {BELOW_HORIZON}
+                 WHERE (tx, position) > ($1::text::xid8, $2) AND tx < {HORIZON}
                  ORDER BY tx, position LIMIT $3"
-            ),
-            read_all_filtered: format!(
-                "SELECT {COLUMNS} FROM {events}
-                 WHERE event_type = ANY($1) AND (tx, position) > ($2::text::xid8, $3) AND {BELOW_HORIZON}
-                 ORDER BY tx, position LIMIT $4"
-            ),
-            stream_version: format!(
-                "SELECT COALESCE(max(stream_version), 0)::bigint FROM {events} WHERE stream_type = $1 AND stream_id = $2"
-            ),
-            head: format!(
-                "SELECT position, tx::text AS tx_text FROM {events} WHERE {BELOW_HORIZON}
+            )),
+            // One bounded index range scan per type on (event_type, tx, position), merged.
+            read_all_filtered: sql(format!(
+                "SELECT e.* FROM (SELECT DISTINCT name FROM UNNEST($1::text[]) AS t(name)) AS wanted
+                 CROSS JOIN LATERAL (
+                    SELECT {COLUMNS}, tx AS order_tx FROM {events}
+                    WHERE event_type = wanted.name AND (tx, position) > ($2::text::xid8, $3) AND tx < {HORIZON}
+                    ORDER BY tx, position LIMIT $4
+                 ) e
+                 ORDER BY e.order_tx, e.position LIMIT $4"
+            )),
+            // After a short read ending at the cursor: the newest transaction with events after
+            // it (they were above the horizon when read, or committed since), and the horizon.
+            pending: sql(format!(
+                "SELECT tx::text AS tx_text, {HORIZON}::text AS horizon FROM {events}
+                 WHERE (tx, position) > ($1::text::xid8, $2)
                  ORDER BY tx DESC, position DESC LIMIT 1"
-            ),
-            count_after: format!(
-                "SELECT count(*) FROM {events} WHERE (tx, position) > ($1::text::xid8, $2) AND {BELOW_HORIZON}"
-            ),
-            count_after_filtered: format!(
+            )),
+            pending_filtered: sql(format!(
+                "SELECT tx::text AS tx_text, {HORIZON}::text AS horizon FROM {events}
+                 WHERE (tx, position) > ($2::text::xid8, $3) AND event_type = ANY($1)
+                 ORDER BY tx DESC, position DESC LIMIT 1"
+            )),
+            horizon: sql(format!("SELECT {HORIZON}::text")),
+            horizon_status: sql(format!(
+                "WITH h AS (SELECT {HORIZON} AS xmin)
+                 SELECT h.xmin::text AS xmin,
+                        (SELECT count(*) FROM {events} WHERE tx >= h.xmin) AS waiting,
+                        a.pid, a.datname, a.usename, a.application_name, a.state, a.xact_start,
+                        p.gid, p.prepared
+                 FROM h
+                 LEFT JOIN LATERAL (
+                    SELECT pid, datname::text, usename::text, application_name, state, xact_start
+                    FROM pg_stat_activity WHERE backend_xid = h.xmin::xid
+                    ORDER BY xact_start LIMIT 1
+                 ) a ON true
+                 LEFT JOIN LATERAL (
+                    SELECT gid, prepared FROM pg_prepared_xacts WHERE transaction = h.xmin::xid LIMIT 1
+                 ) p ON true"
+            )),
+            stream_version: sql(format!(
+                "SELECT COALESCE(max(stream_version), 0)::bigint FROM {events}
+                 WHERE stream_type = $1 AND stream_id = $2"
+            )),
+            head: sql(format!(
+                "SELECT position, tx::text AS tx_text FROM {events} WHERE tx < {HORIZON}
+                 ORDER BY tx DESC, position DESC LIMIT 1"
+            )),
+            count_after: sql(format!(
                 "SELECT count(*) FROM {events}
-                 WHERE event_type = ANY($1) AND (tx, position) > ($2::text::xid8, $3) AND {BELOW_HORIZON}"
-            ),
-            load_snapshot: format!(
+                 WHERE (tx, position) > ($1::text::xid8, $2) AND tx < {HORIZON}"
+            )),
+            count_after_filtered: sql(format!(
+                "SELECT count(*) FROM {events}
+                 WHERE event_type = ANY($1) AND (tx, position) > ($2::text::xid8, $3) AND tx < {HORIZON}"
+            )),
+            load_snapshot: sql(format!(
                 "SELECT stream_version, snapshot_version, payload::text AS payload_text FROM {s}.snapshots
                  WHERE stream_type = $1 AND stream_id = $2"
-            ),
-            save_snapshot: format!(
+            )),
+            // Never replaces a newer snapshot with an older one.
+            save_snapshot: sql(format!(
                 "INSERT INTO {s}.snapshots AS old (stream_type, stream_id, stream_version, snapshot_version, payload)
                  VALUES ($1, $2, $3, $4, $5::jsonb)
                  ON CONFLICT (stream_type, stream_id) DO UPDATE
-                 SET stream_version = EXCLUDED.stream_version, snapshot_version = EXCLUDED.snapshot_version, payload = EXCLUDED.payload
+                 SET stream_version = EXCLUDED.stream_version, snapshot_version = EXCLUDED.snapshot_version,
+                     payload = EXCLUDED.payload, taken_at = now()
                  WHERE old.stream_version <= EXCLUDED.stream_version"
-            ),
-            load_checkpoint: format!("SELECT tx, position FROM {s}.checkpoints WHERE name = $1"),
-            insert_checkpoint: format!(
-                "INSERT INTO {s}.checkpoints (name, tx, position) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING"
-            ),
-            update_checkpoint: format!(
-                "UPDATE {s}.checkpoints SET tx = $2, position = $3, updated_at = now()
-                 WHERE name = $1 AND tx = $4 AND position = $5"
-            ),
-            delete_checkpoint: format!("DELETE FROM {s}.checkpoints WHERE name = $1"),
+            )),
+            load_checkpoint: sql(format!(
+                "SELECT tx::text AS tx_text, position FROM {s}.checkpoints WHERE name = $1"
+            )),
+            insert_checkpoint: sql(format!(
+                "INSERT INTO {s}.checkpoints (name, tx, position) VALUES ($1, $2::text::xid8, $3)
+                 ON CONFLICT (name) DO NOTHING"
+            )),
+            update_checkpoint: sql(format!(
+                "UPDATE {s}.checkpoints SET tx = $2::text::xid8, position = $3, updated_at = now()
+                 WHERE name = $1 AND tx = $4::text::xid8 AND position = $5"
+            )),
+            delete_checkpoint: sql(format!("DELETE FROM {s}.checkpoints WHERE name = $1")),
+            quoted: s,
         }
     }
 }

@@ -1,0 +1,296 @@
+//! Appending: one statement per batch, the expected version checked in that statement and enforced
+//! by the unique version index, idempotent retries resolved exactly like every other backend.
+
+use cqrs_core::store::{resolve_retry, validate_append};
+use cqrs_core::stream::InvalidId;
+use cqrs_core::{
+    AppendResult, ConcurrencyError, ExpectedVersion, NewEvent, Position, StoreError, StreamId,
+    StreamVersion,
+};
+use serde_json::Value;
+use sqlx::postgres::PgConnection;
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::error::{is_unique_violation, map_error_in, out_of_range};
+use crate::row::{parse_tx, stored_ref};
+use crate::sql::Statements;
+
+/// How often `Any`/`StreamExists` re-read the version after losing a race before giving up with a
+/// [`ConcurrencyError`] (only reachable under extreme contention, or in a caller's
+/// `REPEATABLE READ` transaction whose snapshot never sees the winner).
+const MAX_RACE_RETRIES: usize = 32;
+
+/// A validated batch, as the columns the append statements bind.
+#[derive(Debug, Clone)]
+pub(crate) struct Encoded {
+    pub ids: Vec<Uuid>,
+    pub types: Vec<String>,
+    pub schema_versions: Vec<i32>,
+    pub payloads: Vec<String>,
+    pub metadata: Vec<String>,
+}
+
+impl Encoded {
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Validates a batch (the core checks, then what PostgreSQL cannot store) and encodes it.
+pub(crate) fn encode(stream: &StreamId, events: &[NewEvent]) -> Result<Encoded, StoreError> {
+    validate_append(stream, events)?;
+    let n = events.len();
+    let mut encoded = Encoded {
+        ids: Vec::with_capacity(n),
+        types: Vec::with_capacity(n),
+        schema_versions: Vec::with_capacity(n),
+        payloads: Vec::with_capacity(n),
+        metadata: Vec::with_capacity(n),
+    };
+    for event in events {
+        check_json(&event.payload).map_err(|reason| nul_error("event payload", event, reason))?;
+        let metadata =
+            serde_json::to_value(&event.metadata).map_err(|e| StoreError::Backend(Box::new(e)))?;
+        check_json(&metadata).map_err(|reason| nul_error("event metadata", event, reason))?;
+        encoded.ids.push(*event.event_id.as_uuid());
+        encoded.types.push(event.event_type.clone());
+        encoded.schema_versions.push(
+            i32::try_from(event.schema_version)
+                .map_err(|_| out_of_range("schema version", event.schema_version))?,
+        );
+        encoded.payloads.push(event.payload.to_string());
+        encoded.metadata.push(metadata.to_string());
+    }
+    Ok(encoded)
+}
+
+fn nul_error(what: &'static str, event: &NewEvent, reason: String) -> StoreError {
+    StoreError::InvalidId(InvalidId {
+        what,
+        reason: format!("event {} {reason}", event.event_id),
+    })
+}
+
+/// PostgreSQL's `jsonb` rejects the NUL character (`\u0000`) in strings and keys; say so before
+/// sending rather than fail on an obscure SQLSTATE.
+pub(crate) fn check_json(value: &Value) -> Result<(), String> {
+    const WHY: &str = "contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store";
+    match value {
+        Value::String(s) if s.contains('\0') => Err(format!("{WHY} (in a string)")),
+        Value::Array(items) => items.iter().try_for_each(check_json),
+        Value::Object(map) => map.iter().try_for_each(|(key, item)| {
+            if key.contains('\0') {
+                Err(format!("{WHY} (in a key)"))
+            } else {
+                check_json(item)
+            }
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The expectation as the statements' `$3`: `>= 0` exact, `-1` any, `-2` the stream must exist.
+pub(crate) fn expected_code(expected: ExpectedVersion) -> i64 {
+    match expected {
+        ExpectedVersion::Any => -1,
+        ExpectedVersion::StreamExists => -2,
+        ExpectedVersion::NoStream => 0,
+        // Beyond i64::MAX no stream can be at that version: the guard fails, a conflict.
+        ExpectedVersion::Exact(v) => i64::try_from(v.get()).unwrap_or(i64::MAX),
+    }
+}
+
+pub(crate) fn to_version(version: i64) -> StreamVersion {
+    StreamVersion::new(u64::try_from(version).unwrap_or_default())
+}
+
+/// What one attempt of the append statement did.
+enum Attempt {
+    Written(AppendResult),
+    /// The guard refused: the stream was not at the expected version.
+    Refused {
+        actual: StreamVersion,
+    },
+    /// A unique index refused: a stored event id or a racing writer.
+    Duplicate,
+}
+
+/// The append statement's summary row into an outcome.
+fn summary(row: &sqlx::postgres::PgRow, n: usize) -> Result<Attempt, StoreError> {
+    let bad = |what: String| StoreError::Backend(what.into());
+    let inserted: i64 = row.try_get("n").map_err(crate::error::map_error)?;
+    let actual = to_version(row.try_get("actual").map_err(crate::error::map_error)?);
+    if inserted == 0 {
+        return Ok(Attempt::Refused { actual });
+    }
+    if usize::try_from(inserted).ok() != Some(n) {
+        return Err(bad(format!(
+            "append wrote {inserted} of {n} events; the statement is inconsistent"
+        )));
+    }
+    let last: i64 = row.try_get("last").map_err(crate::error::map_error)?;
+    let tx: String = row.try_get("tx").map_err(crate::error::map_error)?;
+    Ok(Attempt::Written(AppendResult {
+        stream_version: actual.advance(n as u64),
+        position: Position::new(
+            parse_tx(&tx).map_err(bad)?,
+            u64::try_from(last).map_err(|_| bad(format!("negative position {last}")))?,
+        ),
+    }))
+}
+
+const SAVEPOINT: &str = "SAVEPOINT cqrs_append";
+const RELEASE: &str = "RELEASE SAVEPOINT cqrs_append";
+const UNDO: &str = "ROLLBACK TO SAVEPOINT cqrs_append; RELEASE SAVEPOINT cqrs_append";
+
+/// Runs the append statement once. With `in_transaction`, inside a savepoint, so that a unique
+/// violation does not abort the caller's transaction.
+async fn attempt(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    stream: &StreamId,
+    code: i64,
+    batch: &Encoded,
+    in_transaction: bool,
+) -> Result<Attempt, StoreError> {
+    let fail = |e| map_error_in(&sql.schema, e);
+    if in_transaction {
+        sqlx::raw_sql(SAVEPOINT)
+            .execute(&mut *conn)
+            .await
+            .map_err(savepoint_error)?;
+    }
+    let result = sqlx::query(sql.append.clone())
+        .bind(stream.stream_type())
+        .bind(stream.id())
+        .bind(code)
+        .bind(&batch.ids)
+        .bind(&batch.types)
+        .bind(&batch.schema_versions)
+        .bind(&batch.payloads)
+        .bind(&batch.metadata)
+        .bind(&sql.channel)
+        .fetch_one(&mut *conn)
+        .await;
+    match result {
+        Ok(row) => {
+            if in_transaction {
+                sqlx::raw_sql(RELEASE)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(fail)?;
+            }
+            summary(&row, batch.len())
+        }
+        Err(error) => {
+            if in_transaction && matches!(error, sqlx::Error::Database(_)) {
+                sqlx::raw_sql(UNDO)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(fail)?;
+            }
+            if is_unique_violation(&error) {
+                Ok(Attempt::Duplicate)
+            } else {
+                Err(fail(error))
+            }
+        }
+    }
+}
+
+fn savepoint_error(error: sqlx::Error) -> StoreError {
+    match &error {
+        sqlx::Error::Database(db) if db.code().as_deref() == Some("25P01") => StoreError::Backend(
+            "append_in needs a connection inside a transaction (call it on a `sqlx::Transaction`)"
+                .into(),
+        ),
+        _ => crate::error::map_error(error),
+    }
+}
+
+/// If some of the batch's ids are stored, the outcome of the retry (the original result, or an
+/// idempotency conflict).
+async fn retry_outcome(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    stream: &StreamId,
+    events: &[NewEvent],
+    batch: &Encoded,
+) -> Result<Option<Result<AppendResult, StoreError>>, StoreError> {
+    let rows = sqlx::query(sql.find_ids.clone())
+        .bind(&batch.ids)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| map_error_in(&sql.schema, e))?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let stored = rows.iter().map(stored_ref).collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(resolve_retry(stream, events, &stored)))
+}
+
+pub(crate) async fn stream_version(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    stream: &StreamId,
+) -> Result<StreamVersion, StoreError> {
+    let version: i64 = sqlx::query_scalar(sql.stream_version.clone())
+        .bind(stream.stream_type())
+        .bind(stream.id())
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| map_error_in(&sql.schema, e))?;
+    Ok(to_version(version))
+}
+
+/// The whole append on one connection: attempt, then sort out refusals and unique violations.
+pub(crate) async fn append_on(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+    batch: &Encoded,
+    in_transaction: bool,
+) -> Result<AppendResult, StoreError> {
+    let code = expected_code(expected);
+    let conflict = |actual| -> StoreError {
+        ConcurrencyError {
+            stream: stream.clone(),
+            expected,
+            actual,
+        }
+        .into()
+    };
+    let mut races = 0;
+    loop {
+        match attempt(conn, sql, stream, code, batch, in_transaction).await? {
+            Attempt::Written(result) => return Ok(result),
+            // Stored ids win over the expectation: a retry returns the original result whatever
+            // it expects now (the core's idempotency semantics).
+            Attempt::Refused { actual } => {
+                return match retry_outcome(conn, sql, stream, events, batch).await? {
+                    Some(outcome) => outcome,
+                    None => Err(conflict(actual)),
+                };
+            }
+            Attempt::Duplicate => {
+                if let Some(outcome) = retry_outcome(conn, sql, stream, events, batch).await? {
+                    return outcome;
+                }
+                // A writer took one of our versions between our read and our insert.
+                let retry = matches!(
+                    expected,
+                    ExpectedVersion::Any | ExpectedVersion::StreamExists
+                );
+                if retry && races < MAX_RACE_RETRIES {
+                    races += 1;
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                return Err(conflict(stream_version(conn, sql, stream).await?));
+            }
+        }
+    }
+}

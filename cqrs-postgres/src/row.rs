@@ -1,0 +1,95 @@
+//! Rows back into core types. Nothing here panics on what the database returns: an unreadable row
+//! becomes [`StoreError::CorruptEvent`] naming its position.
+
+use chrono::{DateTime, Utc};
+use cqrs_core::store::StoredEventRef;
+use cqrs_core::{EventId, Metadata, Position, RecordedEvent, StoreError, StreamId, StreamVersion};
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+
+use crate::error::map_error;
+
+fn corrupt(position: Position, reason: impl std::fmt::Display) -> StoreError {
+    StoreError::CorruptEvent {
+        position,
+        reason: reason.to_string(),
+    }
+}
+
+/// A transaction id as PostgreSQL prints an `xid8`.
+pub(crate) fn parse_tx(text: &str) -> Result<u64, String> {
+    text.parse()
+        .map_err(|e| format!("bad transaction id `{text}`: {e}"))
+}
+
+/// The `(tx_text, position)` columns. Without them there is no position to name, so a failure
+/// here is a backend error rather than a corrupt event.
+pub(crate) fn position(row: &PgRow) -> Result<Position, StoreError> {
+    let sequence: i64 = row.try_get("position").map_err(map_error)?;
+    let sequence = u64::try_from(sequence)
+        .map_err(|_| StoreError::Backend(format!("negative position {sequence}").into()))?;
+    let tx: String = row.try_get("tx_text").map_err(map_error)?;
+    let tx = parse_tx(&tx).map_err(|reason| corrupt(Position::new(0, sequence), reason))?;
+    Ok(Position::new(tx, sequence))
+}
+
+fn version(row: &PgRow, at: Position) -> Result<StreamVersion, StoreError> {
+    let version: i64 = row.try_get("stream_version").map_err(|e| corrupt(at, e))?;
+    u64::try_from(version)
+        .map(StreamVersion::new)
+        .map_err(|_| corrupt(at, format!("negative stream version {version}")))
+}
+
+fn stream(row: &PgRow, at: Position) -> Result<StreamId, StoreError> {
+    Ok(StreamId::new(
+        row.try_get::<String, _>("stream_type")
+            .map_err(|e| corrupt(at, e))?,
+        row.try_get::<String, _>("stream_id")
+            .map_err(|e| corrupt(at, e))?,
+    ))
+}
+
+fn event_id(row: &PgRow, at: Position) -> Result<EventId, StoreError> {
+    row.try_get("event_id")
+        .map(EventId::from_uuid)
+        .map_err(|e| corrupt(at, e))
+}
+
+/// A full event from a [`crate::sql`] read.
+pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
+    let at = position(row)?;
+    let text = |column: &str| {
+        row.try_get::<String, _>(column)
+            .map_err(|e| corrupt(at, format!("{column}: {e}")))
+    };
+    let payload = serde_json::from_str(&text("payload_text")?)
+        .map_err(|e| corrupt(at, format!("payload: {e}")))?;
+    let metadata: Metadata = serde_json::from_str(&text("metadata_text")?)
+        .map_err(|e| corrupt(at, format!("metadata: {e}")))?;
+    let schema_version: i32 = row.try_get("schema_version").map_err(|e| corrupt(at, e))?;
+    Ok(RecordedEvent {
+        event_id: event_id(row, at)?,
+        stream: stream(row, at)?,
+        stream_version: version(row, at)?,
+        position: at,
+        event_type: text("event_type")?,
+        schema_version: u32::try_from(schema_version)
+            .map_err(|_| corrupt(at, format!("negative schema version {schema_version}")))?,
+        recorded_at: row
+            .try_get::<DateTime<Utc>, _>("recorded_at")
+            .map_err(|e| corrupt(at, e))?,
+        payload,
+        metadata,
+    })
+}
+
+/// Where a stored event is, for idempotency checks.
+pub(crate) fn stored_ref(row: &PgRow) -> Result<StoredEventRef, StoreError> {
+    let at = position(row)?;
+    Ok(StoredEventRef {
+        event_id: event_id(row, at)?,
+        stream: stream(row, at)?,
+        stream_version: version(row, at)?,
+        position: at,
+    })
+}

@@ -1,0 +1,192 @@
+//! Group commit: concurrent appends to different streams share one statement and one commit, and
+//! every caller still gets exactly its own result or its own error.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use cqrs_core::{
+    AppendResult, EventId, EventStore, EventTypes, ExpectedVersion, Position, StoreError, StreamId,
+    StreamVersion,
+};
+use cqrs_postgres::GroupCommit;
+
+use crate::{batch, drop_schema, fresh_store_with};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grouped_appends_give_every_caller_its_own_result_and_its_own_conflict() {
+    const TASKS: usize = 24;
+    const APPENDS: usize = 40;
+    let store = fresh_store_with(6).await.with_group_commit(GroupCommit {
+        max_batch: 16,
+        max_wait: Duration::from_millis(2),
+    });
+    // Each task owns a stream. Every fifth append expects a wrong version (a conflict that must
+    // stay its own), every seventh re-sends its previous batch (a retry, that must return the
+    // original result, without failing the others in its group).
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = StreamId::new("account", format!("g{t}"));
+            let mut version = StreamVersion::INITIAL;
+            let mut written: Vec<(Vec<EventId>, AppendResult)> = Vec::new();
+            let mut previous: Option<(Vec<cqrs_core::NewEvent>, AppendResult)> = None;
+            let mut conflicts = 0;
+            for i in 0..APPENDS {
+                if i % 5 == 4 {
+                    let wrong = ExpectedVersion::Exact(version.advance(3));
+                    match store.append(&stream, wrong, batch(2)).await {
+                        Err(StoreError::Concurrency(c)) => {
+                            assert_eq!(c.actual, version, "the conflict reports this stream");
+                            assert_eq!(c.expected, wrong);
+                            conflicts += 1;
+                        }
+                        other => panic!("expected a conflict, got {other:?}"),
+                    }
+                    continue;
+                }
+                if i % 7 == 6 {
+                    let (events, original) = previous.clone().unwrap();
+                    let again = store
+                        .append(&stream, ExpectedVersion::Any, events)
+                        .await
+                        .unwrap();
+                    assert_eq!(again, original, "a retry returns the original result");
+                    continue;
+                }
+                let events = batch(1 + i % 3);
+                let expected = if i % 2 == 0 {
+                    ExpectedVersion::Exact(version)
+                } else {
+                    ExpectedVersion::Any
+                };
+                let result = store
+                    .append(&stream, expected, events.clone())
+                    .await
+                    .unwrap();
+                assert_eq!(result.stream_version, version.advance(events.len() as u64));
+                version = result.stream_version;
+                written.push((events.iter().map(|e| e.event_id).collect(), result));
+                previous = Some((events, result));
+            }
+            (stream, written, conflicts)
+        }));
+    }
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    let all: Vec<_> = futures_util::TryStreamExt::try_collect::<Vec<_>>(
+        cqrs_core::store::read_all_batched(&store, Position::START, EventTypes::All, 500),
+    )
+    .await
+    .unwrap();
+    let by_id: HashMap<EventId, &cqrs_core::RecordedEvent> =
+        all.iter().map(|e| (e.event_id, e)).collect();
+    let mut appends = 0;
+    for (stream, written, conflicts) in &results {
+        assert_eq!(*conflicts, APPENDS / 5);
+        let mut expected_version = 0;
+        for (ids, result) in written {
+            appends += 1;
+            let stored: Vec<_> = ids.iter().map(|id| by_id[id]).collect();
+            for e in &stored {
+                expected_version += 1;
+                assert_eq!(&e.stream, stream);
+                assert_eq!(e.stream_version.get(), expected_version, "dense, in order");
+            }
+            let last = stored.last().unwrap();
+            assert_eq!(
+                (last.stream_version, last.position),
+                (result.stream_version, result.position),
+                "the result names exactly where the batch landed"
+            );
+        }
+        assert_eq!(
+            store.stream_version(stream).await.unwrap().get(),
+            expected_version
+        );
+    }
+    let stored_ids: HashSet<EventId> = all.iter().map(|e| e.event_id).collect();
+    assert_eq!(stored_ids.len(), all.len(), "nothing duplicated");
+    assert_eq!(
+        all.len(),
+        by_id.len(),
+        "nothing written beyond what the callers were told"
+    );
+    assert_eq!(
+        all.len(),
+        results
+            .iter()
+            .flat_map(|r| &r.1)
+            .map(|(ids, _)| ids.len())
+            .sum::<usize>()
+    );
+    // Grouping happened: fewer transactions than appends, some holding several streams.
+    let mut streams_per_tx: HashMap<u64, HashSet<&StreamId>> = HashMap::new();
+    for e in &all {
+        streams_per_tx
+            .entry(e.position.tx)
+            .or_default()
+            .insert(&e.stream);
+    }
+    let grouped = streams_per_tx.values().filter(|s| s.len() > 1).count();
+    let largest = streams_per_tx.values().map(HashSet::len).max().unwrap_or(0);
+    eprintln!(
+        "group commit: {appends} appends in {} transactions; {grouped} held several streams, the largest {largest}",
+        streams_per_tx.len()
+    );
+    assert!(grouped > 0, "no two appends were ever committed together");
+    assert!(streams_per_tx.len() < appends);
+    drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn grouped_and_individual_writers_race_on_one_stream_without_loss() {
+    let store = fresh_store_with(6).await;
+    let grouped = store.clone().with_group_commit(GroupCommit::default());
+    let stream = StreamId::new("hot", "1");
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let store = if t % 2 == 0 {
+            grouped.clone()
+        } else {
+            store.clone()
+        };
+        let stream = stream.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..40 {
+                let events = batch(3);
+                loop {
+                    let at = store.stream_version(&stream).await.unwrap();
+                    match store
+                        .append(&stream, ExpectedVersion::Exact(at), events.clone())
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(StoreError::Concurrency(_)) => {}
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                ids.extend(events.iter().map(|e| e.event_id));
+            }
+            ids
+        }));
+    }
+    let mut sent = HashSet::new();
+    for task in tasks {
+        sent.extend(task.await.unwrap());
+    }
+    let all = store
+        .read_stream(&stream, StreamVersion::new(1), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 8 * 40 * 3);
+    assert_eq!(all.iter().map(|e| e.event_id).collect::<HashSet<_>>(), sent);
+    assert!(all
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.stream_version.get() == i as u64 + 1));
+    drop_schema(&store).await;
+}
