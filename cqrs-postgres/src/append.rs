@@ -199,7 +199,7 @@ async fn attempt(
     }
 }
 
-fn savepoint_error(error: sqlx::Error) -> StoreError {
+pub(crate) fn savepoint_error(error: sqlx::Error) -> StoreError {
     match &error {
         sqlx::Error::Database(db) if db.code().as_deref() == Some("25P01") => StoreError::Backend(
             "append_in needs a connection inside a transaction (call it on a `sqlx::Transaction`)"
@@ -244,6 +244,13 @@ pub(crate) async fn stream_version(
     Ok(to_version(version))
 }
 
+/// What an append did.
+pub(crate) struct Appended {
+    pub result: AppendResult,
+    /// `true`: written now. `false`: an idempotent retry of events stored earlier.
+    pub fresh: bool,
+}
+
 /// The whole append on one connection: attempt, then sort out refusals and unique violations.
 pub(crate) async fn append_on(
     conn: &mut PgConnection,
@@ -253,8 +260,14 @@ pub(crate) async fn append_on(
     events: &[NewEvent],
     batch: &Encoded,
     in_transaction: bool,
-) -> Result<AppendResult, StoreError> {
+) -> Result<Appended, StoreError> {
     let code = expected_code(expected);
+    let replayed = |outcome: Result<AppendResult, StoreError>| {
+        outcome.map(|result| Appended {
+            result,
+            fresh: false,
+        })
+    };
     let conflict = |actual| -> StoreError {
         ConcurrencyError {
             stream: stream.clone(),
@@ -266,18 +279,23 @@ pub(crate) async fn append_on(
     let mut races = 0;
     loop {
         match attempt(conn, sql, stream, code, batch, in_transaction).await? {
-            Attempt::Written(result) => return Ok(result),
+            Attempt::Written(result) => {
+                return Ok(Appended {
+                    result,
+                    fresh: true,
+                })
+            }
             // Stored ids win over the expectation: a retry returns the original result whatever
             // it expects now (the core's idempotency semantics).
             Attempt::Refused { actual } => {
                 return match retry_outcome(conn, sql, stream, events, batch).await? {
-                    Some(outcome) => outcome,
+                    Some(outcome) => replayed(outcome),
                     None => Err(conflict(actual)),
                 };
             }
             Attempt::Duplicate => {
                 if let Some(outcome) = retry_outcome(conn, sql, stream, events, batch).await? {
-                    return outcome;
+                    return replayed(outcome);
                 }
                 // A writer took one of our versions between our read and our insert.
                 let retry = matches!(

@@ -65,7 +65,9 @@
 mod append;
 mod error;
 mod group;
+mod inline;
 mod notify;
+mod projections;
 mod row;
 mod sql;
 
@@ -84,6 +86,7 @@ use sqlx::{Executor, Row};
 pub use error::{map_error, SchemaMismatch};
 pub use group::GroupCommit;
 pub use notify::AppendListener;
+pub use projections::PostgresProjections;
 pub use sql::MAX_SCHEMA_LEN;
 
 use crate::error::{map_error_in, out_of_range};
@@ -103,6 +106,7 @@ pub struct PostgresStore {
     horizon_wait: Duration,
     notifier: Arc<OnceLock<Arc<notify::Notifier>>>,
     group: Option<Arc<group::GroupCommitter>>,
+    inline: Arc<[Arc<dyn inline::Inline>]>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -111,6 +115,10 @@ impl std::fmt::Debug for PostgresStore {
             .field("schema", &self.sql.schema)
             .field("horizon_wait", &self.horizon_wait)
             .field("group_commit", &self.group.as_ref().map(|g| g.config()))
+            .field(
+                "inline",
+                &self.inline.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -134,6 +142,7 @@ impl PostgresStore {
             horizon_wait: DEFAULT_HORIZON_WAIT,
             notifier: Arc::default(),
             group: None,
+            inline: Arc::new([]),
         }
     }
 
@@ -172,6 +181,28 @@ impl PostgresStore {
             self.sql.clone(),
             config,
         ));
+        self
+    }
+
+    /// Runs `projection` inside every append of this store (and its clones made afterwards):
+    /// its handlers get the append's transaction (`type Context = sqlx::PgConnection`), so the
+    /// events and the read-model rows commit together or not at all. A handler error fails the
+    /// append with [`StoreError::InlineProjection`] and nothing is written. An idempotent retry of
+    /// stored events does not run it again.
+    ///
+    /// The value is cloned for each append and the clone dropped afterwards: keep the read
+    /// model's state in the database. Appends with inline projections bypass group commit (each
+    /// runs its own transaction), and [`PostgresStore::append_in`] runs them in the caller's
+    /// transaction. Use inline projections for read models that must never lag (uniqueness
+    /// checks, balances shown right after a command); everything else is cheaper asynchronous
+    /// ([`PostgresProjections`]).
+    pub fn with_inline<P>(mut self, projection: P) -> Self
+    where
+        P: cqrs_core::Projection<Context = PgConnection> + Clone + Sync,
+    {
+        let mut inline = self.inline.to_vec();
+        inline.push(Arc::new(inline::InlineProjection(projection)));
+        self.inline = inline.into();
         self
     }
 
@@ -224,7 +255,9 @@ impl PostgresStore {
     /// the caller's other writes: inline projections, an outbox. Same checks, idempotency and
     /// result as [`EventStore::append`]; `conn` must be inside a transaction (pass
     /// `&mut *transaction`). Runs in a savepoint, so a conflict leaves the caller's transaction
-    /// usable. The notification is sent when the caller commits.
+    /// usable. The store's inline projections ([`PostgresStore::with_inline`]) run here too, in
+    /// the same savepoint: if one fails, its writes and the events are undone together. The
+    /// notification is sent when the caller commits.
     ///
     /// The events' `tx` is the caller's transaction id: while it stays open it holds every gap-free
     /// reader back, so keep such transactions short.
@@ -236,7 +269,70 @@ impl PostgresStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         let batch = append::encode(stream, &events)?;
-        append::append_on(conn, &self.sql, stream, expected, &events, &batch, true).await
+        if self.inline.is_empty() {
+            return append::append_on(conn, &self.sql, stream, expected, &events, &batch, true)
+                .await
+                .map(|appended| appended.result);
+        }
+        // Events and inline read-model writes are undone together if either fails, leaving the
+        // caller's transaction usable and without events that no projection has seen.
+        sqlx::raw_sql("SAVEPOINT cqrs_inline")
+            .execute(&mut *conn)
+            .await
+            .map_err(append::savepoint_error)?;
+        let outcome = async {
+            let appended =
+                append::append_on(conn, &self.sql, stream, expected, &events, &batch, true).await?;
+            if appended.fresh {
+                self.project_inline(conn, stream, &appended.result, events.len())
+                    .await?;
+            }
+            Ok(appended.result)
+        }
+        .await;
+        let end = if outcome.is_ok() {
+            "RELEASE SAVEPOINT cqrs_inline"
+        } else {
+            "ROLLBACK TO SAVEPOINT cqrs_inline; RELEASE SAVEPOINT cqrs_inline"
+        };
+        sqlx::raw_sql(end)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| self.fail(e))?;
+        outcome
+    }
+
+    /// Runs the inline projections over the events just appended on `conn` (inside the append's
+    /// transaction; the caller undoes everything on error).
+    async fn project_inline(
+        &self,
+        conn: &mut PgConnection,
+        stream: &StreamId,
+        written: &AppendResult,
+        count: usize,
+    ) -> Result<(), StoreError> {
+        let last = written.stream_version.get();
+        let first = last.saturating_sub(count as u64);
+        let version = |v: u64| i64::try_from(v).map_err(|_| out_of_range("stream version", v));
+        let rows = sqlx::query(self.sql.read_back.clone())
+            .bind(stream.stream_type())
+            .bind(stream.id())
+            .bind(version(first)?)
+            .bind(version(last)?)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let events = rows
+            .iter()
+            .map(row::recorded)
+            .collect::<Result<Vec<_>, _>>()?;
+        for projection in self.inline.iter() {
+            projection
+                .apply(&events, conn)
+                .await
+                .map_err(StoreError::InlineProjection)?;
+        }
+        Ok(())
     }
 
     /// [`CheckpointStore::load_checkpoint`] on the caller's connection (inside its transaction).
@@ -326,8 +422,22 @@ impl PostgresStore {
         events: &[NewEvent],
         batch: &append::Encoded,
     ) -> Result<AppendResult, StoreError> {
+        if !self.inline.is_empty() {
+            let mut tx = self.pool.begin().await.map_err(map_error)?;
+            let appended =
+                append::append_on(&mut tx, &self.sql, stream, expected, events, batch, true)
+                    .await?;
+            if appended.fresh {
+                self.project_inline(&mut tx, stream, &appended.result, events.len())
+                    .await?;
+            }
+            tx.commit().await.map_err(map_error)?;
+            return Ok(appended.result);
+        }
         let mut conn = self.pool.acquire().await.map_err(map_error)?;
-        append::append_on(&mut conn, &self.sql, stream, expected, events, batch, false).await
+        append::append_on(&mut conn, &self.sql, stream, expected, events, batch, false)
+            .await
+            .map(|appended| appended.result)
     }
 
     async fn read_page(
@@ -547,7 +657,7 @@ impl EventStore for PostgresStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         let batch = Arc::new(append::encode(stream, &events)?);
-        if let Some(group) = &self.group {
+        if let Some(group) = self.group.as_ref().filter(|_| self.inline.is_empty()) {
             if let Some(result) = group.append(stream, expected, &batch).await {
                 return Ok(result);
             }

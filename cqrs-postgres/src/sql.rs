@@ -21,22 +21,28 @@ pub const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())";
 
 /// Accepts `[a-z_][a-z0-9_]*`, at most [`MAX_SCHEMA_LEN`] bytes, not `pg_*` (reserved).
 pub fn validate_schema(schema: &str) -> Result<(), InvalidId> {
-    let reason = if schema.is_empty() || schema.len() > MAX_SCHEMA_LEN {
+    validate_identifier("schema name", schema)
+}
+
+/// The rule for every name spliced into SQL (schema, view, table): `[a-z_][a-z0-9_]*`, at most
+/// [`MAX_SCHEMA_LEN`] bytes, not `pg_*`. Such a name needs no escaping inside double quotes.
+pub fn validate_identifier(what: &'static str, name: &str) -> Result<(), InvalidId> {
+    let reason = if name.is_empty() || name.len() > MAX_SCHEMA_LEN {
         format!("must be 1 to {MAX_SCHEMA_LEN} bytes long")
-    } else if !schema.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-        || !schema
+    } else if !name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        || !name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
     {
         "must match [a-z_][a-z0-9_]*".to_owned()
-    } else if schema.starts_with("pg_") {
+    } else if name.starts_with("pg_") {
         "names starting with `pg_` are reserved by PostgreSQL".to_owned()
     } else {
         return Ok(());
     };
     Err(InvalidId {
-        what: "schema name",
-        reason: format!("`{schema}` {reason}"),
+        what,
+        reason: format!("`{name}` {reason}"),
     })
 }
 
@@ -65,6 +71,11 @@ pub struct Statements {
     pub insert_checkpoint: SqlStr,
     pub update_checkpoint: SqlStr,
     pub delete_checkpoint: SqlStr,
+    pub record_skip: SqlStr,
+    pub skipped: SqlStr,
+    pub first_delivery: SqlStr,
+    pub try_lease: SqlStr,
+    pub read_back: SqlStr,
 }
 
 fn sql(text: String) -> SqlStr {
@@ -251,6 +262,28 @@ impl Statements {
                  WHERE name = $1 AND tx = $4::text::xid8 AND position = $5"
             )),
             delete_checkpoint: sql(format!("DELETE FROM {s}.checkpoints WHERE name = $1")),
+            record_skip: sql(format!(
+                "INSERT INTO {s}.projection_skips (projection, tx, position, event_id, event_type, reason)
+                 VALUES ($1, $2::text::xid8, $3, $4, $5, $6)"
+            )),
+            skipped: sql(format!(
+                "SELECT projection, tx::text AS tx_text, position, event_type, reason
+                 FROM {s}.projection_skips WHERE projection = $1 ORDER BY tx, position"
+            )),
+            first_delivery: sql(format!(
+                "INSERT INTO {s}.processed_events (consumer, event_id) VALUES ($1, $2)
+                 ON CONFLICT DO NOTHING"
+            )),
+            // Session-level, keyed by (schema, name): two stores in different schemas never share
+            // a lease. A hash collision only makes two projections take turns; exactness rests on
+            // the checkpoint's compare-and-set, not on the lock.
+            try_lease: sql("SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))".to_owned()),
+            // The events this transaction just appended (inline projections), in version order.
+            read_back: sql(format!(
+                "SELECT {COLUMNS} FROM {events}
+                 WHERE stream_type = $1 AND stream_id = $2 AND stream_version > $3 AND stream_version <= $4
+                 ORDER BY stream_version"
+            )),
             quoted: s,
         }
     }

@@ -14,6 +14,7 @@ mod connection;
 mod gaps;
 mod group_commit;
 mod hostile;
+mod projections;
 mod schema;
 mod transactions;
 

@@ -1,0 +1,45 @@
+//! Inline projections: read models updated by the append's own transaction.
+
+use async_trait::async_trait;
+use cqrs_core::{Projection, ProjectionError, RecordedEvent};
+use sqlx::postgres::PgConnection;
+
+/// A projection run inside appends, type-erased.
+#[async_trait]
+pub(crate) trait Inline: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Applies `events` (just appended, in order) on the append's transaction.
+    async fn apply(
+        &self,
+        events: &[RecordedEvent],
+        conn: &mut PgConnection,
+    ) -> Result<(), ProjectionError>;
+}
+
+/// Runs `P` on a fresh clone per append: its state lives in the database, never in the value.
+pub(crate) struct InlineProjection<P>(pub P);
+
+#[async_trait]
+impl<P> Inline for InlineProjection<P>
+where
+    P: Projection<Context = PgConnection> + Clone + Sync,
+{
+    fn name(&self) -> &'static str {
+        P::NAME
+    }
+
+    async fn apply(
+        &self,
+        events: &[RecordedEvent],
+        conn: &mut PgConnection,
+    ) -> Result<(), ProjectionError> {
+        let mut projection = self.0.clone();
+        for event in events {
+            if P::EVENT_TYPES.contains(&event.event_type.as_str()) {
+                projection.handle(event, conn).await?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,712 @@
+//! Projections on PostgreSQL: exactly-once under SIGKILL, concurrent writers and a held-open
+//! transaction, several runners with handover, plain and zero-downtime rebuilds while writers
+//! append, read-your-own-writes waits, poison events, inline projections.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cqrs_core::prelude::*;
+use cqrs_core::subscription::{
+    wait_for, ProjectionBackend, ProjectionHandle, ProjectionRunner, ProjectionState, RunnerConfig,
+};
+use cqrs_core::{
+    event, projection, CheckpointStore, EventStore, EventTypes, ExpectedVersion, NewEvent,
+    StoreError,
+};
+use cqrs_postgres::{PostgresProjections, PostgresStore};
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::AssertSqlSafe;
+
+use crate::{drop_schema, fresh_store, fresh_store_with, url};
+
+#[event(name = "Deposited")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deposited {
+    pub amount: i64,
+}
+
+/// Not handled by `Balances`: the runner must step over these without reading them.
+#[event(name = "Noted")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Noted {
+    pub text: String,
+}
+
+/// Balance and event count per account, in table `table` of the store's schema.
+#[derive(Debug, Clone)]
+pub struct Balances {
+    /// `"schema"."table"`, quoted.
+    table: String,
+}
+
+impl Balances {
+    async fn create(store: &PostgresStore, table: &str) -> Self {
+        let this = Self {
+            table: format!("\"{}\".\"{table}\"", store.schema()),
+        };
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {} (account text PRIMARY KEY, balance bigint NOT NULL, events bigint NOT NULL)",
+            this.table
+        )))
+        .execute(store.pool())
+        .await
+        .unwrap();
+        this
+    }
+
+    fn on(store: &PostgresStore, table: &str) -> Self {
+        Self {
+            table: format!("\"{}\".\"{table}\"", store.schema()),
+        }
+    }
+}
+
+#[projection(name = "balances")]
+impl Balances {
+    async fn deposited(
+        &mut self,
+        event: &Deposited,
+        meta: &RecordedEvent,
+        db: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        if event.amount < 0 {
+            // A poison event: the handler refuses it.
+            return Err(sqlx::Error::Protocol(format!(
+                "negative deposit {}",
+                event.amount
+            )));
+        }
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {t} AS b (account, balance, events) VALUES ($1, $2, 1)
+             ON CONFLICT (account) DO UPDATE SET balance = b.balance + EXCLUDED.balance, events = b.events + 1",
+            t = self.table
+        )))
+        .bind(meta.stream.id())
+        .bind(event.amount)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+}
+
+type Rows = BTreeMap<String, (i64, i64)>;
+
+/// The read model as stored: account -> (balance, events).
+async fn read_model(store: &PostgresStore, relation: &str) -> Rows {
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT account, balance, events FROM \"{}\".\"{relation}\"",
+        store.schema()
+    )))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    rows.into_iter().map(|(a, b, n)| (a, (b, n))).collect()
+}
+
+/// The read model a from-scratch replay of the whole log gives.
+async fn replay(store: &PostgresStore) -> Rows {
+    let mut rows = Rows::new();
+    let mut after = Position::START;
+    loop {
+        let events = store
+            .read_all(after, EventTypes::Only(&["Deposited"]), 1000)
+            .await
+            .unwrap();
+        let Some(last) = events.last() else {
+            return rows;
+        };
+        after = last.position;
+        for e in &events {
+            let d = Deposited::decode(e.schema_version, &e.payload).unwrap();
+            let row = rows.entry(e.stream.id().to_owned()).or_default();
+            row.0 += d.amount;
+            row.1 += 1;
+        }
+    }
+}
+
+fn deposit(amount: i64) -> NewEvent {
+    NewEvent::from_event(&Deposited { amount }).unwrap()
+}
+
+fn random() -> u64 {
+    RandomState::new().hash_one(Instant::now())
+}
+
+fn config() -> RunnerConfig {
+    RunnerConfig {
+        batch_size: 100,
+        poll_interval: Duration::from_millis(200),
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        standby_interval: Duration::from_millis(100),
+    }
+}
+
+fn spawn(store: &PostgresStore, projection: Balances, name: &str) -> ProjectionHandle<Balances> {
+    ProjectionRunner::new(projection, PostgresProjections::new(store.clone()))
+        .named(name)
+        .with_config(config())
+        .spawn()
+}
+
+/// `writers` tasks, each appending `batches` batches of 1-3 deposits to `accounts` accounts
+/// (every 5th batch also a `Noted`), then stopping; returns the total deposited events.
+fn writers(
+    store: &PostgresStore,
+    writers: usize,
+    batches: usize,
+    accounts: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<u64> {
+    let store = store.clone();
+    tokio::spawn(async move {
+        let tasks: Vec<_> = (0..writers)
+            .map(|w| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let mut written = 0;
+                    for b in 0..batches {
+                        let account =
+                            StreamId::new("account", format!("a{}", (w * 7 + b) % accounts));
+                        let n = 1 + (random() % 3) as i64;
+                        let mut events: Vec<_> =
+                            (0..n).map(|i| deposit(1 + i + b as i64)).collect();
+                        if b % 5 == 0 {
+                            events.push(NewEvent::from_event(&Noted { text: "x".into() }).unwrap());
+                        }
+                        store
+                            .append(&account, ExpectedVersion::Any, events)
+                            .await
+                            .unwrap();
+                        written += n as u64;
+                        if !pause.is_zero() {
+                            tokio::time::sleep(pause).await;
+                        }
+                    }
+                    written
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap();
+        }
+        total
+    })
+}
+
+async fn head(store: &PostgresStore) -> Position {
+    store.head().await.unwrap().unwrap()
+}
+
+/// Waits for checkpoint `name` to reach the head, then compares the read model with a replay.
+async fn assert_exact(store: &PostgresStore, name: &str, relation: &str) -> Rows {
+    wait_for(store, name, head(store).await, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let expected = replay(store).await;
+    let actual = read_model(store, relation).await;
+    assert_eq!(
+        actual, expected,
+        "read model `{relation}` differs from a full replay"
+    );
+    expected
+}
+
+// ---- Exactly once under SIGKILL ---------------------------------------------------------------
+
+const CHILD_SCHEMA: &str = "CQRS_CRASH_CHILD_SCHEMA";
+
+/// Not a test: the body of the child processes `exactly_once_across_sigkills` starts (this
+/// binary, re-run with `--ignored --exact`). Runs the projection until killed.
+#[tokio::test]
+#[ignore = "entry point of a child process, started by exactly_once_across_sigkills"]
+async fn crash_child() {
+    let schema = std::env::var(CHILD_SCHEMA).expect("started by exactly_once_across_sigkills");
+    let options = PgConnectOptions::from_str(&url()).unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let store = PostgresStore::new(pool).with_schema(&schema).unwrap();
+    let handle = spawn(&store, Balances::on(&store, "balances"), "balances");
+    // Runs until SIGKILL. Should the test die first, exit rather than linger: when the parent is
+    // gone (reparented) or after two minutes at most.
+    let parent = std::os::unix::process::parent_id();
+    let started = Instant::now();
+    while std::os::unix::process::parent_id() == parent
+        && started.elapsed() < Duration::from_secs(120)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    handle.abort();
+}
+
+fn start_child(schema: &str) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--ignored",
+            "--exact",
+            "projections::crash_child",
+            "--nocapture",
+            "--quiet",
+        ])
+        .env(CHILD_SCHEMA, schema)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_across_sigkills() {
+    let store = fresh_store_with(8).await;
+    Balances::create(&store, "balances").await;
+    // 6,000 events stored before the first runner starts, 6,000+ more appended while runner
+    // processes are killed and restarted.
+    let before = writers(&store, 4, 750, 40, Duration::ZERO).await.unwrap();
+    let during = writers(&store, 2, 1500, 40, Duration::from_millis(2));
+    // Two runner processes at a time (one active, one standby); each round SIGKILLs one at a
+    // random moment and starts a replacement.
+    let mut children = [start_child(store.schema()), start_child(store.schema())];
+    let mut progress = Vec::new();
+    let kills = 12;
+    for round in 0..kills {
+        tokio::time::sleep(Duration::from_millis(150 + random() % 450)).await;
+        let victim = (random() % 2) as usize;
+        children[victim].kill().unwrap(); // SIGKILL
+        children[victim].wait().unwrap();
+        progress.push(store.load_checkpoint("balances").await.unwrap());
+        children[victim] = start_child(store.schema());
+        if round == kills / 2 {
+            // Also kill both at once: the next pair starts from the checkpoint alone.
+            for child in &mut children {
+                child.kill().unwrap();
+                child.wait().unwrap();
+            }
+            children = [start_child(store.schema()), start_child(store.schema())];
+        }
+    }
+    let during = during.await.unwrap();
+    assert!(before + during >= 10_000, "{} events", before + during);
+    let rows = assert_exact(&store, "balances", "balances").await;
+    for mut child in children {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    assert_eq!(
+        rows.values().map(|r| r.1).sum::<i64>() as u64,
+        before + during
+    );
+    // The kills landed while there was work to do: the checkpoint moved between them.
+    let distinct: std::collections::HashSet<_> = progress.iter().collect();
+    eprintln!(
+        "{} events; checkpoints at the kills: {progress:?}",
+        before + during
+    );
+    assert!(
+        distinct.len() > kills / 2,
+        "checkpoints at kills: {progress:?}"
+    );
+    drop_schema(&store).await;
+}
+
+// ---- Concurrency --------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_skipped_while_writers_append_and_a_transaction_is_held_open() {
+    let store = fresh_store_with(10).await;
+    let projection = Balances::create(&store, "balances").await;
+    let handle = spawn(&store, projection, "balances");
+    let load = writers(&store, 4, 300, 25, Duration::from_millis(1));
+    // A transaction that appends early (a low tx id) and commits seconds later, after many
+    // later transactions: the runner must not move past it.
+    let held = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut tx = store.pool().begin().await.unwrap();
+            let account = StreamId::new("account", "held");
+            store
+                .append_in(
+                    &mut tx,
+                    &account,
+                    ExpectedVersion::NoStream,
+                    vec![deposit(1000)],
+                )
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            tx.commit().await.unwrap();
+        })
+    };
+    load.await.unwrap();
+    held.await.unwrap();
+    let rows = assert_exact(&store, "balances", "balances").await;
+    assert_eq!(rows.get("held"), Some(&(1000, 1)));
+    assert_eq!(handle.status().state, ProjectionState::Running);
+    handle.stop().await.unwrap();
+    drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_runners_apply_each_batch_once_and_hand_over_when_the_active_one_dies() {
+    let store = fresh_store_with(10).await;
+    let projection = Balances::create(&store, "balances").await;
+    let mut handles: Vec<_> = (0..3)
+        .map(|_| spawn(&store, projection.clone(), "balances"))
+        .collect();
+    let load = writers(&store, 3, 200, 20, Duration::from_millis(2));
+    let active = |handles: &[ProjectionHandle<Balances>]| {
+        handles
+            .iter()
+            .filter(|h| h.status().state == ProjectionState::Running)
+            .count()
+    };
+    // Kill the active runner twice while writers append; a standby takes over each time.
+    for _ in 0..2 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let index = loop {
+            if let Some(i) = handles
+                .iter()
+                .position(|h| h.status().state == ProjectionState::Running)
+            {
+                break i;
+            }
+            assert!(Instant::now() < deadline, "no runner became active");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_eq!(active(&handles), 1, "exactly one runner holds the lease");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        handles.remove(index).abort();
+        handles.push(spawn(&store, projection.clone(), "balances"));
+    }
+    load.await.unwrap();
+    assert_exact(&store, "balances", "balances").await;
+    assert_eq!(active(&handles), 1);
+    drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn two_batches_from_the_same_checkpoint_commit_once() {
+    let store = fresh_store().await;
+    let mut projection = Balances::create(&store, "balances").await;
+    let account = StreamId::new("account", "a");
+    store
+        .append(
+            &account,
+            ExpectedVersion::NoStream,
+            vec![deposit(5), deposit(7)],
+        )
+        .await
+        .unwrap();
+    let events = store
+        .read_all(Position::START, EventTypes::All, 10)
+        .await
+        .unwrap();
+    let to = events[1].position;
+    let backend = PostgresProjections::new(store.clone());
+    let mut twin = projection.clone();
+    let (a, b) = tokio::join!(
+        backend.commit_batch(&mut twin, "balances", None, &events, to),
+        ProjectionBackend::<Balances>::commit_batch(
+            &backend,
+            &mut projection,
+            "balances",
+            None,
+            &events,
+            to
+        ),
+    );
+    assert!(a.is_ok() != b.is_ok(), "exactly one commits: {a:?} {b:?}");
+    let conflict = a.err().or(b.err()).unwrap();
+    assert!(
+        matches!(
+            conflict,
+            cqrs_core::subscription::BatchError::Store(StoreError::CheckpointConflict { .. })
+        ),
+        "{conflict:?}"
+    );
+    assert_eq!(read_model(&store, "balances").await["a"], (12, 2));
+    drop_schema(&store).await;
+}
+
+// ---- Rebuilds -----------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_while_writers_append_equals_the_full_replay() {
+    let store = fresh_store_with(10).await;
+    let projection = Balances::create(&store, "balances").await;
+    writers(&store, 2, 300, 20, Duration::ZERO).await.unwrap();
+    let handle = spawn(&store, projection.clone(), "balances");
+    assert_exact(&store, "balances", "balances").await;
+    // Corrupt the read model (a bug fixed in a new release): the rebuild must repair it.
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE \"{}\".balances SET balance = -1",
+        store.schema()
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let load = writers(&store, 2, 200, 20, Duration::from_millis(2));
+    handle.stop().await.unwrap();
+    let mut reports = Vec::new();
+    let truncate = {
+        let store = store.clone();
+        move || async move {
+            sqlx::query(AssertSqlSafe(format!(
+                "TRUNCATE \"{}\".balances",
+                store.schema()
+            )))
+            .execute(store.pool())
+            .await
+            .map(drop)
+            .map_err(cqrs_postgres::map_error)
+        }
+    };
+    ProjectionRunner::new(projection.clone(), PostgresProjections::new(store.clone()))
+        .with_config(config())
+        .rebuild(projection.clone(), truncate, |p| reports.push(p))
+        .await
+        .unwrap();
+    assert!(!reports.is_empty());
+    let last = reports[reports.len() - 1];
+    assert_eq!(last.done, last.total, "{last:?}");
+    assert!(last.rate > 0.0);
+    // Live again, through the appends that happened during and after the rebuild.
+    let handle = spawn(&store, projection, "balances");
+    load.await.unwrap();
+    assert_exact(&store, "balances", "balances").await;
+    handle.stop().await.unwrap();
+    drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_downtime_rebuild_keeps_queries_answering_and_switches_atomically() {
+    let store = fresh_store_with(10).await;
+    let v1 = Balances::create(&store, "balances_v1").await;
+    let projections = PostgresProjections::new(store.clone());
+    projections
+        .switch_view("balances", "balances_v1")
+        .await
+        .unwrap();
+    writers(&store, 2, 300, 20, Duration::ZERO).await.unwrap();
+    let live = spawn(&store, v1, "balances_v1");
+    assert_exact(&store, "balances_v1", "balances").await;
+
+    // Readers query the view throughout; none may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (store, stop, answered) = (store.clone(), stop.clone(), answered.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let query = format!("SELECT count(*) FROM \"{}\".balances", store.schema());
+                let accounts: i64 = sqlx::query_scalar(AssertSqlSafe(query))
+                    .fetch_one(store.pool())
+                    .await
+                    .expect("the view answers during the rebuild");
+                assert!(accounts > 0, "the view never shows an empty read model");
+                answered.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let load = writers(&store, 2, 200, 20, Duration::from_millis(2));
+    // Version 2 builds beside version 1 under its own checkpoint, while writers append.
+    let v2 = Balances::create(&store, "balances_v2").await;
+    let next = spawn(&store, v2, "balances_v2");
+    let target = head(&store).await;
+    next.wait_for(target, Duration::from_secs(60))
+        .await
+        .unwrap();
+    projections
+        .switch_view("balances", "balances_v2")
+        .await
+        .unwrap();
+    live.stop().await.unwrap();
+    load.await.unwrap();
+    assert_exact(&store, "balances_v2", "balances").await;
+    stop.store(true, Ordering::Relaxed);
+    reader.await.unwrap();
+    assert!(answered.load(Ordering::Relaxed) > 10);
+    next.stop().await.unwrap();
+    assert!(projections
+        .switch_view("balances", "x; DROP TABLE y")
+        .await
+        .is_err());
+    drop_schema(&store).await;
+}
+
+// ---- Read your own writes, failures ---------------------------------------------------------------
+
+#[tokio::test]
+async fn wait_for_returns_once_projected_and_times_out_when_stopped() {
+    let store = fresh_store().await;
+    let projection = Balances::create(&store, "balances").await;
+    let handle = spawn(&store, projection, "balances");
+    let account = StreamId::new("account", "a");
+    let written = store
+        .append(&account, ExpectedVersion::NoStream, vec![deposit(3)])
+        .await
+        .unwrap();
+    handle
+        .wait_for(written.position, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Projected when the wait returns: read your own write.
+    assert_eq!(read_model(&store, "balances").await["a"], (3, 1));
+    wait_for(&store, "balances", written.position, Duration::from_secs(1))
+        .await
+        .unwrap();
+
+    handle.stop().await.unwrap();
+    let later = store
+        .append(&account, ExpectedVersion::Any, vec![deposit(4)])
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let error = wait_for(
+        &store,
+        "balances",
+        later.position,
+        Duration::from_millis(300),
+    )
+    .await
+    .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        matches!(&error, cqrs_core::subscription::WaitError::Timeout { reached: Some(at), .. } if *at == written.position),
+        "{error}"
+    );
+    drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn a_poison_event_stops_the_projection_until_skipped_and_the_skip_is_recorded() {
+    let store = fresh_store().await;
+    let projection = Balances::create(&store, "balances").await;
+    let account = StreamId::new("account", "a");
+    store
+        .append(
+            &account,
+            ExpectedVersion::NoStream,
+            vec![deposit(1), deposit(-5), deposit(2)],
+        )
+        .await
+        .unwrap();
+    let handle = spawn(&store, projection, "balances");
+    let mut status = handle.watch_status();
+    let failed = tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.state == ProjectionState::Failed && s.last_error.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    let (Some(poison), message) = failed.last_error.clone().unwrap() else {
+        panic!("the failure names the position: {failed:?}")
+    };
+    assert!(message.contains("negative deposit -5"), "{message}");
+    // Stopped right before the bad event: the first deposit is in, nothing after it.
+    assert_eq!(read_model(&store, "balances").await["a"], (1, 1));
+    assert!(failed.checkpoint.is_some_and(|c| c < poison));
+
+    handle.skip(poison).await;
+    let end = head(&store).await;
+    handle.wait_for(end, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(read_model(&store, "balances").await["a"], (3, 2));
+    let skipped = PostgresProjections::new(store.clone())
+        .skipped_events("balances")
+        .await
+        .unwrap();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0].position, poison);
+    assert!(skipped[0].reason.contains("negative deposit"));
+    handle.stop().await.unwrap();
+    drop_schema(&store).await;
+}
+
+// ---- Inline -----------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn inline_projections_commit_with_the_append_or_not_at_all() {
+    let plain = fresh_store().await;
+    let projection = Balances::create(&plain, "balances").await;
+    let store = plain.clone().with_inline(projection);
+    let account = StreamId::new("account", "a");
+    let first = vec![deposit(5), deposit(6)];
+    let written = store
+        .append(&account, ExpectedVersion::NoStream, first.clone())
+        .await
+        .unwrap();
+    // Visible as soon as the append returns: no runner involved.
+    assert_eq!(read_model(&store, "balances").await["a"], (11, 2));
+    // An idempotent retry returns the original result and projects nothing again.
+    assert_eq!(
+        store
+            .append(&account, ExpectedVersion::NoStream, first)
+            .await
+            .unwrap(),
+        written
+    );
+    assert_eq!(read_model(&store, "balances").await["a"], (11, 2));
+
+    // A failing handler fails the append: no events, no rows.
+    let error = store
+        .append(
+            &account,
+            ExpectedVersion::Any,
+            vec![deposit(1), deposit(-1)],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, StoreError::InlineProjection(_)), "{error}");
+    assert_eq!(
+        store.stream_version(&account).await.unwrap(),
+        written.stream_version
+    );
+    assert_eq!(read_model(&store, "balances").await["a"], (11, 2));
+
+    // In the caller's transaction: the failure undoes the events and the rows, the caller's
+    // transaction stays usable, and its other writes commit.
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE \"{}\".outbox (body text)",
+        store.schema()
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let mut tx = store.pool().begin().await.unwrap();
+    let error = store
+        .append_in(
+            &mut tx,
+            &account,
+            ExpectedVersion::Any,
+            vec![deposit(2), deposit(-2)],
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(error, StoreError::InlineProjection(_)), "{error}");
+    store
+        .append_in(&mut tx, &account, ExpectedVersion::Any, vec![deposit(4)])
+        .await
+        .unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO \"{}\".outbox VALUES ('deposited 4')",
+        store.schema()
+    )))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(read_model(&store, "balances").await["a"], (15, 3));
+    assert_eq!(replay(&store).await, read_model(&store, "balances").await);
+    drop_schema(&plain).await;
+}
