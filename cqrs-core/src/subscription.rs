@@ -121,6 +121,7 @@ pub enum ProjectionState {
 
 /// A projection's status, as published by its runner.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct ProjectionStatus {
     /// The checkpoint name.
     pub name: String,
@@ -130,6 +131,10 @@ pub struct ProjectionStatus {
     pub checkpoint: Option<Position>,
     /// Events handled since the runner started.
     pub processed: u64,
+    /// Events of the types it handles between the checkpoint and the head: counted when the
+    /// runner takes over and when it falls behind by more than a batch, then kept up to date
+    /// batch by batch (0 once caught up). `None` until first counted.
+    pub lag: Option<u64>,
     /// The last error (cleared by the next successful batch), with the failing position if known.
     pub last_error: Option<(Option<Position>, String)>,
 }
@@ -303,6 +308,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             state: ProjectionState::Starting,
             checkpoint: None,
             processed: 0,
+            lag: None,
             last_error: None,
         });
         let (control_tx, control_rx) = mpsc::channel(8);
@@ -386,9 +392,11 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                             }
                         }
                         tracing::info!(checkpoint = ?checkpoint, "lease acquired");
+                        let lag = Self::count_lag(&self.backend, checkpoint).await;
                         status.send_modify(|s| {
                             s.state = ProjectionState::Running;
                             s.checkpoint = checkpoint;
+                            s.lag = lag;
                         });
                     }
                     Ok(None) => {
@@ -449,10 +457,18 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                     checkpoint = Some(to);
                     backoff = self.config.initial_backoff;
                     failed_at = None;
+                    let previous = status.borrow().lag;
+                    let lag = match previous {
+                        _ if caught_up => Some(0),
+                        // Was caught up, now a full batch: a burst; count how far behind.
+                        Some(0) | None => Self::count_lag(&self.backend, checkpoint).await,
+                        Some(lag) => Some(lag.saturating_sub(events.len() as u64)),
+                    };
                     status.send_modify(|s| {
                         s.state = ProjectionState::Running;
                         s.checkpoint = checkpoint;
                         s.processed += events.len() as u64;
+                        s.lag = lag;
                         s.last_error = None;
                     });
                 }
@@ -483,6 +499,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                     status.send_modify(|s| {
                         s.checkpoint = checkpoint;
                         s.processed += good as u64;
+                        s.lag = s.lag.map(|lag| lag.saturating_sub(good as u64));
                     });
                     failed_at = Some(events[index].clone());
                     self.failed(&status, Some(position), &error.to_string());
@@ -501,6 +518,23 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                         return self.stopped(&status);
                     }
                 }
+            }
+        }
+    }
+
+    /// Events of this projection's types after `checkpoint`; `None` if counting failed (the
+    /// status then shows no lag rather than a wrong one).
+    async fn count_lag(backend: &B, checkpoint: Option<Position>) -> Option<u64> {
+        let after = checkpoint.unwrap_or(Position::START);
+        match backend
+            .events()
+            .count_after(after, EventTypes::Only(P::EVENT_TYPES))
+            .await
+        {
+            Ok(lag) => Some(lag),
+            Err(error) => {
+                tracing::debug!(%error, "counting the lag failed");
+                None
             }
         }
     }

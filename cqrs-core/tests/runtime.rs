@@ -284,6 +284,7 @@ async fn runner_catches_up_follows_and_reads_only_its_types() {
     let status = handle.status();
     assert_eq!(status.state, ProjectionState::Running);
     assert_eq!(status.processed, 21, "unhandled events are not handled");
+    assert_eq!(status.lag, Some(0));
     let totals = handle.stop().await.unwrap();
     assert_eq!(totals.handled, 21);
     assert_eq!(totals.by_stream.values().sum::<i64>(), 210 + 100);
@@ -357,12 +358,14 @@ async fn failure_stops_at_last_good_event_and_skip_is_recorded() {
         failed.checkpoint.unwrap() < poison_position,
         "stopped before the poison event"
     );
+    assert_eq!(failed.lag, Some(2), "the poison event and the one after it");
     // It keeps failing (retries with backoff) until the user skips it explicitly.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(handle.status().state, ProjectionState::Failed);
     handle.skip(poison_position).await;
     let head = store.head().await.unwrap().unwrap();
     handle.wait_for(head, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(handle.status().lag, Some(0));
     let skipped = backend.skipped_events();
     assert_eq!(skipped.len(), 1);
     assert_eq!(skipped[0].position, poison_position);

@@ -62,7 +62,12 @@ mod tests {
     async fn generated_code_goes_through_the_renamed_crate() {
         // v1 payloads upcast through the chain.
         let old = PingerEvent::decode("Pinged", 1, &serde_json::json!({})).unwrap();
-        assert_eq!(old, PingerEvent::Pinged(Pinged { from: "unknown".into() }));
+        assert_eq!(
+            old,
+            PingerEvent::Pinged(Pinged {
+                from: "unknown".into()
+            })
+        );
 
         let repository = Repository::<Pinger>::new(InMemoryStore::new());
         let loaded = repository.load("p").await.unwrap();
