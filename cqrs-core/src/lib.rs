@@ -121,6 +121,16 @@ pub mod __private {
         })
     }
 
+    /// Normalizes what projection `P`'s `#[flush]` method returned (`()` or `Result<(), E>`).
+    pub fn flushed<P: Projection>(output: impl HandlerOutput) -> Result<(), ProjectionError> {
+        output
+            .into_result()
+            .map_err(|source| ProjectionError::Flush {
+                projection: P::NAME,
+                source,
+            })
+    }
+
     /// Normalizes what projection `P`'s handler returned (`()` or `Result<(), E>`).
     pub fn handled<P: Projection>(
         event: &RecordedEvent,

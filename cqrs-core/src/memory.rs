@@ -403,6 +403,8 @@ impl<P: Projection<Context = ()> + Clone + Sync> InlineHook for InlineReadModel<
             {
                 staged.handle(event, &mut ()).await?;
             }
+            // A failure drops `staged`, and with it anything buffered.
+            staged.flush(&mut ()).await?;
             let state = Arc::clone(&self.state);
             let commit: Commit = Box::new(move || {
                 *state.write().unwrap_or_else(PoisonError::into_inner) = staged;

@@ -30,6 +30,24 @@ pub trait Projection: Send + 'static {
         event: &'a RecordedEvent,
         context: &'a mut Self::Context,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send + 'a;
+
+    /// Called once after the last event of a batch, before the batch commits, with the same
+    /// context: write what the handlers buffered (for example one multi-row `INSERT` for the
+    /// whole batch instead of one statement per event). `#[projection]` generates it from a method
+    /// marked `#[flush]`. The default does nothing.
+    fn flush<'a>(
+        &'a mut self,
+        context: &'a mut Self::Context,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send + 'a {
+        let _ = context;
+        std::future::ready(Ok(()))
+    }
+
+    /// Called when a batch is abandoned (a handler or [`Projection::flush`] failed and its
+    /// transaction rolled back): drop whatever the handlers buffered, so that the next attempt
+    /// does not write it twice. `#[projection]` generates it from a method marked `#[discard]`.
+    /// The default does nothing.
+    fn discard(&mut self) {}
 }
 
 /// Why a projection could not apply an event.
@@ -57,6 +75,15 @@ pub enum ProjectionError {
         /// The event's position.
         position: Position,
         /// The handler's error.
+        #[source]
+        source: HandlerError,
+    },
+    /// [`Projection::flush`] failed: the batch it ends was not committed.
+    #[error("projection `{projection}` failed to flush a batch: {source}")]
+    Flush {
+        /// The projection.
+        projection: &'static str,
+        /// The error.
         #[source]
         source: HandlerError,
     },

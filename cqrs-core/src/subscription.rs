@@ -799,17 +799,37 @@ impl<S: EventStore, P: Projection<Context = ()>> ProjectionBackend<P> for InProc
         }
         for (index, event) in events.iter().enumerate() {
             if let Err(error) = projection.handle(event, &mut ()).await {
-                if let Some(done) = index.checked_sub(1).map(|i| events[i].position) {
+                // The events before it are applied (in memory, nothing to roll back): flush
+                // them and move the checkpoint to the last one.
+                let flushed = projection.flush(&mut ()).await;
+                if flushed.is_err() {
+                    projection.discard();
+                }
+                let done = index.checked_sub(1).map(|i| events[i].position);
+                if let (Some(done), Ok(())) = (done, flushed) {
                     self.checkpoints
                         .save_checkpoint(name, expected, done)
                         .await?;
+                    return Err(BatchError::Projection {
+                        index,
+                        committed: index,
+                        error,
+                    });
                 }
                 return Err(BatchError::Projection {
                     index,
-                    committed: index,
+                    committed: 0,
                     error,
                 });
             }
+        }
+        if let Err(error) = projection.flush(&mut ()).await {
+            projection.discard();
+            return Err(BatchError::Projection {
+                index: events.len().saturating_sub(1),
+                committed: 0,
+                error,
+            });
         }
         self.checkpoints.save_checkpoint(name, expected, to).await?;
         Ok(())

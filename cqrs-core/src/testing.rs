@@ -226,6 +226,7 @@ impl<P: Projection<Context = ()>> ProjectionFixture<P> {
         {
             apply(&mut self.projection, &event).await?;
         }
+        self.projection.flush(&mut ()).await?;
         Ok(self.projection)
     }
 

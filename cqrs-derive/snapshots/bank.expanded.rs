@@ -395,3 +395,72 @@ const _: () = {
         "`MoneyDeposited` and `MoneyWithdrawn` are stored under the same name, so one handler would never run; handle only the current version (older ones are upcast to it)"
     );
 };
+/// Writes one row per deposit, in one statement per batch.
+#[derive(Default)]
+pub struct Ledger {
+    pending: Vec<(String, i64)>,
+}
+impl Ledger {
+    fn deposited(&mut self, event: &MoneyDeposited, meta: &RecordedEvent, _: &mut Db) {
+        self.pending.push((meta.stream.id().to_owned(), event.amount));
+    }
+    async fn write(&mut self, db: &mut Db) -> Result<(), DbError> {
+        db.insert_all(std::mem::take(&mut self.pending)).await
+    }
+    fn forget(&mut self) {
+        self.pending.clear();
+    }
+}
+const _: () = {
+    trait OneHandlerPerEventType<E: ?Sized> {}
+    impl OneHandlerPerEventType<MoneyDeposited> for Ledger {}
+    #[automatically_derived]
+    impl ::cqrs_core::Projection for Ledger {
+        const NAME: &'static str = "ledger";
+        const EVENT_TYPES: &'static [&'static str] = &[
+            <MoneyDeposited as ::cqrs_core::Event>::NAME,
+        ];
+        type Context = Db;
+        /// Decodes the event and calls the handler for its type; events of other types
+        /// are skipped without being decoded.
+        #[allow(unused_variables)]
+        fn handle<'__cqrs>(
+            &'__cqrs mut self,
+            event: &'__cqrs ::cqrs_core::RecordedEvent,
+            context: &'__cqrs mut Self::Context,
+        ) -> impl ::cqrs_core::__private::core::future::Future<
+            Output = ::cqrs_core::__private::Result<(), ::cqrs_core::ProjectionError>,
+        > + ::cqrs_core::__private::core::marker::Send + '__cqrs {
+            async move {
+                match event.event_type.as_str() {
+                    <MoneyDeposited as ::cqrs_core::Event>::NAME => {
+                        let decoded = ::cqrs_core::__private::decode_for::<
+                            Self,
+                            MoneyDeposited,
+                        >(event)?;
+                        ::cqrs_core::__private::handled::<
+                            Self,
+                        >(event, self.deposited(&decoded, event, &mut *context))
+                    }
+                    _ => ::cqrs_core::__private::Ok(()),
+                }
+            }
+        }
+        /// Writes what the handlers buffered: calls the `#[flush]` method.
+        #[allow(unused_variables)]
+        fn flush<'__cqrs>(
+            &'__cqrs mut self,
+            context: &'__cqrs mut Self::Context,
+        ) -> impl ::cqrs_core::__private::core::future::Future<
+            Output = ::cqrs_core::__private::Result<(), ::cqrs_core::ProjectionError>,
+        > + ::cqrs_core::__private::core::marker::Send + '__cqrs {
+            async move {
+                ::cqrs_core::__private::flushed::<Self>(self.write(context).await)
+            }
+        }
+        /// Drops what the handlers buffered: calls the `#[discard]` method.
+        fn discard(&mut self) {
+            self.forget();
+        }
+    }
+};

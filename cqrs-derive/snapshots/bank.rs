@@ -59,3 +59,26 @@ impl Balances {
         self.by_account.values().sum()
     }
 }
+
+/// Writes one row per deposit, in one statement per batch.
+#[derive(Default)]
+pub struct Ledger {
+    pending: Vec<(String, i64)>,
+}
+
+#[projection(name = "ledger")]
+impl Ledger {
+    fn deposited(&mut self, event: &MoneyDeposited, meta: &RecordedEvent, _: &mut Db) {
+        self.pending.push((meta.stream.id().to_owned(), event.amount));
+    }
+
+    #[flush]
+    async fn write(&mut self, db: &mut Db) -> Result<(), DbError> {
+        db.insert_all(std::mem::take(&mut self.pending)).await
+    }
+
+    #[discard]
+    fn forget(&mut self) {
+        self.pending.clear();
+    }
+}

@@ -42,6 +42,17 @@ pub struct Projection {
     /// `Projection::Context`: `context = Type`, else the handlers' `&mut C`, else `()`.
     pub context: Option<Type>,
     pub handlers: Vec<Handler>,
+    /// The `#[flush]` method, if any.
+    pub flush: Option<Flush>,
+    /// The `#[discard]` method, if any.
+    pub discard: Option<Ident>,
+}
+
+/// The `#[flush]` method: `fn method(&mut self [, ctx: &mut C])`, sync or async.
+pub struct Flush {
+    pub method: Ident,
+    pub is_async: bool,
+    pub takes_context: bool,
 }
 
 /// One handler method: `fn method(&mut self, event: &E [, meta: &RecordedEvent] [, ctx: &mut C])`.

@@ -101,6 +101,12 @@ pub fn derive_aggregate(input: TokenStream) -> TokenStream {
 /// **Every method is a handler unless marked `#[helper]`**: the marker is removed and the method
 /// left as written, so a typo in a handler's signature is an error, not a silently ignored route.
 ///
+/// To batch writes, handlers buffer (e.g. rows in a `Vec`) and a method marked `#[flush]`,
+/// `fn name(&mut self [, context: &mut C])` (sync or async, returning `()` or `Result`), writes
+/// the buffer once per batch, before the batch commits (`Projection::flush`). It requires a method
+/// marked `#[discard]`, `fn name(&mut self)`, that drops the buffer when a batch is abandoned
+/// (`Projection::discard`), so a retried batch is not written twice.
+///
 /// Keys: `name = "..."` (the checkpoint name, default: the type's name verbatim), `context =
 /// Type`, `crate = path`. The generated `EVENT_TYPES` lists each handler's `<E as Event>::NAME`,
 /// so the store reads only those; `handle` decodes (upcasting) only events it has a handler for.

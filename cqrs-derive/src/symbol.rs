@@ -4,13 +4,18 @@
 //! ```text
 //! #[event(name = "MoneyDeposited", version = 2, upcast_from = DepositedV1 | upcast_json = path::to::f, crate = path)]
 //! #[aggregate(name = "account", events(A, b::B as BeeVariant), event_enum = Name, snapshot_version = 2, crate = path)]
-//! #[projection(name = "balances", context = Type, crate = path)]   // methods: #[helper] to opt out
+//! #[projection(name = "balances", context = Type, crate = path)]   // methods: #[helper] to opt out,
+//!                                                                   // #[flush] + #[discard] to batch writes
 //! ```
 
 /// The derive's helper attribute: `#[aggregate(...)]`.
 pub const AGGREGATE: &str = "aggregate";
 /// Marks a method of a `#[projection]` impl block as an ordinary method, not a handler.
 pub const HELPER: &str = "helper";
+/// Marks the method of a `#[projection]` impl block that writes what handlers buffered.
+pub const FLUSH: &str = "flush";
+/// Marks the method of a `#[projection]` impl block that drops what handlers buffered.
+pub const DISCARD: &str = "discard";
 
 pub const NAME: &str = "name";
 pub const VERSION: &str = "version";

@@ -6,12 +6,12 @@
 
 use proc_macro2::{TokenStream, TokenTree};
 use quote::ToTokens;
-use syn::{FnArg, ImplItem, ItemImpl, LitStr, Path, ReceiverKind, Type};
+use syn::{FnArg, Ident, ImplItem, ItemImpl, LitStr, Path, ReceiverKind, Type};
 
-use crate::ast::{Aggregate, AggregateEvent, Event, Handler, Projection, Upcast};
+use crate::ast::{Aggregate, AggregateEvent, Event, Flush, Handler, Projection, Upcast};
 use crate::attr::{last_ident, AggregateAttr, EventAttr, ProjectionAttr};
 use crate::ctxt::Ctxt;
-use crate::symbol::{HELPER, RECORDED_EVENT};
+use crate::symbol::{DISCARD, FLUSH, HELPER, RECORDED_EVENT};
 
 pub fn default_crate() -> Path {
     syn::parse_quote!(::cqrs_core)
@@ -179,7 +179,7 @@ fn mentions(ty: &Type, params: &[String]) -> Option<String> {
 /// Validates the impl block and strips its `#[helper]` markers (always, so that the block can be
 /// re-emitted as is on error).
 pub fn projection(cx: &mut Ctxt, attr: ProjectionAttr, item: &mut ItemImpl) -> Projection {
-    let helpers_stripped = strip_helpers(item);
+    let markers = strip_markers(item);
     let name = attr.name.unwrap_or_else(|| {
         let ident =
             last_ident(&item.self_ty).map_or_else(|| "projection".to_owned(), |i| i.to_string());
@@ -190,6 +190,8 @@ pub fn projection(cx: &mut Ctxt, attr: ProjectionAttr, item: &mut ItemImpl) -> P
         name,
         context: attr.context,
         handlers: Vec::new(),
+        flush: None,
+        discard: None,
     };
     if let Some((path, _)) = &item.trait_ {
         cx.error_spanned_by(
@@ -204,7 +206,7 @@ pub fn projection(cx: &mut Ctxt, attr: ProjectionAttr, item: &mut ItemImpl) -> P
         let ImplItem::Fn(method) = impl_item else {
             continue;
         };
-        if helpers_stripped.contains(&method.sig.ident) {
+        if markers.marks(&method.sig.ident) {
             continue;
         }
         candidates += 1;
@@ -251,23 +253,128 @@ pub fn projection(cx: &mut Ctxt, attr: ProjectionAttr, item: &mut ItemImpl) -> P
             ),
         }
     }
+    model.flush = flush(cx, &markers, &mut context);
+    model.discard = discard(cx, &markers);
     model.context = context;
     model
 }
 
-/// Removes `#[helper]` from the block's methods; returns the names of the methods it marked.
-fn strip_helpers(item: &mut ItemImpl) -> Vec<syn::Ident> {
-    let mut helpers = Vec::new();
+/// The methods of a `#[projection]` block that are not handlers, by marker.
+#[derive(Default)]
+struct Markers {
+    helpers: Vec<Ident>,
+    flush: Vec<(syn::Attribute, syn::Signature)>,
+    discard: Vec<(syn::Attribute, syn::Signature)>,
+}
+
+impl Markers {
+    fn marks(&self, method: &Ident) -> bool {
+        self.helpers.contains(method)
+            || self.flush.iter().any(|(_, sig)| &sig.ident == method)
+            || self.discard.iter().any(|(_, sig)| &sig.ident == method)
+    }
+}
+
+/// Removes `#[helper]`, `#[flush]` and `#[discard]` from the block's methods (always, so that the
+/// block can be re-emitted as is), and returns what each marked.
+fn strip_markers(item: &mut ItemImpl) -> Markers {
+    let mut markers = Markers::default();
     for impl_item in &mut item.items {
-        if let ImplItem::Fn(method) = impl_item {
-            let before = method.attrs.len();
-            method.attrs.retain(|a| !a.path().is_ident(HELPER));
-            if method.attrs.len() != before {
-                helpers.push(method.sig.ident.clone());
+        let ImplItem::Fn(method) = impl_item else {
+            continue;
+        };
+        let mut kept = Vec::with_capacity(method.attrs.len());
+        for attr in std::mem::take(&mut method.attrs) {
+            if attr.path().is_ident(HELPER) {
+                markers.helpers.push(method.sig.ident.clone());
+            } else if attr.path().is_ident(FLUSH) {
+                markers.flush.push((attr, method.sig.clone()));
+            } else if attr.path().is_ident(DISCARD) {
+                markers.discard.push((attr, method.sig.clone()));
+            } else {
+                kept.push(attr);
             }
         }
+        method.attrs = kept;
     }
-    helpers
+    markers
+}
+
+/// A `#[flush]` method: `fn name(&mut self [, context: &mut C])`, sync or async.
+fn flush(cx: &mut Ctxt, markers: &Markers, context: &mut Option<Type>) -> Option<Flush> {
+    const SHAPE: &str = "a `#[flush]` method is `fn name(&mut self)` or `fn name(&mut self, context: &mut Context)`, sync or async";
+    for (attr, _) in markers.flush.iter().skip(1) {
+        cx.error_spanned_by(attr, "a projection has at most one `#[flush]` method");
+    }
+    let (attr, sig) = markers.flush.first()?;
+    if markers.discard.is_empty() {
+        cx.error_spanned_by(
+            attr,
+            "a `#[flush]` method needs a `#[discard]` method, `fn name(&mut self)`, that drops what the handlers buffered: after a failed batch the backend calls it, or the retry would write the buffered rows twice",
+        );
+    }
+    let mut inputs = sig.inputs.iter();
+    if !matches!(inputs.next(), Some(FnArg::Receiver(r)) if matches!(r.kind, ReceiverKind::Reference(_, _, Some(_))))
+        || !sig.generics.params.is_empty()
+    {
+        cx.error_spanned_by(&sig.ident, SHAPE);
+        return None;
+    }
+    let takes_context = match (inputs.next(), inputs.next()) {
+        (None, _) => false,
+        (Some(FnArg::Typed(t)), None) => match &*t.ty {
+            Type::Reference(r) if r.mutability.is_some() => {
+                let ty = (*r.elem).clone();
+                match context.as_ref() {
+                    None => *context = Some(ty),
+                    Some(c) if text(c) == text(&ty) => {}
+                    Some(c) => {
+                        cx.error_spanned_by(
+                            &t.ty,
+                            format!(
+                                "this projection's context is `{}`; take `&mut {}` here",
+                                text(c),
+                                text(c)
+                            ),
+                        );
+                        return None;
+                    }
+                }
+                true
+            }
+            _ => {
+                cx.error_spanned_by(&t.ty, SHAPE);
+                return None;
+            }
+        },
+        (Some(arg), _) => {
+            cx.error_spanned_by(arg, SHAPE);
+            return None;
+        }
+    };
+    Some(Flush {
+        method: sig.ident.clone(),
+        is_async: sig.asyncness.is_some(),
+        takes_context,
+    })
+}
+
+/// A `#[discard]` method: `fn name(&mut self)`, not async.
+fn discard(cx: &mut Ctxt, markers: &Markers) -> Option<Ident> {
+    for (attr, _) in markers.discard.iter().skip(1) {
+        cx.error_spanned_by(attr, "a projection has at most one `#[discard]` method");
+    }
+    let (_, sig) = markers.discard.first()?;
+    let receiver_only = sig.inputs.len() == 1
+        && matches!(sig.inputs.first(), Some(FnArg::Receiver(r)) if matches!(r.kind, ReceiverKind::Reference(_, _, Some(_))));
+    if !receiver_only || sig.asyncness.is_some() || !sig.generics.params.is_empty() {
+        cx.error_spanned_by(
+            &sig.ident,
+            "a `#[discard]` method is `fn name(&mut self)`, not async: it only drops buffered state",
+        );
+        return None;
+    }
+    Some(sig.ident.clone())
 }
 
 const HANDLER_SHAPE: &str = "a handler is `fn name(&mut self, event: &SomeEvent)`, optionally followed by `meta: &RecordedEvent` and then `context: &mut Context`; mark other methods `#[helper]`";

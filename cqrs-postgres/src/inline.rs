@@ -34,12 +34,13 @@ where
         events: &[RecordedEvent],
         conn: &mut PgConnection,
     ) -> Result<(), ProjectionError> {
+        // On error the clone, and anything it buffered, is dropped with the rolled-back append.
         let mut projection = self.0.clone();
         for event in events {
             if P::EVENT_TYPES.contains(&event.event_type.as_str()) {
                 projection.handle(event, conn).await?;
             }
         }
-        Ok(())
+        projection.flush(conn).await
     }
 }

@@ -29,6 +29,9 @@ const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 ///   the same checkpoint waits on the row lock and then fails the compare-and-set. A handler error
 ///   rolls the whole batch back (the runner then commits the good prefix and stops before the bad
 ///   event).
+/// - **Batched writes.** After a batch's last event the projection's `#[flush]` method runs on the
+///   same transaction, so handlers can buffer rows and write them in one statement per batch; after
+///   a rollback its `#[discard]` method drops the buffer.
 /// - **One active runner per projection** across processes: a session advisory lock keyed by
 ///   `(schema, name)`, held on a dedicated connection (not from the pool) for as long as the runner
 ///   runs. When the process dies, PostgreSQL drops the connection and the lock; a standby runner
@@ -180,17 +183,39 @@ where
         self.store
             .save_checkpoint_in(&mut tx, name, expected, to)
             .await?;
-        for (index, event) in events.iter().enumerate() {
-            if let Err(error) = projection.handle(event, &mut tx).await {
-                // Dropping `tx` rolls the batch back: nothing of it is committed.
-                return Err(BatchError::Projection {
-                    index,
-                    committed: 0,
-                    error,
-                });
+        let outcome = async {
+            for (index, event) in events.iter().enumerate() {
+                if let Err(error) = projection.handle(event, &mut tx).await {
+                    return Err(BatchError::Projection {
+                        index,
+                        committed: 0,
+                        error,
+                    });
+                }
             }
+            if !events.is_empty() {
+                projection
+                    .flush(&mut tx)
+                    .await
+                    .map_err(|error| BatchError::Projection {
+                        index: events.len() - 1,
+                        committed: 0,
+                        error,
+                    })?;
+            }
+            Ok(())
         }
-        tx.commit().await.map_err(map_error)?;
+        .await;
+        if let Err(error) = outcome {
+            // Dropping `tx` rolls the batch back: nothing of it is committed, and nothing the
+            // handlers buffered may be written by the next attempt.
+            projection.discard();
+            return Err(error);
+        }
+        if let Err(error) = tx.commit().await {
+            projection.discard();
+            return Err(map_error(error).into());
+        }
         Ok(())
     }
 

@@ -426,3 +426,70 @@ fn crate_override() {
         (1, "Pinger")
     );
 }
+
+/// Buffers rows in handlers and writes them once per batch.
+#[derive(Default)]
+struct Batched {
+    pending: Vec<String>,
+}
+
+#[projection(name = "batched")]
+impl Batched {
+    fn on_deposited(&mut self, e: &Deposited, _: &mut Connection) {
+        self.pending.push(format!("row {}", e.cents));
+    }
+
+    #[flush]
+    async fn write(&mut self, db: &mut Connection) -> Result<(), std::io::Error> {
+        if self.pending.iter().any(|row| row == "row 13") {
+            return Err(std::io::Error::other("unlucky batch"));
+        }
+        db.statements.push(format!(
+            "INSERT {}",
+            std::mem::take(&mut self.pending).join(", ")
+        ));
+        Ok(())
+    }
+
+    #[discard]
+    fn forget(&mut self) {
+        self.pending.clear();
+    }
+}
+
+#[tokio::test]
+async fn flush_writes_a_batch_once_and_discard_drops_an_abandoned_one() {
+    let mut model = Batched::default();
+    let mut db = Connection::default();
+    for (i, amount) in [1, 2].into_iter().enumerate() {
+        let e = recorded(
+            "MoneyDeposited",
+            1,
+            json!({ "amount": amount }),
+            i as u64 + 1,
+        );
+        model.handle(&e, &mut db).await.unwrap();
+    }
+    model.flush(&mut db).await.unwrap();
+    assert_eq!(db.statements, vec!["INSERT row 100, row 200".to_owned()]);
+
+    let unlucky = recorded("MoneyDeposited", 3, json!({ "cents": 13, "memo": "" }), 3);
+    model.handle(&unlucky, &mut db).await.unwrap();
+    match model.flush(&mut db).await {
+        Err(ProjectionError::Flush {
+            projection: "batched",
+            source,
+        }) => {
+            assert_eq!(source.to_string(), "unlucky batch");
+        }
+        other => panic!("{other:?}"),
+    }
+    model.discard();
+    let e = recorded("MoneyDeposited", 1, json!({ "amount": 4 }), 4);
+    model.handle(&e, &mut db).await.unwrap();
+    model.flush(&mut db).await.unwrap();
+    assert_eq!(
+        db.statements[1], "INSERT row 400",
+        "the abandoned row is not written"
+    );
+}

@@ -15,6 +15,8 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
         name,
         context,
         handlers,
+        flush,
+        discard,
     } = model;
     let p = private(krate);
     let self_ty = &item.self_ty;
@@ -66,6 +68,40 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
             ));
         }
     }
+    // Without `#[flush]`/`#[discard]`, the trait's no-op defaults apply.
+    let flush = flush.as_ref().map(|f| {
+        let method = &f.method;
+        let args = if f.takes_context {
+            quote!(context)
+        } else {
+            quote!()
+        };
+        let call = if f.is_async {
+            quote!(self.#method(#args).await)
+        } else {
+            quote!(self.#method(#args))
+        };
+        quote! {
+            /// Writes what the handlers buffered: calls the `#[flush]` method.
+            #[allow(unused_variables)]
+            fn flush<'__cqrs>(
+                &'__cqrs mut self,
+                context: &'__cqrs mut Self::Context,
+            ) -> impl #p::core::future::Future<
+                Output = #p::Result<(), #krate::ProjectionError>,
+            > + #p::core::marker::Send + '__cqrs {
+                async move { #p::flushed::<Self>(#call) }
+            }
+        }
+    });
+    let discard = discard.as_ref().map(|method| {
+        quote! {
+            /// Drops what the handlers buffered: calls the `#[discard]` method.
+            fn discard(&mut self) {
+                self.#method();
+            }
+        }
+    });
     quote! {
         #item
 
@@ -96,6 +132,9 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
                         }
                     }
                 }
+
+                #flush
+                #discard
             }
 
             #(#distinct_names)*

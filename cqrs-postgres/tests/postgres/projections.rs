@@ -710,3 +710,116 @@ async fn inline_projections_commit_with_the_append_or_not_at_all() {
     assert_eq!(replay(&store).await, read_model(&store, "balances").await);
     drop_schema(&plain).await;
 }
+
+// ---- Batched writes -------------------------------------------------------------------------------
+
+/// One row per deposit, buffered by the handler and written once per batch.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    table: String,
+    pending: Vec<(uuid::Uuid, String, i64)>,
+}
+
+#[projection(name = "ledger")]
+impl Ledger {
+    fn deposited(
+        &mut self,
+        event: &Deposited,
+        meta: &RecordedEvent,
+        _: &mut PgConnection,
+    ) -> Result<(), std::io::Error> {
+        if event.amount < 0 {
+            return Err(std::io::Error::other(format!(
+                "negative deposit {}",
+                event.amount
+            )));
+        }
+        let id = *meta.event_id.as_uuid();
+        self.pending
+            .push((id, meta.stream.id().to_owned(), event.amount));
+        Ok(())
+    }
+
+    #[flush]
+    async fn write(&mut self, db: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let rows = std::mem::take(&mut self.pending);
+        let (ids, accounts, amounts): (Vec<_>, Vec<_>, Vec<_>) =
+            rows.into_iter()
+                .fold((vec![], vec![], vec![]), |mut acc, (i, a, m)| {
+                    acc.0.push(i);
+                    acc.1.push(a);
+                    acc.2.push(m);
+                    acc
+                });
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {} (event_id, account, amount) SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::bigint[])",
+            self.table
+        )))
+        .bind(ids)
+        .bind(accounts)
+        .bind(amounts)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    #[discard]
+    fn forget(&mut self) {
+        self.pending.clear();
+    }
+}
+
+#[tokio::test]
+async fn batched_writes_are_committed_once_even_when_a_batch_is_abandoned() {
+    let store = fresh_store().await;
+    let table = format!("\"{}\".ledger", store.schema());
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE {table} (event_id uuid PRIMARY KEY, account text NOT NULL, amount bigint NOT NULL)"
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let account = StreamId::new("account", "a");
+    // One batch: two good deposits buffered, then a poison event fails the batch; the retry of
+    // the good prefix must not write the discarded buffer a second time (the primary key would
+    // refuse it and the projection would stall).
+    store
+        .append(
+            &account,
+            ExpectedVersion::NoStream,
+            vec![deposit(1), deposit(2), deposit(-3), deposit(4)],
+        )
+        .await
+        .unwrap();
+    let ledger = Ledger {
+        table: table.clone(),
+        pending: Vec::new(),
+    };
+    let handle = ProjectionRunner::new(ledger, PostgresProjections::new(store.clone()))
+        .with_config(config())
+        .spawn();
+    let mut status = handle.watch_status();
+    let failed = tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.state == ProjectionState::Failed),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .clone();
+    let poison = failed.last_error.clone().unwrap().0.unwrap();
+    handle.skip(poison).await;
+    handle
+        .wait_for(head(&store).await, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let amounts: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT amount FROM {table} ORDER BY amount"
+    )))
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(amounts, vec![1, 2, 4]);
+    handle.stop().await.unwrap();
+    drop_schema(&store).await;
+}
