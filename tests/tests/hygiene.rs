@@ -78,6 +78,14 @@ mod shadowed {
         fn on_j(&mut self, _: &J) -> ::core::result::Result<(), ::std::string::String> {
             ::core::result::Result::Ok(())
         }
+        #[flush]
+        async fn write(&mut self) -> ::core::result::Result<(), ::std::string::String> {
+            ::core::result::Result::Ok(())
+        }
+        #[discard]
+        fn forget(&mut self) {
+            self.n = 0;
+        }
     }
 }
 
