@@ -5,7 +5,7 @@ use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 
-use super::{const_assert, int, private};
+use super::{distinct_names, int, private};
 use crate::ast::Aggregate;
 use crate::valid::text;
 
@@ -35,21 +35,13 @@ pub fn aggregate(model: &Aggregate, input: &syn::DeriveInput) -> TokenStream {
         let v = int(v);
         quote!(const SNAPSHOT_VERSION: u32 = #v;)
     });
-    let mut distinct_names = Vec::new();
-    for (i, a) in types.iter().enumerate() {
-        for b in &types[i + 1..] {
-            distinct_names.push(const_assert(
-                b.span(),
-                krate,
-                quote!(!#p::str_eq(<#a as #krate::Event>::NAME, <#b as #krate::Event>::NAME)),
-                &format!(
-                    "events `{}` and `{}` of aggregate `{ident}` are stored under the same name; give one another `#[event(name = \"...\")]`",
-                    text(a),
-                    text(b)
-                ),
-            ));
-        }
-    }
+    let distinct_names = distinct_names(krate, &types, |a, b| {
+        format!(
+            "events `{}` and `{}` of aggregate `{ident}` are stored under the same name; give one another `#[event(name = \"...\")]`",
+            text(a),
+            text(b)
+        )
+    });
     quote! {
         #event_enum_def
 

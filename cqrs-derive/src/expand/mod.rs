@@ -48,6 +48,28 @@ fn respan(tokens: impl ToTokens, span: Span) -> TokenStream {
 }
 
 /// A const assertion whose failure rustc reports at `span` with `message`.
+/// One const assertion per pair of `types` that their stored names differ, spanned at the later
+/// type of the pair; `message(a, b)` explains the clash.
+fn distinct_names(
+    krate: &Path,
+    types: &[&syn::Type],
+    message: impl Fn(&syn::Type, &syn::Type) -> String,
+) -> Vec<TokenStream> {
+    let p = private(krate);
+    let mut assertions = Vec::new();
+    for (i, a) in types.iter().enumerate() {
+        for b in &types[i + 1..] {
+            assertions.push(const_assert(
+                syn::spanned::Spanned::span(b),
+                krate,
+                quote!(!#p::str_eq(<#a as #krate::Event>::NAME, <#b as #krate::Event>::NAME)),
+                &message(a, b),
+            ));
+        }
+    }
+    assertions
+}
+
 fn const_assert(span: Span, krate: &Path, condition: TokenStream, message: &str) -> TokenStream {
     let message = message.replace('{', "{{").replace('}', "}}");
     let p = private(krate);

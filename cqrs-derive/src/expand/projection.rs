@@ -5,7 +5,7 @@ use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 
-use super::{const_assert, private};
+use super::{distinct_names, private};
 use crate::ast::Projection;
 use crate::valid::text;
 
@@ -53,21 +53,13 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
     });
     // Two event types stored under one name (e.g. two versions of one event) would route to
     // only the first handler.
-    let mut distinct_names = Vec::new();
-    for (i, a) in types.iter().enumerate() {
-        for b in &types[i + 1..] {
-            distinct_names.push(const_assert(
-                b.span(),
-                krate,
-                quote!(!#p::str_eq(<#a as #krate::Event>::NAME, <#b as #krate::Event>::NAME)),
-                &format!(
-                    "`{}` and `{}` are stored under the same name, so one handler would never run; handle only the current version (older ones are upcast to it)",
-                    text(a),
-                    text(b)
-                ),
-            ));
-        }
-    }
+    let distinct_names = distinct_names(krate, &types, |a, b| {
+        format!(
+            "`{}` and `{}` are stored under the same name, so one handler would never run; handle only the current version (older ones are upcast to it)",
+            text(a),
+            text(b)
+        )
+    });
     // Without `#[flush]`/`#[discard]`, the trait's no-op defaults apply.
     let flush = flush.as_ref().map(|f| {
         let method = &f.method;
