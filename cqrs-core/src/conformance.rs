@@ -550,6 +550,24 @@ pub async fn read_all_order_and_filter_and_paging_impl(store: &impl Backend) {
             .expect("count"),
         6
     );
+    assert_eq!(
+        store
+            .count_between(all[9].position, all[19].position, EventTypes::All)
+            .await
+            .expect("count"),
+        10
+    );
+    assert_eq!(
+        store
+            .count_between(
+                Position::START,
+                all[19].position,
+                EventTypes::Only(&["Fizz"])
+            )
+            .await
+            .expect("count"),
+        all[..20].iter().filter(|e| e.event_type == "Fizz").count() as u64
+    );
     let tail = store
         .read_all(all[29].position, EventTypes::All, 10)
         .await

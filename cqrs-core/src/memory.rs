@@ -272,6 +272,24 @@ impl EventStore for InMemoryStore {
             .count() as u64)
     }
 
+    async fn count_between(
+        &self,
+        after: Position,
+        until: Position,
+        types: EventTypes<'_>,
+    ) -> Result<u64, StoreError> {
+        let log = self.inner.log.read().await;
+        let start = usize::try_from(after.sequence).unwrap_or(usize::MAX);
+        let end = usize::try_from(until.sequence).unwrap_or(usize::MAX);
+        Ok(log
+            .events
+            .iter()
+            .take(end)
+            .skip(start)
+            .filter(|e| types.matches(&e.event_type))
+            .count() as u64)
+    }
+
     async fn wait_for_append(&self, after: Position, timeout: Duration) {
         let mut head = self.watch_head();
         let _ = tokio::time::timeout(timeout, head.wait_for(|h| *h > after)).await;

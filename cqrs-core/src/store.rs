@@ -172,6 +172,21 @@ pub trait EventStore: Send + Sync + 'static {
     /// How many events `read_all` would return after `after` with this filter (for lag and progress).
     async fn count_after(&self, after: Position, types: EventTypes<'_>) -> Result<u64, StoreError>;
 
+    /// How many events `read_all` returns after `after` up to and including `until` (a position
+    /// at or before [`EventStore::head`]), with this filter: the exact size of a catch-up while
+    /// writers keep appending. The default subtracts two [`EventStore::count_after`] calls, which
+    /// is exact only when nothing is appended meanwhile; backends override it.
+    async fn count_between(
+        &self,
+        after: Position,
+        until: Position,
+        types: EventTypes<'_>,
+    ) -> Result<u64, StoreError> {
+        let to_head = self.count_after(after, types).await?;
+        let beyond = self.count_after(until, types).await?;
+        Ok(to_head.saturating_sub(beyond))
+    }
+
     /// Resolves when events may have been appended after `after`, or after `timeout` at the latest.
     /// Subscriptions use it to follow live appends. Backends with a notification mechanism override
     /// it; the default waits a short polling interval.

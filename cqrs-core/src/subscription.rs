@@ -255,8 +255,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         let Some(head) = store.head().await? else {
             return Ok(self.projection);
         };
+        // Up to `head` only: writers may append while this runs.
         let total = store
-            .count_after(checkpoint.unwrap_or(Position::START), types)
+            .count_between(checkpoint.unwrap_or(Position::START), head, types)
             .await?;
         let started = Instant::now();
         let mut done = 0u64;

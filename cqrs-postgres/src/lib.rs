@@ -734,6 +734,29 @@ impl EventStore for PostgresStore {
         Ok(u64::try_from(count).unwrap_or_default())
     }
 
+    async fn count_between(
+        &self,
+        after: Position,
+        until: Position,
+        types: EventTypes<'_>,
+    ) -> Result<u64, StoreError> {
+        let query = match types {
+            EventTypes::All => sqlx::query_scalar(self.sql.count_between.clone()),
+            EventTypes::Only(names) => {
+                sqlx::query_scalar(self.sql.count_between_filtered.clone()).bind(names.to_vec())
+            }
+        };
+        let count: i64 = query
+            .bind(after.tx.to_string())
+            .bind(sequence_after(after))
+            .bind(until.tx.to_string())
+            .bind(sequence_after(until))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(u64::try_from(count).unwrap_or_default())
+    }
+
     /// Wakes on this store's `NOTIFY` (one background listener connection per store, started on
     /// first use), or after `timeout`.
     async fn wait_for_append(&self, after: Position, timeout: Duration) {

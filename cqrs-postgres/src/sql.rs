@@ -65,6 +65,8 @@ pub struct Statements {
     pub head: SqlStr,
     pub count_after: SqlStr,
     pub count_after_filtered: SqlStr,
+    pub count_between: SqlStr,
+    pub count_between_filtered: SqlStr,
     pub load_snapshot: SqlStr,
     pub save_snapshot: SqlStr,
     pub load_checkpoint: SqlStr,
@@ -232,6 +234,16 @@ impl Statements {
             count_after: sql(format!(
                 "SELECT count(*) FROM {events}
                  WHERE (tx, position) > ($1::text::xid8, $2) AND tx < {HORIZON}"
+            )),
+            // `until` is at or before the head, so below the horizon: no horizon condition.
+            count_between: sql(format!(
+                "SELECT count(*) FROM {events}
+                 WHERE (tx, position) > ($1::text::xid8, $2) AND (tx, position) <= ($3::text::xid8, $4)"
+            )),
+            count_between_filtered: sql(format!(
+                "SELECT count(*) FROM {events}
+                 WHERE event_type = ANY($1) AND (tx, position) > ($2::text::xid8, $3)
+                   AND (tx, position) <= ($4::text::xid8, $5)"
             )),
             count_after_filtered: sql(format!(
                 "SELECT count(*) FROM {events}
