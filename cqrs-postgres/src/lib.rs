@@ -70,6 +70,7 @@ mod notify;
 mod projections;
 mod row;
 mod sql;
+mod tx;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -423,15 +424,15 @@ impl PostgresStore {
         batch: &append::Encoded,
     ) -> Result<AppendResult, StoreError> {
         if !self.inline.is_empty() {
-            let mut tx = self.pool.begin().await.map_err(map_error)?;
+            let mut tx = tx::Tx::begin(&self.pool).await?;
             let appended =
-                append::append_on(&mut tx, &self.sql, stream, expected, events, batch, true)
+                append::append_on(tx.conn(), &self.sql, stream, expected, events, batch, true)
                     .await?;
             if appended.fresh {
-                self.project_inline(&mut tx, stream, &appended.result, events.len())
+                self.project_inline(tx.conn(), stream, &appended.result, events.len())
                     .await?;
             }
-            tx.commit().await.map_err(map_error)?;
+            tx.commit().await?;
             return Ok(appended.result);
         }
         let mut conn = self.pool.acquire().await.map_err(map_error)?;

@@ -11,6 +11,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
 
 use crate::error::{map_error, out_of_range};
+use crate::tx::Tx;
 use crate::PostgresStore;
 
 /// How often a held lease re-checks its connection (at most; between checks it is assumed held).
@@ -177,15 +178,15 @@ where
         events: &[RecordedEvent],
         to: Position,
     ) -> Result<(), BatchError> {
-        let mut tx = self.store.pool().begin().await.map_err(map_error)?;
+        let mut tx = Tx::begin(self.store.pool()).await?;
         // The compare-and-set first: it locks the checkpoint row, so a second runner waits here
         // instead of doing the batch's work only to fail at the end.
         self.store
-            .save_checkpoint_in(&mut tx, name, expected, to)
+            .save_checkpoint_in(tx.conn(), name, expected, to)
             .await?;
         let outcome = async {
             for (index, event) in events.iter().enumerate() {
-                if let Err(error) = projection.handle(event, &mut tx).await {
+                if let Err(error) = projection.handle(event, tx.conn()).await {
                     return Err(BatchError::Projection {
                         index,
                         committed: 0,
@@ -195,7 +196,7 @@ where
             }
             if !events.is_empty() {
                 projection
-                    .flush(&mut tx)
+                    .flush(tx.conn())
                     .await
                     .map_err(|error| BatchError::Projection {
                         index: events.len() - 1,
@@ -214,7 +215,7 @@ where
         }
         if let Err(error) = tx.commit().await {
             projection.discard();
-            return Err(map_error(error).into());
+            return Err(error.into());
         }
         Ok(())
     }
@@ -232,9 +233,9 @@ where
     ) -> Result<(), StoreError> {
         let sequence = i64::try_from(event.position.sequence)
             .map_err(|_| out_of_range("position sequence", event.position.sequence))?;
-        let mut tx = self.store.pool().begin().await.map_err(map_error)?;
+        let mut tx = Tx::begin(self.store.pool()).await?;
         self.store
-            .save_checkpoint_in(&mut tx, name, expected, event.position)
+            .save_checkpoint_in(tx.conn(), name, expected, event.position)
             .await?;
         sqlx::query(self.store.sql.record_skip.clone())
             .bind(name)
@@ -243,11 +244,10 @@ where
             .bind(*event.event_id.as_uuid())
             .bind(&event.event_type)
             .bind(reason)
-            .execute(&mut *tx)
+            .execute(tx.conn())
             .await
             .map_err(|e| self.store.fail(e))?;
-        tx.commit().await.map_err(map_error)?;
-        Ok(())
+        tx.commit().await
     }
 
     async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {

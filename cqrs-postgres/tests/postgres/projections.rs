@@ -392,6 +392,51 @@ async fn three_runners_apply_each_batch_once_and_hand_over_when_the_active_one_d
     drop_schema(&store).await;
 }
 
+/// Connections of this test's pool that sit inside a transaction nobody is running.
+async fn abandoned_transactions(store: &PostgresStore) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE application_name = $1 AND state = 'idle in transaction'",
+    )
+    .bind(store.schema())
+    .fetch_one(store.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborting_runners_mid_batch_leaves_no_transaction_behind() {
+    let store = fresh_store_with(6).await;
+    let projection = Balances::create(&store, "balances").await;
+    writers(&store, 2, 400, 10, Duration::ZERO).await.unwrap();
+    let load = writers(&store, 2, 200, 10, Duration::from_millis(1));
+    // Abort runners at random moments, most of them inside a batch's transaction.
+    for _ in 0..40 {
+        let handle =
+            ProjectionRunner::new(projection.clone(), PostgresProjections::new(store.clone()))
+                .with_config(RunnerConfig {
+                    batch_size: 20,
+                    ..config()
+                })
+                .spawn();
+        tokio::time::sleep(Duration::from_micros(500 + random() % 20_000)).await;
+        handle.abort();
+    }
+    // An abandoned transaction would hold rows the writers wait for: fail, don't hang.
+    tokio::time::timeout(Duration::from_secs(30), load)
+        .await
+        .expect("writers blocked by a transaction an aborted runner left open")
+        .unwrap();
+    // Cancelled work is rolled back on the server, never parked in the pool mid-transaction
+    // (where later appends would run inside it and never commit).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(abandoned_transactions(&store).await, 0);
+    let handle = spawn(&store, projection, "balances");
+    assert_exact(&store, "balances", "balances").await;
+    handle.stop().await.unwrap();
+    drop_schema(&store).await;
+}
+
 #[tokio::test]
 async fn two_batches_from_the_same_checkpoint_commit_once() {
     let store = fresh_store().await;

@@ -1,0 +1,58 @@
+//! Transactions that survive cancellation.
+//!
+//! `sqlx`'s `Pool::begin` is not cancel-safe: a future dropped after `BEGIN` was sent but before
+//! the transaction object exists leaves the connection inside a server-side transaction that
+//! nobody owns, and the connection goes back to the pool. Every later statement on it, an
+//! append included, then runs in that transaction and is never committed, and the transaction
+//! holds the visibility horizon back for every reader in the cluster. Runners are cancelled in
+//! normal operation (`ProjectionHandle::abort`, dropped handles, shutdown), so the store begins
+//! its own transactions with [`Tx`]: a connection that is closed, never returned to the pool,
+//! unless the transaction was committed.
+
+use cqrs_core::StoreError;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgPool, Postgres};
+use sqlx::Executor;
+
+use crate::error::map_error;
+
+/// A transaction on a pooled connection. Dropped without [`Tx::commit`] (an error, a cancelled
+/// future), it closes the connection, and PostgreSQL rolls the transaction back.
+pub(crate) struct Tx {
+    conn: PoolConnection<Postgres>,
+    committed: bool,
+}
+
+impl Tx {
+    pub(crate) async fn begin(pool: &PgPool) -> Result<Self, StoreError> {
+        // The guard exists before `BEGIN` is sent: from here on, a cancellation closes the
+        // connection instead of returning it to the pool mid-transaction.
+        let mut tx = Self {
+            conn: pool.acquire().await.map_err(map_error)?,
+            committed: false,
+        };
+        tx.conn().execute("BEGIN").await.map_err(map_error)?;
+        Ok(tx)
+    }
+
+    /// The transaction's connection.
+    pub(crate) fn conn(&mut self) -> &mut PgConnection {
+        &mut self.conn
+    }
+
+    /// Commits; the connection goes back to the pool only if this succeeds.
+    pub(crate) async fn commit(mut self) -> Result<(), StoreError> {
+        self.conn().execute("COMMIT").await.map_err(map_error)?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        if !self.committed {
+            // Ending the session rolls the transaction back on the server.
+            self.conn.close_on_drop();
+        }
+    }
+}
