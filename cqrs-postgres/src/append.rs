@@ -161,7 +161,14 @@ async fn attempt(
             .await
             .map_err(savepoint_error)?;
     }
-    let result = sqlx::query(sql.append.clone())
+    // Alone, the store announces the commit itself (coalesced, after it); in a caller's
+    // transaction only the statement can, delivered on the caller's commit.
+    let statement = if in_transaction {
+        sql.append_notify.clone()
+    } else {
+        sql.append.clone()
+    };
+    let query = sqlx::query(statement)
         .bind(stream.stream_type())
         .bind(stream.id())
         .bind(code)
@@ -169,10 +176,13 @@ async fn attempt(
         .bind(&batch.types)
         .bind(&batch.schema_versions)
         .bind(&batch.payloads)
-        .bind(&batch.metadata)
-        .bind(&sql.channel)
-        .fetch_one(&mut *conn)
-        .await;
+        .bind(&batch.metadata);
+    let query = if in_transaction {
+        query.bind(&sql.channel)
+    } else {
+        query
+    };
+    let result = query.fetch_one(&mut *conn).await;
     match result {
         Ok(row) => {
             if in_transaction {

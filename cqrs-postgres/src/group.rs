@@ -177,7 +177,6 @@ async fn write_group(pool: &PgPool, sql: &Statements, group: Vec<Request>) {
         .bind(&columns.schema_versions)
         .bind(&columns.payloads)
         .bind(&columns.metadata)
-        .bind(&sql.channel)
         .fetch_all(pool)
         .await;
     let mut written: Vec<Option<AppendResult>> = vec![None; group.len()];

@@ -46,8 +46,12 @@
 //!   `(stream_type, stream_id, stream_version)` rejects the loser of a race (SQLSTATE 23505), which
 //!   becomes a [`cqrs_core::ConcurrencyError`] with the actual version (`Any` and `StreamExists`
 //!   retry instead). A 23505 on the event id means a retry: the ids are looked up and
-//!   [`cqrs_core::store::resolve_retry`] decides, exactly as for every other backend. The same
-//!   statement sends `NOTIFY` (delivered on commit).
+//!   [`cqrs_core::store::resolve_retry`] decides, exactly as for every other backend.
+//! - **Wake-ups.** After an append commits, the store sends `NOTIFY` on
+//!   [`PostgresStore::notification_channel`] from a background task, coalescing appends that
+//!   commit meanwhile into one notification: a `pg_notify` inside every append would serialize all
+//!   concurrent commits on PostgreSQL's notification lock. `append_in` notifies in its statement,
+//!   delivered when the caller commits.
 //! - **Gap-free reads.** [`EventStore::read_all`] orders by `(tx, position)` and returns only events
 //!   below the visibility horizon `pg_snapshot_xmin(pg_current_snapshot())`: every transaction
 //!   below it has finished, and any later writer gets a larger `tx`, so nothing can commit behind
@@ -106,6 +110,7 @@ pub struct PostgresStore {
     sql: Arc<sql::Statements>,
     horizon_wait: Duration,
     notifier: Arc<OnceLock<Arc<notify::Notifier>>>,
+    announcer: Arc<OnceLock<Arc<notify::Announcer>>>,
     group: Option<Arc<group::GroupCommitter>>,
     inline: Arc<[Arc<dyn inline::Inline>]>,
 }
@@ -142,6 +147,7 @@ impl PostgresStore {
             sql: Arc::new(sql::Statements::new("public")),
             horizon_wait: DEFAULT_HORIZON_WAIT,
             notifier: Arc::default(),
+            announcer: Arc::default(),
             group: None,
             inline: Arc::new([]),
         }
@@ -153,6 +159,7 @@ impl PostgresStore {
         sql::validate_schema(schema)?;
         self.sql = Arc::new(sql::Statements::new(schema));
         self.notifier = Arc::default();
+        self.announcer = Arc::default();
         if let Some(group) = &self.group {
             self.group = Some(group::GroupCommitter::new(
                 self.pool.clone(),
@@ -217,8 +224,9 @@ impl PostgresStore {
         &self.sql.schema
     }
 
-    /// The `LISTEN/NOTIFY` channel every append notifies on commit: `<schema>_events`, with the
-    /// position of the append's last event (`"<tx>.<sequence>"`) as payload.
+    /// The `LISTEN/NOTIFY` channel appends are announced on after they commit: `<schema>_events`,
+    /// with the position of the last appended event (`"<tx>.<sequence>"`) as payload. Announcements
+    /// are coalesced: one notification may cover several appends.
     pub fn notification_channel(&self) -> &str {
         &self.sql.channel
     }
@@ -410,6 +418,13 @@ impl PostgresStore {
             .await
             .map_err(|e| self.fail(e))?;
         horizon(&row)
+    }
+
+    /// Tells listeners (in every process) that an append committed up to `position`.
+    fn announce(&self, position: Position) {
+        self.announcer
+            .get_or_init(|| notify::Announcer::start(&self.pool, self.sql.clone()))
+            .announce(position);
     }
 
     fn fail(&self, error: sqlx::Error) -> StoreError {
@@ -660,13 +675,17 @@ impl EventStore for PostgresStore {
         let batch = Arc::new(append::encode(stream, &events)?);
         if let Some(group) = self.group.as_ref().filter(|_| self.inline.is_empty()) {
             if let Some(result) = group.append(stream, expected, &batch).await {
+                self.announce(result.position);
                 return Ok(result);
             }
             // Not written by the group (a conflict, a retry, a failed group): alone, with the
             // full checks, so this caller gets exactly its own result or error.
         }
-        self.individual_append(stream, expected, &events, &batch)
-            .await
+        let result = self
+            .individual_append(stream, expected, &events, &batch)
+            .await?;
+        self.announce(result.position);
+        Ok(result)
     }
 
     async fn read_stream(

@@ -1,5 +1,11 @@
-//! `LISTEN/NOTIFY`: every append notifies `<schema>_events` with the position of its last event,
-//! sent by PostgreSQL only when the appending transaction commits.
+//! `LISTEN/NOTIFY` on `<schema>_events`, with the position of the last appended event as payload.
+//!
+//! Appends do not notify inside their own statement: PostgreSQL serializes the commits of every
+//! notifying transaction on one lock, which measured here cut concurrent commits to about a third
+//! (pgbench, 8 clients: 7,400 plain INSERTs/s, 2,800 with `pg_notify`). Instead the [`Announcer`]
+//! sends one `NOTIFY` after the commit, and appends that commit while one is on its way are
+//! covered by the next one. `append_in` still notifies in its statement: only PostgreSQL sees the
+//! caller's commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::error::map_error;
+use crate::sql::Statements;
 
 /// Notifications of committed appends on one store's channel; from [`crate::PostgresStore::listen`].
 ///
@@ -114,5 +121,56 @@ async fn listen_forever(pool: PgPool, channel: String, sender: watch::Sender<Pos
             Err(error) => tracing::debug!(%error, "append listener cannot connect"),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Sends `NOTIFY` for this process's committed appends, one at a time and coalesced: started on
+/// the first append, stopped when the last store clone is dropped.
+pub(crate) struct Announcer {
+    latest: watch::Sender<Position>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Announcer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Announcer {
+    pub(crate) fn start(pool: &PgPool, sql: Arc<Statements>) -> Arc<Self> {
+        let (latest, pending) = watch::channel(Position::START);
+        let task = tokio::spawn(announce_forever(pool.clone(), sql, pending));
+        Arc::new(Self { latest, task })
+    }
+
+    /// An append committed with its last event at `position`.
+    pub(crate) fn announce(&self, position: Position) {
+        self.latest.send_if_modified(|latest| {
+            let newer = position > *latest;
+            if newer {
+                *latest = position;
+            }
+            newer
+        });
+    }
+}
+
+async fn announce_forever(
+    pool: PgPool,
+    sql: Arc<Statements>,
+    mut pending: watch::Receiver<Position>,
+) {
+    while pending.changed().await.is_ok() {
+        let position = *pending.borrow_and_update();
+        // A lost notification only delays listeners until their polling fallback.
+        if let Err(error) = sqlx::query(sql.notify.clone())
+            .bind(&sql.channel)
+            .bind(position.to_string())
+            .execute(&pool)
+            .await
+        {
+            tracing::debug!(%error, "announcing an append failed");
+        }
     }
 }

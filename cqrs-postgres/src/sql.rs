@@ -52,6 +52,8 @@ pub struct Statements {
     pub quoted: String,
     pub channel: String,
     pub append: SqlStr,
+    pub append_notify: SqlStr,
+    pub notify: SqlStr,
     pub append_many: SqlStr,
     pub find_ids: SqlStr,
     pub read_stream: SqlStr,
@@ -94,6 +96,44 @@ fn guard(expected: &str, version: &str) -> String {
     )
 }
 
+/// One statement, one implicit transaction: read the stream's version, check the expectation,
+/// insert the batch with consecutive versions. A racer that slips in between fails on the unique
+/// version index (23505), never silently. `extra` adds output columns (the notification).
+///
+/// `tx` is this transaction's id, or the stream's previous event's `tx` if that is larger:
+/// possible only when the caller's transaction (`append_in`) got its id before the previous
+/// event's writer. Any value at or above the own id keeps reads gap-free (the row stays above the
+/// horizon while this transaction runs), and this one keeps each stream's events in version order
+/// in the global log.
+fn append(events: &str, guard: &str, extra: &str) -> String {
+    format!(
+        "WITH current AS (
+            SELECT COALESCE(last.stream_version, 0) AS version, last.tx AS last_tx
+            FROM (SELECT 1) AS one LEFT JOIN LATERAL (
+                SELECT stream_version, tx FROM {events}
+                WHERE stream_type = $1 AND stream_id = $2
+                ORDER BY stream_version DESC LIMIT 1
+            ) AS last ON true
+         ), accepted AS (
+            SELECT version AS base, GREATEST(pg_current_xact_id(), last_tx) AS tx
+            FROM current WHERE {guard}
+         ), inserted AS (
+            INSERT INTO {events}
+                (tx, stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
+            SELECT a.tx, $1, $2, a.base + u.n, u.id, u.t, u.sv, u.p::jsonb, u.m::jsonb
+            FROM accepted a,
+                 UNNEST($4::uuid[], $5::text[], $6::int[], $7::text[], $8::text[])
+                     WITH ORDINALITY AS u(id, t, sv, p, m, n)
+            ORDER BY u.n
+            RETURNING tx, position
+         ), summary AS (
+            SELECT count(*) AS n, max(position) AS last, max(tx)::text AS tx FROM inserted
+         )
+         SELECT s.n, s.last, s.tx, c.version AS actual{extra}
+         FROM summary s, current c"
+    )
+}
+
 impl Statements {
     pub fn new(schema: &str) -> Self {
         let s = format!("\"{schema}\"");
@@ -103,41 +143,13 @@ impl Statements {
         Self {
             schema: schema.to_owned(),
             channel: format!("{schema}_events"),
-            // One statement, one implicit transaction: read the stream's version, check the
-            // expectation, insert the batch with consecutive versions, notify. A racer that slips
-            // in between fails on the unique version index (23505), never silently.
-            //
-            // `tx` is this transaction's id, or the stream's previous event's `tx` if that is
-            // larger: possible only when the caller's transaction (`append_in`) got its id before
-            // the previous event's writer. Any value at or above the own id keeps reads gap-free
-            // (the row stays above the horizon while this transaction runs), and this one keeps
-            // each stream's events in version order in the global log.
-            append: sql(format!(
-                "WITH current AS (
-                    SELECT COALESCE(last.stream_version, 0) AS version, last.tx AS last_tx
-                    FROM (SELECT 1) AS one LEFT JOIN LATERAL (
-                        SELECT stream_version, tx FROM {events}
-                        WHERE stream_type = $1 AND stream_id = $2
-                        ORDER BY stream_version DESC LIMIT 1
-                    ) AS last ON true
-                 ), accepted AS (
-                    SELECT version AS base, GREATEST(pg_current_xact_id(), last_tx) AS tx
-                    FROM current WHERE {guard_one}
-                 ), inserted AS (
-                    INSERT INTO {events}
-                        (tx, stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
-                    SELECT a.tx, $1, $2, a.base + u.n, u.id, u.t, u.sv, u.p::jsonb, u.m::jsonb
-                    FROM accepted a,
-                         UNNEST($4::uuid[], $5::text[], $6::int[], $7::text[], $8::text[])
-                             WITH ORDINALITY AS u(id, t, sv, p, m, n)
-                    ORDER BY u.n
-                    RETURNING tx, position
-                 ), summary AS (
-                    SELECT count(*) AS n, max(position) AS last, max(tx)::text AS tx FROM inserted
-                 )
-                 SELECT s.n, s.last, s.tx, c.version AS actual,
-                        CASE WHEN s.n > 0 THEN pg_notify($9, s.tx || '.' || s.last)::text END AS notified
-                 FROM summary s, current c"
+            append: sql(append(&events, &guard_one, "")),
+            // Inside a caller's transaction (`append_in`) the store cannot see the commit, so the
+            // statement notifies, and PostgreSQL delivers the notification when the caller commits.
+            append_notify: sql(append(
+                &events,
+                &guard_one,
+                ", CASE WHEN s.n > 0 THEN pg_notify($9, s.tx || '.' || s.last)::text END AS notified",
             )),
             // Group commit: several batches, each for a different stream, in one statement. A
             // batch whose guard fails is skipped (its row comes back with n = 0); the others commit.
@@ -163,13 +175,11 @@ impl Statements {
                  ), done AS (
                     SELECT stream_type, stream_id, count(*) AS n, max(position) AS last, max(tx)::text AS tx
                     FROM inserted GROUP BY stream_type, stream_id
-                 ), notified AS (
-                    SELECT pg_notify($11, max(tx) || '.' || max(last))::text AS sent FROM done HAVING count(*) > 0
                  )
-                 SELECT s.b, s.version AS actual, COALESCE(d.n, 0) AS n, d.last, d.tx,
-                        (SELECT count(*) FROM notified) AS notified
+                 SELECT s.b, s.version AS actual, COALESCE(d.n, 0) AS n, d.last, d.tx
                  FROM streams s LEFT JOIN done d ON d.stream_type = s.st AND d.stream_id = s.sid"
             )),
+            notify: sql("SELECT pg_notify($1, $2)".to_owned()),
             find_ids: sql(format!(
                 "SELECT position, tx::text AS tx_text, event_id, stream_type, stream_id, stream_version
                  FROM {events} WHERE event_id = ANY($1)"
