@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cqrs_core::{EventSet, Repository};
+use cqrs_postgres::GroupCommit;
 use sqlx::postgres::PgPool;
 use tokio::task::JoinSet;
 use uuid::Uuid;
@@ -79,10 +80,18 @@ pub struct Ours {
 }
 
 impl Ours {
-    /// A fresh schema; `cache` enables `Repository::with_cache`.
-    pub async fn new(url: &str, name: &str, cache: bool) -> Result<Self, BenchError> {
+    /// A fresh schema; `cache` enables `Repository::with_cache`, `group` group commit.
+    pub async fn new(
+        url: &str,
+        name: &str,
+        cache: bool,
+        group: Option<GroupCommit>,
+    ) -> Result<Self, BenchError> {
         let schema = db::schema_name(name);
-        let store = db::our_store(url, &schema).await?;
+        let mut store = db::our_store(url, &schema).await?;
+        if let Some(group) = group {
+            store = store.with_group_commit(group);
+        }
         let pool = store.pool().clone();
         let mut repo = Repository::new(store);
         if cache {
@@ -267,6 +276,21 @@ enum Kind {
     RawInsert,
     Ours,
     OursCache,
+    OursGroup,
+    OursGroupCache,
+}
+
+/// The group-commit setting measured: gather for at most 1 ms after the first append, at most 64
+/// appends per statement (`GroupCommit::default()`).
+fn group() -> Option<GroupCommit> {
+    let wait_us = std::env::var("BENCH_GROUP_WAIT_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    Some(GroupCommit {
+        max_wait: std::time::Duration::from_micros(wait_us),
+        ..GroupCommit::default()
+    })
 }
 
 impl Kind {
@@ -278,6 +302,8 @@ impl Kind {
             Kind::RawInsert => "raw sqlx: one INSERT (state in memory)",
             Kind::Ours => "ours: Repository over PostgresStore",
             Kind::OursCache => "ours + aggregate cache (`with_cache`)",
+            Kind::OursGroup => "ours + group commit (`GroupCommit::default()`)",
+            Kind::OursGroupCache => "ours + group commit + aggregate cache",
         }
     }
 
@@ -298,8 +324,26 @@ impl Kind {
                 drive(RawReadInsert::new(url, &name).await?, clients, accounts).await
             }
             Kind::RawInsert => drive(RawInsert::new(url, &name).await?, clients, accounts).await,
-            Kind::Ours => drive(Ours::new(url, &name, false).await?, clients, accounts).await,
-            Kind::OursCache => drive(Ours::new(url, &name, true).await?, clients, accounts).await,
+            Kind::Ours => drive(Ours::new(url, &name, false, None).await?, clients, accounts).await,
+            Kind::OursCache => {
+                drive(Ours::new(url, &name, true, None).await?, clients, accounts).await
+            }
+            Kind::OursGroup => {
+                drive(
+                    Ours::new(url, &name, false, group()).await?,
+                    clients,
+                    accounts,
+                )
+                .await
+            }
+            Kind::OursGroupCache => {
+                drive(
+                    Ours::new(url, &name, true, group()).await?,
+                    clients,
+                    accounts,
+                )
+                .await
+            }
         }
     }
 }
@@ -317,6 +361,8 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         Kind::RawInsert,
         Kind::Ours,
         Kind::OursCache,
+        Kind::OursGroup,
+        Kind::OursGroupCache,
     ];
     let clients = [1_usize, 8];
     let mut results: HashMap<(Kind, usize), Vec<f64>> = HashMap::new();
@@ -378,15 +424,6 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
             ratio(median(eight), get(Kind::RawReadInsert, 8)),
         ]);
     }
-    table.row(vec![
-        "ours + group commit".to_owned(),
-        "not measured: group commit has not landed in cqrs-postgres".to_owned(),
-        "–".to_owned(),
-        "–".to_owned(),
-        "–".to_owned(),
-        "–".to_owned(),
-        "–".to_owned(),
-    ]);
     if !cfg!(feature = "peers") {
         table.note("cqrs-es not measured: built without `--features peers`.");
     }
