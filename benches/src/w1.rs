@@ -280,17 +280,10 @@ enum Kind {
     OursGroupCache,
 }
 
-/// The group-commit setting measured: gather for at most 1 ms after the first append, at most 64
-/// appends per statement (`GroupCommit::default()`).
+/// The group-commit setting measured: `GroupCommit::default()` (no waiting, up to 64 appends per
+/// group, 2 groups in flight).
 fn group() -> Option<GroupCommit> {
-    let wait_us = std::env::var("BENCH_GROUP_WAIT_US")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
-    Some(GroupCommit {
-        max_wait: std::time::Duration::from_micros(wait_us),
-        ..GroupCommit::default()
-    })
+    Some(GroupCommit::default())
 }
 
 impl Kind {

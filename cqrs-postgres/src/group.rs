@@ -1,42 +1,48 @@
-//! Group commit: concurrent appends to different streams, written by one task in one statement and
-//! one commit. Whatever the group cannot settle for a caller (a refused expectation, a retry of
-//! stored ids, a failed statement) goes back to that caller, who appends alone with the full
-//! checks; so every caller gets exactly the result or error an individual append would give.
+//! Group commit: concurrent appends to different streams share one statement and one commit.
+//! Whatever the group cannot settle for a caller (a refused expectation, a retry of stored ids, a
+//! failed statement) goes back to that caller, who appends alone with the full checks; so every
+//! caller gets exactly the result or error an individual append would give.
+//!
+//! Leader/follower, with no dedicated task: an append joins the queue, and if fewer than
+//! `max_in_flight` groups are being written, its caller becomes a leader and writes what is queued
+//! (its own append included) as one group, in its own task. Followers wait for their leader's
+//! reply. Without concurrency every append is its own leader, so a lone client pays nothing for
+//! the feature; under load the queue fills while groups are in flight, and groups grow by
+//! themselves.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::{Arc, OnceLock};
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cqrs_core::{AppendResult, ExpectedVersion, Position, StreamId};
 use sqlx::postgres::PgPool;
 use sqlx::Row;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::append::{expected_code, to_version, Encoded};
 use crate::row::parse_tx;
 use crate::sql::Statements;
 
 /// Group-commit settings for [`crate::PostgresStore::with_group_commit`].
-///
-/// The writer takes the first waiting append, then gathers more (appends to a stream already in the
-/// group wait for the next one) until it has `max_batch` or `max_wait` has passed, and writes them
-/// in one statement. While a group is being written, new appends queue up for the next: under load,
-/// groups fill by themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupCommit {
     /// The most appends written together (at least 1).
     pub max_batch: usize,
-    /// How long to wait for more appends after the first; `Duration::ZERO` takes only what is
-    /// already queued.
+    /// How long a leader waits for more appends before writing its group. `Duration::ZERO` (the
+    /// default) writes what is queued at once: groups form from appends that arrive while other
+    /// groups are in flight, without adding latency.
     pub max_wait: Duration,
+    /// The most groups written at the same time (at least 1), each on its own pooled connection.
+    pub max_in_flight: usize,
 }
 
 impl Default for GroupCommit {
-    /// 64 appends, 1 ms.
+    /// 64 appends per group, no waiting, 2 groups in flight.
     fn default() -> Self {
         Self {
             max_batch: 64,
-            max_wait: Duration::from_millis(1),
+            max_wait: Duration::ZERO,
+            max_in_flight: 2,
         }
     }
 }
@@ -49,13 +55,18 @@ struct Request {
     reply: oneshot::Sender<Option<AppendResult>>,
 }
 
+#[derive(Default)]
+struct State {
+    queue: Vec<Request>,
+    /// Leaders currently writing (or about to write) a group.
+    leaders: usize,
+}
+
 pub(crate) struct GroupCommitter {
     config: GroupCommit,
     pool: PgPool,
     sql: Arc<Statements>,
-    /// The writer starts on first use, on the caller's runtime; it stops when every store clone
-    /// holding this is dropped (the channel closes).
-    sender: OnceLock<mpsc::Sender<Request>>,
+    state: Mutex<State>,
 }
 
 impl GroupCommitter {
@@ -63,11 +74,12 @@ impl GroupCommitter {
         Arc::new(Self {
             config: GroupCommit {
                 max_batch: config.max_batch.max(1),
+                max_in_flight: config.max_in_flight.max(1),
                 ..config
             },
             pool,
             sql,
-            sender: OnceLock::new(),
+            state: Mutex::default(),
         })
     }
 
@@ -75,87 +87,102 @@ impl GroupCommitter {
         self.config
     }
 
-    /// Hands the batch to the writer; `None` if the caller must append alone.
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends `batch` as part of a group; `None` if the caller must append alone.
     pub(crate) async fn append(
-        &self,
+        self: &Arc<Self>,
         stream: &StreamId,
         expected: ExpectedVersion,
         batch: &Arc<Encoded>,
     ) -> Option<AppendResult> {
-        let sender = self.sender.get_or_init(|| {
-            let (sender, receiver) = mpsc::channel(self.config.max_batch.saturating_mul(4));
-            tokio::spawn(writer(
-                self.pool.clone(),
-                self.sql.clone(),
-                receiver,
-                self.config,
-            ));
-            sender
-        });
         let (reply, result) = oneshot::channel();
-        let request = Request {
-            stream: stream.clone(),
-            expected: expected_code(expected),
-            batch: batch.clone(),
-            reply,
+        let lead = {
+            let mut state = self.state();
+            state.queue.push(Request {
+                stream: stream.clone(),
+                expected: expected_code(expected),
+                batch: batch.clone(),
+                reply,
+            });
+            let lead = state.leaders < self.config.max_in_flight;
+            if lead {
+                state.leaders += 1;
+            }
+            lead
         };
-        // A closed channel or a dropped reply (the writer's runtime is gone): append alone.
-        sender.send(request).await.ok()?;
+        if lead {
+            let leadership = Leadership(Arc::clone(self));
+            leadership.lead_once().await;
+        }
+        // A dropped reply (the leader was cancelled): append alone; idempotency sorts out
+        // whether that leader's statement committed.
         result.await.ok().flatten()
+    }
+
+    /// Takes a group from the queue: the oldest appends, at most one per stream (a second
+    /// append to a stream waits for a later group, keeping each stream's appends in order).
+    fn take_group(&self) -> Vec<Request> {
+        let mut state = self.state();
+        let mut streams = HashSet::new();
+        let mut group = Vec::new();
+        let mut rest = Vec::new();
+        for request in state.queue.drain(..) {
+            if group.len() < self.config.max_batch && streams.insert(request.stream.clone()) {
+                group.push(request);
+            } else {
+                rest.push(request);
+            }
+        }
+        state.queue = rest;
+        group
     }
 }
 
-async fn writer(
-    pool: PgPool,
-    sql: Arc<Statements>,
-    mut receiver: mpsc::Receiver<Request>,
-    config: GroupCommit,
-) {
-    // Appends that arrived while their stream was already in the group, oldest first.
-    let mut deferred: VecDeque<Request> = VecDeque::new();
-    loop {
-        let mut group = Vec::with_capacity(config.max_batch);
-        let mut streams = HashSet::new();
-        let mut later = VecDeque::new();
-        while let Some(request) = deferred.pop_front() {
-            if group.len() < config.max_batch && streams.insert(request.stream.clone()) {
-                group.push(request);
-            } else {
-                later.push_back(request);
-            }
+/// One leader slot. Dropped, it hands over: if appends are still queued, a new leader is spawned
+/// for them (also when the leader's caller was cancelled), else the slot is freed.
+struct Leadership(Arc<GroupCommitter>);
+
+impl Leadership {
+    async fn lead_once(&self) {
+        if !self.0.config.max_wait.is_zero() {
+            tokio::time::sleep(self.0.config.max_wait).await;
         }
-        deferred = later;
-        if group.is_empty() {
-            match receiver.recv().await {
-                Some(request) => {
-                    streams.insert(request.stream.clone());
-                    group.push(request);
+        let group = self.0.take_group();
+        match group.len() {
+            0 => {}
+            // Alone: the individual append's statement is cheaper than the group's.
+            1 => {
+                for request in group {
+                    let _ = request.reply.send(None);
                 }
-                None => return,
             }
+            _ => write_group(&self.0.pool, &self.0.sql, group).await,
         }
-        let deadline = tokio::time::Instant::now() + config.max_wait;
-        while group.len() < config.max_batch {
-            let request = match receiver.try_recv() {
-                Ok(request) => request,
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    if config.max_wait.is_zero() {
-                        break;
-                    }
-                    match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                        Ok(Some(request)) => request,
-                        Ok(None) | Err(_) => break,
-                    }
-                }
-            };
-            if streams.insert(request.stream.clone()) {
-                group.push(request);
-            } else {
-                deferred.push_back(request);
-            }
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        let mut state = self.0.state();
+        if state.queue.is_empty() {
+            state.leaders -= 1;
+            return;
         }
-        write_group(&pool, &sql, group).await;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // No runtime (shutting down): the queued replies drop, and their callers append
+            // alone.
+            state.queue.clear();
+            state.leaders -= 1;
+            return;
+        };
+        drop(state);
+        // Followers are waiting: lead them from a task of its own, keeping this slot, so that
+        // this leader's caller gets its result now.
+        let next = Leadership(Arc::clone(&self.0));
+        runtime.spawn(async move { next.lead_once().await });
     }
 }
 

@@ -179,10 +179,11 @@ impl PostgresStore {
         self
     }
 
-    /// Routes [`EventStore::append`] through a group-commit writer: concurrent appends to
-    /// different streams are written by one task in one statement and one transaction; see
-    /// [`GroupCommit`]. [`PostgresStore::append_in`] is unaffected (it uses the caller's
-    /// transaction). The writer task starts on the first append, on that append's runtime.
+    /// Routes [`EventStore::append`] through group commit: concurrent appends to different
+    /// streams are written in one statement and one transaction, by whichever caller leads the
+    /// group (see [`GroupCommit`]); each caller still gets its own result or error. A lone append
+    /// is written as usual. [`PostgresStore::append_in`] is unaffected (it uses the caller's
+    /// transaction).
     pub fn with_group_commit(mut self, config: GroupCommit) -> Self {
         self.group = Some(group::GroupCommitter::new(
             self.pool.clone(),
@@ -422,6 +423,9 @@ impl PostgresStore {
 
     /// Tells listeners (in every process) that an append committed up to `position`.
     fn announce(&self, position: Position) {
+        if let Some(notifier) = self.notifier.get() {
+            notifier.appended(position);
+        }
         self.announcer
             .get_or_init(|| notify::Announcer::start(&self.pool, self.sql.clone()))
             .announce(position);

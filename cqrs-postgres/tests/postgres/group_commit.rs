@@ -19,6 +19,7 @@ async fn grouped_appends_give_every_caller_its_own_result_and_its_own_conflict()
     let store = fresh_store_with(6).await.with_group_commit(GroupCommit {
         max_batch: 16,
         max_wait: Duration::from_millis(2),
+        ..GroupCommit::default()
     });
     // Each task owns a stream. Every fifth append expects a wrong version (a conflict that must
     // stay its own), every seventh re-sends its previous batch (a retry, that must return the
