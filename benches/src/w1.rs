@@ -75,8 +75,7 @@ pub async fn drive<C: Contender>(
 /// Ours: `Repository<Account>` over `PostgresStore`, optionally with the aggregate cache.
 pub struct Ours {
     repo: Repository<Account>,
-    pool: PgPool,
-    schema: String,
+    place: Place,
 }
 
 impl Ours {
@@ -97,7 +96,10 @@ impl Ours {
         if cache {
             repo = repo.with_cache(10_000);
         }
-        Ok(Self { repo, pool, schema })
+        Ok(Self {
+            repo,
+            place: Place { pool, schema },
+        })
     }
 }
 
@@ -107,6 +109,22 @@ impl Contender for Ours {
         Ok(())
     }
 
+    async fn stored_events(&self) -> Result<i64, BenchError> {
+        self.place.stored_events().await
+    }
+
+    async fn finish(self) -> Result<(), BenchError> {
+        self.place.finish().await
+    }
+}
+
+/// A contender's own schema and pool: what it counts at the end and drops.
+pub struct Place {
+    pool: PgPool,
+    schema: String,
+}
+
+impl Place {
     async fn stored_events(&self) -> Result<i64, BenchError> {
         count(&self.pool, &format!("\"{}\".events", self.schema)).await
     }
@@ -129,8 +147,7 @@ async fn count(pool: &PgPool, table: &str) -> Result<i64, BenchError> {
 /// The least raw SQL for the job: read the stream, fold it, decide, then one INSERT (autocommit);
 /// the unique index on the version rejects a concurrent writer.
 pub struct RawReadInsert {
-    pool: PgPool,
-    schema: String,
+    place: Place,
     select: String,
     insert: String,
 }
@@ -142,8 +159,7 @@ impl RawReadInsert {
         let pool = db::pool(url).await?;
         let table = db::raw_table(&pool, &schema).await?;
         Ok(Self {
-            pool,
-            schema,
+            place: Place { pool, schema },
             select: format!(
                 "SELECT stream_version, event_type, payload::text FROM {table}
                  WHERE stream_type = $1 AND stream_id = $2 ORDER BY stream_version"
@@ -186,7 +202,7 @@ impl Contender for RawReadInsert {
         let rows: Vec<(i64, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(&*self.select))
             .bind("account")
             .bind(id)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.place.pool)
             .await?;
         let (mut open, mut balance, mut version) = (false, 0_i64, 0_i64);
         for (v, event_type, payload) in rows {
@@ -201,25 +217,22 @@ impl Contender for RawReadInsert {
         }
         std::hint::black_box(balance);
         cmd.validate(open)?;
-        raw_insert(&self.pool, &self.insert, id, version + 1, cmd).await
+        raw_insert(&self.place.pool, &self.insert, id, version + 1, cmd).await
     }
 
     async fn stored_events(&self) -> Result<i64, BenchError> {
-        count(&self.pool, &format!("\"{}\".events", self.schema)).await
+        self.place.stored_events().await
     }
 
     async fn finish(self) -> Result<(), BenchError> {
-        db::drop_schema(&self.pool, &self.schema).await?;
-        self.pool.close().await;
-        Ok(())
+        self.place.finish().await
     }
 }
 
 /// Raw, one INSERT per command: the state is already in memory (the floor for one commit per
 /// command).
 pub struct RawInsert {
-    pool: PgPool,
-    schema: String,
+    place: Place,
     insert: String,
     state: Mutex<HashMap<String, (bool, i64)>>,
 }
@@ -231,8 +244,7 @@ impl RawInsert {
         let pool = db::pool(url).await?;
         let table = db::raw_table(&pool, &schema).await?;
         Ok(Self {
-            pool,
-            schema,
+            place: Place { pool, schema },
             insert: insert_sql(&table),
             state: Mutex::default(),
         })
@@ -249,7 +261,7 @@ impl Contender for RawInsert {
             .copied()
             .unwrap_or((false, 0));
         cmd.validate(open)?;
-        raw_insert(&self.pool, &self.insert, id, version + 1, cmd).await?;
+        raw_insert(&self.place.pool, &self.insert, id, version + 1, cmd).await?;
         self.state
             .lock()
             .map_err(|_| "poisoned")?
@@ -258,13 +270,11 @@ impl Contender for RawInsert {
     }
 
     async fn stored_events(&self) -> Result<i64, BenchError> {
-        count(&self.pool, &format!("\"{}\".events", self.schema)).await
+        self.place.stored_events().await
     }
 
     async fn finish(self) -> Result<(), BenchError> {
-        db::drop_schema(&self.pool, &self.schema).await?;
-        self.pool.close().await;
-        Ok(())
+        self.place.finish().await
     }
 }
 

@@ -421,6 +421,31 @@ impl PostgresStore {
         horizon(&row)
     }
 
+    /// Runs a count statement: `all`, or `only` with the type names first; then each position
+    /// as its `(tx, sequence)` pair.
+    async fn count(
+        &self,
+        all: &sqlx::SqlStr,
+        only: &sqlx::SqlStr,
+        types: EventTypes<'_>,
+        positions: &[Position],
+    ) -> Result<u64, StoreError> {
+        let mut query = match types {
+            EventTypes::All => sqlx::query_scalar(all.clone()),
+            EventTypes::Only(names) => sqlx::query_scalar(only.clone()).bind(names.to_vec()),
+        };
+        for position in positions {
+            query = query
+                .bind(position.tx.to_string())
+                .bind(sequence_after(*position));
+        }
+        let count: i64 = query
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(u64::try_from(count).unwrap_or_default())
+    }
+
     /// Tells listeners (in every process) that an append committed up to `position`.
     fn announce(&self, position: Position) {
         if let Some(notifier) = self.notifier.get() {
@@ -743,19 +768,8 @@ impl EventStore for PostgresStore {
     }
 
     async fn count_after(&self, after: Position, types: EventTypes<'_>) -> Result<u64, StoreError> {
-        let query = match types {
-            EventTypes::All => sqlx::query_scalar(self.sql.count_after.clone()),
-            EventTypes::Only(names) => {
-                sqlx::query_scalar(self.sql.count_after_filtered.clone()).bind(names.to_vec())
-            }
-        };
-        let count: i64 = query
-            .bind(after.tx.to_string())
-            .bind(sequence_after(after))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.fail(e))?;
-        Ok(u64::try_from(count).unwrap_or_default())
+        let (all, only) = (&self.sql.count_after, &self.sql.count_after_filtered);
+        self.count(all, only, types, &[after]).await
     }
 
     async fn count_between(
@@ -764,21 +778,8 @@ impl EventStore for PostgresStore {
         until: Position,
         types: EventTypes<'_>,
     ) -> Result<u64, StoreError> {
-        let query = match types {
-            EventTypes::All => sqlx::query_scalar(self.sql.count_between.clone()),
-            EventTypes::Only(names) => {
-                sqlx::query_scalar(self.sql.count_between_filtered.clone()).bind(names.to_vec())
-            }
-        };
-        let count: i64 = query
-            .bind(after.tx.to_string())
-            .bind(sequence_after(after))
-            .bind(until.tx.to_string())
-            .bind(sequence_after(until))
-            .fetch_one(&self.pool)
-            .await
-            .map_err(|e| self.fail(e))?;
-        Ok(u64::try_from(count).unwrap_or_default())
+        let (all, only) = (&self.sql.count_between, &self.sql.count_between_filtered);
+        self.count(all, only, types, &[after, until]).await
     }
 
     /// Wakes on this store's `NOTIFY` (one background listener connection per store, started on
