@@ -3,12 +3,14 @@
 //! failed statement) goes back to that caller, who appends alone with the full checks; so every
 //! caller gets exactly the result or error an individual append would give.
 //!
-//! Leader/follower, with no dedicated task: an append joins the queue, and if fewer than
-//! `max_in_flight` groups are being written, its caller becomes a leader and writes what is queued
-//! (its own append included) as one group, in its own task. Followers wait for their leader's
-//! reply. Without concurrency every append is its own leader, so a lone client pays nothing for
-//! the feature; under load the queue fills while groups are in flight, and groups grow by
-//! themselves.
+//! Leader/follower, with no dedicated task. At most `max_in_flight` writes are in flight at once,
+//! each holding a slot ([`Slot`]); an append joins the queue, and if a slot is free its caller
+//! takes it and leads: it writes what is queued (its own append included) as one group. A group
+//! of one is written by its caller with the individual statement (cheaper than the group's), and
+//! that caller holds the slot until its write is done. Followers wait for their leader's reply.
+//! When a write ends and appends are queued, its slot passes to a new leader for them. A lone
+//! client therefore pays nothing for the feature (every append is a group of one, written as
+//! usual); under load the queue fills while the slots are busy, and groups grow by themselves.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -51,15 +53,23 @@ struct Request {
     stream: StreamId,
     expected: i64,
     batch: Arc<Encoded>,
-    /// `Some`: written by the group. `None` (or dropped): append alone.
-    reply: oneshot::Sender<Option<AppendResult>>,
+    reply: oneshot::Sender<Joined>,
+}
+
+/// What became of an append that joined the queue.
+pub(crate) enum Joined {
+    /// The group wrote it.
+    Written(AppendResult),
+    /// The caller appends alone. With `Some(slot)`, its write counts as in flight (no other group
+    /// starts in its place) until the slot is dropped: keep it until the write is done.
+    Alone(Option<Slot>),
 }
 
 #[derive(Default)]
 struct State {
     queue: Vec<Request>,
-    /// Leaders currently writing (or about to write) a group.
-    leaders: usize,
+    /// Slots taken: writes in flight (groups, or appends written alone by a slot's holder).
+    slots: usize,
 }
 
 pub(crate) struct GroupCommitter {
@@ -91,13 +101,13 @@ impl GroupCommitter {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Appends `batch` as part of a group; `None` if the caller must append alone.
+    /// Appends `batch` as part of a group, or tells the caller to append alone.
     pub(crate) async fn append(
         self: &Arc<Self>,
         stream: &StreamId,
         expected: ExpectedVersion,
         batch: &Arc<Encoded>,
-    ) -> Option<AppendResult> {
+    ) -> Joined {
         let (reply, result) = oneshot::channel();
         let lead = {
             let mut state = self.state();
@@ -107,19 +117,18 @@ impl GroupCommitter {
                 batch: batch.clone(),
                 reply,
             });
-            let lead = state.leaders < self.config.max_in_flight;
+            let lead = state.slots < self.config.max_in_flight;
             if lead {
-                state.leaders += 1;
+                state.slots += 1;
             }
             lead
         };
         if lead {
-            let leadership = Leadership(Arc::clone(self));
-            leadership.lead_once().await;
+            Slot(Arc::clone(self)).lead().await;
         }
         // A dropped reply (the leader was cancelled): append alone; idempotency sorts out
         // whether that leader's statement committed.
-        result.await.ok().flatten()
+        result.await.unwrap_or(Joined::Alone(None))
     }
 
     /// Takes a group from the queue: the oldest appends, at most one per stream (a second
@@ -141,48 +150,49 @@ impl GroupCommitter {
     }
 }
 
-/// One leader slot. Dropped, it hands over: if appends are still queued, a new leader is spawned
-/// for them (also when the leader's caller was cancelled), else the slot is freed.
-struct Leadership(Arc<GroupCommitter>);
+/// One of the `max_in_flight` slots for writes. Dropped, it hands over: if appends are still
+/// queued, a new leader is spawned for them (also when its holder was cancelled), else the slot is
+/// freed.
+pub(crate) struct Slot(Arc<GroupCommitter>);
 
-impl Leadership {
-    async fn lead_once(&self) {
+impl Slot {
+    async fn lead(self) {
         if !self.0.config.max_wait.is_zero() {
             tokio::time::sleep(self.0.config.max_wait).await;
         }
-        let group = self.0.take_group();
-        match group.len() {
-            0 => {}
-            // Alone: the individual append's statement is cheaper than the group's.
-            1 => {
-                for request in group {
-                    let _ = request.reply.send(None);
-                }
-            }
-            _ => write_group(&self.0.pool, &self.0.sql, group).await,
+        let mut group = self.0.take_group();
+        if group.len() > 1 {
+            write_group(&self.0.pool, &self.0.sql, group).await;
+            return;
+        }
+        // Alone: the individual statement is cheaper than the group's. The slot goes with the
+        // request, so its write counts as in flight; if its caller is gone, the reply (slot
+        // included) drops here and the slot hands over.
+        if let Some(request) = group.pop() {
+            let _ = request.reply.send(Joined::Alone(Some(self)));
         }
     }
 }
 
-impl Drop for Leadership {
+impl Drop for Slot {
     fn drop(&mut self) {
         let mut state = self.0.state();
         if state.queue.is_empty() {
-            state.leaders -= 1;
+            state.slots -= 1;
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             // No runtime (shutting down): the queued replies drop, and their callers append
             // alone.
             state.queue.clear();
-            state.leaders -= 1;
+            state.slots -= 1;
             return;
         };
         drop(state);
-        // Followers are waiting: lead them from a task of its own, keeping this slot, so that
-        // this leader's caller gets its result now.
-        let next = Leadership(Arc::clone(&self.0));
-        runtime.spawn(async move { next.lead_once().await });
+        // Appends are waiting: lead them from a task of its own, keeping this slot, so that
+        // this slot's holder gets on with its result now.
+        let next = Slot(Arc::clone(&self.0));
+        runtime.spawn(next.lead());
     }
 }
 
@@ -230,7 +240,9 @@ async fn write_group(pool: &PgPool, sql: &Statements, group: Vec<Request>) {
         }
     }
     for (request, result) in group.into_iter().zip(written) {
-        let _ = request.reply.send(result);
+        let _ = request
+            .reply
+            .send(result.map_or(Joined::Alone(None), Joined::Written));
     }
 }
 

@@ -702,17 +702,26 @@ impl EventStore for PostgresStore {
         events: Vec<NewEvent>,
     ) -> Result<AppendResult, StoreError> {
         let batch = Arc::new(append::encode(stream, &events)?);
+        // Holding a group-commit slot while appending alone keeps this write counted as in
+        // flight, so concurrent appends queue up and share the next group.
+        let mut slot = None;
         if let Some(group) = self.group.as_ref().filter(|_| self.inline.is_empty()) {
-            if let Some(result) = group.append(stream, expected, &batch).await {
-                self.announce(result.position);
-                return Ok(result);
+            match group.append(stream, expected, &batch).await {
+                group::Joined::Written(result) => {
+                    self.announce(result.position);
+                    return Ok(result);
+                }
+                // Alone (a group of one; or not settled by the group: a conflict, a retry, a
+                // failed group), with the full checks, so this caller gets exactly its own result
+                // or error.
+                group::Joined::Alone(held) => slot = held,
             }
-            // Not written by the group (a conflict, a retry, a failed group): alone, with the
-            // full checks, so this caller gets exactly its own result or error.
         }
         let result = self
             .individual_append(stream, expected, &events, &batch)
-            .await?;
+            .await;
+        drop(slot);
+        let result = result?;
         self.announce(result.position);
         Ok(result)
     }
