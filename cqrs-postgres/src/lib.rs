@@ -85,6 +85,7 @@ use cqrs_core::{
     AppendResult, CheckpointStore, EventStore, EventTypes, ExpectedVersion, NewEvent, Position,
     RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId, StreamVersion,
 };
+use futures_util::TryStreamExt;
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Executor, Row};
 
@@ -502,10 +503,22 @@ impl PostgresStore {
             .bind(after.tx.to_string())
             .bind(sequence_after(after))
             .bind(limit)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.fail(e))?;
-        rows.iter().map(row::recorded).collect()
+            .fetch(&self.pool);
+        self.decode_rows(rows, limit).await
+    }
+
+    /// Decodes rows as they arrive, so PostgreSQL sends the rest of a page while the first rows
+    /// are decoded (a `fetch_all` would receive everything first, then decode).
+    async fn decode_rows(
+        &self,
+        mut rows: impl futures_util::Stream<Item = Result<PgRow, sqlx::Error>> + Unpin,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut events = Vec::with_capacity(usize::try_from(limit).unwrap_or(0).min(1024));
+        while let Some(row) = rows.try_next().await.map_err(|e| self.fail(e))? {
+            events.push(row::recorded(&row)?);
+        }
+        Ok(events)
     }
 
     /// After a short read that ended at `after`: if events after it exist (they were above the
@@ -732,15 +745,14 @@ impl EventStore for PostgresStore {
         from: StreamVersion,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = sqlx::query(self.sql.read_stream.clone())
             .bind(stream.stream_type())
             .bind(stream.id())
             .bind(i64::try_from(from.get()).unwrap_or(i64::MAX))
-            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.fail(e))?;
-        rows.iter().map(row::recorded).collect()
+            .bind(limit)
+            .fetch(&self.pool);
+        self.decode_rows(rows, limit).await
     }
 
     async fn read_all(

@@ -55,28 +55,64 @@ fn event_id(row: &PgRow, at: Position) -> Result<EventId, StoreError> {
         .map_err(|e| corrupt(at, e))
 }
 
-/// A full event from a [`crate::sql`] read.
+/// The index of each column of [`crate::sql`]'s `COLUMNS`, in its order (reads decode by index:
+/// a name lookup per column and row is measurable when catching up).
+mod col {
+    pub const POSITION: usize = 0;
+    pub const TX: usize = 1;
+    pub const STREAM_TYPE: usize = 2;
+    pub const STREAM_ID: usize = 3;
+    pub const STREAM_VERSION: usize = 4;
+    pub const EVENT_ID: usize = 5;
+    pub const EVENT_TYPE: usize = 6;
+    pub const SCHEMA_VERSION: usize = 7;
+    pub const PAYLOAD: usize = 8;
+    pub const METADATA: usize = 9;
+    pub const RECORDED_AT: usize = 10;
+}
+
+/// A full event from a [`crate::sql`] read (the columns of `COLUMNS`, in order).
 pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
-    let at = position(row)?;
-    let text = |column: &str| {
-        row.try_get::<String, _>(column)
-            .map_err(|e| corrupt(at, format!("{column}: {e}")))
+    let sequence: i64 = row.try_get(col::POSITION).map_err(map_error)?;
+    let sequence = u64::try_from(sequence)
+        .map_err(|_| StoreError::Backend(format!("negative position {sequence}").into()))?;
+    let tx: &str = row.try_get(col::TX).map_err(map_error)?;
+    let at = Position::new(
+        parse_tx(tx).map_err(|reason| corrupt(Position::new(0, sequence), reason))?,
+        sequence,
+    );
+    let text = |index: usize, what: &str| {
+        row.try_get::<&str, _>(index)
+            .map_err(|e| corrupt(at, format!("{what}: {e}")))
     };
-    let payload = serde_json::from_str(&text("payload_text")?)
+    let payload = serde_json::from_str(text(col::PAYLOAD, "payload")?)
         .map_err(|e| corrupt(at, format!("payload: {e}")))?;
-    let metadata: Metadata = serde_json::from_str(&text("metadata_text")?)
+    let metadata: Metadata = serde_json::from_str(text(col::METADATA, "metadata")?)
         .map_err(|e| corrupt(at, format!("metadata: {e}")))?;
-    let schema_version: i32 = row.try_get("schema_version").map_err(|e| corrupt(at, e))?;
+    let schema_version: i32 = row
+        .try_get(col::SCHEMA_VERSION)
+        .map_err(|e| corrupt(at, e))?;
+    let version: i64 = row
+        .try_get(col::STREAM_VERSION)
+        .map_err(|e| corrupt(at, e))?;
     Ok(RecordedEvent {
-        event_id: event_id(row, at)?,
-        stream: stream(row, at)?,
-        stream_version: version(row, at)?,
+        event_id: row
+            .try_get(col::EVENT_ID)
+            .map(EventId::from_uuid)
+            .map_err(|e| corrupt(at, e))?,
+        stream: StreamId::new(
+            text(col::STREAM_TYPE, "stream_type")?,
+            text(col::STREAM_ID, "stream_id")?,
+        ),
+        stream_version: u64::try_from(version)
+            .map(StreamVersion::new)
+            .map_err(|_| corrupt(at, format!("negative stream version {version}")))?,
         position: at,
-        event_type: text("event_type")?,
+        event_type: text(col::EVENT_TYPE, "event_type")?.to_owned(),
         schema_version: u32::try_from(schema_version)
             .map_err(|_| corrupt(at, format!("negative schema version {schema_version}")))?,
         recorded_at: row
-            .try_get::<DateTime<Utc>, _>("recorded_at")
+            .try_get::<DateTime<Utc>, _>(col::RECORDED_AT)
             .map_err(|e| corrupt(at, e))?,
         payload,
         metadata,
