@@ -203,6 +203,63 @@ enum Control {
     Skip(Position),
 }
 
+/// How a runner reads the log. While most events are of types the projection handles, reading
+/// the whole log and dropping the rest here is cheaper than the store's type-filtered read (one
+/// index range per type, merged); once a batch shows that fewer than half are handled, the runner
+/// switches to the filtered read for good. Both reads return the same handled events in the same
+/// order, so the choice only changes speed.
+#[derive(Debug, Clone, Copy)]
+struct LogReader {
+    handled: &'static [&'static str],
+    whole_log: bool,
+}
+
+impl LogReader {
+    fn new(handled: &'static [&'static str]) -> Self {
+        Self {
+            handled,
+            whole_log: true,
+        }
+    }
+
+    /// What to ask the store for.
+    fn types(self) -> EventTypes<'static> {
+        if self.whole_log {
+            EventTypes::All
+        } else {
+            EventTypes::Only(self.handled)
+        }
+    }
+
+    /// Keeps the handled events of a batch read with [`LogReader::types`], and picks the read for
+    /// the next batches.
+    fn keep_handled(&mut self, events: &mut Vec<RecordedEvent>) {
+        if !self.whole_log {
+            return;
+        }
+        let read = events.len();
+        let handled = EventTypes::Only(self.handled);
+        events.retain(|e| handled.matches(&e.event_type));
+        if events.len() * 2 < read {
+            self.whole_log = false;
+        }
+    }
+}
+
+/// The head, then the batch after a cursor: what one step of a runner reads.
+type BatchRead = Result<(Option<Position>, Vec<RecordedEvent>), StoreError>;
+
+async fn read_batch(
+    store: &dyn EventStore,
+    after: Position,
+    types: EventTypes<'_>,
+    limit: usize,
+) -> BatchRead {
+    let head = store.head().await?;
+    let events = store.read_all(after, types, limit).await?;
+    Ok((head, events))
+}
+
 /// Runs one projection; see the module docs.
 pub struct ProjectionRunner<P: Projection, B> {
     projection: P,
@@ -261,17 +318,40 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             .await?;
         let started = Instant::now();
         let mut done = 0u64;
-        while checkpoint.is_none_or(|c| c < head) {
-            let after = checkpoint.unwrap_or(Position::START);
-            let mut events = store.read_all(after, types, self.config.batch_size).await?;
+        let limit = self.config.batch_size;
+        let mut reader = LogReader::new(P::EVENT_TYPES);
+        let mut next = match checkpoint {
+            Some(c) if c >= head => None,
+            _ => Some(
+                store
+                    .read_all(checkpoint.unwrap_or(Position::START), reader.types(), limit)
+                    .await?,
+            ),
+        };
+        while let Some(mut events) = next.take() {
             events.retain(|e| e.position <= head);
             let to = match events.last() {
-                Some(last) if events.len() == self.config.batch_size => last.position,
+                Some(last) if events.len() == limit => last.position,
                 _ => head,
             };
-            self.backend
-                .commit_batch(&mut self.projection, &self.name, checkpoint, &events, to)
-                .await?;
+            reader.keep_handled(&mut events);
+            let commit = self.backend.commit_batch(
+                &mut self.projection,
+                &self.name,
+                checkpoint,
+                &events,
+                to,
+            );
+            if to < head {
+                // Read the next batch while this one commits: the read depends only on `to`, and
+                // is dropped unused if the commit fails.
+                let read = store.read_all(to, reader.types(), limit);
+                let (committed, read) = futures_util::future::join(commit, read).await;
+                committed?;
+                next = Some(read?);
+            } else {
+                commit.await?;
+            }
             checkpoint = Some(to);
             done += events.len() as u64;
             progress(Progress {
@@ -327,7 +407,10 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         status: watch::Sender<ProjectionStatus>,
         mut control: mpsc::Receiver<Control>,
     ) -> P {
-        let types = EventTypes::Only(P::EVENT_TYPES);
+        let mut reader = LogReader::new(P::EVENT_TYPES);
+        let limit = self.config.batch_size;
+        // The next batch, read while the previous one committed: (its cursor, what was read).
+        let mut ahead: Option<(Position, BatchRead)> = None;
         let mut lease: Option<Box<dyn Lease>> = None;
         let mut checkpoint: Option<Position> = None;
         let mut backoff = self.config.initial_backoff;
@@ -422,13 +505,11 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
 
             let after = checkpoint.unwrap_or(Position::START);
             let store = self.backend.events();
-            let batch = match async {
-                let head = store.head().await?;
-                let events = store.read_all(after, types, self.config.batch_size).await?;
-                Ok::<_, StoreError>((head, events))
-            }
-            .await
-            {
+            let batch = match ahead.take().filter(|(cursor, _)| *cursor == after) {
+                Some((_, read)) => read,
+                None => read_batch(store, after, reader.types(), limit).await,
+            };
+            let batch = match batch {
                 Ok(batch) => batch,
                 Err(error) => {
                     self.failed(&status, None, &error.to_string());
@@ -438,22 +519,37 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                     continue;
                 }
             };
-            let (head, events) = batch;
+            let (head, mut events) = batch;
             // A short batch read after `head` was taken means every event up to `head` has been seen.
-            let caught_up = events.len() < self.config.batch_size;
+            let caught_up = events.len() < limit;
             let last = events.last().map(|e| e.position);
             let to = if caught_up { last.max(head) } else { last }.unwrap_or(after);
+            reader.keep_handled(&mut events);
             if events.is_empty() && to <= after {
                 if self.wait_or_stop(&mut control, after).await {
                     return self.stopped(&status);
                 }
                 continue;
             }
-            match self
-                .backend
-                .commit_batch(&mut self.projection, &self.name, checkpoint, &events, to)
-                .await
-            {
+            let commit = self.backend.commit_batch(
+                &mut self.projection,
+                &self.name,
+                checkpoint,
+                &events,
+                to,
+            );
+            let outcome = if caught_up {
+                commit.await
+            } else {
+                // Behind: read the next batch while this one commits.
+                let read = read_batch(store, to, reader.types(), limit);
+                let (outcome, read) = futures_util::future::join(commit, read).await;
+                if outcome.is_ok() {
+                    ahead = Some((to, read));
+                }
+                outcome
+            };
+            match outcome {
                 Ok(()) => {
                     checkpoint = Some(to);
                     backoff = self.config.initial_backoff;
