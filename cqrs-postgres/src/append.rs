@@ -144,26 +144,43 @@ const SAVEPOINT: &str = "SAVEPOINT cqrs_append";
 const RELEASE: &str = "RELEASE SAVEPOINT cqrs_append";
 const UNDO: &str = "ROLLBACK TO SAVEPOINT cqrs_append; RELEASE SAVEPOINT cqrs_append";
 
-/// Runs the append statement once. With `in_transaction`, inside a savepoint, so that a unique
-/// violation does not abort the caller's transaction.
+/// Where an append runs, and whether its statement notifies listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// In its own implicit transaction; the store announces it afterwards (coalesced).
+    Alone,
+    /// In its own implicit transaction, and the statement notifies (the store's announcer chose
+    /// this append to carry the notification for its interval).
+    AloneNotifying,
+    /// In a caller's transaction, inside a savepoint so that a unique violation leaves that
+    /// transaction usable; only the statement can notify, delivered on the caller's commit.
+    InTransaction,
+}
+
+impl Mode {
+    fn notifies(self) -> bool {
+        self != Mode::Alone
+    }
+}
+
+/// Runs the append statement once.
 async fn attempt(
     conn: &mut PgConnection,
     sql: &Statements,
     stream: &StreamId,
     code: i64,
     batch: &Encoded,
-    in_transaction: bool,
+    mode: Mode,
 ) -> Result<Attempt, StoreError> {
     let fail = |e| map_error_in(&sql.schema, e);
+    let in_transaction = mode == Mode::InTransaction;
     if in_transaction {
         sqlx::raw_sql(SAVEPOINT)
             .execute(&mut *conn)
             .await
             .map_err(savepoint_error)?;
     }
-    // Alone, the store announces the commit itself (coalesced, after it); in a caller's
-    // transaction only the statement can, delivered on the caller's commit.
-    let statement = if in_transaction {
+    let statement = if mode.notifies() {
         sql.append_notify.clone()
     } else {
         sql.append.clone()
@@ -177,7 +194,7 @@ async fn attempt(
         .bind(&batch.schema_versions)
         .bind(&batch.payloads)
         .bind(&batch.metadata);
-    let query = if in_transaction {
+    let query = if mode.notifies() {
         query.bind(&sql.channel)
     } else {
         query
@@ -269,7 +286,7 @@ pub(crate) async fn append_on(
     expected: ExpectedVersion,
     events: &[NewEvent],
     batch: &Encoded,
-    in_transaction: bool,
+    mode: Mode,
 ) -> Result<Appended, StoreError> {
     let code = expected_code(expected);
     let replayed = |outcome: Result<AppendResult, StoreError>| {
@@ -288,7 +305,7 @@ pub(crate) async fn append_on(
     };
     let mut races = 0;
     loop {
-        match attempt(conn, sql, stream, code, batch, in_transaction).await? {
+        match attempt(conn, sql, stream, code, batch, mode).await? {
             Attempt::Written(result) => {
                 return Ok(Appended {
                     result,

@@ -281,9 +281,17 @@ impl PostgresStore {
     ) -> Result<AppendResult, StoreError> {
         let batch = append::encode(stream, &events)?;
         if self.inline.is_empty() {
-            return append::append_on(conn, &self.sql, stream, expected, &events, &batch, true)
-                .await
-                .map(|appended| appended.result);
+            return append::append_on(
+                conn,
+                &self.sql,
+                stream,
+                expected,
+                &events,
+                &batch,
+                append::Mode::InTransaction,
+            )
+            .await
+            .map(|appended| appended.result);
         }
         // Events and inline read-model writes are undone together if either fails, leaving the
         // caller's transaction usable and without events that no projection has seen.
@@ -292,8 +300,16 @@ impl PostgresStore {
             .await
             .map_err(append::savepoint_error)?;
         let outcome = async {
-            let appended =
-                append::append_on(conn, &self.sql, stream, expected, &events, &batch, true).await?;
+            let appended = append::append_on(
+                conn,
+                &self.sql,
+                stream,
+                expected,
+                &events,
+                &batch,
+                append::Mode::InTransaction,
+            )
+            .await?;
             if appended.fresh {
                 self.project_inline(conn, stream, &appended.result, events.len())
                     .await?;
@@ -452,9 +468,12 @@ impl PostgresStore {
         if let Some(notifier) = self.notifier.get() {
             notifier.appended(position);
         }
+        self.announcer().announce(position);
+    }
+
+    fn announcer(&self) -> &notify::Announcer {
         self.announcer
             .get_or_init(|| notify::Announcer::start(&self.pool, self.sql.clone()))
-            .announce(position);
     }
 
     fn fail(&self, error: sqlx::Error) -> StoreError {
@@ -470,20 +489,41 @@ impl PostgresStore {
     ) -> Result<AppendResult, StoreError> {
         if !self.inline.is_empty() {
             let mut tx = tx::Tx::begin(&self.pool).await?;
-            let appended =
-                append::append_on(tx.conn(), &self.sql, stream, expected, events, batch, true)
-                    .await?;
+            let appended = append::append_on(
+                tx.conn(),
+                &self.sql,
+                stream,
+                expected,
+                events,
+                batch,
+                append::Mode::InTransaction,
+            )
+            .await?;
             if appended.fresh {
                 self.project_inline(tx.conn(), stream, &appended.result, events.len())
                     .await?;
             }
             tx.commit().await?;
+            if appended.fresh {
+                // The statement notified, delivered on this commit.
+                self.announcer().notified(appended.result.position);
+            }
             return Ok(appended.result);
         }
+        let notifying = self.announcer().claim();
+        let mode = if notifying {
+            append::Mode::AloneNotifying
+        } else {
+            append::Mode::Alone
+        };
         let mut conn = self.pool.acquire().await.map_err(map_error)?;
-        append::append_on(&mut conn, &self.sql, stream, expected, events, batch, false)
+        let result = append::append_on(&mut conn, &self.sql, stream, expected, events, batch, mode)
             .await
-            .map(|appended| appended.result)
+            .map(|appended| appended.result);
+        if let (true, Ok(written)) = (notifying, &result) {
+            self.announcer().notified(written.position);
+        }
+        result
     }
 
     async fn read_page(

@@ -1,15 +1,15 @@
 //! `LISTEN/NOTIFY` on `<schema>_events`, with the position of the last appended event as payload.
 //!
-//! Appends do not notify inside their own statement: PostgreSQL serializes the commits of every
-//! notifying transaction on one lock, which measured here cut concurrent commits to about a third
-//! (pgbench, 8 clients: 7,400 plain INSERTs/s, 2,800 with `pg_notify`). Instead the [`Announcer`]
-//! sends `NOTIFY` after the commit, at most one per [`ANNOUNCE_INTERVAL`], each carrying the
-//! latest position: appends that commit meanwhile share it. Waiters in the appending process are
-//! woken directly. `append_in` still notifies in its statement: only PostgreSQL sees the
-//! caller's commit.
+//! Appends do not all notify: PostgreSQL serializes the commits of every notifying transaction on
+//! one lock, which measured here cut concurrent commits to about a third (pgbench, 8 clients:
+//! 7,400 plain INSERTs/s, 2,800 with `pg_notify`). The [`Announcer`] lets at most one append per
+//! [`ANNOUNCE_INTERVAL`] notify in its own statement, carrying its position; appends that commit
+//! meanwhile are covered by the next one, and after the last append of a burst a background
+//! `NOTIFY` covers the rest. Waiters in the appending process are woken directly. `append_in`
+//! always notifies in its statement: only PostgreSQL sees the caller's commit.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use cqrs_core::{Position, StoreError};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
@@ -140,11 +140,57 @@ async fn listen_forever(pool: PgPool, channel: String, sender: Arc<watch::Sender
     }
 }
 
-/// Sends `NOTIFY` for this process's committed appends, one at a time and coalesced: started on
-/// the first append, stopped when the last store clone is dropped.
+/// Announces this process's committed appends, at most one notification per
+/// [`ANNOUNCE_INTERVAL`]: started on the first append, stopped when the last store clone is
+/// dropped.
+///
+/// Under steady load the notification rides on an append: the first append of each interval
+/// [claims](Announcer::claim) it and runs the statement variant that calls `pg_notify` itself, so
+/// announcing costs no extra round trip and no extra commit, and only one commit per interval
+/// takes PostgreSQL's notification lock. Appends that commit later in the interval are covered by
+/// the next claim; when the appends stop, the background task sends one trailing `NOTIFY` for
+/// what no append announced.
 pub(crate) struct Announcer {
     latest: watch::Sender<Position>,
+    state: Arc<Mutex<Announced>>,
     task: JoinHandle<()>,
+}
+
+/// What has been announced.
+#[derive(Debug, Default)]
+struct Announced {
+    /// When the last notification was claimed or sent.
+    at: Option<Instant>,
+    /// The newest position a committed notification covers.
+    covered: Position,
+}
+
+/// What the background task does about the appends committed up to `latest`.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// A committed notification covers them.
+    Covered,
+    /// A notification went out less than an interval ago: wait this long, then look again.
+    Wait(Duration),
+    /// Send one now (recorded as sent, covering `latest`).
+    Send,
+}
+
+impl Announced {
+    fn next_step(&mut self, latest: Position, now: Instant) -> Step {
+        if latest <= self.covered {
+            return Step::Covered;
+        }
+        let since = self.at.map(|at| now.saturating_duration_since(at));
+        match since {
+            Some(since) if since < ANNOUNCE_INTERVAL => Step::Wait(ANNOUNCE_INTERVAL - since),
+            _ => {
+                self.at = Some(now);
+                self.covered = latest;
+                Step::Send
+            }
+        }
+    }
 }
 
 impl Drop for Announcer {
@@ -156,8 +202,39 @@ impl Drop for Announcer {
 impl Announcer {
     pub(crate) fn start(pool: &PgPool, sql: Arc<Statements>) -> Arc<Self> {
         let (latest, pending) = watch::channel(Position::START);
-        let task = tokio::spawn(announce_forever(pool.clone(), sql, pending));
-        Arc::new(Self { latest, task })
+        let state = Arc::new(Mutex::new(Announced::default()));
+        let task = tokio::spawn(announce_forever(
+            pool.clone(),
+            sql,
+            pending,
+            Arc::clone(&state),
+        ));
+        Arc::new(Self {
+            latest,
+            state,
+            task,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Announced> {
+        lock(&self.state)
+    }
+
+    /// `true`: no notification went out within the interval, and the caller's append should
+    /// notify in its own statement (then report it with [`Announcer::notified`]).
+    pub(crate) fn claim(&self) -> bool {
+        let mut state = self.state();
+        let due = state.at.is_none_or(|at| at.elapsed() >= ANNOUNCE_INTERVAL);
+        if due {
+            state.at = Some(Instant::now());
+        }
+        due
+    }
+
+    /// An append that notified in its statement committed with its last event at `position`.
+    pub(crate) fn notified(&self, position: Position) {
+        let mut state = self.state();
+        state.covered = state.covered.max(position);
     }
 
     /// An append committed with its last event at `position`.
@@ -166,27 +243,79 @@ impl Announcer {
     }
 }
 
-/// At most one announcement per interval: under load the appends of each interval share one
-/// `NOTIFY` (each is a transaction that takes PostgreSQL's notification lock), at the cost of up
-/// to this much extra latency for listeners in other processes. Local waiters are woken directly.
+fn lock(state: &Mutex<Announced>) -> std::sync::MutexGuard<'_, Announced> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// At most one announcement per interval: appends within an interval share one notification, at
+/// the cost of up to this much extra latency (twice this for the last appends of a burst) for
+/// listeners in other processes. Local waiters are woken directly.
 const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(2);
 
+/// Sends the notifications no append carried: whenever committed appends are not covered and no
+/// notification went out for an interval.
 async fn announce_forever(
     pool: PgPool,
     sql: Arc<Statements>,
     mut pending: watch::Receiver<Position>,
+    state: Arc<Mutex<Announced>>,
 ) {
     while pending.changed().await.is_ok() {
-        let position = *pending.borrow_and_update();
-        // A lost notification only delays listeners until their polling fallback.
-        if let Err(error) = sqlx::query(sql.notify.clone())
-            .bind(&sql.channel)
-            .bind(position.to_string())
-            .execute(&pool)
-            .await
-        {
-            tracing::debug!(%error, "announcing an append failed");
+        loop {
+            let latest = *pending.borrow_and_update();
+            let step = lock(&state).next_step(latest, Instant::now());
+            match step {
+                Step::Covered => break,
+                // A notification went out (or is on its way in an append) within the interval:
+                // give the appends of this interval the chance to be covered by the next one.
+                Step::Wait(wait) => {
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                Step::Send => {}
+            }
+            // A lost notification only delays listeners until their polling fallback.
+            if let Err(error) = sqlx::query(sql.notify.clone())
+                .bind(&sql.channel)
+                .bind(latest.to_string())
+                .execute(&pool)
+                .await
+            {
+                tracing::debug!(%error, "announcing an append failed");
+            }
         }
-        tokio::time::sleep(ANNOUNCE_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_background_task_sends_only_what_no_append_announced_once_per_interval() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let (one, two, three) = (
+            Position::new(5, 1),
+            Position::new(6, 2),
+            Position::new(7, 3),
+        );
+        let mut state = Announced::default();
+        // Nothing announced yet: send at once.
+        assert_eq!(state.next_step(one, at(0)), Step::Send);
+        assert_eq!(state.next_step(one, at(0)), Step::Covered);
+        // An append committed after it, within the interval: wait for the rest of the interval
+        // (an append may claim the next notification meanwhile) ...
+        assert_eq!(
+            state.next_step(two, at(1)),
+            Step::Wait(Duration::from_millis(1))
+        );
+        // ... and if none did, send once it is over: the last append of a burst is announced.
+        assert_eq!(state.next_step(two, at(2)), Step::Send);
+        assert_eq!(state.next_step(two, at(9)), Step::Covered);
+        // An append that notified in its own statement covers itself and what came before.
+        state.at = Some(at(10));
+        state.covered = three;
+        assert_eq!(state.next_step(three, at(11)), Step::Covered);
     }
 }

@@ -7,7 +7,7 @@ use cqrs_core::{
     StreamVersion,
 };
 
-use crate::{batch, drop_schema, fresh_store};
+use crate::{batch, drop_schema, fresh_store, fresh_store_with};
 
 async fn read_model(store: &cqrs_postgres::PostgresStore) -> Vec<String> {
     sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -326,4 +326,87 @@ async fn the_horizon_report_names_the_transaction_holding_it() {
         2
     );
     drop_schema(&store).await;
+}
+
+/// Another process (here: another store on the same schema, with its own pool and announcer)
+/// hears about plain appends: promptly after a single one, and, after a burst from several
+/// writers, up to the last event, through far fewer notifications than appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn other_processes_hear_every_burst_of_appends_up_to_its_last_event() {
+    let writer = fresh_store_with(6).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&crate::url())
+        .await
+        .unwrap();
+    let other = cqrs_postgres::PostgresStore::new(pool)
+        .with_schema(writer.schema())
+        .unwrap();
+    let mut listener = other.listen().await.unwrap();
+    let single = writer
+        .append(
+            &StreamId::new("s", "single"),
+            ExpectedVersion::NoStream,
+            batch(1),
+        )
+        .await
+        .unwrap();
+    heard_up_to(&mut listener, single.position).await;
+
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let writer = writer.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = StreamId::new("s", format!("burst{t}"));
+            let mut last = None;
+            for i in 0..50_u64 {
+                let expected = ExpectedVersion::Exact(StreamVersion::new(i));
+                last = Some(writer.append(&stream, expected, batch(1)).await.unwrap());
+            }
+            last.unwrap().position
+        }));
+    }
+    let mut newest = Position::START;
+    for task in tasks {
+        newest = newest.max(task.await.unwrap());
+    }
+    let heard = heard_up_to(&mut listener, newest).await;
+    assert!(
+        heard < 200,
+        "{heard} notifications for 200 appends: not coalesced"
+    );
+    // Two appends in quick succession after a pause: the first carries the notification of its
+    // interval, the second (usually within that interval) is left to the trailing one.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let stream = StreamId::new("s", "pair");
+    writer
+        .append(&stream, ExpectedVersion::NoStream, batch(1))
+        .await
+        .unwrap();
+    let second = writer
+        .append(
+            &stream,
+            ExpectedVersion::Exact(StreamVersion::new(1)),
+            batch(1),
+        )
+        .await
+        .unwrap();
+    heard_up_to(&mut listener, second.position).await;
+    drop_schema(&writer).await;
+}
+
+/// Receives notifications until one reaches `target`; how many it took.
+async fn heard_up_to(listener: &mut cqrs_postgres::AppendListener, target: Position) -> usize {
+    let mut heard = 0;
+    loop {
+        let notified = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no notification reached {target}"))
+            .unwrap()
+            .expect("the listener kept its connection");
+        heard += 1;
+        if notified >= target {
+            return heard;
+        }
+    }
 }
