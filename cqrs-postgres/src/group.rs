@@ -34,12 +34,15 @@ pub struct GroupCommit {
     /// default) writes what is queued at once: groups form from appends that arrive while other
     /// groups are in flight, without adding latency.
     pub max_wait: Duration,
-    /// The most groups written at the same time (at least 1), each on its own pooled connection.
+    /// The most writes in flight at once (at least 1): groups, or appends written alone (a
+    /// group of one), each on its own pooled connection. Appends that find every slot busy queue
+    /// and go in the next group. Fewer slots make larger groups (fewer statements and commits);
+    /// more slots keep more of the pool busy.
     pub max_in_flight: usize,
 }
 
 impl Default for GroupCommit {
-    /// 64 appends per group, no waiting, 2 groups in flight.
+    /// 64 appends per group, no waiting, 2 writes in flight.
     fn default() -> Self {
         Self {
             max_batch: 64,

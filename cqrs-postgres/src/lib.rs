@@ -185,6 +185,13 @@ impl PostgresStore {
     /// group (see [`GroupCommit`]); each caller still gets its own result or error. A lone append
     /// is written as usual. [`PostgresStore::append_in`] is unaffected (it uses the caller's
     /// transaction).
+    ///
+    /// It trades parallelism for fewer statements and commits: it pays when round trips or
+    /// commits are what limits throughput (a database across the network, a small pool, a slow
+    /// WAL disk). With PostgreSQL on the same two cores as the application, our benchmark
+    /// (BENCHMARKS.md, W1) measured it slightly slower than plain appends at 8 clients: CPU, not
+    /// commits, was the limit there, and PostgreSQL already shares WAL flushes between concurrent
+    /// commits. Measure before enabling it.
     pub fn with_group_commit(mut self, config: GroupCommit) -> Self {
         self.group = Some(group::GroupCommitter::new(
             self.pool.clone(),
