@@ -445,6 +445,8 @@ async fn rebuild_reports_progress_and_equals_replay() {
 struct CountingStore {
     inner: InMemoryStore,
     stream_reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Per global read, in call order: `true` for the whole log, `false` for a type-filtered one.
+    whole_log_reads: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
 }
 
 #[async_trait::async_trait]
@@ -473,6 +475,10 @@ impl EventStore for CountingStore {
         types: cqrs_core::EventTypes<'_>,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, cqrs_core::StoreError> {
+        self.whole_log_reads
+            .lock()
+            .unwrap()
+            .push(types == cqrs_core::EventTypes::All);
         self.inner.read_all(after, types, limit).await
     }
     async fn stream_version(
@@ -500,6 +506,7 @@ async fn cache_skips_loads_and_recovers_from_stale_entries() {
     let store = CountingStore {
         inner: inner.clone(),
         stream_reads: reads.clone(),
+        whole_log_reads: std::sync::Arc::default(),
     };
     let repo = Repository::<Counter>::new(store).with_cache(100);
     for n in 1..=10 {
@@ -599,74 +606,16 @@ async fn inline_projection_commits_with_the_append_or_not_at_all() {
     assert_eq!(model.snapshot().by_stream["i"], 6);
 }
 
-/// Records which event types each global read asked for.
-#[derive(Clone, Default)]
-struct ReadLog {
-    inner: InMemoryStore,
-    /// `true` for a read of the whole log, `false` for a type-filtered one, in call order.
-    whole_log: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
-}
-
-impl ReadLog {
-    fn reads(&self) -> Vec<bool> {
-        self.whole_log.lock().unwrap().clone()
-    }
-}
-
-#[async_trait::async_trait]
-impl EventStore for ReadLog {
-    async fn append(
-        &self,
-        stream: &StreamId,
-        expected: ExpectedVersion,
-        events: Vec<NewEvent>,
-    ) -> Result<cqrs_core::AppendResult, cqrs_core::StoreError> {
-        self.inner.append(stream, expected, events).await
-    }
-    async fn read_stream(
-        &self,
-        stream: &StreamId,
-        from: StreamVersion,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, cqrs_core::StoreError> {
-        self.inner.read_stream(stream, from, limit).await
-    }
-    async fn read_all(
-        &self,
-        after: Position,
-        types: cqrs_core::EventTypes<'_>,
-        limit: usize,
-    ) -> Result<Vec<RecordedEvent>, cqrs_core::StoreError> {
-        self.whole_log
-            .lock()
-            .unwrap()
-            .push(types == cqrs_core::EventTypes::All);
-        self.inner.read_all(after, types, limit).await
-    }
-    async fn stream_version(
-        &self,
-        stream: &StreamId,
-    ) -> Result<StreamVersion, cqrs_core::StoreError> {
-        self.inner.stream_version(stream).await
-    }
-    async fn head(&self) -> Result<Option<Position>, cqrs_core::StoreError> {
-        self.inner.head().await
-    }
-    async fn count_after(
-        &self,
-        after: Position,
-        types: cqrs_core::EventTypes<'_>,
-    ) -> Result<u64, cqrs_core::StoreError> {
-        self.inner.count_after(after, types).await
-    }
-}
-
 /// While most events are handled, runners read the whole log and drop the rest themselves; a batch
 /// that is mostly unhandled switches them to the store's filtered read for good. Either way they
 /// handle exactly the events of their types, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runners_read_the_whole_log_while_it_is_mostly_theirs() {
-    let store = ReadLog::default();
+    let store = CountingStore {
+        inner: InMemoryStore::new(),
+        stream_reads: std::sync::Arc::default(),
+        whole_log_reads: std::sync::Arc::default(),
+    };
     let repo = Repository::<Counter>::new(store.inner.clone());
     for i in 1..=30 {
         repo.execute(&format!("w{}", i % 4), &Add(i)).await.unwrap();
@@ -697,9 +646,9 @@ async fn runners_read_the_whole_log_while_it_is_mostly_theirs() {
     assert_eq!(caught_up.handled, 50);
     assert_eq!(caught_up.by_stream.values().sum::<i64>(), expected_sum);
     assert_eq!(reports.last().map(|p| (p.done, p.total)), Some((50, 50)));
-    switched(&store.reads());
+    switched(&store.whole_log_reads.lock().unwrap());
 
-    store.whole_log.lock().unwrap().clear();
+    store.whole_log_reads.lock().unwrap().clear();
     let handle = ProjectionRunner::new(Totals::default(), InProcess::new(store.clone()))
         .with_config(fast())
         .spawn();
@@ -708,5 +657,5 @@ async fn runners_read_the_whole_log_while_it_is_mostly_theirs() {
     let live = handle.stop().await.unwrap();
     assert_eq!(live.handled, 50);
     assert_eq!(live.by_stream, caught_up.by_stream);
-    switched(&store.reads());
+    switched(&store.whole_log_reads.lock().unwrap());
 }
