@@ -216,14 +216,10 @@ impl Announcer {
         })
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, Announced> {
-        lock(&self.state)
-    }
-
     /// `true`: no notification went out within the interval, and the caller's append should
     /// notify in its own statement (then report it with [`Announcer::notified`]).
     pub(crate) fn claim(&self) -> bool {
-        let mut state = self.state();
+        let mut state = lock(&self.state);
         let due = state.at.is_none_or(|at| at.elapsed() >= ANNOUNCE_INTERVAL);
         if due {
             state.at = Some(Instant::now());
@@ -233,7 +229,7 @@ impl Announcer {
 
     /// An append that notified in its statement committed with its last event at `position`.
     pub(crate) fn notified(&self, position: Position) {
-        let mut state = self.state();
+        let mut state = lock(&self.state);
         state.covered = state.covered.max(position);
     }
 

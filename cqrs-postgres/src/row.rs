@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use cqrs_core::store::StoredEventRef;
 use cqrs_core::{EventId, Metadata, Position, RecordedEvent, StoreError, StreamId, StreamVersion};
 use sqlx::postgres::PgRow;
-use sqlx::Row;
+use sqlx::{ColumnIndex, Row};
 
 use crate::error::map_error;
 
@@ -22,41 +22,9 @@ pub(crate) fn parse_tx(text: &str) -> Result<u64, String> {
         .map_err(|e| format!("bad transaction id `{text}`: {e}"))
 }
 
-/// The `(tx_text, position)` columns. Without them there is no position to name, so a failure
-/// here is a backend error rather than a corrupt event.
-pub(crate) fn position(row: &PgRow) -> Result<Position, StoreError> {
-    let sequence: i64 = row.try_get("position").map_err(map_error)?;
-    let sequence = u64::try_from(sequence)
-        .map_err(|_| StoreError::Backend(format!("negative position {sequence}").into()))?;
-    let tx: String = row.try_get("tx_text").map_err(map_error)?;
-    let tx = parse_tx(&tx).map_err(|reason| corrupt(Position::new(0, sequence), reason))?;
-    Ok(Position::new(tx, sequence))
-}
-
-fn version(row: &PgRow, at: Position) -> Result<StreamVersion, StoreError> {
-    let version: i64 = row.try_get("stream_version").map_err(|e| corrupt(at, e))?;
-    u64::try_from(version)
-        .map(StreamVersion::new)
-        .map_err(|_| corrupt(at, format!("negative stream version {version}")))
-}
-
-fn stream(row: &PgRow, at: Position) -> Result<StreamId, StoreError> {
-    Ok(StreamId::new(
-        row.try_get::<String, _>("stream_type")
-            .map_err(|e| corrupt(at, e))?,
-        row.try_get::<String, _>("stream_id")
-            .map_err(|e| corrupt(at, e))?,
-    ))
-}
-
-fn event_id(row: &PgRow, at: Position) -> Result<EventId, StoreError> {
-    row.try_get("event_id")
-        .map(EventId::from_uuid)
-        .map_err(|e| corrupt(at, e))
-}
-
 /// The index of each column of [`crate::sql`]'s `COLUMNS`, in its order (reads decode by index:
-/// a name lookup per column and row is measurable when catching up).
+/// a name lookup per column and row is measurable when catching up). Every statement whose rows
+/// carry a position selects `position, tx::text` first, so [`position`] reads columns 0 and 1.
 mod col {
     pub const POSITION: usize = 0;
     pub const TX: usize = 1;
@@ -71,44 +39,68 @@ mod col {
     pub const RECORDED_AT: usize = 10;
 }
 
-/// A full event from a [`crate::sql`] read (the columns of `COLUMNS`, in order).
-pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
+/// The position, from the first two columns (`position, tx::text`). Without them there is no
+/// position to name, so a failure here is a backend error rather than a corrupt event.
+pub(crate) fn position(row: &PgRow) -> Result<Position, StoreError> {
     let sequence: i64 = row.try_get(col::POSITION).map_err(map_error)?;
     let sequence = u64::try_from(sequence)
         .map_err(|_| StoreError::Backend(format!("negative position {sequence}").into()))?;
     let tx: &str = row.try_get(col::TX).map_err(map_error)?;
-    let at = Position::new(
-        parse_tx(tx).map_err(|reason| corrupt(Position::new(0, sequence), reason))?,
-        sequence,
-    );
-    let text = |index: usize, what: &str| {
-        row.try_get::<&str, _>(index)
-            .map_err(|e| corrupt(at, format!("{what}: {e}")))
-    };
-    let payload = serde_json::from_str(text(col::PAYLOAD, "payload")?)
+    let tx = parse_tx(tx).map_err(|reason| corrupt(Position::new(0, sequence), reason))?;
+    Ok(Position::new(tx, sequence))
+}
+
+fn version(
+    row: &PgRow,
+    index: impl ColumnIndex<PgRow>,
+    at: Position,
+) -> Result<StreamVersion, StoreError> {
+    let version: i64 = row.try_get(index).map_err(|e| corrupt(at, e))?;
+    u64::try_from(version)
+        .map(StreamVersion::new)
+        .map_err(|_| corrupt(at, format!("negative stream version {version}")))
+}
+
+/// A text column; `what` names it in the error.
+fn text<'r>(
+    row: &'r PgRow,
+    index: impl ColumnIndex<PgRow>,
+    what: &str,
+    at: Position,
+) -> Result<&'r str, StoreError> {
+    row.try_get(index)
+        .map_err(|e| corrupt(at, format!("{what}: {e}")))
+}
+
+fn event_id(
+    row: &PgRow,
+    index: impl ColumnIndex<PgRow>,
+    at: Position,
+) -> Result<EventId, StoreError> {
+    row.try_get(index)
+        .map(EventId::from_uuid)
+        .map_err(|e| corrupt(at, e))
+}
+
+/// A full event from a [`crate::sql`] read (the columns of `COLUMNS`, in order).
+pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
+    let at = position(row)?;
+    let payload = serde_json::from_str(text(row, col::PAYLOAD, "payload", at)?)
         .map_err(|e| corrupt(at, format!("payload: {e}")))?;
-    let metadata: Metadata = serde_json::from_str(text(col::METADATA, "metadata")?)
+    let metadata: Metadata = serde_json::from_str(text(row, col::METADATA, "metadata", at)?)
         .map_err(|e| corrupt(at, format!("metadata: {e}")))?;
     let schema_version: i32 = row
         .try_get(col::SCHEMA_VERSION)
         .map_err(|e| corrupt(at, e))?;
-    let version: i64 = row
-        .try_get(col::STREAM_VERSION)
-        .map_err(|e| corrupt(at, e))?;
     Ok(RecordedEvent {
-        event_id: row
-            .try_get(col::EVENT_ID)
-            .map(EventId::from_uuid)
-            .map_err(|e| corrupt(at, e))?,
+        event_id: event_id(row, col::EVENT_ID, at)?,
         stream: StreamId::new(
-            text(col::STREAM_TYPE, "stream_type")?,
-            text(col::STREAM_ID, "stream_id")?,
+            text(row, col::STREAM_TYPE, "stream_type", at)?,
+            text(row, col::STREAM_ID, "stream_id", at)?,
         ),
-        stream_version: u64::try_from(version)
-            .map(StreamVersion::new)
-            .map_err(|_| corrupt(at, format!("negative stream version {version}")))?,
+        stream_version: version(row, col::STREAM_VERSION, at)?,
         position: at,
-        event_type: text(col::EVENT_TYPE, "event_type")?.to_owned(),
+        event_type: text(row, col::EVENT_TYPE, "event_type", at)?.to_owned(),
         schema_version: u32::try_from(schema_version)
             .map_err(|_| corrupt(at, format!("negative schema version {schema_version}")))?,
         recorded_at: row
@@ -119,13 +111,16 @@ pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
     })
 }
 
-/// Where a stored event is, for idempotency checks.
+/// Where a stored event is, for idempotency checks (the columns of `find_ids`).
 pub(crate) fn stored_ref(row: &PgRow) -> Result<StoredEventRef, StoreError> {
     let at = position(row)?;
     Ok(StoredEventRef {
-        event_id: event_id(row, at)?,
-        stream: stream(row, at)?,
-        stream_version: version(row, at)?,
+        event_id: event_id(row, "event_id", at)?,
+        stream: StreamId::new(
+            text(row, "stream_type", "stream_type", at)?,
+            text(row, "stream_id", "stream_id", at)?,
+        ),
+        stream_version: version(row, "stream_version", at)?,
         position: at,
     })
 }
