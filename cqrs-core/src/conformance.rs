@@ -223,6 +223,12 @@ pub async fn expected_version_cases(store: impl Backend) {
         .await
         .expect("Exact(2)");
     assert_eq!(r.stream_version, v(4));
+    conflict_free(
+        store
+            .append(&s, ExpectedVersion::Exact(v(3)), numbered(3))
+            .await,
+        (ExpectedVersion::Exact(v(3)), v(4)),
+    );
     let r = store
         .append(&s, ExpectedVersion::StreamExists, numbered(1))
         .await

@@ -108,36 +108,70 @@ pub(crate) fn to_version(version: i64) -> StreamVersion {
 /// What one attempt of the append statement did.
 enum Attempt {
     Written(AppendResult),
-    /// The guard refused: the stream was not at the expected version.
+    /// The guard refused: the stream was not at the expected version (`actual`, when the
+    /// statement reported it).
     Refused {
-        actual: StreamVersion,
+        actual: Option<StreamVersion>,
     },
     /// A unique index refused: a stored event id or a racing writer.
     Duplicate,
 }
 
-/// The append statement's summary row into an outcome.
-fn summary(row: &sqlx::postgres::PgRow, n: usize) -> Result<Attempt, StoreError> {
+fn inconsistent(inserted: usize, n: usize) -> StoreError {
+    StoreError::Backend(
+        format!("append wrote {inserted} of {n} events; the statement is inconsistent").into(),
+    )
+}
+
+fn written(stream_version: i64, last: i64, tx: &str) -> Result<Attempt, StoreError> {
     let bad = |what: String| StoreError::Backend(what.into());
-    let inserted: i64 = row.try_get("n").map_err(crate::error::map_error)?;
-    let actual = to_version(row.try_get("actual").map_err(crate::error::map_error)?);
-    if inserted == 0 {
-        return Ok(Attempt::Refused { actual });
-    }
-    if usize::try_from(inserted).ok() != Some(n) {
-        return Err(bad(format!(
-            "append wrote {inserted} of {n} events; the statement is inconsistent"
-        )));
-    }
-    let last: i64 = row.try_get("last").map_err(crate::error::map_error)?;
-    let tx: String = row.try_get("tx").map_err(crate::error::map_error)?;
     Ok(Attempt::Written(AppendResult {
-        stream_version: actual.advance(n as u64),
+        stream_version: to_version(stream_version),
         position: Position::new(
-            parse_tx(&tx).map_err(bad)?,
+            parse_tx(tx).map_err(bad)?,
             u64::try_from(last).map_err(|_| bad(format!("negative position {last}")))?,
         ),
     }))
+}
+
+/// The rows of [`crate::sql`]'s `append` statements (one per event, none if refused) into an
+/// outcome.
+fn appended_rows(rows: &[sqlx::postgres::PgRow], n: usize) -> Result<Attempt, StoreError> {
+    let get = |row: &sqlx::postgres::PgRow, i: usize| -> Result<i64, StoreError> {
+        row.try_get(i).map_err(crate::error::map_error)
+    };
+    let Some(last) = rows.last() else {
+        return Ok(Attempt::Refused { actual: None });
+    };
+    if rows.len() != n {
+        return Err(inconsistent(rows.len(), n));
+    }
+    // Rows come back in insertion order: the last one has the highest position and version.
+    let tx: &str = last.try_get(1).map_err(crate::error::map_error)?;
+    written(get(last, 2)?, get(last, 0)?, tx)
+}
+
+/// The summary row of the summarized append statement into an outcome.
+fn summary(row: &sqlx::postgres::PgRow, n: usize) -> Result<Attempt, StoreError> {
+    let inserted: i64 = row.try_get("n").map_err(crate::error::map_error)?;
+    let actual: i64 = row.try_get("actual").map_err(crate::error::map_error)?;
+    if inserted == 0 {
+        return Ok(Attempt::Refused {
+            actual: Some(to_version(actual)),
+        });
+    }
+    if usize::try_from(inserted).ok() != Some(n) {
+        return Err(inconsistent(usize::try_from(inserted).unwrap_or(0), n));
+    }
+    let last: i64 = row.try_get("last").map_err(crate::error::map_error)?;
+    let tx: String = row.try_get("tx").map_err(crate::error::map_error)?;
+    let version = i64::try_from(n)
+        .ok()
+        .and_then(|n| actual.checked_add(n))
+        .ok_or_else(|| {
+            StoreError::Backend(format!("stream version {actual} + {n} overflows").into())
+        })?;
+    written(version, last, &tx)
 }
 
 const SAVEPOINT: &str = "SAVEPOINT cqrs_append";
@@ -180,35 +214,57 @@ async fn attempt(
             .await
             .map_err(savepoint_error)?;
     }
-    let statement = if mode.notifies() {
-        sql.append_notify.clone()
-    } else {
-        sql.append.clone()
+    let one = batch.len() == 1;
+    let statement = match (one, mode.notifies()) {
+        (true, false) => &sql.append_one,
+        (true, true) => &sql.append_one_notify,
+        (false, false) => &sql.append_batch,
+        (false, true) => &sql.append_batch_notify,
     };
-    let query = sqlx::query(statement)
+    let query = sqlx::query(statement.clone())
         .bind(stream.stream_type())
         .bind(stream.id())
-        .bind(code)
-        .bind(&batch.ids)
-        .bind(&batch.types)
-        .bind(&batch.schema_versions)
-        .bind(&batch.payloads)
-        .bind(&batch.metadata);
+        .bind(code);
+    let query = if one {
+        query
+            .bind(batch.ids[0])
+            .bind(&batch.types[0])
+            .bind(batch.schema_versions[0])
+            .bind(&batch.payloads[0])
+            .bind(&batch.metadata[0])
+    } else {
+        query
+            .bind(&batch.ids)
+            .bind(&batch.types)
+            .bind(&batch.schema_versions)
+            .bind(&batch.payloads)
+            .bind(&batch.metadata)
+    };
     let query = if mode.notifies() {
         query.bind(&sql.channel)
     } else {
         query
     };
-    let result = query.fetch_one(&mut *conn).await;
+    let result = if !one && mode.notifies() {
+        query
+            .fetch_one(&mut *conn)
+            .await
+            .map(|row| summary(&row, batch.len()))
+    } else {
+        query
+            .fetch_all(&mut *conn)
+            .await
+            .map(|rows| appended_rows(&rows, batch.len()))
+    };
     match result {
-        Ok(row) => {
+        Ok(outcome) => {
             if in_transaction {
                 sqlx::raw_sql(RELEASE)
                     .execute(&mut *conn)
                     .await
                     .map_err(fail)?;
             }
-            summary(&row, batch.len())
+            outcome
         }
         Err(error) => {
             if in_transaction && matches!(error, sqlx::Error::Database(_)) {
@@ -315,10 +371,14 @@ pub(crate) async fn append_on(
             // Stored ids win over the expectation: a retry returns the original result whatever
             // it expects now (the core's idempotency semantics).
             Attempt::Refused { actual } => {
-                return match retry_outcome(conn, sql, stream, events, batch).await? {
-                    Some(outcome) => replayed(outcome),
-                    None => Err(conflict(actual)),
+                if let Some(outcome) = retry_outcome(conn, sql, stream, events, batch).await? {
+                    return replayed(outcome);
+                }
+                let actual = match actual {
+                    Some(actual) => actual,
+                    None => stream_version(conn, sql, stream).await?,
                 };
+                return Err(conflict(actual));
             }
             Attempt::Duplicate => {
                 if let Some(outcome) = retry_outcome(conn, sql, stream, events, batch).await? {

@@ -203,11 +203,10 @@ impl Drop for Slot {
 async fn write_group(pool: &PgPool, sql: &Statements, group: Vec<Request>) {
     let events: usize = group.iter().map(|r| r.batch.len()).sum();
     let mut columns = Columns::with_capacity(events);
-    for (b, request) in (0_i32..).zip(&group) {
-        columns.push(b, request);
+    for request in &group {
+        columns.push(request);
     }
     let result = sqlx::query(sql.append_many.clone())
-        .bind(&columns.batch)
         .bind(&columns.stream_type)
         .bind(&columns.stream_id)
         .bind(&columns.expected)
@@ -222,16 +221,8 @@ async fn write_group(pool: &PgPool, sql: &Statements, group: Vec<Request>) {
     let mut written: Vec<Option<AppendResult>> = vec![None; group.len()];
     match result {
         Ok(rows) => {
-            for row in &rows {
-                if let Some((b, result)) = settled(row) {
-                    let n = group.get(b).map(|r| r.batch.len());
-                    if let (Some(slot), Some(n)) = (written.get_mut(b), n) {
-                        // Only a whole batch counts; anything else is re-checked alone.
-                        if result.0 == n as u64 {
-                            *slot = Some(result.1);
-                        }
-                    }
-                }
+            for (request, slot) in group.iter().zip(&mut written) {
+                *slot = settled(&rows, request);
             }
             tracing::trace!(appends = group.len(), events, "group committed");
         }
@@ -249,33 +240,36 @@ async fn write_group(pool: &PgPool, sql: &Statements, group: Vec<Request>) {
     }
 }
 
-/// A summary row as (batch index, (events written, result)); `None` for a refused batch or an
-/// unreadable row (the caller then appends alone and finds out).
-fn settled(row: &sqlx::postgres::PgRow) -> Option<(usize, (u64, AppendResult))> {
-    let b: i32 = row.try_get("b").ok()?;
-    let n: i64 = row.try_get("n").ok()?;
-    if n <= 0 {
+/// `request`'s result from the group's rows (one per written event; streams are distinct within
+/// a group). `None` if its batch was refused, not written whole, or a row is unreadable: the
+/// caller then appends alone and finds out.
+fn settled(rows: &[sqlx::postgres::PgRow], request: &Request) -> Option<AppendResult> {
+    let mut written = 0;
+    let mut result: Option<(i64, i64, String)> = None;
+    for row in rows {
+        let stream_type: &str = row.try_get(0).ok()?;
+        let stream_id: &str = row.try_get(1).ok()?;
+        if stream_type != request.stream.stream_type() || stream_id != request.stream.id() {
+            continue;
+        }
+        written += 1;
+        let version: i64 = row.try_get(2).ok()?;
+        if result.as_ref().is_none_or(|(v, ..)| version > *v) {
+            result = Some((version, row.try_get(3).ok()?, row.try_get(4).ok()?));
+        }
+    }
+    let (version, last, tx) = result?;
+    if written != request.batch.len() {
         return None;
     }
-    let actual: i64 = row.try_get("actual").ok()?;
-    let last: i64 = row.try_get("last").ok()?;
-    let tx: String = row.try_get("tx").ok()?;
-    let n = u64::try_from(n).ok()?;
-    Some((
-        usize::try_from(b).ok()?,
-        (
-            n,
-            AppendResult {
-                stream_version: to_version(actual).advance(n),
-                position: Position::new(parse_tx(&tx).ok()?, u64::try_from(last).ok()?),
-            },
-        ),
-    ))
+    Some(AppendResult {
+        stream_version: to_version(version),
+        position: Position::new(parse_tx(&tx).ok()?, u64::try_from(last).ok()?),
+    })
 }
 
 /// The group flattened into the statement's parallel arrays, one entry per event.
 struct Columns {
-    batch: Vec<i32>,
     stream_type: Vec<String>,
     stream_id: Vec<String>,
     expected: Vec<i64>,
@@ -290,7 +284,6 @@ struct Columns {
 impl Columns {
     fn with_capacity(n: usize) -> Self {
         Self {
-            batch: Vec::with_capacity(n),
             stream_type: Vec::with_capacity(n),
             stream_id: Vec::with_capacity(n),
             expected: Vec::with_capacity(n),
@@ -303,10 +296,9 @@ impl Columns {
         }
     }
 
-    fn push(&mut self, b: i32, request: &Request) {
+    fn push(&mut self, request: &Request) {
         let batch = &request.batch;
         for (i, offset) in (0..batch.len()).zip(1_i64..) {
-            self.batch.push(b);
             self.stream_type
                 .push(request.stream.stream_type().to_owned());
             self.stream_id.push(request.stream.id().to_owned());
