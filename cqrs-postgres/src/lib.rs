@@ -37,21 +37,22 @@
 //!
 //! - **Schema.** One `events` table (global `position` identity, the writing transaction's `tx xid8`,
 //!   stream type/id/version, unique event id, type, schema version, `jsonb` payload and metadata,
-//!   `recorded_at`), `snapshots` and `checkpoints`, created by [`PostgresStore::migrate`] from the
+//!   `recorded_at`; primary key `(tx, position)`, the order of global reads), `snapshots` and `checkpoints`, created by [`PostgresStore::migrate`] from the
 //!   embedded migrations in `migrations/` inside the configured schema ([`PostgresStore::with_schema`]).
 //!   Every statement names the schema explicitly; only the validated, quoted schema name is spliced
 //!   into SQL, every value is a bound parameter.
-//! - **Append** is one statement per batch (`INSERT … SELECT … FROM UNNEST(…)`) that reads the
-//!   stream's version, checks the expectation and inserts consecutive versions. The unique index on
+//! - **Append** is one statement per batch (`INSERT … SELECT`, the batch unnested from arrays or,
+//!   for a single event, bound as scalars) that reads the stream's version, checks the expectation and inserts consecutive versions. The unique index on
 //!   `(stream_type, stream_id, stream_version)` rejects the loser of a race (SQLSTATE 23505), which
 //!   becomes a [`cqrs_core::ConcurrencyError`] with the actual version (`Any` and `StreamExists`
 //!   retry instead). A 23505 on the event id means a retry: the ids are looked up and
 //!   [`cqrs_core::store::resolve_retry`] decides, exactly as for every other backend.
-//! - **Wake-ups.** After an append commits, the store sends `NOTIFY` on
-//!   [`PostgresStore::notification_channel`] from a background task, coalescing appends that
-//!   commit meanwhile into one notification: a `pg_notify` inside every append would serialize all
-//!   concurrent commits on PostgreSQL's notification lock. `append_in` notifies in its statement,
-//!   delivered when the caller commits.
+//! - **Wake-ups.** Committed appends are announced with `NOTIFY` on
+//!   [`PostgresStore::notification_channel`], at most once per 2 ms: the first append of an
+//!   interval notifies in its own statement, later ones are covered by the next, and a background
+//!   task sends one trailing `NOTIFY` for what no append carried. A `pg_notify` inside every append
+//!   would serialize all concurrent commits on PostgreSQL's notification lock. `append_in` always
+//!   notifies in its statement, delivered when the caller commits.
 //! - **Gap-free reads.** [`EventStore::read_all`] orders by `(tx, position)` and returns only events
 //!   below the visibility horizon `pg_snapshot_xmin(pg_current_snapshot())`: every transaction
 //!   below it has finished, and any later writer gets a larger `tx`, so nothing can commit behind
@@ -62,7 +63,8 @@
 //!   asked.
 //! - **Immutability.** A trigger rejects `UPDATE`, `DELETE` and `TRUNCATE` on the events table.
 //! - **Group commit** (opt-in, [`PostgresStore::with_group_commit`]): concurrent appends to
-//!   different streams are written by one task in one statement and one commit.
+//!   different streams are written in one statement and one commit by whichever caller finds a
+//!   free slot; each caller still gets its own result or concurrency error.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
