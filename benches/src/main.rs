@@ -15,6 +15,7 @@ mod catchup;
 mod db;
 mod dispatch;
 mod domain;
+mod latency;
 mod memory;
 #[cfg(feature = "peers")]
 mod peers;
@@ -37,7 +38,9 @@ pub struct Config {
     pub rounds: usize,
 }
 
-const BENCHMARKS: &[&str] = &["w1", "w2", "append", "catchup", "dispatch", "memory"];
+const BENCHMARKS: &[&str] = &[
+    "w1", "latency", "w2", "append", "catchup", "dispatch", "memory",
+];
 
 fn usage() -> ! {
     eprintln!(
@@ -103,6 +106,7 @@ fn main() {
             eprintln!("== {name}");
             let result = match name {
                 "w1" => w1::run(&config).await,
+                "latency" => latency::run(&config).await,
                 "w2" => w2::run(&config).await,
                 "append" => append::run(&config).await,
                 "catchup" => catchup::run(&config).await,
