@@ -214,7 +214,19 @@ async fn attempt(
             .await
             .map_err(savepoint_error)?;
     }
-    let one = batch.len() == 1;
+    let single = match (
+        &batch.ids[..],
+        &batch.types[..],
+        &batch.schema_versions[..],
+        &batch.payloads[..],
+        &batch.metadata[..],
+    ) {
+        ([id], [event_type], [schema_version], [payload], [metadata]) => {
+            Some((id, event_type, schema_version, payload, metadata))
+        }
+        _ => None,
+    };
+    let one = single.is_some();
     let statement = match (one, mode.notifies()) {
         (true, false) => &sql.append_one,
         (true, true) => &sql.append_one_notify,
@@ -225,20 +237,19 @@ async fn attempt(
         .bind(stream.stream_type())
         .bind(stream.id())
         .bind(code);
-    let query = if one {
-        query
-            .bind(batch.ids[0])
-            .bind(&batch.types[0])
-            .bind(batch.schema_versions[0])
-            .bind(&batch.payloads[0])
-            .bind(&batch.metadata[0])
-    } else {
-        query
+    let query = match single {
+        Some((id, event_type, schema_version, payload, metadata)) => query
+            .bind(id)
+            .bind(event_type)
+            .bind(schema_version)
+            .bind(payload)
+            .bind(metadata),
+        None => query
             .bind(&batch.ids)
             .bind(&batch.types)
             .bind(&batch.schema_versions)
             .bind(&batch.payloads)
-            .bind(&batch.metadata)
+            .bind(&batch.metadata),
     };
     let query = if mode.notifies() {
         query.bind(&sql.channel)
