@@ -226,8 +226,10 @@ async fn attempt(
         }
         _ => None,
     };
-    let one = single.is_some();
-    let statement = match (one, mode.notifies()) {
+    // A notifying batch runs the summarized statement (one row, one notification); every other
+    // append returns one row per event.
+    let summarized = single.is_none() && mode.notifies();
+    let statement = match (single.is_some(), mode.notifies()) {
         (true, false) => &sql.append_one,
         (true, true) => &sql.append_one_notify,
         (false, false) => &sql.append_batch,
@@ -256,7 +258,7 @@ async fn attempt(
     } else {
         query
     };
-    let result = if !one && mode.notifies() {
+    let result = if summarized {
         query
             .fetch_one(&mut *conn)
             .await

@@ -12,7 +12,7 @@
 //! client therefore pays nothing for the feature (every append is a group of one, written as
 //! usual); under load the queue fills while the slots are busy, and groups grow by themselves.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -221,8 +221,11 @@ async fn write_group(pool: &PgPool, sql: &Statements, group: Vec<Request>) {
     let mut written: Vec<Option<AppendResult>> = vec![None; group.len()];
     match result {
         Ok(rows) => {
+            let landed = landed(&rows);
             for (request, slot) in group.iter().zip(&mut written) {
-                *slot = settled(&rows, request);
+                *slot = landed
+                    .get(&(request.stream.stream_type(), request.stream.id()))
+                    .and_then(|landed| landed.result(request.batch.len()));
             }
             tracing::trace!(appends = group.len(), events, "group committed");
         }
@@ -240,32 +243,52 @@ async fn write_group(pool: &PgPool, sql: &Statements, group: Vec<Request>) {
     }
 }
 
-/// `request`'s result from the group's rows (one per written event; streams are distinct within
-/// a group). `None` if its batch was refused, not written whole, or a row is unreadable: the
-/// caller then appends alone and finds out.
-fn settled(rows: &[sqlx::postgres::PgRow], request: &Request) -> Option<AppendResult> {
-    let mut written = 0;
-    let mut result: Option<(i64, i64, String)> = None;
+/// What the group wrote to one stream: how many events, and the newest one's version, position
+/// and transaction; `unreadable` if one of its rows could not be decoded.
+#[derive(Default)]
+struct Landed<'r> {
+    events: usize,
+    newest: Option<(i64, i64, &'r str)>,
+    unreadable: bool,
+}
+
+impl Landed<'_> {
+    /// The append's result if its whole batch of `n` events landed; `None` (the caller then
+    /// appends alone and finds out) for a partial batch or an unreadable row.
+    fn result(&self, n: usize) -> Option<AppendResult> {
+        let (version, last, tx) = self.newest?;
+        if self.unreadable || self.events != n {
+            return None;
+        }
+        Some(AppendResult {
+            stream_version: to_version(version),
+            position: Position::new(parse_tx(tx).ok()?, u64::try_from(last).ok()?),
+        })
+    }
+}
+
+/// The group's rows (one per written event; streams are distinct within a group) by stream, read
+/// once. A refused batch wrote no rows, so its stream is absent.
+fn landed(rows: &[sqlx::postgres::PgRow]) -> HashMap<(&str, &str), Landed<'_>> {
+    let mut by_stream: HashMap<(&str, &str), Landed<'_>> = HashMap::new();
     for row in rows {
-        let stream_type: &str = row.try_get(0).ok()?;
-        let stream_id: &str = row.try_get(1).ok()?;
-        if stream_type != request.stream.stream_type() || stream_id != request.stream.id() {
-            continue;
-        }
-        written += 1;
-        let version: i64 = row.try_get(2).ok()?;
-        if result.as_ref().is_none_or(|(v, ..)| version > *v) {
-            result = Some((version, row.try_get(3).ok()?, row.try_get(4).ok()?));
+        let (Ok(stream_type), Ok(stream_id)) = (row.try_get(0), row.try_get(1)) else {
+            // Without its stream the row cannot be attributed: no result can be trusted.
+            by_stream.values_mut().for_each(|l| l.unreadable = true);
+            return by_stream;
+        };
+        let entry = by_stream.entry((stream_type, stream_id)).or_default();
+        entry.events += 1;
+        match (row.try_get(2), row.try_get(3), row.try_get(4)) {
+            (Ok(version), Ok(last), Ok(tx)) => {
+                if entry.newest.is_none_or(|(v, ..)| version > v) {
+                    entry.newest = Some((version, last, tx));
+                }
+            }
+            _ => entry.unreadable = true,
         }
     }
-    let (version, last, tx) = result?;
-    if written != request.batch.len() {
-        return None;
-    }
-    Some(AppendResult {
-        stream_version: to_version(version),
-        position: Position::new(parse_tx(&tx).ok()?, u64::try_from(last).ok()?),
-    })
+    by_stream
 }
 
 /// The group flattened into the statement's parallel arrays, one entry per event.
