@@ -11,13 +11,17 @@
 //! When a write ends and appends are queued, its slot passes to a new leader for them. A lone
 //! client therefore pays nothing for the feature (every append is a group of one, written as
 //! usual); under load the queue fills while the slots are busy, and groups grow by themselves.
+//! While a slot passes from leader to leader it keeps its connection (if the pool has another
+//! idle), so back-to-back writes skip the pool's per-checkout round trips; the connection goes
+//! back to the pool when the queue runs dry.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cqrs_core::{AppendResult, ExpectedVersion, Position, StreamId};
-use sqlx::postgres::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgPool, Postgres};
 use sqlx::Row;
 use tokio::sync::oneshot;
 
@@ -127,7 +131,7 @@ impl GroupCommitter {
             lead
         };
         if lead {
-            Slot(Arc::clone(self)).lead().await;
+            Slot::new(Arc::clone(self), None).lead().await;
         }
         // A dropped reply (the leader was cancelled): append alone; idempotency sorts out
         // whether that leader's statement committed.
@@ -156,16 +160,42 @@ impl GroupCommitter {
 /// One of the `max_in_flight` slots for writes. Dropped, it hands over: if appends are still
 /// queued, a new leader is spawned for them (also when its holder was cancelled), else the slot is
 /// freed.
-pub(crate) struct Slot(Arc<GroupCommitter>);
+///
+/// A slot keeps the connection of its last successful write and hands it to the next leader, so
+/// that under sustained load a slot's writes run back to back on one connection, without the
+/// pool's round trips (sqlx pings a connection when it is taken and when it is given back). The
+/// connection goes back to the pool as soon as the queue is empty and the slot is freed.
+pub(crate) struct Slot {
+    committer: Arc<GroupCommitter>,
+    conn: Option<PoolConnection<Postgres>>,
+}
 
 impl Slot {
-    async fn lead(self) {
-        if !self.0.config.max_wait.is_zero() {
-            tokio::time::sleep(self.0.config.max_wait).await;
+    fn new(committer: Arc<GroupCommitter>, conn: Option<PoolConnection<Postgres>>) -> Self {
+        Self { committer, conn }
+    }
+
+    /// The connection the slot kept from its last write, if any. It skipped the pool's health
+    /// check: a write that fails on it with a connection error retries on a pooled connection
+    /// (appends are idempotent by event id).
+    pub(crate) fn take_kept(&mut self) -> Option<PoolConnection<Postgres>> {
+        self.conn.take()
+    }
+
+    /// Keeps `conn` for the next write of this slot (after a write that succeeded: a failed or
+    /// cancelled one drops its connection, and sqlx checks it on its way back to the pool).
+    pub(crate) fn keep(&mut self, conn: PoolConnection<Postgres>) {
+        self.conn = Some(conn);
+    }
+
+    async fn lead(mut self) {
+        let committer = Arc::clone(&self.committer);
+        if !committer.config.max_wait.is_zero() {
+            tokio::time::sleep(committer.config.max_wait).await;
         }
-        let mut group = self.0.take_group();
+        let mut group = committer.take_group();
         if group.len() > 1 {
-            write_group(&self.0.pool, &self.0.sql, group).await;
+            write_group(&mut self, &committer.sql, group).await;
             return;
         }
         // Alone: the individual statement is cheaper than the group's. The slot goes with the
@@ -179,7 +209,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut state = self.0.state();
+        let mut state = self.committer.state();
         if state.queue.is_empty() {
             state.slots -= 1;
             return;
@@ -192,20 +222,41 @@ impl Drop for Slot {
             return;
         };
         drop(state);
-        // Appends are waiting: lead them from a task of its own, keeping this slot, so that
-        // this slot's holder gets on with its result now.
-        let next = Slot(Arc::clone(&self.0));
+        // Appends are waiting: lead them from a task of its own, keeping this slot, so that this
+        // slot's holder gets on with its result now. The connection goes along only while the
+        // pool has another one idle: a slot never sits on a connection that someone else is
+        // waiting for (another slot's leader, or the application, on a small pool).
+        let conn = self
+            .conn
+            .take()
+            .filter(|_| self.committer.pool.num_idle() > 0);
+        let next = Slot::new(Arc::clone(&self.committer), conn);
         runtime.spawn(next.lead());
     }
 }
 
-/// One statement for the whole group; replies to every request.
-async fn write_group(pool: &PgPool, sql: &Statements, group: Vec<Request>) {
+/// One statement for the whole group, on the slot's connection; replies to every request.
+async fn write_group(slot: &mut Slot, sql: &Statements, group: Vec<Request>) {
     let events: usize = group.iter().map(|r| r.batch.len()).sum();
     let mut columns = Columns::with_capacity(events);
     for request in &group {
         columns.push(request);
     }
+    let conn = match slot.take_kept() {
+        Some(conn) => Ok(conn),
+        None => slot.committer.pool.acquire().await,
+    };
+    let mut conn = match conn {
+        Ok(conn) => conn,
+        Err(error) => {
+            // No connection: each caller appends alone (and meets the error itself).
+            tracing::debug!(%error, appends = group.len(), "no connection for a group; appending individually");
+            for request in group {
+                let _ = request.reply.send(Joined::Alone(None));
+            }
+            return;
+        }
+    };
     let result = sqlx::query(sql.append_many.clone())
         .bind(&columns.stream_type)
         .bind(&columns.stream_id)
@@ -216,18 +267,19 @@ async fn write_group(pool: &PgPool, sql: &Statements, group: Vec<Request>) {
         .bind(&columns.schema_versions)
         .bind(&columns.payloads)
         .bind(&columns.metadata)
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await;
     let mut written: Vec<Option<AppendResult>> = vec![None; group.len()];
     match result {
         Ok(rows) => {
             let landed = landed(&rows);
-            for (request, slot) in group.iter().zip(&mut written) {
-                *slot = landed
+            for (request, entry) in group.iter().zip(&mut written) {
+                *entry = landed
                     .get(&(request.stream.stream_type(), request.stream.id()))
                     .and_then(|landed| landed.result(request.batch.len()));
             }
             tracing::trace!(appends = group.len(), events, "group committed");
+            slot.keep(conn);
         }
         // Nothing of the group was written (one statement, one transaction), or the commit's
         // outcome is unknown (lost connection): each caller appends alone, and idempotency returns

@@ -495,6 +495,7 @@ impl PostgresStore {
         expected: ExpectedVersion,
         events: &[NewEvent],
         batch: &append::Encoded,
+        mut slot: Option<&mut group::Slot>,
     ) -> Result<AppendResult, StoreError> {
         if !self.inline.is_empty() {
             let mut tx = tx::Tx::begin(&self.pool).await?;
@@ -525,12 +526,29 @@ impl PostgresStore {
         } else {
             append::Mode::Alone
         };
-        let mut conn = self.pool.acquire().await.map_err(map_error)?;
-        let result = append::append_on(&mut conn, &self.sql, stream, expected, events, batch, mode)
-            .await
-            .map(|appended| appended.result);
+        // A group-commit slot's connection, kept from its previous write, saves the pool's
+        // round trips; the slot keeps it again if this append succeeds.
+        let kept = slot.as_deref_mut().and_then(group::Slot::take_kept);
+        let was_kept = kept.is_some();
+        let mut conn = match kept {
+            Some(conn) => conn,
+            None => self.pool.acquire().await.map_err(map_error)?,
+        };
+        let mut result =
+            append::append_on(&mut conn, &self.sql, stream, expected, events, batch, mode).await;
+        if was_kept && matches!(result, Err(StoreError::Connection(_))) {
+            // The kept connection went stale between two writes (it skipped the pool's health
+            // check). Retrying is safe: a batch that did commit comes back as its original result.
+            conn = self.pool.acquire().await.map_err(map_error)?;
+            result = append::append_on(&mut conn, &self.sql, stream, expected, events, batch, mode)
+                .await;
+        }
+        let result = result.map(|appended| appended.result);
         if let (true, Ok(written)) = (notifying, &result) {
             self.announcer().notified(written.position);
+        }
+        if let (Some(slot), Ok(_)) = (slot, &result) {
+            slot.keep(conn);
         }
         result
     }
@@ -780,7 +798,7 @@ impl EventStore for PostgresStore {
             }
         }
         let result = self
-            .individual_append(stream, expected, &events, &batch)
+            .individual_append(stream, expected, &events, &batch, slot.as_mut())
             .await;
         drop(slot);
         let result = result?;

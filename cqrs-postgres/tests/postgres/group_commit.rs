@@ -245,3 +245,43 @@ async fn the_default_settings_group_concurrent_appends() {
     );
     drop_schema(&store).await;
 }
+
+/// A slot keeps its connection only while appends keep coming: once they stop, every connection
+/// is back in the pool, where the application can have it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_commit_gives_its_connections_back_when_the_appends_stop() {
+    const TASKS: usize = 8;
+    const APPENDS: usize = 20;
+    let store = fresh_store_with(4)
+        .await
+        .with_group_commit(GroupCommit::default());
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = StreamId::new("account", format!("r{t}"));
+            for _ in 0..APPENDS {
+                store
+                    .append(&stream, ExpectedVersion::Any, batch(1))
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // Connections go back to the pool asynchronously (sqlx checks each on its way back), and the
+    // store's announcer may be sending a trailing notification: allow a moment.
+    let pool = store.pool().clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while pool.num_idle() < pool.size() as usize && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        pool.num_idle(),
+        pool.size() as usize,
+        "a connection stayed checked out after the last append"
+    );
+    drop_schema(&store).await;
+}
