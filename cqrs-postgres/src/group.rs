@@ -11,19 +11,21 @@
 //! When a write ends and appends are queued, its slot passes to a new leader for them. A lone
 //! client therefore pays nothing for the feature (every append is a group of one, written as
 //! usual); under load the queue fills while the slots are busy, and groups grow by themselves.
-//! While a slot passes from leader to leader it keeps its connection (if the pool has another
-//! idle), so back-to-back writes skip the pool's per-checkout round trips; the connection goes
-//! back to the pool when the queue runs dry.
+//! A slot keeps its connection from write to write (if the pool has another idle): passed from
+//! leader to leader while appends are queued, and put aside for the next slot taken when the
+//! queue runs dry, for at most [`GroupCommit::keep_connection`]. So back-to-back writes, even a
+//! lone client's, skip the pool's per-checkout round trips.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use cqrs_core::{AppendResult, ExpectedVersion, Position, StreamId};
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, Postgres};
 use sqlx::Row;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
 
 use crate::append::{expected_code, to_version, Encoded};
 use crate::row::parse_tx;
@@ -43,15 +45,23 @@ pub struct GroupCommit {
     /// and go in the next group. Fewer slots make larger groups (fewer statements and commits);
     /// more slots keep more of the pool busy.
     pub max_in_flight: usize,
+    /// How long a slot keeps its connection after its last write, for the next one. Each slot
+    /// holds at most one connection, taken from the pool; reusing it skips the pool's round trips
+    /// (sqlx pings a connection when it is checked out and when it is given back), which on a
+    /// fast network is a good part of a single-event append. A slot never keeps the pool's last
+    /// idle connection, and idle connections go back within about this long (also when the store
+    /// is dropped). `Duration::ZERO` gives every connection back after its write.
+    pub keep_connection: Duration,
 }
 
 impl Default for GroupCommit {
-    /// 64 appends per group, no waiting, 2 writes in flight.
+    /// 64 appends per group, no waiting, 2 writes in flight, connections kept for 20 ms.
     fn default() -> Self {
         Self {
             max_batch: 64,
             max_wait: Duration::ZERO,
             max_in_flight: 2,
+            keep_connection: Duration::from_millis(20),
         }
     }
 }
@@ -77,6 +87,11 @@ struct State {
     queue: Vec<Request>,
     /// Slots taken: writes in flight (groups, or appends written alone by a slot's holder).
     slots: usize,
+    /// Connections of freed slots, kept for the next slot taken (at most one per slot), with the
+    /// time each was put here.
+    spare: Vec<(PoolConnection<Postgres>, Instant)>,
+    /// The reaper task that gives spare connections back to the pool: started with the first.
+    reaper: Option<JoinHandle<()>>,
 }
 
 pub(crate) struct GroupCommitter {
@@ -84,6 +99,17 @@ pub(crate) struct GroupCommitter {
     pool: PgPool,
     sql: Arc<Statements>,
     state: Mutex<State>,
+    /// Wakes the reaper when a spare connection is put aside.
+    spare_put: Arc<Notify>,
+}
+
+impl Drop for GroupCommitter {
+    fn drop(&mut self) {
+        // The spare connections drop with the state, back to the pool.
+        if let Some(reaper) = self.state().reaper.take() {
+            reaper.abort();
+        }
+    }
 }
 
 impl GroupCommitter {
@@ -97,6 +123,7 @@ impl GroupCommitter {
             pool,
             sql,
             state: Mutex::default(),
+            spare_put: Arc::new(Notify::new()),
         })
     }
 
@@ -124,18 +151,41 @@ impl GroupCommitter {
                 batch: batch.clone(),
                 reply,
             });
-            let lead = state.slots < self.config.max_in_flight;
-            if lead {
+            if state.slots < self.config.max_in_flight {
                 state.slots += 1;
+                // The newest spare connection, if a freed slot left one.
+                Some(state.spare.pop().map(|(conn, _)| conn))
+            } else {
+                None
             }
-            lead
         };
-        if lead {
-            Slot::new(Arc::clone(self), None).lead().await;
+        if let Some(conn) = lead {
+            Slot::new(Arc::clone(self), conn).lead().await;
         }
         // A dropped reply (the leader was cancelled): append alone; idempotency sorts out
         // whether that leader's statement committed.
         result.await.unwrap_or(Joined::Alone(None))
+    }
+
+    /// Keeps a freed slot's connection for the next slot taken, for `keep_connection` (if the pool
+    /// has another idle; else it goes back now, to whoever may be waiting for it).
+    fn put_aside(self: &Arc<Self>, state: &mut State, conn: PoolConnection<Postgres>) {
+        let keep = self.config.keep_connection;
+        if keep.is_zero() || self.pool.num_idle() == 0 {
+            return;
+        }
+        if state.reaper.is_none() {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            state.reaper = Some(runtime.spawn(reap(
+                Arc::downgrade(self),
+                Arc::clone(&self.spare_put),
+                keep,
+            )));
+        }
+        state.spare.push((conn, Instant::now()));
+        self.spare_put.notify_one();
     }
 
     /// Takes a group from the queue: the oldest appends, at most one per stream (a second
@@ -212,6 +262,9 @@ impl Drop for Slot {
         let mut state = self.committer.state();
         if state.queue.is_empty() {
             state.slots -= 1;
+            if let Some(conn) = self.conn.take() {
+                self.committer.put_aside(&mut state, conn);
+            }
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -232,6 +285,33 @@ impl Drop for Slot {
             .filter(|_| self.committer.pool.num_idle() > 0);
         let next = Slot::new(Arc::clone(&self.committer), conn);
         runtime.spawn(next.lead());
+    }
+}
+
+/// Gives spare connections back to the pool once they have been idle for `keep`: wakes when one is
+/// put aside, then checks every `keep` until none is left. Ends with the committer.
+async fn reap(committer: Weak<GroupCommitter>, spare_put: Arc<Notify>, keep: Duration) {
+    loop {
+        spare_put.notified().await;
+        loop {
+            tokio::time::sleep(keep).await;
+            let Some(committer) = committer.upgrade() else {
+                return;
+            };
+            let stale: Vec<_> = {
+                let mut state = committer.state();
+                let (stale, fresh) = std::mem::take(&mut state.spare)
+                    .into_iter()
+                    .partition(|(_, since)| since.elapsed() >= keep);
+                state.spare = fresh;
+                stale
+            };
+            // Dropped outside the lock: each goes back to the pool (sqlx checks it on the way).
+            drop(stale);
+            if committer.state().spare.is_empty() {
+                break;
+            }
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use cqrs_core::{
     StreamVersion,
 };
 use cqrs_postgres::GroupCommit;
+use sqlx::Connection;
 
 use crate::{batch, drop_schema, fresh_store_with};
 
@@ -246,8 +247,8 @@ async fn the_default_settings_group_concurrent_appends() {
     drop_schema(&store).await;
 }
 
-/// A slot keeps its connection only while appends keep coming: once they stop, every connection
-/// is back in the pool, where the application can have it.
+/// A slot keeps its connection only while appends keep coming: shortly after they stop, every
+/// connection is back in the pool, where the application can have it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn group_commit_gives_its_connections_back_when_the_appends_stop() {
     const TASKS: usize = 8;
@@ -271,17 +272,125 @@ async fn group_commit_gives_its_connections_back_when_the_appends_stop() {
     for task in tasks {
         task.await.unwrap();
     }
-    // Connections go back to the pool asynchronously (sqlx checks each on its way back), and the
-    // store's announcer may be sending a trailing notification: allow a moment.
+    // Connections go back to the pool asynchronously (sqlx checks each on its way back), a slot's
+    // kept connection after `keep_connection` (20 ms by default), and the store's announcer may be
+    // sending a trailing notification: allow a moment.
     let pool = store.pool().clone();
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while pool.num_idle() < pool.size() as usize && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
+    assert!(
+        wait_for(|| pool.num_idle() == pool.size() as usize).await,
+        "a connection stayed checked out after the last append: {} idle of {}",
         pool.num_idle(),
-        pool.size() as usize,
-        "a connection stayed checked out after the last append"
+        pool.size()
     );
     drop_schema(&store).await;
+}
+
+/// A lone writer's appends reuse one connection (put aside for `keep_connection` after each
+/// write), and dropping the store gives it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_writer_keeps_one_connection_until_the_store_is_dropped() {
+    let store = fresh_store_with(4).await.with_group_commit(GroupCommit {
+        keep_connection: Duration::from_secs(30),
+        ..GroupCommit::default()
+    });
+    let pool = store.pool().clone();
+    let stream = StreamId::new("account", "lone");
+    for n in 0..3_u64 {
+        store
+            .append(
+                &stream,
+                ExpectedVersion::Exact(StreamVersion::new(n)),
+                batch(1),
+            )
+            .await
+            .unwrap();
+    }
+    // Give connections on their way back time to arrive; the kept one stays out.
+    let idle_all_but_one = wait_for(|| pool.num_idle() + 1 == pool.size() as usize).await;
+    assert!(
+        idle_all_but_one,
+        "expected one kept connection: {} idle of {}",
+        pool.num_idle(),
+        pool.size()
+    );
+    drop_schema(&store).await;
+    drop(store);
+    assert!(
+        wait_for(|| pool.num_idle() == pool.size() as usize).await,
+        "the dropped store's kept connection did not come back: {} idle of {}",
+        pool.num_idle(),
+        pool.size()
+    );
+}
+
+/// A kept connection skips the pool's health check. If the server closed it meanwhile, the append
+/// retries on a pooled connection instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_on_a_kept_connection_the_server_closed_retries_on_a_fresh_one() {
+    let store = fresh_store_with(4).await.with_group_commit(GroupCommit {
+        keep_connection: Duration::from_secs(30),
+        ..GroupCommit::default()
+    });
+    let pool = store.pool().clone();
+    // Two open connections, so that the slot may keep one (it never keeps the pool's last idle).
+    let (a, b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
+    drop((a, b));
+    let stream = StreamId::new("account", "stale");
+    store
+        .append(&stream, ExpectedVersion::NoStream, batch(1))
+        .await
+        .unwrap();
+    assert!(
+        wait_for(|| pool.num_idle() + 1 == pool.size() as usize).await,
+        "the slot did not keep its connection: {} idle of {}",
+        pool.num_idle(),
+        pool.size()
+    );
+    // Terminate every backend of this store's pool (the tests name them after the schema), from a
+    // connection of its own, and wait until they are gone.
+    let mut killer = sqlx::PgConnection::connect(&crate::url()).await.unwrap();
+    let backends = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()";
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(store.schema())
+    .execute(&mut killer)
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 = sqlx::query_scalar(backends)
+            .bind(store.schema())
+            .fetch_one(&mut killer)
+            .await
+            .unwrap();
+        if left == 0 || std::time::Instant::now() > deadline {
+            assert_eq!(left, 0, "backends still running after pg_terminate_backend");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let written = store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(StreamVersion::new(1)),
+            batch(1),
+        )
+        .await
+        .expect("the append retries on a live connection");
+    assert_eq!(written.stream_version, StreamVersion::new(2));
+    drop_schema(&store).await;
+}
+
+/// Polls `done` for up to 5 s.
+async fn wait_for(done: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
 }
