@@ -9,7 +9,8 @@ use std::time::Instant;
 
 use cqrs_core::{EventSet, Repository};
 use cqrs_postgres::GroupCommit;
-use sqlx::postgres::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgPool, Postgres};
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
@@ -207,7 +208,7 @@ fn insert_sql(table: &str) -> String {
 }
 
 async fn raw_insert(
-    pool: &PgPool,
+    executor: impl sqlx::PgExecutor<'_>,
     sql: &str,
     id: &str,
     version: i64,
@@ -222,7 +223,7 @@ async fn raw_insert(
         .bind(event.event_type())
         .bind(i32::try_from(event.schema_version())?)
         .bind(event.encode()?.to_string())
-        .execute(pool)
+        .execute(executor)
         .await?;
     Ok(())
 }
@@ -308,12 +309,73 @@ impl Contender for RawInsert {
     }
 }
 
+/// Raw, one INSERT per command on connections it keeps (never returned to the pool between
+/// commands, so without the pool's two pings per checkout): the floor for one commit per command,
+/// and the like-for-like reference for our group commit, whose slots keep their connections too.
+pub struct RawInsertHeld {
+    place: Place,
+    insert: String,
+    state: Mutex<HashMap<String, (bool, i64)>>,
+    held: Mutex<Vec<PoolConnection<Postgres>>>,
+}
+
+impl RawInsertHeld {
+    /// A fresh schema with the raw table.
+    pub async fn new(url: &str, name: &str) -> Result<Self, BenchError> {
+        let schema = db::schema_name(name);
+        let pool = db::pool(url).await?;
+        let table = db::raw_table(&pool, &schema).await?;
+        Ok(Self {
+            place: Place { pool, schema },
+            insert: insert_sql(&table),
+            state: Mutex::default(),
+            held: Mutex::default(),
+        })
+    }
+}
+
+impl Contender for RawInsertHeld {
+    async fn execute(&self, id: &str, cmd: &Cmd) -> Result<(), BenchError> {
+        let (open, version) = self
+            .state
+            .lock()
+            .map_err(|_| "poisoned")?
+            .get(id)
+            .copied()
+            .unwrap_or((false, 0));
+        cmd.validate(open)?;
+        let kept = self.held.lock().map_err(|_| "poisoned")?.pop();
+        let mut conn = match kept {
+            Some(conn) => conn,
+            None => self.place.pool.acquire().await?,
+        };
+        raw_insert(&mut *conn, &self.insert, id, version + 1, cmd).await?;
+        self.held.lock().map_err(|_| "poisoned")?.push(conn);
+        self.state
+            .lock()
+            .map_err(|_| "poisoned")?
+            .insert(id.to_owned(), (true, version + 1));
+        Ok(())
+    }
+
+    async fn stored_events(&self) -> Result<i64, BenchError> {
+        // The run is over: give the kept connections back (with 8 clients they are the pool).
+        self.held.lock().map_err(|_| "poisoned")?.clear();
+        self.place.stored_events().await
+    }
+
+    async fn finish(self) -> Result<(), BenchError> {
+        self.place.finish().await
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Kind {
     #[cfg(feature = "peers")]
     CqrsEs,
     RawReadInsert,
     RawInsert,
+    RawInsertHeld,
     Ours,
     OursCache,
     OursGroup,
@@ -333,6 +395,7 @@ impl Kind {
             Kind::CqrsEs => "cqrs-es 0.5 + postgres-es 0.5",
             Kind::RawReadInsert => "raw sqlx: read stream, then one INSERT",
             Kind::RawInsert => "raw sqlx: one INSERT (state in memory)",
+            Kind::RawInsertHeld => "raw sqlx: one INSERT, on kept connections (no pool pings)",
             Kind::Ours => "ours: Repository over PostgresStore",
             Kind::OursCache => "ours + aggregate cache (`with_cache`)",
             Kind::OursGroup => "ours + group commit (`GroupCommit::default()`)",
@@ -357,6 +420,9 @@ impl Kind {
                 drive(RawReadInsert::new(url, &name).await?, clients, accounts).await
             }
             Kind::RawInsert => drive(RawInsert::new(url, &name).await?, clients, accounts).await,
+            Kind::RawInsertHeld => {
+                drive(RawInsertHeld::new(url, &name).await?, clients, accounts).await
+            }
             Kind::Ours => drive(Ours::new(url, &name, false, None).await?, clients, accounts).await,
             Kind::OursCache => {
                 drive(Ours::new(url, &name, true, None).await?, clients, accounts).await
@@ -392,6 +458,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         Kind::CqrsEs,
         Kind::RawReadInsert,
         Kind::RawInsert,
+        Kind::RawInsertHeld,
         Kind::Ours,
         Kind::OursCache,
         Kind::OursGroup,
