@@ -48,9 +48,10 @@ pub struct GroupCommit {
     /// How long a slot keeps its connection after its last write, for the next one. Each slot
     /// holds at most one connection, taken from the pool; reusing it skips the pool's round trips
     /// (sqlx pings a connection when it is checked out and when it is given back), which on a
-    /// fast network is a good part of a single-event append. A slot never keeps the pool's last
-    /// idle connection, and idle connections go back within about this long (also when the store
-    /// is dropped). `Duration::ZERO` gives every connection back after its write.
+    /// fast network is a good part of a single-event append. While it is idle, the store's
+    /// `read_stream` (a command's load) borrows it too. A slot never keeps the pool's last idle
+    /// connection, and idle connections go back within about this long (also when the store is
+    /// dropped). `Duration::ZERO` gives every connection back after its write.
     pub keep_connection: Duration,
 }
 
@@ -171,7 +172,10 @@ impl GroupCommitter {
     /// has another idle; else it goes back now, to whoever may be waiting for it).
     fn put_aside(self: &Arc<Self>, state: &mut State, conn: PoolConnection<Postgres>) {
         let keep = self.config.keep_connection;
-        if keep.is_zero() || self.pool.num_idle() == 0 {
+        if keep.is_zero()
+            || self.pool.num_idle() == 0
+            || state.spare.len() >= self.config.max_in_flight
+        {
             return;
         }
         if state.reaper.is_none() {
@@ -186,6 +190,18 @@ impl GroupCommitter {
         }
         state.spare.push((conn, Instant::now()));
         self.spare_put.notify_one();
+    }
+
+    /// A kept connection that is idle, for a load on the command path (the store's `read_stream`);
+    /// hand it back with [`GroupCommitter::give_back`] once its result is read.
+    pub(crate) fn borrow_kept(&self) -> Option<PoolConnection<Postgres>> {
+        self.state().spare.pop().map(|(conn, _)| conn)
+    }
+
+    /// Puts a borrowed connection aside again (after a read that succeeded).
+    pub(crate) fn give_back(self: &Arc<Self>, conn: PoolConnection<Postgres>) {
+        let mut state = self.state();
+        self.put_aside(&mut state, conn);
     }
 
     /// Takes a group from the queue: the oldest appends, at most one per stream (a second

@@ -191,9 +191,10 @@ impl PostgresStore {
     ///
     /// Each of the `max_in_flight` slots keeps its pooled connection from write to write (for
     /// [`GroupCommit::keep_connection`] once appends pause, and never the pool's last idle one),
-    /// which skips the two pings sqlx's pool spends on every checkout. So up to `max_in_flight`
-    /// connections of the pool are the writers' while appends flow, and `PgPool::close` waits
-    /// for them until the store is dropped or the keep time runs out.
+    /// which skips the two pings sqlx's pool spends on every checkout; a command's load
+    /// ([`EventStore::read_stream`]) borrows an idle kept connection too. So up to
+    /// `max_in_flight` connections of the pool are the store's while commands flow, and
+    /// `PgPool::close` waits for them until the store is dropped or the keep time runs out.
     ///
     /// It trades parallelism for fewer statements, commits and round trips. In our benchmark
     /// (BENCHMARKS.md, W1; PostgreSQL on the same two cores) it made the aggregate-cached command
@@ -819,13 +820,28 @@ impl EventStore for PostgresStore {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let rows = sqlx::query(self.sql.read_stream.clone())
-            .bind(stream.stream_type())
-            .bind(stream.id())
-            .bind(i64::try_from(from.get()).unwrap_or(i64::MAX))
-            .bind(limit)
-            .fetch(&self.pool);
-        self.decode_rows(rows, limit).await
+        let query = || {
+            sqlx::query(self.sql.read_stream.clone())
+                .bind(stream.stream_type())
+                .bind(stream.id())
+                .bind(i64::try_from(from.get()).unwrap_or(i64::MAX))
+                .bind(limit)
+        };
+        // A load before a command: on a connection group commit keeps, if one is idle (no pool
+        // round trips); on a connection error (the server closed it meanwhile) read from the pool.
+        if let Some(group) = &self.group {
+            if let Some(mut conn) = group.borrow_kept() {
+                match self.decode_rows(query().fetch(&mut *conn), limit).await {
+                    Ok(events) => {
+                        group.give_back(conn);
+                        return Ok(events);
+                    }
+                    Err(StoreError::Connection(_)) => {}
+                    Err(other) => return Err(other),
+                }
+            }
+        }
+        self.decode_rows(query().fetch(&self.pool), limit).await
     }
 
     async fn read_all(

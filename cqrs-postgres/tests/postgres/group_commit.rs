@@ -294,6 +294,7 @@ async fn a_lone_writer_keeps_one_connection_until_the_store_is_dropped() {
         ..GroupCommit::default()
     });
     let pool = store.pool().clone();
+    open_connections(&pool, 3).await;
     let stream = StreamId::new("account", "lone");
     for n in 0..3_u64 {
         store
@@ -305,14 +306,8 @@ async fn a_lone_writer_keeps_one_connection_until_the_store_is_dropped() {
             .await
             .unwrap();
     }
-    // Give connections on their way back time to arrive; the kept one stays out.
-    let idle_all_but_one = wait_for(|| pool.num_idle() + 1 == pool.size() as usize).await;
-    assert!(
-        idle_all_but_one,
-        "expected one kept connection: {} idle of {}",
-        pool.num_idle(),
-        pool.size()
-    );
+    // Connections on their way back arrive; the kept one stays out.
+    assert_keeps_one(&pool).await;
     drop_schema(&store).await;
     drop(store);
     assert!(
@@ -324,32 +319,131 @@ async fn a_lone_writer_keeps_one_connection_until_the_store_is_dropped() {
 }
 
 /// A kept connection skips the pool's health check. If the server closed it meanwhile, the append
-/// retries on a pooled connection instead of failing.
+/// or the load on it retries on a pooled connection instead of failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_append_on_a_kept_connection_the_server_closed_retries_on_a_fresh_one() {
+async fn appends_and_loads_on_a_kept_connection_the_server_closed_retry_on_a_fresh_one() {
     let store = fresh_store_with(4).await.with_group_commit(GroupCommit {
         keep_connection: Duration::from_secs(30),
         ..GroupCommit::default()
     });
     let pool = store.pool().clone();
-    // Two open connections, so that the slot may keep one (it never keeps the pool's last idle).
-    let (a, b) = (pool.acquire().await.unwrap(), pool.acquire().await.unwrap());
-    drop((a, b));
+    open_connections(&pool, 3).await;
     let stream = StreamId::new("account", "stale");
     store
         .append(&stream, ExpectedVersion::NoStream, batch(1))
         .await
         .unwrap();
+    assert_keeps_one(&pool).await;
+    terminate_backends(&store).await;
+    let written = store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(StreamVersion::new(1)),
+            batch(1),
+        )
+        .await
+        .expect("the append retries on a live connection");
+    assert_eq!(written.stream_version, StreamVersion::new(2));
+    // The retry reopened the pool with one connection, which the slot gave back (never the last
+    // idle one). Open more, and let an append keep one again.
+    open_connections(&pool, 3).await;
+    store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(StreamVersion::new(2)),
+            batch(1),
+        )
+        .await
+        .unwrap();
+    assert_keeps_one(&pool).await;
+    terminate_backends(&store).await;
+    let events = store
+        .read_stream(&stream, StreamVersion::new(1), 10)
+        .await
+        .expect("the load retries on a live connection");
+    assert_eq!(events.len(), 3);
+    drop_schema(&store).await;
+}
+
+/// A load between a command's appends runs on the connection the last append kept, not on
+/// another one from the pool. Told apart by what each backend of the pool ran last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_after_an_append_uses_the_kept_connection() {
+    let store = fresh_store_with(4).await.with_group_commit(GroupCommit {
+        keep_connection: Duration::from_secs(30),
+        ..GroupCommit::default()
+    });
+    let pool = store.pool().clone();
+    open_connections(&pool, 3).await;
+    let stream = StreamId::new("account", "affinity");
+    store
+        .append(&stream, ExpectedVersion::NoStream, batch(1))
+        .await
+        .unwrap();
+    assert_keeps_one(&pool).await;
+    assert_eq!(
+        store
+            .read_stream(&stream, StreamVersion::new(1), 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let mut observer = sqlx::PgConnection::connect(&crate::url()).await.unwrap();
+    let last: Vec<String> = sqlx::query_scalar(
+        "SELECT query FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(store.schema())
+    .fetch_all(&mut observer)
+    .await
+    .unwrap();
+    let ran = |start: &str| {
+        last.iter()
+            .filter(|q| q.trim_start().starts_with(start) && q.contains(".events"))
+            .count()
+    };
+    // The kept backend ran the append's INSERT, then the load's SELECT: no backend's last
+    // statement is the INSERT.
+    assert_eq!(
+        (ran("INSERT"), ran("SELECT position")),
+        (0, 1),
+        "last statements of the pool's backends: {last:#?}"
+    );
+    drop_schema(&store).await;
+}
+
+/// Opens `n` connections in the pool (checked out at once, then back), so that a slot may keep
+/// one: it never keeps the pool's last idle connection.
+async fn open_connections(pool: &sqlx::PgPool, n: usize) {
+    let held: Vec<_> = futures_util::future::join_all((0..n).map(|_| pool.acquire()))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    drop(held);
+    // Let them arrive back (sqlx pings each on its way).
+    assert!(
+        wait_for(|| pool.num_idle() >= n).await,
+        "connections did not come back"
+    );
+}
+
+/// Checks that exactly one of the pool's connections is out, the one group commit keeps, once
+/// connections on their way back to the pool (sqlx pings each) have arrived.
+async fn assert_keeps_one(pool: &sqlx::PgPool) {
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
         wait_for(|| pool.num_idle() + 1 == pool.size() as usize).await,
-        "the slot did not keep its connection: {} idle of {}",
+        "expected one kept connection: {} idle of {}",
         pool.num_idle(),
         pool.size()
     );
-    // Terminate every backend of this store's pool (the tests name them after the schema), from a
-    // connection of its own, and wait until they are gone.
+}
+
+/// Terminates every backend of this store's pool (the tests name them after the schema), from a
+/// connection of its own, and waits until they are gone.
+async fn terminate_backends(store: &cqrs_postgres::PostgresStore) {
     let mut killer = sqlx::PgConnection::connect(&crate::url()).await.unwrap();
-    let backends = "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()";
     sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE application_name = $1 AND pid <> pg_backend_pid()",
@@ -360,27 +454,22 @@ async fn an_append_on_a_kept_connection_the_server_closed_retries_on_a_fresh_one
     .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let left: i64 = sqlx::query_scalar(backends)
-            .bind(store.schema())
-            .fetch_one(&mut killer)
-            .await
-            .unwrap();
-        if left == 0 || std::time::Instant::now() > deadline {
-            assert_eq!(left, 0, "backends still running after pg_terminate_backend");
-            break;
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND pid <> pg_backend_pid()",
+        )
+        .bind(store.schema())
+        .fetch_one(&mut killer)
+        .await
+        .unwrap();
+        if left == 0 {
+            return;
         }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} backends still running after pg_terminate_backend"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let written = store
-        .append(
-            &stream,
-            ExpectedVersion::Exact(StreamVersion::new(1)),
-            batch(1),
-        )
-        .await
-        .expect("the append retries on a live connection");
-    assert_eq!(written.stream_version, StreamVersion::new(2));
-    drop_schema(&store).await;
 }
 
 /// Polls `done` for up to 5 s.
