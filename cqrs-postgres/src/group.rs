@@ -168,19 +168,27 @@ impl GroupCommitter {
         result.await.unwrap_or(Joined::Alone(None))
     }
 
-    /// Keeps a freed slot's connection for the next slot taken, for `keep_connection` (if the pool
-    /// has another idle; else it goes back now, to whoever may be waiting for it).
-    fn put_aside(self: &Arc<Self>, state: &mut State, conn: PoolConnection<Postgres>) {
+    /// Keeps a freed slot's connection for the next slot taken, for `keep_connection`: at most
+    /// `max_in_flight` of them, and only while the pool has another idle connection. A connection
+    /// not kept comes back, for the caller to drop (back to the pool, to whoever may be waiting
+    /// for it) once it has let go of the state's lock.
+    #[must_use = "a connection not kept goes back to the pool when dropped: drop it outside the lock"]
+    fn put_aside(
+        self: &Arc<Self>,
+        state: &mut State,
+        conn: PoolConnection<Postgres>,
+    ) -> Option<PoolConnection<Postgres>> {
         let keep = self.config.keep_connection;
         if keep.is_zero()
             || self.pool.num_idle() == 0
             || state.spare.len() >= self.config.max_in_flight
         {
-            return;
+            return Some(conn);
         }
-        if state.reaper.is_none() {
+        // Started with the first spare, and again if its runtime went away since.
+        if state.reaper.as_ref().is_none_or(JoinHandle::is_finished) {
             let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                return;
+                return Some(conn);
             };
             state.reaper = Some(runtime.spawn(reap(
                 Arc::downgrade(self),
@@ -190,6 +198,7 @@ impl GroupCommitter {
         }
         state.spare.push((conn, Instant::now()));
         self.spare_put.notify_one();
+        None
     }
 
     /// A kept connection that is idle, for a load on the command path (the store's `read_stream`);
@@ -200,8 +209,8 @@ impl GroupCommitter {
 
     /// Puts a borrowed connection aside again (after a read that succeeded).
     pub(crate) fn give_back(self: &Arc<Self>, conn: PoolConnection<Postgres>) {
-        let mut state = self.state();
-        self.put_aside(&mut state, conn);
+        let rejected = self.put_aside(&mut self.state(), conn);
+        drop(rejected);
     }
 
     /// Takes a group from the queue: the oldest appends, at most one per stream (a second
@@ -229,8 +238,9 @@ impl GroupCommitter {
 ///
 /// A slot keeps the connection of its last successful write and hands it to the next leader, so
 /// that under sustained load a slot's writes run back to back on one connection, without the
-/// pool's round trips (sqlx pings a connection when it is taken and when it is given back). The
-/// connection goes back to the pool as soon as the queue is empty and the slot is freed.
+/// pool's round trips (sqlx pings a connection when it is taken and when it is given back). When
+/// the queue is empty and the slot is freed, the connection is put aside for the next slot taken
+/// (see [`GroupCommitter::put_aside`]).
 pub(crate) struct Slot {
     committer: Arc<GroupCommitter>,
     conn: Option<PoolConnection<Postgres>>,
@@ -278,9 +288,12 @@ impl Drop for Slot {
         let mut state = self.committer.state();
         if state.queue.is_empty() {
             state.slots -= 1;
-            if let Some(conn) = self.conn.take() {
-                self.committer.put_aside(&mut state, conn);
-            }
+            let rejected = self
+                .conn
+                .take()
+                .and_then(|conn| self.committer.put_aside(&mut state, conn));
+            drop(state);
+            drop(rejected);
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
