@@ -261,16 +261,20 @@ impl Contender for RawReadInsert {
 }
 
 /// Raw, one INSERT per command: the state is already in memory (the floor for one commit per
-/// command).
+/// command). With `keep`, on connections it keeps (never returned to the pool between commands,
+/// so without the pool's two pings per checkout): the like-for-like reference for our group
+/// commit, whose slots keep their connections too.
 pub struct RawInsert {
     place: Place,
     insert: String,
     state: Mutex<HashMap<String, (bool, i64)>>,
+    /// `Some` when keeping connections: the idle ones.
+    kept: Option<Mutex<Vec<PoolConnection<Postgres>>>>,
 }
 
 impl RawInsert {
     /// A fresh schema with the raw table.
-    pub async fn new(url: &str, name: &str) -> Result<Self, BenchError> {
+    pub async fn new(url: &str, name: &str, keep: bool) -> Result<Self, BenchError> {
         let schema = db::schema_name(name);
         let pool = db::pool(url).await?;
         let table = db::raw_table(&pool, &schema).await?;
@@ -278,6 +282,7 @@ impl RawInsert {
             place: Place { pool, schema },
             insert: insert_sql(&table),
             state: Mutex::default(),
+            kept: keep.then(Mutex::default),
         })
     }
 }
@@ -292,7 +297,18 @@ impl Contender for RawInsert {
             .copied()
             .unwrap_or((false, 0));
         cmd.validate(open)?;
-        raw_insert(&self.place.pool, &self.insert, id, version + 1, cmd).await?;
+        match &self.kept {
+            None => raw_insert(&self.place.pool, &self.insert, id, version + 1, cmd).await?,
+            Some(kept) => {
+                let idle = kept.lock().map_err(|_| "poisoned")?.pop();
+                let mut conn = match idle {
+                    Some(conn) => conn,
+                    None => self.place.pool.acquire().await?,
+                };
+                raw_insert(&mut *conn, &self.insert, id, version + 1, cmd).await?;
+                kept.lock().map_err(|_| "poisoned")?.push(conn);
+            }
+        }
         self.state
             .lock()
             .map_err(|_| "poisoned")?
@@ -301,66 +317,10 @@ impl Contender for RawInsert {
     }
 
     async fn stored_events(&self) -> Result<i64, BenchError> {
-        self.place.stored_events().await
-    }
-
-    async fn finish(self) -> Result<(), BenchError> {
-        self.place.finish().await
-    }
-}
-
-/// Raw, one INSERT per command on connections it keeps (never returned to the pool between
-/// commands, so without the pool's two pings per checkout): the floor for one commit per command,
-/// and the like-for-like reference for our group commit, whose slots keep their connections too.
-pub struct RawInsertHeld {
-    place: Place,
-    insert: String,
-    state: Mutex<HashMap<String, (bool, i64)>>,
-    held: Mutex<Vec<PoolConnection<Postgres>>>,
-}
-
-impl RawInsertHeld {
-    /// A fresh schema with the raw table.
-    pub async fn new(url: &str, name: &str) -> Result<Self, BenchError> {
-        let schema = db::schema_name(name);
-        let pool = db::pool(url).await?;
-        let table = db::raw_table(&pool, &schema).await?;
-        Ok(Self {
-            place: Place { pool, schema },
-            insert: insert_sql(&table),
-            state: Mutex::default(),
-            held: Mutex::default(),
-        })
-    }
-}
-
-impl Contender for RawInsertHeld {
-    async fn execute(&self, id: &str, cmd: &Cmd) -> Result<(), BenchError> {
-        let (open, version) = self
-            .state
-            .lock()
-            .map_err(|_| "poisoned")?
-            .get(id)
-            .copied()
-            .unwrap_or((false, 0));
-        cmd.validate(open)?;
-        let kept = self.held.lock().map_err(|_| "poisoned")?.pop();
-        let mut conn = match kept {
-            Some(conn) => conn,
-            None => self.place.pool.acquire().await?,
-        };
-        raw_insert(&mut *conn, &self.insert, id, version + 1, cmd).await?;
-        self.held.lock().map_err(|_| "poisoned")?.push(conn);
-        self.state
-            .lock()
-            .map_err(|_| "poisoned")?
-            .insert(id.to_owned(), (true, version + 1));
-        Ok(())
-    }
-
-    async fn stored_events(&self) -> Result<i64, BenchError> {
-        // The run is over: give the kept connections back (with 8 clients they are the pool).
-        self.held.lock().map_err(|_| "poisoned")?.clear();
+        // The run is over: give kept connections back (with 8 clients they are the whole pool).
+        if let Some(kept) = &self.kept {
+            kept.lock().map_err(|_| "poisoned")?.clear();
+        }
         self.place.stored_events().await
     }
 
@@ -419,9 +379,11 @@ impl Kind {
             Kind::RawReadInsert => {
                 drive(RawReadInsert::new(url, &name).await?, clients, accounts).await
             }
-            Kind::RawInsert => drive(RawInsert::new(url, &name).await?, clients, accounts).await,
+            Kind::RawInsert => {
+                drive(RawInsert::new(url, &name, false).await?, clients, accounts).await
+            }
             Kind::RawInsertHeld => {
-                drive(RawInsertHeld::new(url, &name).await?, clients, accounts).await
+                drive(RawInsert::new(url, &name, true).await?, clients, accounts).await
             }
             Kind::Ours => drive(Ours::new(url, &name, false, None).await?, clients, accounts).await,
             Kind::OursCache => {

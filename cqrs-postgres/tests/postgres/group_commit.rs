@@ -289,12 +289,7 @@ async fn group_commit_gives_its_connections_back_when_the_appends_stop() {
 /// write), and dropping the store gives it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_writer_keeps_one_connection_until_the_store_is_dropped() {
-    let store = fresh_store_with(4).await.with_group_commit(GroupCommit {
-        keep_connection: Duration::from_secs(30),
-        ..GroupCommit::default()
-    });
-    let pool = store.pool().clone();
-    open_connections(&pool, 3).await;
+    let (store, pool) = keeping_store().await;
     let stream = StreamId::new("account", "lone");
     for n in 0..3_u64 {
         store
@@ -322,12 +317,7 @@ async fn a_lone_writer_keeps_one_connection_until_the_store_is_dropped() {
 /// or the load on it retries on a pooled connection instead of failing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_and_loads_on_a_kept_connection_the_server_closed_retry_on_a_fresh_one() {
-    let store = fresh_store_with(4).await.with_group_commit(GroupCommit {
-        keep_connection: Duration::from_secs(30),
-        ..GroupCommit::default()
-    });
-    let pool = store.pool().clone();
-    open_connections(&pool, 3).await;
+    let (store, pool) = keeping_store().await;
     let stream = StreamId::new("account", "stale");
     store
         .append(&stream, ExpectedVersion::NoStream, batch(1))
@@ -369,12 +359,7 @@ async fn appends_and_loads_on_a_kept_connection_the_server_closed_retry_on_a_fre
 /// another one from the pool. Told apart by what each backend of the pool ran last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_after_an_append_uses_the_kept_connection() {
-    let store = fresh_store_with(4).await.with_group_commit(GroupCommit {
-        keep_connection: Duration::from_secs(30),
-        ..GroupCommit::default()
-    });
-    let pool = store.pool().clone();
-    open_connections(&pool, 3).await;
+    let (store, pool) = keeping_store().await;
     let stream = StreamId::new("account", "affinity");
     store
         .append(&stream, ExpectedVersion::NoStream, batch(1))
@@ -410,6 +395,18 @@ async fn a_load_after_an_append_uses_the_kept_connection() {
         "last statements of the pool's backends: {last:#?}"
     );
     drop_schema(&store).await;
+}
+
+/// A store whose group commit keeps connections for 30 s (longer than any test), on a pool with
+/// three connections open.
+async fn keeping_store() -> (cqrs_postgres::PostgresStore, sqlx::PgPool) {
+    let store = fresh_store_with(4).await.with_group_commit(GroupCommit {
+        keep_connection: Duration::from_secs(30),
+        ..GroupCommit::default()
+    });
+    let pool = store.pool().clone();
+    open_connections(&pool, 3).await;
+    (store, pool)
 }
 
 /// Opens `n` connections in the pool (checked out at once, then back), so that a slot may keep
