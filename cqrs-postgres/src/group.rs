@@ -106,9 +106,26 @@ pub(crate) struct GroupCommitter {
 
 impl Drop for GroupCommitter {
     fn drop(&mut self) {
-        // The spare connections drop with the state, back to the pool.
-        if let Some(reaper) = self.state().reaper.take() {
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if let Some(reaper) = state.reaper.take() {
             reaper.abort();
+        }
+        let spare = std::mem::take(&mut state.spare);
+        if tokio::runtime::Handle::try_current().is_ok() {
+            // Back to the pool (sqlx checks each on its way, in a task).
+            return;
+        }
+        // Dropped outside any runtime (after it shut down): sqlx cannot take a connection back
+        // there (it would spawn a task, and panic). Detached, a connection just closes its
+        // socket and frees its place in the pool; a pool that keeps `min_connections` would
+        // still spawn to replace it, so there the connection is let go without a word.
+        let replaces = self.pool.options().get_min_connections() > 0;
+        for (conn, _) in spare {
+            if replaces {
+                std::mem::forget(conn);
+            } else {
+                drop(conn.detach());
+            }
         }
     }
 }

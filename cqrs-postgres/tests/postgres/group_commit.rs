@@ -480,3 +480,27 @@ async fn wait_for(done: impl Fn() -> bool) -> bool {
     }
     true
 }
+
+/// A store dropped after its runtime (a kept connection still aside) must not panic: sqlx would
+/// need a runtime to take the connection back.
+#[test]
+fn a_store_with_a_kept_connection_can_be_dropped_after_its_runtime() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (store, pool) = runtime.block_on(async {
+        let (store, pool) = keeping_store().await;
+        store
+            .append(
+                &StreamId::new("account", "late"),
+                ExpectedVersion::NoStream,
+                batch(1),
+            )
+            .await
+            .unwrap();
+        assert_keeps_one(&pool).await;
+        drop_schema(&store).await;
+        (store, pool)
+    });
+    drop(runtime);
+    drop(store);
+    drop(pool);
+}
