@@ -108,11 +108,9 @@ pub(crate) fn to_version(version: i64) -> StreamVersion {
 /// What one attempt of the append statement did.
 enum Attempt {
     Written(AppendResult),
-    /// The guard refused: the stream was not at the expected version (`actual`, when the
-    /// statement reported it).
-    Refused {
-        actual: Option<StreamVersion>,
-    },
+    /// The guard refused: the stream was not at the expected version (the statement returned no
+    /// row; the caller reads the actual version).
+    Refused,
     /// A unique index refused: a stored event id or a racing writer.
     Duplicate,
 }
@@ -141,7 +139,7 @@ fn appended_rows(rows: &[sqlx::postgres::PgRow], n: usize) -> Result<Attempt, St
         row.try_get(i).map_err(crate::error::map_error)
     };
     let Some(last) = rows.last() else {
-        return Ok(Attempt::Refused { actual: None });
+        return Ok(Attempt::Refused);
     };
     if rows.len() != n {
         return Err(inconsistent(rows.len(), n));
@@ -149,29 +147,6 @@ fn appended_rows(rows: &[sqlx::postgres::PgRow], n: usize) -> Result<Attempt, St
     // Rows come back in insertion order: the last one has the highest position and version.
     let tx: &str = last.try_get(1).map_err(crate::error::map_error)?;
     written(get(last, 2)?, get(last, 0)?, tx)
-}
-
-/// The summary row of the summarized append statement into an outcome.
-fn summary(row: &sqlx::postgres::PgRow, n: usize) -> Result<Attempt, StoreError> {
-    let inserted: i64 = row.try_get("n").map_err(crate::error::map_error)?;
-    let actual: i64 = row.try_get("actual").map_err(crate::error::map_error)?;
-    if inserted == 0 {
-        return Ok(Attempt::Refused {
-            actual: Some(to_version(actual)),
-        });
-    }
-    if usize::try_from(inserted).ok() != Some(n) {
-        return Err(inconsistent(usize::try_from(inserted).unwrap_or(0), n));
-    }
-    let last: i64 = row.try_get("last").map_err(crate::error::map_error)?;
-    let tx: String = row.try_get("tx").map_err(crate::error::map_error)?;
-    let version = i64::try_from(n)
-        .ok()
-        .and_then(|n| actual.checked_add(n))
-        .ok_or_else(|| {
-            StoreError::Backend(format!("stream version {actual} + {n} overflows").into())
-        })?;
-    written(version, last, &tx)
 }
 
 const SAVEPOINT: &str = "SAVEPOINT cqrs_append";
@@ -226,9 +201,6 @@ async fn attempt(
         }
         _ => None,
     };
-    // A notifying batch runs the summarized statement (one row, one notification); every other
-    // append returns one row per event.
-    let summarized = single.is_none() && mode.notifies();
     let statement = match (single.is_some(), mode.notifies()) {
         (true, false) => &sql.append_one,
         (true, true) => &sql.append_one_notify,
@@ -253,22 +225,16 @@ async fn attempt(
             .bind(&batch.payloads)
             .bind(&batch.metadata),
     };
-    let query = if mode.notifies() {
-        query.bind(&sql.channel)
-    } else {
-        query
+    // A notifying batch names its last event, the one row that notifies.
+    let query = match (mode.notifies(), single.is_some(), batch.ids.last()) {
+        (false, ..) => query,
+        (true, true, _) | (true, false, None) => query.bind(&sql.channel),
+        (true, false, Some(last)) => query.bind(&sql.channel).bind(last),
     };
-    let result = if summarized {
-        query
-            .fetch_one(&mut *conn)
-            .await
-            .map(|row| summary(&row, batch.len()))
-    } else {
-        query
-            .fetch_all(&mut *conn)
-            .await
-            .map(|rows| appended_rows(&rows, batch.len()))
-    };
+    let result = query
+        .fetch_all(&mut *conn)
+        .await
+        .map(|rows| appended_rows(&rows, batch.len()));
     match result {
         Ok(outcome) => {
             if in_transaction {
@@ -383,15 +349,11 @@ pub(crate) async fn append_on(
             }
             // Stored ids win over the expectation: a retry returns the original result whatever
             // it expects now (the core's idempotency semantics).
-            Attempt::Refused { actual } => {
+            Attempt::Refused => {
                 if let Some(outcome) = retry_outcome(conn, sql, stream, events, batch).await? {
                     return replayed(outcome);
                 }
-                let actual = match actual {
-                    Some(actual) => actual,
-                    None => stream_version(conn, sql, stream).await?,
-                };
-                return Err(conflict(actual));
+                return Err(conflict(stream_version(conn, sql, stream).await?));
             }
             Attempt::Duplicate => {
                 if let Some(outcome) = retry_outcome(conn, sql, stream, events, batch).await? {

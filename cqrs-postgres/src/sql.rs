@@ -57,7 +57,7 @@ pub struct Statements {
     pub append_one_notify: SqlStr,
     /// A batch, not notifying.
     pub append_batch: SqlStr,
-    /// A batch, notifying once (summarized).
+    /// A batch, notifying once (its last event).
     pub append_batch_notify: SqlStr,
     pub notify: SqlStr,
     pub append_many: SqlStr,
@@ -131,8 +131,8 @@ const APPENDED: &str = "RETURNING position, tx::text AS tx_text, stream_version"
 ///
 /// `one`: a batch of one event, bound as scalars ($4…$8), which skips decoding five arrays and
 /// the function scan; otherwise the batch is bound as arrays and unnested in order.
-/// `notify`: each row also notifies `$9` with its position (only used for batches of one; see
-/// [`append_summarized`] for notifying batches).
+/// `notify`: the batch's last event (`$10`, its id, for a batch bound as arrays) also notifies
+/// `$9` with its position: one notification per batch, sent on commit.
 fn append(events: &str, one: bool, notify: bool) -> String {
     let last = last_event(events);
     let version = "COALESCE(last.stream_version, 0)";
@@ -151,10 +151,12 @@ fn append(events: &str, one: bool, notify: bool) -> String {
         )
     };
     let order = if one { "" } else { " ORDER BY u.n" };
-    let notify = if notify {
-        ", pg_notify($9, tx::text || '.' || position)::text AS notified"
-    } else {
-        ""
+    let notify = match (notify, one) {
+        (false, _) => "",
+        (true, true) => ", pg_notify($9, tx::text || '.' || position)::text AS notified",
+        (true, false) => {
+            ", CASE WHEN event_id = $10 THEN pg_notify($9, tx::text || '.' || position)::text END AS notified"
+        }
     };
     format!(
         "INSERT INTO {events}
@@ -163,35 +165,6 @@ fn append(events: &str, one: bool, notify: bool) -> String {
          FROM {last}{from}
          WHERE {guard}{order}
          {APPENDED}{notify}"
-    )
-}
-
-/// A notifying append of a batch: like [`append`], but summarized into one row (`n`, `last`, `tx`,
-/// `actual`) so that one notification, carrying the batch's last position, goes out.
-fn append_summarized(events: &str) -> String {
-    let last = last_event(events);
-    let guard = guard("$3", "version");
-    format!(
-        "WITH current AS (
-            SELECT COALESCE(last.stream_version, 0) AS version, last.tx AS last_tx FROM {last}
-         ), accepted AS (
-            SELECT version AS base, GREATEST(pg_current_xact_id(), last_tx) AS tx
-            FROM current WHERE {guard}
-         ), inserted AS (
-            INSERT INTO {events}
-                (tx, stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
-            SELECT a.tx, $1, $2, a.base + u.n, u.id, u.t, u.sv, u.p::jsonb, u.m::jsonb
-            FROM accepted a,
-                 UNNEST($4::uuid[], $5::text[], $6::int[], $7::text[], $8::text[])
-                     WITH ORDINALITY AS u(id, t, sv, p, m, n)
-            ORDER BY u.n
-            RETURNING tx, position
-         ), summary AS (
-            SELECT count(*) AS n, max(position) AS last, max(tx)::text AS tx FROM inserted
-         )
-         SELECT s.n, s.last, s.tx, c.version AS actual,
-                CASE WHEN s.n > 0 THEN pg_notify($9, s.tx || '.' || s.last)::text END AS notified
-         FROM summary s, current c"
     )
 }
 
@@ -209,7 +182,7 @@ impl Statements {
             // the commit, so the statement notifies, and PostgreSQL delivers the notification when
             // the caller commits; alone, when the store's announcer picked this append to carry it.
             append_one_notify: sql(append(&events, true, true)),
-            append_batch_notify: sql(append_summarized(&events)),
+            append_batch_notify: sql(append(&events, false, true)),
             // Group commit: several batches, each for a different stream, in one statement and
             // transaction; one row per written event. A batch whose guard fails writes nothing
             // and returns no row (its caller then appends alone and learns why). Each event's
