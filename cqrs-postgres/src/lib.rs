@@ -66,6 +66,12 @@
 //!   different streams are written in one statement and one commit by whichever caller finds a
 //!   free slot; each caller still gets its own result or concurrency error. The slots keep their
 //!   connections between writes, so appends skip the pool's checkout round trips.
+//!
+//! **Round trips to the pool.** Everything else takes a connection from the `PgPool` per
+//! operation, and sqlx pings it on the way out and on the way back: on a local database the two
+//! pings cost about as much as a single-event append (BENCHMARKS.md, W1). The ping on checkout
+//! can be turned off where connections are trusted, `PgPoolOptions::test_before_acquire(false)`;
+//! the one on return cannot.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
