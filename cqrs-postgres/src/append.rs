@@ -225,11 +225,11 @@ async fn attempt(
             .bind(&batch.payloads)
             .bind(&batch.metadata),
     };
-    // A notifying batch names its last event, the one row that notifies.
-    let query = match (mode.notifies(), single.is_some(), batch.ids.last()) {
-        (false, ..) => query,
-        (true, true, _) | (true, false, None) => query.bind(&sql.channel),
-        (true, false, Some(last)) => query.bind(&sql.channel).bind(last),
+    // A notifying batch also names its last event, the one row that notifies.
+    let query = match (mode.notifies(), single) {
+        (false, _) => query,
+        (true, Some(_)) => query.bind(&sql.channel),
+        (true, None) => query.bind(&sql.channel).bind(batch.ids.last()),
     };
     let result = query
         .fetch_all(&mut *conn)

@@ -196,10 +196,7 @@ impl GroupCommitter {
         conn: PoolConnection<Postgres>,
     ) -> Option<PoolConnection<Postgres>> {
         let keep = self.config.keep_connection;
-        if keep.is_zero()
-            || self.pool.num_idle() == 0
-            || state.spare.len() >= self.config.max_in_flight
-        {
+        if keep.is_zero() || !self.may_hold() || state.spare.len() >= self.config.max_in_flight {
             return Some(conn);
         }
         // Started with the first spare, and again if its runtime went away since.
@@ -216,6 +213,13 @@ impl GroupCommitter {
         state.spare.push((conn, Instant::now()));
         self.spare_put.notify_one();
         None
+    }
+
+    /// Whether the committer may hold on to a connection now: only while the pool has another
+    /// idle, so that it never sits on one that someone else is waiting for (another slot's
+    /// leader, or the application, on a small pool).
+    fn may_hold(&self) -> bool {
+        self.pool.num_idle() > 0
     }
 
     /// A kept connection that is idle, for a load on the command path (the store's `read_stream`);
@@ -321,14 +325,9 @@ impl Drop for Slot {
             return;
         };
         drop(state);
-        // Appends are waiting: lead them from a task of its own, keeping this slot, so that this
-        // slot's holder gets on with its result now. The connection goes along only while the
-        // pool has another one idle: a slot never sits on a connection that someone else is
-        // waiting for (another slot's leader, or the application, on a small pool).
-        let conn = self
-            .conn
-            .take()
-            .filter(|_| self.committer.pool.num_idle() > 0);
+        // Appends are waiting: lead them from a task of its own, keeping this slot (and its
+        // connection, if it may), so that this slot's holder gets on with its result now.
+        let conn = self.conn.take().filter(|_| self.committer.may_hold());
         let next = Slot::new(Arc::clone(&self.committer), conn);
         runtime.spawn(next.lead());
     }
