@@ -38,8 +38,38 @@ pub trait Contender: Send + Sync + 'static {
 /// same commands, same client count).
 pub const WARM_UP_ACCOUNTS: usize = 16;
 
+/// One timed run of [`drive`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timed {
+    /// Wall-clock seconds of the measured commands.
+    pub seconds: f64,
+    /// Commands executed.
+    pub commands: usize,
+    /// CPU seconds the whole machine spent busy meanwhile (benchmark, PostgreSQL and anything
+    /// else: the contenders take turns, so the rest is noise they share); `None` where
+    /// `/proc/stat` cannot be read.
+    pub busy: Option<f64>,
+}
+
+/// CPU time the machine has spent busy since boot (all CPUs, everything but idle and I/O wait),
+/// in seconds, from `/proc/stat` (Linux; `None` elsewhere).
+fn machine_busy() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let idle = ticks.get(3)? + ticks.get(4)?;
+    // The kernel reports in USER_HZ, 100 per second on every Linux ABI in use.
+    Some((ticks.iter().sum::<u64>() - idle) as f64 / 100.0)
+}
+
 /// Runs accounts `accounts` of the workload with `clients` concurrent clients on a fresh contender;
-/// returns the seconds it took and the number of commands.
+/// returns how long the measured commands took.
 ///
 /// First, untimed, [`WARM_UP_ACCOUNTS`] accounts of the same workload on other ids: a fresh pool's
 /// connections have prepared nothing yet, and PostgreSQL plans each prepared statement afresh for
@@ -50,7 +80,7 @@ pub async fn drive<C: Contender>(
     contender: C,
     clients: usize,
     accounts: Range<usize>,
-) -> Result<(f64, usize), BenchError> {
+) -> Result<Timed, BenchError> {
     let contender = Arc::new(contender);
     let warm_up = (0..WARM_UP_ACCOUNTS)
         .map(|i| (format!("warm-{i:03}"), w1_commands(i)))
@@ -58,9 +88,13 @@ pub async fn drive<C: Contender>(
     run_clients(&contender, clients, warm_up).await?;
     let total = accounts.len() * COMMANDS_PER_ACCOUNT;
     let workload = accounts.map(|i| (account_id(i), w1_commands(i))).collect();
+    let busy_before = machine_busy();
     let started = Instant::now();
     run_clients(&contender, clients, workload).await?;
-    let elapsed = started.elapsed().as_secs_f64();
+    let seconds = started.elapsed().as_secs_f64();
+    let busy = machine_busy()
+        .zip(busy_before)
+        .map(|(after, before)| after - before);
     let stored = contender.stored_events().await?;
     let expected = total + WARM_UP_ACCOUNTS * COMMANDS_PER_ACCOUNT;
     if stored != expected as i64 {
@@ -68,7 +102,11 @@ pub async fn drive<C: Contender>(
     }
     let contender = Arc::into_inner(contender).ok_or("contender still shared")?;
     contender.finish().await?;
-    Ok((elapsed, total))
+    Ok(Timed {
+        seconds,
+        commands: total,
+        busy,
+    })
 }
 
 /// Executes every account's commands in order, the accounts dealt round-robin to `clients`
@@ -368,7 +406,7 @@ impl Kind {
         url: &str,
         clients: usize,
         accounts: Range<usize>,
-    ) -> Result<(f64, usize), BenchError> {
+    ) -> Result<Timed, BenchError> {
         let name = format!("w1_{self:?}_{clients}");
         match self {
             #[cfg(feature = "peers")]
@@ -409,6 +447,13 @@ impl Kind {
     }
 }
 
+/// The median of `values` in whole microseconds, `n/a` if none.
+fn micros(values: Option<&Vec<f64>>) -> String {
+    values
+        .filter(|v| !v.is_empty())
+        .map_or("n/a".to_owned(), |v| format!("{:.0}", median(v)))
+}
+
 /// The workload is cut into this many slices of accounts; the contenders take turns slice by slice,
 /// so a burst of load from elsewhere on the machine hits all of them alike.
 pub const SLICES: usize = 5;
@@ -428,31 +473,41 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     ];
     let clients = [1_usize, 8];
     let mut results: HashMap<(Kind, usize), Vec<f64>> = HashMap::new();
+    // Machine CPU microseconds per command, per round.
+    let mut cpu: HashMap<(Kind, usize), Vec<f64>> = HashMap::new();
     let per_slice = ACCOUNTS / SLICES;
     for round in 0..config.rounds {
-        // (seconds, commands) per contender and client count, summed over the slices.
-        let mut sums: HashMap<(Kind, usize), (f64, usize)> = HashMap::new();
+        // Per contender and client count, summed over the slices.
+        let mut sums: HashMap<(Kind, usize), Timed> = HashMap::new();
         for slice in 0..SLICES {
             let mut order = kinds.to_vec();
             order.rotate_left((round * SLICES + slice) % kinds.len());
             let accounts = slice * per_slice..(slice + 1) * per_slice;
             for kind in order {
                 for &c in &clients {
-                    let (seconds, commands) =
-                        kind.measure(&config.url, c, accounts.clone()).await?;
-                    let sum = sums.entry((kind, c)).or_default();
-                    sum.0 += seconds;
-                    sum.1 += commands;
+                    let timed = kind.measure(&config.url, c, accounts.clone()).await?;
+                    let sum = sums.entry((kind, c)).or_insert(Timed {
+                        busy: Some(0.0),
+                        ..Timed::default()
+                    });
+                    sum.seconds += timed.seconds;
+                    sum.commands += timed.commands;
+                    sum.busy = sum.busy.zip(timed.busy).map(|(a, b)| a + b);
                 }
             }
         }
-        for (&(kind, c), &(seconds, commands)) in &sums {
-            let rate = commands as f64 / seconds;
+        for (&(kind, c), sum) in &sums {
+            let rate = sum.commands as f64 / sum.seconds;
+            let micros = sum.busy.map(|busy| busy * 1e6 / sum.commands as f64);
             eprintln!(
-                "   round {round}: {} @ {c} clients: {rate:.0} cmd/s",
-                kind.label()
+                "   round {round}: {} @ {c} clients: {rate:.0} cmd/s, machine CPU {} µs/cmd",
+                kind.label(),
+                micros.map_or("n/a".to_owned(), |m| format!("{m:.0}"))
             );
             results.entry((kind, c)).or_default().push(rate);
+            if let Some(micros) = micros {
+                cpu.entry((kind, c)).or_default().push(micros);
+            }
         }
     }
     let get = |kind: Kind, c: usize| results.get(&(kind, c)).map(|v| median(v));
@@ -470,6 +525,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
             "8 clients",
             "vs cqrs-es",
             "vs raw read+INSERT",
+            "machine CPU µs/cmd (1 / 8 clients)",
         ],
     );
     for &kind in &kinds {
@@ -484,6 +540,11 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
             rate(eight),
             ratio(median(eight), cqrs_es(8)),
             ratio(median(eight), get(Kind::RawReadInsert, 8)),
+            format!(
+                "{} / {}",
+                micros(cpu.get(&(kind, 1))),
+                micros(cpu.get(&(kind, 8)))
+            ),
         ]);
     }
     if !cfg!(feature = "peers") {
@@ -494,7 +555,10 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
          The accounts are cut into {SLICES} slices of {} and the contenders take turns slice by slice (rotating the order), \
          each slice on a fresh schema and a pool of {} connections, after an untimed warm-up of {WARM_UP_ACCOUNTS} more accounts (so \
          prepared statements are planned and cached, as on a service's long-lived connections), with the stored event count checked after it; \
-         a cell's rate is all its commands over the sum of its slices' times.",
+         a cell's rate is all its commands over the sum of its slices' times. \
+         Machine CPU per command: the busy time of all CPUs (`/proc/stat`: benchmark, PostgreSQL and anything else) \
+         over the measured commands, divided by their number, median of the rounds; it shows how much of the machine \
+         a command uses, where the rate also reflects waiting (a WAL flush, a busy slot).",
         ACCOUNTS * COMMANDS_PER_ACCOUNT,
         config.rounds,
         ACCOUNTS / SLICES,
