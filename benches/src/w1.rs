@@ -54,7 +54,12 @@ pub struct Timed {
 /// CPU time the machine has spent busy since boot (all CPUs, everything but idle and I/O wait),
 /// in seconds, from `/proc/stat` (Linux; `None` elsewhere).
 fn machine_busy() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    busy_seconds(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// The busy seconds in the text of `/proc/stat` (its first line sums all CPUs: user, nice,
+/// system, idle, iowait, irq, softirq, steal, … in ticks).
+fn busy_seconds(stat: &str) -> Option<f64> {
     let ticks: Vec<u64> = stat
         .lines()
         .next()?
@@ -64,7 +69,7 @@ fn machine_busy() -> Option<f64> {
         .collect::<Result<_, _>>()
         .ok()?;
     let idle = ticks.get(3)? + ticks.get(4)?;
-    // The kernel reports in USER_HZ, 100 per second on every Linux ABI in use.
+    // In USER_HZ ticks: 100 per second on x86 and ARM Linux.
     Some((ticks.iter().sum::<u64>() - idle) as f64 / 100.0)
 }
 
@@ -448,10 +453,12 @@ impl Kind {
 }
 
 /// The median of `values` in whole microseconds, `n/a` if none.
-fn micros(values: Option<&Vec<f64>>) -> String {
-    values
-        .filter(|v| !v.is_empty())
-        .map_or("n/a".to_owned(), |v| format!("{:.0}", median(v)))
+fn micros(values: &[f64]) -> String {
+    if values.is_empty() {
+        "n/a".to_owned()
+    } else {
+        format!("{:.0}", median(values))
+    }
 }
 
 /// The workload is cut into this many slices of accounts; the contenders take turns slice by slice,
@@ -498,16 +505,16 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         }
         for (&(kind, c), sum) in &sums {
             let rate = sum.commands as f64 / sum.seconds;
-            let micros = sum.busy.map(|busy| busy * 1e6 / sum.commands as f64);
+            let per_command = sum.busy.map(|busy| busy * 1e6 / sum.commands as f64);
+            if let Some(per_command) = per_command {
+                cpu.entry((kind, c)).or_default().push(per_command);
+            }
             eprintln!(
                 "   round {round}: {} @ {c} clients: {rate:.0} cmd/s, machine CPU {} µs/cmd",
                 kind.label(),
-                micros.map_or("n/a".to_owned(), |m| format!("{m:.0}"))
+                micros(per_command.as_slice())
             );
             results.entry((kind, c)).or_default().push(rate);
-            if let Some(micros) = micros {
-                cpu.entry((kind, c)).or_default().push(micros);
-            }
         }
     }
     let get = |kind: Kind, c: usize| results.get(&(kind, c)).map(|v| median(v));
@@ -542,8 +549,8 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
             ratio(median(eight), get(Kind::RawReadInsert, 8)),
             format!(
                 "{} / {}",
-                micros(cpu.get(&(kind, 1))),
-                micros(cpu.get(&(kind, 8)))
+                micros(cpu.get(&(kind, 1)).map_or(&[], Vec::as_slice)),
+                micros(cpu.get(&(kind, 8)).map_or(&[], Vec::as_slice))
             ),
         ]);
     }
@@ -565,4 +572,18 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         db::POOL_SIZE
     ));
     Ok(vec![table])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_time_leaves_out_idle_and_io_wait() {
+        let stat = "cpu  300 20 80 5000 600 0 4 0 0 0\ncpu0 150 10 40 2500 300 0 2 0 0 0\n";
+        let busy = busy_seconds(stat).expect("parsed");
+        assert!((busy - 4.04).abs() < 1e-9, "{busy}");
+        assert_eq!(busy_seconds("intr 1 2 3\n"), None);
+        assert_eq!(busy_seconds("cpu  1 2 x\n"), None);
+    }
 }
