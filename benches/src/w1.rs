@@ -51,14 +51,15 @@ pub struct Timed {
     pub busy: Option<f64>,
 }
 
-/// CPU time the machine has spent busy since boot (all CPUs, everything but idle and I/O wait),
-/// in seconds, from `/proc/stat` (Linux; `None` elsewhere).
+/// CPU time the machine has spent busy since boot (all CPUs: user, nice, system, irq and softirq
+/// time), in seconds, from `/proc/stat` (Linux; `None` elsewhere).
 fn machine_busy() -> Option<f64> {
     busy_seconds(&std::fs::read_to_string("/proc/stat").ok()?)
 }
 
-/// The busy seconds in the text of `/proc/stat` (its first line sums all CPUs: user, nice,
-/// system, idle, iowait, irq, softirq, steal, … in ticks).
+/// The busy seconds in the text of `/proc/stat`. Its first line sums all CPUs, in ticks: user,
+/// nice, system, idle, iowait, irq, softirq, steal (taken by the hypervisor, not ours), then
+/// guest and guest_nice (already counted in user and nice).
 fn busy_seconds(stat: &str) -> Option<f64> {
     let ticks: Vec<u64> = stat
         .lines()
@@ -68,9 +69,12 @@ fn busy_seconds(stat: &str) -> Option<f64> {
         .map(str::parse)
         .collect::<Result<_, _>>()
         .ok()?;
-    let idle = ticks.get(3)? + ticks.get(4)?;
+    let busy: u64 = [0, 1, 2, 5, 6]
+        .iter()
+        .map(|&i| ticks.get(i))
+        .sum::<Option<u64>>()?;
     // In USER_HZ ticks: 100 per second on x86 and ARM Linux.
-    Some((ticks.iter().sum::<u64>() - idle) as f64 / 100.0)
+    Some(busy as f64 / 100.0)
 }
 
 /// Runs accounts `accounts` of the workload with `clients` concurrent clients on a fresh contender;
@@ -579,10 +583,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn busy_time_leaves_out_idle_and_io_wait() {
+    fn busy_time_leaves_out_idle_io_wait_steal_and_guest() {
         let stat = "cpu  300 20 80 5000 600 0 4 0 0 0\ncpu0 150 10 40 2500 300 0 2 0 0 0\n";
         let busy = busy_seconds(stat).expect("parsed");
         assert!((busy - 4.04).abs() < 1e-9, "{busy}");
+        // Steal, guest and guest_nice are not counted (guest time is inside user and nice).
+        let virtualized = "cpu  300 20 80 5000 600 0 4 70 50 10\n";
+        assert_eq!(busy_seconds(virtualized), Some(busy));
         assert_eq!(busy_seconds("intr 1 2 3\n"), None);
         assert_eq!(busy_seconds("cpu  1 2 x\n"), None);
     }
