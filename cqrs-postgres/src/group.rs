@@ -5,7 +5,8 @@
 //!
 //! Leader/follower, with no dedicated task. At most `max_in_flight` writes are in flight at once,
 //! each holding a slot ([`Slot`]); an append joins the queue, and if a slot is free its caller
-//! takes it and leads: it writes what is queued (its own append included) as one group. A group
+//! takes it and leads: it yields to the runtime (so that appends from tasks already runnable can
+//! join), then writes what is queued (its own append included) as one group. A group
 //! of one is written by its caller with the individual statement (cheaper than the group's), and
 //! that caller holds the slot until its write is done. Followers wait for their leader's reply.
 //! When a write ends and appends are queued, its slot passes to a new leader for them. A lone
@@ -37,8 +38,9 @@ pub struct GroupCommit {
     /// The most appends written together (at least 1).
     pub max_batch: usize,
     /// How long a leader waits for more appends before writing its group. `Duration::ZERO` (the
-    /// default) writes what is queued at once: groups form from appends that arrive while other
-    /// groups are in flight, without adding latency.
+    /// default) sets no timer: the leader only yields to the runtime, so that tasks already
+    /// runnable can join, then writes what is queued. Groups then form from appends that arrive
+    /// while other groups are in flight, without adding latency.
     pub max_wait: Duration,
     /// The most writes in flight at once (at least 1): groups, or appends written alone (a
     /// group of one), each on its own pooled connection. Appends that find every slot busy queue
@@ -66,6 +68,11 @@ impl Default for GroupCommit {
         }
     }
 }
+
+/// At most this many yields before a leader takes its group (with `max_wait` zero): see
+/// [`GroupCommitter::let_runnable_tasks_join`]. One yield already takes in most of the
+/// runnable appends; W1 at 8 clients measured the same with 1, 4 and 16 (BENCHMARKS.md).
+const JOIN_YIELDS: usize = 4;
 
 struct Request {
     stream: StreamId,
@@ -234,6 +241,25 @@ impl GroupCommitter {
         drop(rejected);
     }
 
+    /// Yields to the runtime, up to [`JOIN_YIELDS`] times and only while the queue keeps growing,
+    /// so that tasks already runnable on it append before the group is taken. Under load those
+    /// are mostly the callers of the group that just committed, woken by its replies and going on
+    /// with their next command: without the yield, the first of them back finds a free slot and
+    /// writes alone, and the rest wait for the next group. A lone client loses one yield (nothing
+    /// else is runnable, so it resumes at once), never a timer.
+    async fn let_runnable_tasks_join(&self) {
+        let mut queued = self.state().queue.len();
+        for _ in 0..JOIN_YIELDS {
+            tokio::task::yield_now().await;
+            let now = self.state().queue.len();
+            // Not grown: nothing more is coming, or another leader took the queue meanwhile.
+            if now <= queued {
+                break;
+            }
+            queued = now;
+        }
+    }
+
     /// Takes a group from the queue: the oldest appends, at most one per stream (a second
     /// append to a stream waits for a later group, keeping each stream's appends in order).
     fn take_group(&self) -> Vec<Request> {
@@ -287,7 +313,9 @@ impl Slot {
 
     async fn lead(mut self) {
         let committer = Arc::clone(&self.committer);
-        if !committer.config.max_wait.is_zero() {
+        if committer.config.max_wait.is_zero() {
+            committer.let_runnable_tasks_join().await;
+        } else {
             tokio::time::sleep(committer.config.max_wait).await;
         }
         let mut group = committer.take_group();
