@@ -15,7 +15,7 @@ use crate::{db, BenchError, Config};
 
 /// Events per batch.
 pub const BATCH: usize = 100;
-/// Slices the contenders take turns on (see `w1::SLICES`).
+/// Slices the contenders take turns on, each on a fresh schema.
 const SLICES: usize = 5;
 /// Batches per stream (streams grow to 1,000 events).
 const BATCHES_PER_STREAM: usize = 10;

@@ -34,11 +34,11 @@ pub trait Contender: Send + Sync + 'static {
     fn finish(self) -> impl Future<Output = Result<(), BenchError>> + Send;
 }
 
-/// Accounts of the untimed warm-up that precedes every measured slice (ids outside the workload's,
-/// same commands, same client count).
+/// Accounts of the untimed warm-up each contender runs before its first turn (ids outside the
+/// workload's, same commands, same client count).
 pub const WARM_UP_ACCOUNTS: usize = 16;
 
-/// One timed run of [`drive`].
+/// One timed turn ([`timed_turn`]), or the sum of several.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Timed {
     /// Wall-clock seconds of the measured commands.
@@ -77,45 +77,54 @@ fn busy_seconds(stat: &str) -> Option<f64> {
     Some(busy as f64 / 100.0)
 }
 
-/// Runs accounts `accounts` of the workload with `clients` concurrent clients on a fresh contender;
-/// returns how long the measured commands took.
-///
-/// First, untimed, [`WARM_UP_ACCOUNTS`] accounts of the same workload on other ids: a fresh pool's
-/// connections have prepared nothing yet, and PostgreSQL plans each prepared statement afresh for
-/// its first five executions per connection (0.3-0.5 ms here for a multi-CTE statement, against
-/// 0.05 ms once the plan is cached). A slice of 400 commands on cold connections would measure
-/// mostly that start-up, which a service on long-lived connections pays once.
-pub async fn drive<C: Contender>(
-    contender: C,
+/// Runs the untimed warm-up on `contender`: [`WARM_UP_ACCOUNTS`] accounts of the same workload on
+/// ids of their own, with `clients` clients. A fresh pool's connections have prepared nothing yet,
+/// and PostgreSQL plans each prepared statement afresh for its first five executions per
+/// connection (0.3-0.5 ms here for a multi-CTE statement, against 0.05 ms once the plan is
+/// cached): timed, that start-up would weigh on the first turns, where a service on long-lived
+/// connections pays it once.
+pub async fn warm_up<C: Contender>(contender: &Arc<C>, clients: usize) -> Result<(), BenchError> {
+    let accounts = (0..WARM_UP_ACCOUNTS)
+        .map(|i| (format!("warm-{i:03}"), w1_commands(i)))
+        .collect();
+    run_clients(contender, clients, accounts).await
+}
+
+/// Runs accounts `accounts` of the workload with `clients` concurrent clients on `contender`;
+/// returns how long they took and how much of the machine they used.
+pub async fn timed_turn<C: Contender>(
+    contender: &Arc<C>,
     clients: usize,
     accounts: Range<usize>,
 ) -> Result<Timed, BenchError> {
-    let contender = Arc::new(contender);
-    let warm_up = (0..WARM_UP_ACCOUNTS)
-        .map(|i| (format!("warm-{i:03}"), w1_commands(i)))
-        .collect();
-    run_clients(&contender, clients, warm_up).await?;
-    let total = accounts.len() * COMMANDS_PER_ACCOUNT;
+    let commands = accounts.len() * COMMANDS_PER_ACCOUNT;
     let workload = accounts.map(|i| (account_id(i), w1_commands(i))).collect();
     let busy_before = machine_busy();
     let started = Instant::now();
-    run_clients(&contender, clients, workload).await?;
+    run_clients(contender, clients, workload).await?;
     let seconds = started.elapsed().as_secs_f64();
     let busy = machine_busy()
         .zip(busy_before)
         .map(|(after, before)| after - before);
+    Ok(Timed {
+        seconds,
+        commands,
+        busy,
+    })
+}
+
+/// Checks that `contender` stored exactly `expected` events (one per command), then drops its
+/// schema.
+pub async fn check_and_finish<C: Contender>(
+    contender: Arc<C>,
+    expected: usize,
+) -> Result<(), BenchError> {
     let stored = contender.stored_events().await?;
-    let expected = total + WARM_UP_ACCOUNTS * COMMANDS_PER_ACCOUNT;
     if stored != expected as i64 {
         return Err(format!("expected {expected} stored events, found {stored}").into());
     }
     let contender = Arc::into_inner(contender).ok_or("contender still shared")?;
-    contender.finish().await?;
-    Ok(Timed {
-        seconds,
-        commands: total,
-        busy,
-    })
+    contender.finish().await
 }
 
 /// Executes every account's commands in order, the accounts dealt round-robin to `clients`
@@ -410,48 +419,62 @@ impl Kind {
         }
     }
 
-    async fn measure(
-        self,
-        url: &str,
-        clients: usize,
-        accounts: Range<usize>,
-    ) -> Result<Timed, BenchError> {
+    /// A fresh contender of this kind for `clients` clients, on its own schema and pool.
+    async fn start(self, url: &str, clients: usize) -> Result<Live, BenchError> {
         let name = format!("w1_{self:?}_{clients}");
-        match self {
+        Ok(match self {
             #[cfg(feature = "peers")]
             Kind::CqrsEs => {
-                let peer = crate::peers::CqrsEs::new(url, &name, None).await?;
-                drive(peer, clients, accounts).await
+                Live::CqrsEs(Box::new(crate::peers::CqrsEs::new(url, &name, None).await?))
             }
-            Kind::RawReadInsert => {
-                drive(RawReadInsert::new(url, &name).await?, clients, accounts).await
-            }
-            Kind::RawInsert => {
-                drive(RawInsert::new(url, &name, false).await?, clients, accounts).await
-            }
-            Kind::RawInsertHeld => {
-                drive(RawInsert::new(url, &name, true).await?, clients, accounts).await
-            }
-            Kind::Ours => drive(Ours::new(url, &name, false, None).await?, clients, accounts).await,
-            Kind::OursCache => {
-                drive(Ours::new(url, &name, true, None).await?, clients, accounts).await
-            }
-            Kind::OursGroup => {
-                drive(
-                    Ours::new(url, &name, false, group()).await?,
-                    clients,
-                    accounts,
-                )
-                .await
-            }
-            Kind::OursGroupCache => {
-                drive(
-                    Ours::new(url, &name, true, group()).await?,
-                    clients,
-                    accounts,
-                )
-                .await
-            }
+            Kind::RawReadInsert => Live::RawReadInsert(RawReadInsert::new(url, &name).await?),
+            Kind::RawInsert => Live::RawInsert(RawInsert::new(url, &name, false).await?),
+            Kind::RawInsertHeld => Live::RawInsert(RawInsert::new(url, &name, true).await?),
+            Kind::Ours => Live::Ours(Ours::new(url, &name, false, None).await?),
+            Kind::OursCache => Live::Ours(Ours::new(url, &name, true, None).await?),
+            Kind::OursGroup => Live::Ours(Ours::new(url, &name, false, group()).await?),
+            Kind::OursGroupCache => Live::Ours(Ours::new(url, &name, true, group()).await?),
+        })
+    }
+}
+
+/// A contender of any kind ([`Contender`]'s futures rule out `dyn`).
+enum Live {
+    #[cfg(feature = "peers")]
+    CqrsEs(Box<crate::peers::CqrsEs>),
+    RawReadInsert(RawReadInsert),
+    RawInsert(RawInsert),
+    Ours(Ours),
+}
+
+impl Contender for Live {
+    async fn execute(&self, id: &str, cmd: &Cmd) -> Result<(), BenchError> {
+        match self {
+            #[cfg(feature = "peers")]
+            Live::CqrsEs(c) => c.execute(id, cmd).await,
+            Live::RawReadInsert(c) => c.execute(id, cmd).await,
+            Live::RawInsert(c) => c.execute(id, cmd).await,
+            Live::Ours(c) => c.execute(id, cmd).await,
+        }
+    }
+
+    async fn stored_events(&self) -> Result<i64, BenchError> {
+        match self {
+            #[cfg(feature = "peers")]
+            Live::CqrsEs(c) => c.stored_events().await,
+            Live::RawReadInsert(c) => c.stored_events().await,
+            Live::RawInsert(c) => c.stored_events().await,
+            Live::Ours(c) => c.stored_events().await,
+        }
+    }
+
+    async fn finish(self) -> Result<(), BenchError> {
+        match self {
+            #[cfg(feature = "peers")]
+            Live::CqrsEs(c) => (*c).finish().await,
+            Live::RawReadInsert(c) => c.finish().await,
+            Live::RawInsert(c) => c.finish().await,
+            Live::Ours(c) => c.finish().await,
         }
     }
 }
@@ -465,11 +488,14 @@ fn micros(values: &[f64]) -> String {
     }
 }
 
-/// The workload is cut into this many slices of accounts; the contenders take turns slice by slice,
-/// so a burst of load from elsewhere on the machine hits all of them alike.
-pub const SLICES: usize = 5;
-
-/// Runs W1 for every contender, `config.rounds` times each, rotating the order between rounds.
+/// Runs W1 for every contender, `config.rounds` times each.
+///
+/// For each client count, every contender is started (its own fresh schema and pool) and warmed
+/// up, then they take turns: one account per client per turn (a turn of 10 commands at 1 client,
+/// 80 at 8), the order rotating from turn to turn. So a burst of load from elsewhere on the
+/// machine, which here lasts from milliseconds to minutes, hits every contender alike. A round
+/// runs all [`ACCOUNTS`] accounts through every contender (new ids each round); a cell's rate is
+/// the round's commands over the sum of its turns' times.
 pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     let kinds = [
         #[cfg(feature = "peers")]
@@ -486,18 +512,24 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     let mut results: HashMap<(Kind, usize), Vec<f64>> = HashMap::new();
     // Machine CPU microseconds per command, per round.
     let mut cpu: HashMap<(Kind, usize), Vec<f64>> = HashMap::new();
-    let per_slice = ACCOUNTS / SLICES;
-    for round in 0..config.rounds {
-        // Per contender and client count, summed over the slices.
-        let mut sums: HashMap<(Kind, usize), Timed> = HashMap::new();
-        for slice in 0..SLICES {
-            let mut order = kinds.to_vec();
-            order.rotate_left((round * SLICES + slice) % kinds.len());
-            let accounts = slice * per_slice..(slice + 1) * per_slice;
-            for kind in order {
-                for &c in &clients {
-                    let timed = kind.measure(&config.url, c, accounts.clone()).await?;
-                    let sum = sums.entry((kind, c)).or_insert(Timed {
+    for &c in &clients {
+        let mut live = Vec::with_capacity(kinds.len());
+        for kind in kinds {
+            let contender = Arc::new(kind.start(&config.url, c).await?);
+            warm_up(&contender, c).await?;
+            live.push((kind, contender));
+        }
+        let turns = ACCOUNTS / c;
+        for round in 0..config.rounds {
+            let mut sums: HashMap<Kind, Timed> = HashMap::new();
+            for turn in 0..turns {
+                let first = round * ACCOUNTS + turn * c;
+                let mut order: Vec<usize> = (0..live.len()).collect();
+                order.rotate_left((round * turns + turn) % live.len());
+                for i in order {
+                    let (kind, contender) = &live[i];
+                    let timed = timed_turn(contender, c, first..first + c).await?;
+                    let sum = sums.entry(*kind).or_insert(Timed {
                         busy: Some(0.0),
                         ..Timed::default()
                     });
@@ -506,19 +538,23 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
                     sum.busy = sum.busy.zip(timed.busy).map(|(a, b)| a + b);
                 }
             }
-        }
-        for (&(kind, c), sum) in &sums {
-            let rate = sum.commands as f64 / sum.seconds;
-            let per_command = sum.busy.map(|busy| busy * 1e6 / sum.commands as f64);
-            if let Some(per_command) = per_command {
-                cpu.entry((kind, c)).or_default().push(per_command);
+            for (&kind, sum) in &sums {
+                let rate = sum.commands as f64 / sum.seconds;
+                let per_command = sum.busy.map(|busy| busy * 1e6 / sum.commands as f64);
+                if let Some(per_command) = per_command {
+                    cpu.entry((kind, c)).or_default().push(per_command);
+                }
+                eprintln!(
+                    "   round {round}: {} @ {c} clients: {rate:.0} cmd/s, machine CPU {} µs/cmd",
+                    kind.label(),
+                    micros(per_command.as_slice())
+                );
+                results.entry((kind, c)).or_default().push(rate);
             }
-            eprintln!(
-                "   round {round}: {} @ {c} clients: {rate:.0} cmd/s, machine CPU {} µs/cmd",
-                kind.label(),
-                micros(per_command.as_slice())
-            );
-            results.entry((kind, c)).or_default().push(rate);
+        }
+        let expected = (WARM_UP_ACCOUNTS + config.rounds * turns * c) * COMMANDS_PER_ACCOUNT;
+        for (_, contender) in live {
+            check_and_finish(contender, expected).await?;
         }
     }
     let get = |kind: Kind, c: usize| results.get(&(kind, c)).map(|v| median(v));
@@ -562,17 +598,17 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         table.note("cqrs-es not measured: built without `--features peers`.");
     }
     table.note(format!(
-        "{ACCOUNTS} accounts × {COMMANDS_PER_ACCOUNT} commands = {} commands per cell; median of {} round(s), range in parentheses. \
-         The accounts are cut into {SLICES} slices of {} and the contenders take turns slice by slice (rotating the order), \
-         each slice on a fresh schema and a pool of {} connections, after an untimed warm-up of {WARM_UP_ACCOUNTS} more accounts (so \
-         prepared statements are planned and cached, as on a service's long-lived connections), with the stored event count checked after it; \
-         a cell's rate is all its commands over the sum of its slices' times. \
+        "{ACCOUNTS} accounts × {COMMANDS_PER_ACCOUNT} commands = {} commands per cell and round; median of {} round(s), range in parentheses. \
+         For each client count every contender runs at once, each on its own fresh schema and a pool of {} connections, \
+         after an untimed warm-up of {WARM_UP_ACCOUNTS} accounts (so prepared statements are planned and cached, as on a service's long-lived connections); \
+         then they take turns of one account per client (10 commands at 1 client, 80 at 8), rotating the order every turn, \
+         so that noise from elsewhere on the machine hits them alike; a round gives every contender all {ACCOUNTS} accounts (new ids each round), \
+         and the stored event count of each is checked at the end. A cell's rate is the round's commands over the sum of its turns' times. \
          Machine CPU per command: the busy time of all CPUs (`/proc/stat`: benchmark, PostgreSQL and anything else) \
-         over the measured commands, divided by their number, median of the rounds; it shows how much of the machine \
+         during the turns, over their commands, median of the rounds; it shows how much of the machine \
          a command uses, where the rate also reflects waiting (a WAL flush, a busy slot).",
         ACCOUNTS * COMMANDS_PER_ACCOUNT,
         config.rounds,
-        ACCOUNTS / SLICES,
         db::POOL_SIZE
     ));
     Ok(vec![table])
