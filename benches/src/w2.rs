@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use cqrs_core::{EventStore, ExpectedVersion, Repository, SnapshotPolicy, StreamId, StreamVersion};
+use cqrs_postgres::PostgresStore;
 
 use crate::domain::{deposits, memo, opened, Account, Cmd};
 use crate::report::{median, ratio, Table};
@@ -15,9 +16,6 @@ pub const STREAM_LEN: usize = 1_000;
 pub const SNAPSHOT_EVERY: usize = 100;
 const ID: &str = "big";
 
-/// Per-operation means in milliseconds: (one command, one load).
-type Timings = (f64, f64);
-
 /// Set when cqrs-es's snapshot store loaded a wrong state (see `cqrs_es`).
 static SNAPSHOT_BUG_SEEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -28,87 +26,137 @@ fn deposit(n: usize) -> Cmd {
     }
 }
 
-async fn ours(url: &str, snapshots: bool, repeats: usize) -> Result<Timings, BenchError> {
-    let schema = db::schema_name(if snapshots { "w2_ours_snap" } else { "w2_ours" });
-    let store = db::our_store(url, &schema).await?;
-    // Seed STREAM_LEN - 1 events; the unmeasured warm-up command makes it STREAM_LEN (and, with
-    // snapshots, crosses a multiple of SNAPSHOT_EVERY, so a snapshot at STREAM_LEN exists).
-    let stream = StreamId::new("account", ID);
-    let mut events = vec![opened(0)];
-    events.extend(deposits(0, 1, STREAM_LEN - 2));
-    let mut version = 0;
-    for chunk in events.chunks(500) {
-        store
-            .append(
-                &stream,
-                ExpectedVersion::Exact(StreamVersion::new(version)),
-                chunk.to_vec(),
-            )
-            .await?;
-        version += chunk.len() as u64;
-    }
-    let mut repo = Repository::<Account>::new(store.clone());
-    if snapshots {
-        repo = repo.with_snapshots(store.clone(), SnapshotPolicy::every(SNAPSHOT_EVERY as u64));
-    }
-    repo.execute(ID, &deposit(STREAM_LEN)).await?;
-    let started = Instant::now();
-    for n in 0..repeats {
-        repo.execute(ID, &deposit(STREAM_LEN + 1 + n)).await?;
-    }
-    let command = started.elapsed().as_secs_f64() * 1e3 / repeats as f64;
-    let started = Instant::now();
-    for _ in 0..repeats {
-        let loaded = repo.load(ID).await?;
-        if loaded.state.deposits as usize != STREAM_LEN + repeats - 1 {
-            return Err(format!("wrong state after load: {:?}", loaded.state).into());
-        }
-    }
-    let load = started.elapsed().as_secs_f64() * 1e3 / repeats as f64;
-    db::drop_schema(store.pool(), &schema).await?;
-    store.pool().close().await;
-    Ok((command, load))
+/// One variant, seeded and warmed up: the stream holds [`STREAM_LEN`] events.
+enum Variant {
+    Ours {
+        repo: Repository<Account>,
+        store: PostgresStore,
+        schema: String,
+    },
+    #[cfg(feature = "peers")]
+    CqrsEs {
+        peer: Box<crate::peers::CqrsEs>,
+        snapshots: bool,
+    },
 }
 
-#[cfg(feature = "peers")]
-async fn cqrs_es(url: &str, snapshots: bool, repeats: usize) -> Result<Timings, BenchError> {
-    use crate::w1::Contender;
-    let name = if snapshots {
-        "w2_cqrses_snap"
-    } else {
-        "w2_cqrses"
-    };
-    let peer = crate::peers::CqrsEs::new(url, name, snapshots.then_some(SNAPSHOT_EVERY)).await?;
-    peer.seed(ID, STREAM_LEN - 2).await?;
-    peer.execute(ID, &deposit(STREAM_LEN)).await?;
-    let started = Instant::now();
-    for n in 0..repeats {
-        peer.execute(ID, &deposit(STREAM_LEN + 1 + n)).await?;
-    }
-    let command = started.elapsed().as_secs_f64() * 1e3 / repeats as f64;
-    let started = Instant::now();
-    for _ in 0..repeats {
-        let deposits = peer.load(ID).await? as usize;
-        let expected = STREAM_LEN + repeats - 1;
-        // cqrs-es 0.5's snapshot store applies the events of the command that takes the snapshot
-        // twice (once in `EventSink::write`, again when building the snapshot), so its snapshot
-        // state is off by that command's events. Accept exactly that, and report it.
-        let off_by = usize::from(snapshots);
-        if deposits != expected && deposits != expected + off_by {
-            return Err(format!("cqrs-es loaded {deposits} deposits, expected {expected}").into());
+impl Variant {
+    /// Ours on a fresh schema: seeds `STREAM_LEN - 1` events; the unmeasured warm-up command
+    /// makes it `STREAM_LEN` (and, with snapshots, crosses a multiple of `SNAPSHOT_EVERY`, so a
+    /// snapshot at `STREAM_LEN` exists).
+    async fn ours(url: &str, snapshots: bool) -> Result<Self, BenchError> {
+        let schema = db::schema_name(if snapshots { "w2_ours_snap" } else { "w2_ours" });
+        let store = db::our_store(url, &schema).await?;
+        let stream = StreamId::new("account", ID);
+        let mut events = vec![opened(0)];
+        events.extend(deposits(0, 1, STREAM_LEN - 2));
+        let mut version = 0;
+        for chunk in events.chunks(500) {
+            store
+                .append(
+                    &stream,
+                    ExpectedVersion::Exact(StreamVersion::new(version)),
+                    chunk.to_vec(),
+                )
+                .await?;
+            version += chunk.len() as u64;
         }
-        if deposits != expected {
-            SNAPSHOT_BUG_SEEN.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut repo = Repository::<Account>::new(store.clone());
+        if snapshots {
+            repo = repo.with_snapshots(store.clone(), SnapshotPolicy::every(SNAPSHOT_EVERY as u64));
         }
+        repo.execute(ID, &deposit(STREAM_LEN)).await?;
+        Ok(Variant::Ours {
+            repo,
+            store,
+            schema,
+        })
     }
-    let load = started.elapsed().as_secs_f64() * 1e3 / repeats as f64;
-    peer.finish().await?;
-    Ok((command, load))
-}
 
-#[cfg(not(feature = "peers"))]
-async fn cqrs_es(_: &str, _: bool, _: usize) -> Result<Timings, BenchError> {
-    Err("built without --features peers".into())
+    /// cqrs-es on a fresh schema, seeded in its own format, likewise.
+    #[cfg(feature = "peers")]
+    async fn cqrs_es(url: &str, snapshots: bool) -> Result<Self, BenchError> {
+        use crate::w1::Contender;
+        let name = if snapshots {
+            "w2_cqrses_snap"
+        } else {
+            "w2_cqrses"
+        };
+        let peer =
+            crate::peers::CqrsEs::new(url, name, snapshots.then_some(SNAPSHOT_EVERY)).await?;
+        peer.seed(ID, STREAM_LEN - 2).await?;
+        peer.execute(ID, &deposit(STREAM_LEN)).await?;
+        Ok(Variant::CqrsEs {
+            peer: Box::new(peer),
+            snapshots,
+        })
+    }
+
+    #[cfg(not(feature = "peers"))]
+    async fn cqrs_es(_: &str, _: bool) -> Result<Self, BenchError> {
+        Err("built without --features peers".into())
+    }
+
+    /// The `n`-th measured command (0-based).
+    async fn command(&self, n: usize) -> Result<(), BenchError> {
+        let cmd = deposit(STREAM_LEN + 1 + n);
+        match self {
+            Variant::Ours { repo, .. } => {
+                repo.execute(ID, &cmd).await?;
+            }
+            #[cfg(feature = "peers")]
+            Variant::CqrsEs { peer, .. } => {
+                use crate::w1::Contender;
+                peer.execute(ID, &cmd).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads the aggregate and checks it holds `deposits` deposits.
+    async fn load(&self, deposits: usize) -> Result<(), BenchError> {
+        match self {
+            Variant::Ours { repo, .. } => {
+                let loaded = repo.load(ID).await?;
+                if loaded.state.deposits as usize != deposits {
+                    return Err(format!("wrong state after load: {:?}", loaded.state).into());
+                }
+            }
+            #[cfg(feature = "peers")]
+            Variant::CqrsEs { peer, snapshots } => {
+                let loaded = peer.load(ID).await? as usize;
+                // cqrs-es 0.5's snapshot store applies the events of the command that takes the
+                // snapshot twice (once in `EventSink::write`, again when building the snapshot),
+                // so its snapshot state is off by that command's events. Accept exactly that,
+                // and report it.
+                let off_by = usize::from(*snapshots);
+                if loaded != deposits && loaded != deposits + off_by {
+                    return Err(
+                        format!("cqrs-es loaded {loaded} deposits, expected {deposits}").into(),
+                    );
+                }
+                if loaded != deposits {
+                    SNAPSHOT_BUG_SEEN.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(self) -> Result<(), BenchError> {
+        match self {
+            Variant::Ours { store, schema, .. } => {
+                db::drop_schema(store.pool(), &schema).await?;
+                store.pool().close().await;
+                Ok(())
+            }
+            #[cfg(feature = "peers")]
+            Variant::CqrsEs { peer, .. } => {
+                use crate::w1::Contender;
+                (*peer).finish().await
+            }
+        }
+    }
 }
 
 /// Runs W2.
@@ -124,18 +172,48 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); variants.len()];
     let rounds = config.rounds.max(3);
     for _ in 0..rounds {
-        for (i, &(label, is_ours, snapshots)) in variants.iter().enumerate() {
-            let result = if is_ours {
-                ours(&config.url, snapshots, repeats).await
+        // Every variant of the round set up at once, then timed operation by operation, taking
+        // turns (rotating the order), so that noise on the machine hits them alike.
+        let mut live = Vec::new();
+        for (i, &(_, is_ours, snapshots)) in variants.iter().enumerate() {
+            let variant = if is_ours {
+                Variant::ours(&config.url, snapshots).await?
             } else if cfg!(feature = "peers") {
-                cqrs_es(&config.url, snapshots, repeats).await
+                Variant::cqrs_es(&config.url, snapshots).await?
             } else {
                 continue;
             };
-            let (command, load) = result?;
-            eprintln!("   {label}: command {command:.2} ms, load {load:.2} ms");
+            live.push((i, variant));
+        }
+        let mut seconds = vec![(0.0_f64, 0.0_f64); variants.len()];
+        for n in 0..repeats {
+            for k in 0..live.len() {
+                let (i, variant) = &live[(n + k) % live.len()];
+                let started = Instant::now();
+                variant.command(n).await?;
+                seconds[*i].0 += started.elapsed().as_secs_f64();
+            }
+        }
+        for n in 0..repeats {
+            for k in 0..live.len() {
+                let (i, variant) = &live[(n + k) % live.len()];
+                let started = Instant::now();
+                variant.load(STREAM_LEN + repeats - 1).await?;
+                seconds[*i].1 += started.elapsed().as_secs_f64();
+            }
+        }
+        for (i, variant) in live {
+            let (command, load) = (
+                seconds[i].0 * 1e3 / repeats as f64,
+                seconds[i].1 * 1e3 / repeats as f64,
+            );
+            eprintln!(
+                "   {}: command {command:.2} ms, load {load:.2} ms",
+                variants[i].0
+            );
             samples[i].0.push(command);
             samples[i].1.push(load);
+            variant.finish().await?;
         }
     }
     let mut table = Table::new(
@@ -187,7 +265,8 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     }
     table.note(format!(
         "The stream holds {} events (seeded directly in each framework's own format, then one unmeasured warm-up command), \
-         then {repeats} sequential deposit commands are timed, then {repeats} loads. Snapshots: both frameworks snapshot every \
+         then {repeats} sequential deposit commands are timed, then {repeats} loads, the variants of a round taking turns \
+         operation by operation (rotating the order). Snapshots: both frameworks snapshot every \
          {SNAPSHOT_EVERY} events, so each measured command loads the snapshot at {STREAM_LEN} plus the events after it. \
          Median over {} round(s) of the per-operation mean.",
         STREAM_LEN,
