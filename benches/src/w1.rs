@@ -399,7 +399,7 @@ enum Kind {
 }
 
 /// The group-commit setting measured: `GroupCommit::default()` (no waiting, up to 64 appends per
-/// group, 2 groups in flight).
+/// group, 1 write in flight).
 fn group() -> Option<GroupCommit> {
     Some(GroupCommit::default())
 }

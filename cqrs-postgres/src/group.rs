@@ -46,6 +46,13 @@ pub struct GroupCommit {
     /// group of one), each on its own pooled connection. Appends that find every slot busy queue
     /// and go in the next group. Fewer slots make larger groups (fewer statements and commits);
     /// more slots keep more of the pool busy.
+    ///
+    /// 1 (the default) writes one group at a time while the next one forms, as PostgreSQL
+    /// flushes its WAL: the largest groups and the least CPU per append (W1 at 8 clients,
+    /// BENCHMARKS.md: 1.07-1.13x the throughput of 2 slots, and no slower anywhere else). Its
+    /// cost: a write that waits holds up every append queued behind it, for instance on the row
+    /// lock of a concurrent, not yet committed append of the same stream version in another
+    /// transaction, until that transaction ends. 2 keeps a second write going meanwhile.
     pub max_in_flight: usize,
     /// How long a slot keeps its connection after its last write, for the next one. Each slot
     /// holds at most one connection, taken from the pool; reusing it skips the pool's round trips
@@ -58,12 +65,12 @@ pub struct GroupCommit {
 }
 
 impl Default for GroupCommit {
-    /// 64 appends per group, no waiting, 2 writes in flight, connections kept for 20 ms.
+    /// 64 appends per group, no waiting, 1 write in flight, connections kept for 20 ms.
     fn default() -> Self {
         Self {
             max_batch: 64,
             max_wait: Duration::ZERO,
-            max_in_flight: 2,
+            max_in_flight: 1,
             keep_connection: Duration::from_millis(20),
         }
     }

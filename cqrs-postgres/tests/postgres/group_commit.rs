@@ -235,8 +235,8 @@ async fn the_default_settings_group_concurrent_appends() {
         all.len(),
         transactions.len()
     );
-    // Eight writers, at most two writes in flight: most appends wait for a slot and go in a
-    // group. A fifth fewer transactions than appends is far below what grouping gives (4 to 5
+    // Eight writers, one write in flight: most appends wait for the slot and go in a
+    // group. A fifth fewer transactions than appends is far below what grouping gives (about 7
     // appends per transaction here) and far above what a run without grouping can reach (none).
     assert!(
         transactions.len() * 5 < all.len() * 4,
@@ -249,15 +249,29 @@ async fn the_default_settings_group_concurrent_appends() {
 
 /// A leader yields before it takes its group, so appends from tasks that are already runnable join
 /// it instead of waiting for the next one. On a single-threaded runtime the order is fixed: the
-/// first task takes a slot and yields, the second takes the other slot and yields, the other six
-/// queue; the first leader then takes all eight, and the second finds the queue empty. Without
-/// the yield the first two would each write alone, and the six would share a third commit.
+/// first task takes the slot and yields, the other seven queue, and the leader then takes all
+/// eight. Without the yield the first would write alone, and the seven would share a second
+/// commit. With two slots the second task leads too, yields, and finds the queue taken.
 #[tokio::test(flavor = "current_thread")]
 async fn appends_already_runnable_join_the_leaders_group() {
+    for slots in [1, 2] {
+        let config = GroupCommit {
+            max_in_flight: slots,
+            ..GroupCommit::default()
+        };
+        let transactions = commits_of_runnable_appends(config).await;
+        assert_eq!(
+            transactions, 1,
+            "{slots} slot(s): 8 appends runnable at once took {transactions} commits"
+        );
+    }
+}
+
+async fn commits_of_runnable_appends(config: GroupCommit) -> usize {
     const TASKS: usize = 8;
     let store = fresh_store_with(TASKS as u32)
         .await
-        .with_group_commit(GroupCommit::default());
+        .with_group_commit(config);
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
             let store = store.clone();
@@ -275,13 +289,8 @@ async fn appends_already_runnable_join_the_leaders_group() {
         assert_eq!(written.stream_version, StreamVersion::new(1));
         transactions.insert(written.position.tx);
     }
-    assert_eq!(
-        transactions.len(),
-        1,
-        "{TASKS} appends runnable at once took {} commits",
-        transactions.len()
-    );
     drop_schema(&store).await;
+    transactions.len()
 }
 
 /// A slot keeps its connection only while appends keep coming: shortly after they stop, every
