@@ -205,9 +205,10 @@ impl PostgresStore {
     ///
     /// It trades parallelism for fewer statements, commits and round trips. In our benchmark
     /// (BENCHMARKS.md, W1; PostgreSQL on the same two cores) it made the aggregate-cached command
-    /// path about 1.3-1.5x faster at 1 client (the kept connection) and at 8 clients (groups on
-    /// kept connections), level with one raw INSERT per command through the pool. Appends of one
-    /// stream are never grouped together: a hot single stream gains only the kept connection.
+    /// path about 1.3x faster at 1 client (the kept connection) and 2x at 8 clients (groups on
+    /// kept connections), level with one raw INSERT per command on kept connections. Appends of
+    /// one stream are never grouped together: a hot single stream gains only the kept
+    /// connection.
     pub fn with_group_commit(mut self, config: GroupCommit) -> Self {
         self.group = Some(group::GroupCommitter::new(
             self.pool.clone(),
