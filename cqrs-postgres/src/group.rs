@@ -50,9 +50,12 @@ pub struct GroupCommit {
     /// 1 (the default) writes one group at a time while the next one forms, as PostgreSQL
     /// flushes its WAL: the largest groups and the least CPU per append (W1 at 8 clients,
     /// BENCHMARKS.md: 1.07-1.13x the throughput of 2 slots, and no slower anywhere else). Its
-    /// cost: a write that waits holds up every append queued behind it, for instance on the row
-    /// lock of a concurrent, not yet committed append of the same stream version in another
-    /// transaction, until that transaction ends. 2 keeps a second write going meanwhile.
+    /// cost: the appends queued behind a write that waits, for instance on the row lock of a
+    /// concurrent, not yet committed append of the same stream version in another transaction,
+    /// wait with it. An append still queued after 50 ms leads the queue from an extra slot (at
+    /// most `max_in_flight` extra), so a stuck write delays the others by that much, and an
+    /// application whose open transaction waits for one of them does not deadlock. 2 keeps a
+    /// second write going from the start.
     pub max_in_flight: usize,
     /// How long a slot keeps its connection after its last write, for the next one. Each slot
     /// holds at most one connection, taken from the pool; reusing it skips the pool's round trips
@@ -80,6 +83,11 @@ impl Default for GroupCommit {
 /// [`GroupCommitter::let_runnable_tasks_join`]. One yield already takes in most of the
 /// runnable appends; W1 at 8 clients measured the same with 1, 4 and 16 (BENCHMARKS.md).
 const JOIN_YIELDS: usize = 4;
+
+/// How long an append waits in the queue before it may lead from an extra slot (see
+/// [`GroupCommitter::extra_slot`]). Far above a healthy write (about a millisecond for a group of
+/// eight here); an extra slot for a write that is merely slow only adds a write in flight.
+const STUCK_AFTER: Duration = Duration::from_millis(50);
 
 struct Request {
     stream: StreamId,
@@ -174,7 +182,7 @@ impl GroupCommitter {
         expected: ExpectedVersion,
         batch: &Arc<Encoded>,
     ) -> Joined {
-        let (reply, result) = oneshot::channel();
+        let (reply, mut result) = oneshot::channel();
         let lead = {
             let mut state = self.state();
             state.queue.push(Request {
@@ -194,9 +202,37 @@ impl GroupCommitter {
         if let Some(conn) = lead {
             Slot::new(Arc::clone(self), conn).lead().await;
         }
-        // A dropped reply (the leader was cancelled): append alone; idempotency sorts out
-        // whether that leader's statement committed.
-        result.await.unwrap_or(Joined::Alone(None))
+        loop {
+            match tokio::time::timeout(STUCK_AFTER, &mut result).await {
+                // A dropped reply (the leader was cancelled): append alone; idempotency sorts out
+                // whether that leader's statement committed.
+                Ok(joined) => return joined.unwrap_or(Joined::Alone(None)),
+                Err(_) => {
+                    if let Some(slot) = self.extra_slot(batch) {
+                        slot.lead().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A slot beyond `max_in_flight` (at most `max_in_flight` more) for an append that is still
+    /// queued after [`STUCK_AFTER`]: every write in flight has held its slot that long, maybe
+    /// waiting on a lock held by a transaction whose owner is itself queued here.
+    fn extra_slot(self: &Arc<Self>, batch: &Arc<Encoded>) -> Option<Slot> {
+        let mut state = self.state();
+        let queued = state.queue.iter().any(|r| Arc::ptr_eq(&r.batch, batch));
+        if !queued || state.slots >= 2 * self.config.max_in_flight {
+            return None;
+        }
+        state.slots += 1;
+        tracing::debug!(
+            slots = state.slots,
+            queued = state.queue.len(),
+            "group-commit writes in flight for {STUCK_AFTER:?}; leading the queue from an extra slot"
+        );
+        let conn = state.spare.pop().map(|(conn, _)| conn);
+        Some(Slot::new(Arc::clone(self), conn))
     }
 
     /// Keeps a freed slot's connection for the next slot taken, for `keep_connection`: at most
@@ -352,9 +388,13 @@ impl Drop for Slot {
             drop(rejected);
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime (shutting down): the queued replies drop, and their callers append
-            // alone.
+        // No runtime; or this drop runs inside the `spawn` below, which dropped its task at
+        // once because the runtime is shutting down (spawning again would recurse until the
+        // stack overflows). The queued replies drop, and their callers append alone.
+        let runtime = tokio::runtime::Handle::try_current()
+            .ok()
+            .filter(|_| !HANDING_OVER.get());
+        let Some(runtime) = runtime else {
             state.queue.clear();
             state.slots -= 1;
             return;
@@ -364,8 +404,15 @@ impl Drop for Slot {
         // connection, if it may), so that this slot's holder gets on with its result now.
         let conn = self.conn.take().filter(|_| self.committer.may_hold());
         let next = Slot::new(Arc::clone(&self.committer), conn);
+        HANDING_OVER.set(true);
         runtime.spawn(next.lead());
+        HANDING_OVER.set(false);
     }
+}
+
+thread_local! {
+    /// Set while a dropped [`Slot`] spawns its successor on this thread.
+    static HANDING_OVER: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Gives spare connections back to the pool once they have been idle for `keep`: wakes when one is

@@ -293,6 +293,152 @@ async fn commits_of_runnable_appends(config: GroupCommit) -> usize {
     transactions.len()
 }
 
+/// A group whose write waits on a lock must not hold up the appends queued behind it for as long
+/// as the lock is held: that could be forever. Here a transaction appends to stream `x` and stays
+/// open; a group-commit append to `x` then waits on its row lock, holding the only slot; and the
+/// transaction's owner appends to `y` through group commit before it commits. Queued behind the
+/// stuck write, that append would wait for the transaction, which waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_stuck_on_a_lock_does_not_hold_up_the_appends_behind_it() {
+    let store = fresh_store_with(8)
+        .await
+        .with_group_commit(GroupCommit::default());
+    assert_eq!(GroupCommit::default().max_in_flight, 1);
+    let x = StreamId::new("account", "x");
+    let y = StreamId::new("account", "y");
+    store
+        .append(&x, ExpectedVersion::NoStream, batch(1))
+        .await
+        .unwrap();
+    let mut tx = store.pool().begin().await.unwrap();
+    store
+        .append_in(
+            &mut tx,
+            &x,
+            ExpectedVersion::Exact(StreamVersion::new(1)),
+            batch(1),
+        )
+        .await
+        .unwrap();
+    let stuck = tokio::spawn({
+        let store = store.clone();
+        let x = x.clone();
+        async move {
+            store
+                .append(&x, ExpectedVersion::Exact(StreamVersion::new(1)), batch(1))
+                .await
+        }
+    });
+    wait_for_a_lock_wait(&store).await;
+    let started = std::time::Instant::now();
+    let other = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.append(&y, ExpectedVersion::NoStream, batch(1)),
+    )
+    .await
+    .expect("the append to y waited behind the write stuck on x's lock")
+    .unwrap();
+    assert_eq!(other.stream_version, StreamVersion::new(1));
+    eprintln!("append to y done after {:?}", started.elapsed());
+    tx.commit().await.unwrap();
+    // The stuck append lost the race to the transaction: its own conflict, nothing written.
+    match stuck.await.unwrap() {
+        Err(StoreError::Concurrency(conflict)) => {
+            assert_eq!(conflict.actual, StreamVersion::new(2), "{conflict:?}")
+        }
+        other => panic!("expected a concurrency conflict, got {other:?}"),
+    }
+    drop_schema(&store).await;
+}
+
+/// Waits until one of the store's backends waits on a lock (the tests name them after the schema).
+async fn wait_for_a_lock_wait(store: &cqrs_postgres::PostgresStore) {
+    let mut probe = sqlx::PgConnection::connect(&crate::url()).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(store.schema())
+        .fetch_one(&mut probe)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no append ever waited on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A runtime shut down while an append waits in the queue behind a write in flight: the write's
+/// task is dropped, its slot hands over by spawning a successor, and the closing runtime drops
+/// that task at once, inside `spawn`. Its slot must not spawn again (that recursed until the
+/// stack overflowed and aborted the process).
+#[test]
+fn a_runtime_shut_down_with_an_append_queued_behind_a_write_does_not_crash() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let schema = runtime.block_on(async {
+        let store = fresh_store_with(8)
+            .await
+            .with_group_commit(GroupCommit::default());
+        let x = StreamId::new("account", "x");
+        store
+            .append(&x, ExpectedVersion::NoStream, batch(1))
+            .await
+            .unwrap();
+        // A transaction holds x's next version, in a task that outlives this block.
+        let mut tx = store.pool().begin().await.unwrap();
+        store
+            .append_in(
+                &mut tx,
+                &x,
+                ExpectedVersion::Exact(StreamVersion::new(1)),
+                batch(1),
+            )
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            let _open = tx;
+            std::future::pending::<()>().await;
+        });
+        // The write in flight, waiting on that lock, and an append queued behind it.
+        let writer = store.clone();
+        tokio::spawn(async move {
+            let _ = writer
+                .append(&x, ExpectedVersion::Exact(StreamVersion::new(1)), batch(1))
+                .await;
+        });
+        wait_for_a_lock_wait(&store).await;
+        let queued = store.clone();
+        tokio::spawn(async move {
+            let y = StreamId::new("account", "y");
+            let _ = queued.append(&y, ExpectedVersion::NoStream, batch(1)).await;
+        });
+        // Well within the wait before a queued append may take an extra slot.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        store.schema().to_owned()
+    });
+    drop(runtime);
+    let cleanup = tokio::runtime::Runtime::new().unwrap();
+    cleanup.block_on(async {
+        let mut conn = sqlx::PgConnection::connect(&crate::url()).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA \"{schema}\" CASCADE"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    });
+}
+
 /// A slot keeps its connection only while appends keep coming: shortly after they stop, every
 /// connection is back in the pool, where the application can have it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
