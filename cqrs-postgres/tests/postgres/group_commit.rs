@@ -300,36 +300,9 @@ async fn commits_of_runnable_appends(config: GroupCommit) -> usize {
 /// stuck write, that append would wait for the transaction, which waits for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_stuck_on_a_lock_does_not_hold_up_the_appends_behind_it() {
-    let store = fresh_store_with(8)
-        .await
-        .with_group_commit(GroupCommit::default());
     assert_eq!(GroupCommit::default().max_in_flight, 1);
-    let x = StreamId::new("account", "x");
+    let (store, tx, stuck) = a_write_stuck_on_a_lock().await;
     let y = StreamId::new("account", "y");
-    store
-        .append(&x, ExpectedVersion::NoStream, batch(1))
-        .await
-        .unwrap();
-    let mut tx = store.pool().begin().await.unwrap();
-    store
-        .append_in(
-            &mut tx,
-            &x,
-            ExpectedVersion::Exact(StreamVersion::new(1)),
-            batch(1),
-        )
-        .await
-        .unwrap();
-    let stuck = tokio::spawn({
-        let store = store.clone();
-        let x = x.clone();
-        async move {
-            store
-                .append(&x, ExpectedVersion::Exact(StreamVersion::new(1)), batch(1))
-                .await
-        }
-    });
-    wait_for_a_lock_wait(&store).await;
     let started = std::time::Instant::now();
     let other = tokio::time::timeout(
         Duration::from_secs(5),
@@ -349,6 +322,44 @@ async fn a_write_stuck_on_a_lock_does_not_hold_up_the_appends_behind_it() {
         other => panic!("expected a concurrency conflict, got {other:?}"),
     }
     drop_schema(&store).await;
+}
+
+/// A group-commit store (default settings) whose one write in flight waits on a lock: stream `x`
+/// is at version 1, the returned transaction has appended its version 2 and stays open, and the
+/// returned task's append to `x` (expecting version 1) waits on that transaction's row lock.
+async fn a_write_stuck_on_a_lock() -> (
+    cqrs_postgres::PostgresStore,
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    tokio::task::JoinHandle<Result<AppendResult, StoreError>>,
+) {
+    let store = fresh_store_with(8)
+        .await
+        .with_group_commit(GroupCommit::default());
+    let x = StreamId::new("account", "x");
+    store
+        .append(&x, ExpectedVersion::NoStream, batch(1))
+        .await
+        .unwrap();
+    let mut tx = store.pool().begin().await.unwrap();
+    store
+        .append_in(
+            &mut tx,
+            &x,
+            ExpectedVersion::Exact(StreamVersion::new(1)),
+            batch(1),
+        )
+        .await
+        .unwrap();
+    let stuck = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .append(&x, ExpectedVersion::Exact(StreamVersion::new(1)), batch(1))
+                .await
+        }
+    });
+    wait_for_a_lock_wait(&store).await;
+    (store, tx, stuck)
 }
 
 /// Waits until one of the store's backends waits on a lock (the tests name them after the schema).
@@ -386,37 +397,13 @@ fn a_runtime_shut_down_with_an_append_queued_behind_a_write_does_not_crash() {
         .build()
         .unwrap();
     let schema = runtime.block_on(async {
-        let store = fresh_store_with(8)
-            .await
-            .with_group_commit(GroupCommit::default());
-        let x = StreamId::new("account", "x");
-        store
-            .append(&x, ExpectedVersion::NoStream, batch(1))
-            .await
-            .unwrap();
-        // A transaction holds x's next version, in a task that outlives this block.
-        let mut tx = store.pool().begin().await.unwrap();
-        store
-            .append_in(
-                &mut tx,
-                &x,
-                ExpectedVersion::Exact(StreamVersion::new(1)),
-                batch(1),
-            )
-            .await
-            .unwrap();
+        let (store, tx, _stuck) = a_write_stuck_on_a_lock().await;
+        // The transaction outlives this block, in a task of its own.
         tokio::spawn(async move {
             let _open = tx;
             std::future::pending::<()>().await;
         });
-        // The write in flight, waiting on that lock, and an append queued behind it.
-        let writer = store.clone();
-        tokio::spawn(async move {
-            let _ = writer
-                .append(&x, ExpectedVersion::Exact(StreamVersion::new(1)), batch(1))
-                .await;
-        });
-        wait_for_a_lock_wait(&store).await;
+        // An append queued behind the stuck write.
         let queued = store.clone();
         tokio::spawn(async move {
             let y = StreamId::new("account", "y");
