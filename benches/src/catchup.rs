@@ -247,10 +247,10 @@ async fn store_read(store: &PostgresStore, filtered: bool) -> Result<u64, BenchE
 }
 
 fn runner_config() -> RunnerConfig {
-    RunnerConfig {
-        batch_size: BATCH,
-        ..RunnerConfig::default()
-    }
+    RunnerConfig::builder()
+        .batch_size(BATCH)
+        .build()
+        .expect("a batch size above zero is valid")
 }
 
 async fn noop(store: &PostgresStore) -> Result<u64, BenchError> {

@@ -87,6 +87,87 @@ pub enum ProjectionError {
         #[source]
         source: HandlerError,
     },
+    /// A handler (or the upcaster decoding its event) panicked. The batch is abandoned like after
+    /// a handler error; the runner stays alive and reports the failure at the event's position.
+    #[error(
+        "projection `{projection}` panicked on `{event_type}` at position {position}: {message}"
+    )]
+    Panicked {
+        /// The projection.
+        projection: &'static str,
+        /// The event's type.
+        event_type: String,
+        /// The event's position.
+        position: Position,
+        /// The panic's message.
+        message: String,
+    },
+}
+
+impl ProjectionError {
+    /// The position of the event that failed, if the failure belongs to one event (a flush
+    /// failure belongs to the whole batch).
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            ProjectionError::Decode { position, .. }
+            | ProjectionError::Handler { position, .. }
+            | ProjectionError::Panicked { position, .. } => Some(*position),
+            ProjectionError::Flush { .. } => None,
+        }
+    }
+}
+
+/// Applies one event with `projection`'s handler, turning a panic (in the handler, or in the
+/// upcaster decoding the event) into [`ProjectionError::Panicked`]. Projection backends call
+/// this for every event, so a panic fails the batch at the event's own position instead of
+/// killing the runner task with its status still saying it runs.
+pub async fn handle_event<P: Projection>(
+    projection: &mut P,
+    event: &RecordedEvent,
+    context: &mut P::Context,
+) -> Result<(), ProjectionError> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(projection.handle(event, context))
+        .catch_unwind()
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(panic) => Err(ProjectionError::Panicked {
+            projection: P::NAME,
+            event_type: event.event_type.clone(),
+            position: event.position,
+            message: panic_message(panic.as_ref()),
+        }),
+    }
+}
+
+/// Runs [`Projection::flush`], turning a panic into [`ProjectionError::Flush`].
+pub async fn flush_batch<P: Projection>(
+    projection: &mut P,
+    context: &mut P::Context,
+) -> Result<(), ProjectionError> {
+    use futures_util::FutureExt;
+    match std::panic::AssertUnwindSafe(projection.flush(context))
+        .catch_unwind()
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(panic) => Err(ProjectionError::Flush {
+            projection: P::NAME,
+            source: format!("panicked: {}", panic_message(panic.as_ref())).into(),
+        }),
+    }
+}
+
+/// The message of a caught panic (`panic!` with a literal or a formatted string).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
 }
 
 /// What a handler may return: nothing, or a `Result` whose error converts into [`HandlerError`].

@@ -106,6 +106,19 @@ pub enum StoreError {
         /// What is stored now.
         actual: Option<Position>,
     },
+    /// Events up to `position` are committed but global reads cannot return them yet: a reader
+    /// that must see everything committed before it asked (a catch-up, a rebuild) waited
+    /// `waited` and gives up rather than report an incomplete result. On PostgreSQL a running
+    /// transaction anywhere in the cluster holds the visibility horizon back; `held_by` says which.
+    #[error("events up to position {position} are committed but not yet readable after waiting {waited:?}: {held_by}")]
+    NotYetReadable {
+        /// The last committed event the reader must reach.
+        position: Position,
+        /// How long the reader waited.
+        waited: std::time::Duration,
+        /// What holds readers back, as the backend reports it.
+        held_by: String,
+    },
     /// An inline projection rejected the appended events; nothing was written.
     #[error("inline projection failed, nothing was written: {0}")]
     InlineProjection(#[source] crate::projection::ProjectionError),
@@ -168,6 +181,24 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The position of the last event `read_all` can currently return, if any.
     async fn head(&self) -> Result<Option<Position>, StoreError>;
+
+    /// The position of the last event committed before this call, whether or not `read_all` can
+    /// return it yet (on PostgreSQL an event stays unreadable while an older transaction runs:
+    /// see [`EventStore::read_all`]'s gap-free rule). A reader that must see everything committed
+    /// before it started reads up to here, after [`EventStore::wait_until_readable`]. The default
+    /// is [`EventStore::head`], right for backends where every committed event is readable.
+    async fn committed_head(&self) -> Result<Option<Position>, StoreError> {
+        self.head().await
+    }
+
+    /// Waits until `read_all` can return every event up to `position` (a position from
+    /// [`EventStore::committed_head`]), or fails with [`StoreError::NotYetReadable`] naming what
+    /// holds readers back once the backend's bounded wait runs out. The default returns at once,
+    /// right for backends where every committed event is readable.
+    async fn wait_until_readable(&self, position: Position) -> Result<(), StoreError> {
+        let _ = position;
+        Ok(())
+    }
 
     /// How many events `read_all` would return after `after` with this filter (for lag and progress).
     async fn count_after(&self, after: Position, types: EventTypes<'_>) -> Result<u64, StoreError>;

@@ -6,21 +6,26 @@
 //! atomically through the [`ProjectionBackend`], whose checkpoint compare-and-set means two runners
 //! can never both apply a batch; a lease keeps one active runner per projection.
 //!
-//! Failure policy: a handler error or undecodable event stops the projection at the last good
-//! checkpoint, is logged with `tracing`, shown in [`ProjectionStatus`], and retried with exponential
-//! backoff. [`ProjectionHandle::skip`] skips a poison event explicitly; the skip is recorded by the
-//! backend. Nothing is swallowed silently.
+//! Failure policy: a handler error, a panic in a handler or an upcaster, an undecodable event or an
+//! unreadable stored row stops the projection right before that event (everything ahead of it is
+//! committed), is logged with `tracing`, shown in [`ProjectionStatus`] with its position, and
+//! retried with exponential backoff. [`ProjectionHandle::skip`] skips such a poison event
+//! explicitly; the skip is recorded by the backend. A storage failure (a lost connection) is
+//! retried the same way but is never offered as a skippable event. Nothing is swallowed silently.
 
 use std::future::Future;
+use std::num::NonZeroUsize;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
-use crate::event::RecordedEvent;
-use crate::projection::{Projection, ProjectionError};
+use crate::event::{EventId, RecordedEvent};
+use crate::projection::{flush_batch, handle_event, Projection, ProjectionError};
 use crate::store::{EventStore, EventTypes, StoreError};
 use crate::stream::Position;
 
@@ -52,6 +57,29 @@ pub enum BatchError {
     Store(#[from] StoreError),
 }
 
+/// The event a skip moves past: one whose handler, decoding or stored row failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SkipTarget {
+    /// Its position.
+    pub position: Position,
+    /// Its id, unless its row could not be read.
+    pub event_id: Option<EventId>,
+    /// Its type, unless its row could not be read.
+    pub event_type: Option<String>,
+}
+
+impl SkipTarget {
+    /// The target for a read event.
+    pub fn of(event: &RecordedEvent) -> Self {
+        Self {
+            position: event.position,
+            event_id: Some(event.event_id),
+            event_type: Some(event.event_type.clone()),
+        }
+    }
+}
+
 /// What a storage backend provides to run projections with exactly-once effects on its read models.
 pub trait ProjectionBackend<P: Projection>: Send + Sync + 'static {
     /// The log projections read.
@@ -78,12 +106,13 @@ pub trait ProjectionBackend<P: Projection>: Send + Sync + 'static {
     /// Deletes the checkpoint `name`, so the projection replays from the start.
     fn reset_checkpoint(&self, name: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Records that `event` was skipped on a user's request, and moves the checkpoint past it.
+    /// Records that `event` was skipped on a user's request, and moves the checkpoint from
+    /// `expected` to it (compare-and-set, like [`ProjectionBackend::commit_batch`]).
     fn record_skip(
         &self,
         name: &str,
         expected: Option<Position>,
-        event: &RecordedEvent,
+        event: &SkipTarget,
         reason: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
@@ -115,8 +144,95 @@ pub enum ProjectionState {
     Rebuilding,
     /// Stopped at the last good checkpoint by an error; retrying with backoff.
     Failed,
-    /// Stopped on request.
+    /// Ended: stopped on request, or killed by a panic outside any handler (then
+    /// [`ProjectionStatus::last_error`] says so). Nothing runs any more.
     Stopped,
+}
+
+/// What kind of failure stopped a projection, which decides whether it can be skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureCause {
+    /// A handler returned an error for the event.
+    Handler,
+    /// The event could not be decoded into the handler's type (a failing upcaster, a payload
+    /// of the wrong shape).
+    Decode,
+    /// A handler or an upcaster panicked on the event, or (without a position) the batch
+    /// panicked outside any one handler.
+    Panic,
+    /// The stored row cannot be read back at all.
+    CorruptEvent,
+    /// The storage failed (a lost connection, a timeout, a conflict): not the event's fault, so
+    /// it is retried with backoff and never offered as a poison event.
+    Store,
+}
+
+/// Why a projection is failing, as shown in [`ProjectionStatus::last_error`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+#[error("{message}")]
+pub struct ProjectionFailure {
+    /// What failed.
+    pub cause: FailureCause,
+    /// The failing event's position, when the failure belongs to one event.
+    pub position: Option<Position>,
+    /// The failing event's type, when known.
+    pub event_type: Option<String>,
+    /// The error, as text.
+    pub message: String,
+}
+
+impl ProjectionFailure {
+    /// Whether [`ProjectionHandle::skip`] can move past it: a failure of one event (its handler,
+    /// its decoding, a panic on it, its unreadable row), never a storage failure.
+    pub fn skippable(&self) -> bool {
+        self.position.is_some() && self.cause != FailureCause::Store
+    }
+
+    fn of_projection(error: &ProjectionError) -> Self {
+        let (cause, event_type) = match error {
+            ProjectionError::Decode { .. } => (FailureCause::Decode, None),
+            ProjectionError::Handler { event_type, .. } => {
+                (FailureCause::Handler, Some(event_type.clone()))
+            }
+            ProjectionError::Panicked { event_type, .. } => {
+                (FailureCause::Panic, Some(event_type.clone()))
+            }
+            // A flush belongs to the whole batch, not to one event.
+            _ => (FailureCause::Handler, None),
+        };
+        Self {
+            cause,
+            position: error.position(),
+            event_type,
+            message: error.to_string(),
+        }
+    }
+
+    fn of_store(error: &StoreError) -> Self {
+        let (cause, position) = match error {
+            StoreError::CorruptEvent { position, .. } => {
+                (FailureCause::CorruptEvent, Some(*position))
+            }
+            _ => (FailureCause::Store, None),
+        };
+        Self {
+            cause,
+            position,
+            event_type: None,
+            message: error.to_string(),
+        }
+    }
+
+    fn panic(message: &str) -> Self {
+        Self {
+            cause: FailureCause::Panic,
+            position: None,
+            event_type: None,
+            message: format!("the projection panicked outside any one event's handler: {message}"),
+        }
+    }
 }
 
 /// A projection's status, as published by its runner.
@@ -135,35 +251,157 @@ pub struct ProjectionStatus {
     /// runner takes over and when it falls behind by more than a batch, then kept up to date
     /// batch by batch (0 once caught up). `None` until first counted.
     pub lag: Option<u64>,
-    /// The last error (cleared by the next successful batch), with the failing position if known.
-    pub last_error: Option<(Option<Position>, String)>,
+    /// The last failure (cleared by the next successful batch).
+    pub last_error: Option<ProjectionFailure>,
 }
 
-/// Tuning for a [`ProjectionRunner`].
+/// Tuning for a [`ProjectionRunner`], built (and checked) by [`RunnerConfig::builder`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunnerConfig {
-    /// Events per batch (and per transaction).
-    pub batch_size: usize,
-    /// Longest wait for a wake-up before polling anyway.
-    pub poll_interval: Duration,
-    /// First retry delay after a failure; doubles up to `max_backoff`.
-    pub initial_backoff: Duration,
-    /// Longest retry delay.
-    pub max_backoff: Duration,
-    /// How often a standby runner tries to take the lease.
-    pub standby_interval: Duration,
+    batch_size: NonZeroUsize,
+    poll_interval: Duration,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    standby_interval: Duration,
 }
 
 impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
-            batch_size: 500,
+            batch_size: NonZeroUsize::new(500).unwrap_or(NonZeroUsize::MIN),
             poll_interval: Duration::from_secs(1),
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(30),
             standby_interval: Duration::from_secs(1),
         }
     }
+}
+
+impl RunnerConfig {
+    /// Starts from the defaults (500 events per batch, a 1 s polling fallback, backoff from
+    /// 100 ms to 30 s, a standby retrying the lease every second).
+    pub fn builder() -> RunnerConfigBuilder {
+        let defaults = Self::default();
+        RunnerConfigBuilder {
+            batch_size: defaults.batch_size.get(),
+            poll_interval: defaults.poll_interval,
+            initial_backoff: defaults.initial_backoff,
+            max_backoff: defaults.max_backoff,
+            standby_interval: defaults.standby_interval,
+        }
+    }
+
+    /// Events per batch (and per transaction).
+    pub fn batch_size(&self) -> usize {
+        self.batch_size.get()
+    }
+
+    /// Longest wait for a wake-up before polling anyway.
+    pub fn poll_interval(&self) -> Duration {
+        self.poll_interval
+    }
+
+    /// First retry delay after a failure; doubles up to [`RunnerConfig::max_backoff`].
+    pub fn initial_backoff(&self) -> Duration {
+        self.initial_backoff
+    }
+
+    /// Longest retry delay.
+    pub fn max_backoff(&self) -> Duration {
+        self.max_backoff
+    }
+
+    /// How often a standby runner tries to take the lease.
+    pub fn standby_interval(&self) -> Duration {
+        self.standby_interval
+    }
+}
+
+/// Builds a [`RunnerConfig`]; [`RunnerConfigBuilder::build`] rejects values a runner cannot
+/// work with.
+#[derive(Debug, Clone)]
+pub struct RunnerConfigBuilder {
+    batch_size: usize,
+    poll_interval: Duration,
+    initial_backoff: Duration,
+    max_backoff: Duration,
+    standby_interval: Duration,
+}
+
+impl RunnerConfigBuilder {
+    /// Events per batch (and per transaction); at least 1.
+    pub fn batch_size(mut self, events: usize) -> Self {
+        self.batch_size = events;
+        self
+    }
+
+    /// Longest wait for a wake-up before polling anyway; more than zero.
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// First retry delay after a failure; more than zero.
+    pub fn initial_backoff(mut self, delay: Duration) -> Self {
+        self.initial_backoff = delay;
+        self
+    }
+
+    /// Longest retry delay; at least the initial backoff.
+    pub fn max_backoff(mut self, delay: Duration) -> Self {
+        self.max_backoff = delay;
+        self
+    }
+
+    /// How often a standby runner tries to take the lease; more than zero.
+    pub fn standby_interval(mut self, interval: Duration) -> Self {
+        self.standby_interval = interval;
+        self
+    }
+
+    /// The configuration, or what is wrong with it.
+    pub fn build(self) -> Result<RunnerConfig, InvalidConfig> {
+        let invalid = |setting: &'static str, reason: &str| InvalidConfig {
+            setting,
+            reason: reason.to_owned(),
+        };
+        let batch_size = NonZeroUsize::new(self.batch_size).ok_or_else(|| {
+            invalid(
+                "batch_size",
+                "must be at least 1 (a batch of 0 events would move the checkpoint over events it never applied)",
+            )
+        })?;
+        for (setting, value) in [
+            ("poll_interval", self.poll_interval),
+            ("initial_backoff", self.initial_backoff),
+            ("standby_interval", self.standby_interval),
+        ] {
+            if value.is_zero() {
+                return Err(invalid(setting, "must be more than zero"));
+            }
+        }
+        if self.max_backoff < self.initial_backoff {
+            return Err(invalid("max_backoff", "must be at least initial_backoff"));
+        }
+        Ok(RunnerConfig {
+            batch_size,
+            poll_interval: self.poll_interval,
+            initial_backoff: self.initial_backoff,
+            max_backoff: self.max_backoff,
+            standby_interval: self.standby_interval,
+        })
+    }
+}
+
+/// A [`RunnerConfig`] setting a runner cannot work with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid projection runner configuration: `{setting}` {reason}")]
+#[non_exhaustive]
+pub struct InvalidConfig {
+    /// The setting.
+    pub setting: &'static str,
+    /// What is wrong with its value.
+    pub reason: String,
 }
 
 /// Progress of a catch-up or rebuild.
@@ -175,6 +413,46 @@ pub struct Progress {
     pub total: u64,
     /// Events per second so far.
     pub rate: f64,
+}
+
+/// Why a [`ProjectionRunner::catch_up`] or [`ProjectionRunner::rebuild`] did not finish.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// Another runner of the projection holds its lease. A catch-up or rebuild beside a live
+    /// runner would apply events twice (the rebuild resets what the live runner writes into).
+    #[error("projection `{name}` is run by another runner (it holds the lease): stop it first, or build a new version under another name beside it")]
+    LeaseHeld {
+        /// The projection's checkpoint name.
+        name: String,
+    },
+    /// A handler, the decoding of an event, or a flush failed; everything before it is
+    /// committed.
+    #[error(transparent)]
+    Projection(#[from] ProjectionError),
+    /// The batch panicked outside any one event's handler; everything before the batch is
+    /// committed.
+    #[error("projection `{name}` panicked outside any one event's handler: {message}")]
+    Panicked {
+        /// The projection's checkpoint name.
+        name: String,
+        /// The panic's message.
+        message: String,
+    },
+    /// Storage failed, including [`StoreError::CorruptEvent`] (an unreadable row, at its
+    /// position; everything before it is committed) and [`StoreError::NotYetReadable`] (events
+    /// committed before the call are held back).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<BatchError> for RunError {
+    fn from(error: BatchError) -> Self {
+        match error {
+            BatchError::Projection { error, .. } => RunError::Projection(error),
+            BatchError::Store(error) => RunError::Store(error),
+        }
+    }
 }
 
 /// Why waiting for a projection failed.
@@ -246,8 +524,50 @@ impl LogReader {
     }
 }
 
-/// The head, then the batch after a cursor: what one step of a runner reads.
-type BatchRead = Result<(Option<Position>, Vec<RecordedEvent>), StoreError>;
+/// Events read after a cursor.
+struct Page {
+    events: Vec<RecordedEvent>,
+    /// `false`: the page ends early, right before a row that cannot be decoded.
+    complete: bool,
+}
+
+/// Reads a page of the log after `after`. A row that cannot be decoded fails the store's whole
+/// read, so the page is read again up to just before it (`complete: false`): the events ahead of
+/// a corrupt row still commit, and the row itself fails at its own position, where it can be
+/// skipped. Only when it is the first row is its error returned.
+async fn read_page(
+    store: &dyn EventStore,
+    after: Position,
+    types: EventTypes<'_>,
+    limit: usize,
+) -> Result<Page, StoreError> {
+    match store.read_all(after, types, limit).await {
+        Ok(events) => Ok(Page {
+            events,
+            complete: true,
+        }),
+        Err(StoreError::CorruptEvent { position, reason }) => {
+            // The read that failed matched the row with this filter, so the count includes it.
+            let ahead = store
+                .count_between(after, position, types)
+                .await?
+                .saturating_sub(1);
+            let ahead = usize::try_from(ahead).unwrap_or(usize::MAX).min(limit);
+            if ahead == 0 {
+                return Err(StoreError::CorruptEvent { position, reason });
+            }
+            let events = store.read_all(after, types, ahead).await?;
+            Ok(Page {
+                events,
+                complete: false,
+            })
+        }
+        Err(other) => Err(other),
+    }
+}
+
+/// The head, then the page after a cursor: what one step of a runner reads.
+type BatchRead = Result<(Option<Position>, Page), StoreError>;
 
 async fn read_batch(
     store: &dyn EventStore,
@@ -256,8 +576,28 @@ async fn read_batch(
     limit: usize,
 ) -> BatchRead {
     let head = store.head().await?;
-    let events = store.read_all(after, types, limit).await?;
-    Ok((head, events))
+    let page = read_page(store, after, types, limit).await?;
+    Ok((head, page))
+}
+
+/// Commits a batch through `backend`, turning a panic that escapes the backend (outside the
+/// per-event guard, [`crate::projection::handle_event`]) into an error: the projection's
+/// buffers are discarded, as after any abandoned batch.
+async fn commit_guarded<P: Projection, B: ProjectionBackend<P>>(
+    backend: &B,
+    projection: &mut P,
+    name: &str,
+    expected: Option<Position>,
+    events: &[RecordedEvent],
+    to: Position,
+) -> Result<Result<(), BatchError>, String> {
+    let outcome = AssertUnwindSafe(backend.commit_batch(projection, name, expected, events, to))
+        .catch_unwind()
+        .await;
+    outcome.map_err(|panic| {
+        projection.discard();
+        crate::projection::panic_message(panic.as_ref())
+    })
 }
 
 /// Runs one projection; see the module docs.
@@ -268,6 +608,15 @@ pub struct ProjectionRunner<P: Projection, B> {
     config: RunnerConfig,
     /// A skip requested while the runner was waiting; handled at the top of the loop.
     pending_skip: Option<Position>,
+}
+
+impl<P: Projection, B> std::fmt::Debug for ProjectionRunner<P, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionRunner")
+            .field("name", &self.name)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
@@ -300,58 +649,121 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         self
     }
 
-    /// Processes every event up to the head as it is now, reporting progress after each batch, and
-    /// returns the projection. Ignores the lease: use it for rebuilds and one-off catch-ups.
-    pub async fn catch_up(
+    /// Processes every event committed before the call, reporting progress after each batch, and
+    /// returns the projection.
+    ///
+    /// It takes the projection's lease for its duration and fails with [`RunError::LeaseHeld`]
+    /// if another runner holds it. It returns `Ok` only once every event committed before the
+    /// call is applied: on PostgreSQL, events held back by an older running transaction are
+    /// waited for (boundedly), then it fails with [`StoreError::NotYetReadable`] naming the
+    /// holder rather than return a read model with events missing.
+    pub async fn catch_up(mut self, progress: impl FnMut(Progress) + Send) -> Result<P, RunError> {
+        let lease = self.take_lease().await?;
+        self.catch_up_leased(progress).await?;
+        drop(lease);
+        Ok(self.projection)
+    }
+
+    /// Resets the checkpoint and replays everything into `fresh` (an empty read model), reporting
+    /// progress. `reset` clears the old read model first (e.g. truncates its tables); it runs before
+    /// the checkpoint is deleted so a crash in between only causes a second, clean rebuild.
+    ///
+    /// Like [`ProjectionRunner::catch_up`] it holds the projection's lease throughout, so no
+    /// live runner of the same name writes beside it (a live runner fails the rebuild with
+    /// [`RunError::LeaseHeld`]: stop it, or rebuild a new version under another name beside it
+    /// and switch readers over), and it returns only when every event committed before the call
+    /// is applied.
+    pub async fn rebuild<F, Fut>(
         mut self,
+        fresh: P,
+        reset: F,
+        progress: impl FnMut(Progress) + Send,
+    ) -> Result<P, RunError>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<(), StoreError>> + Send,
+    {
+        let lease = self.take_lease().await?;
+        self.projection = fresh;
+        reset().await?;
+        self.backend.reset_checkpoint(&self.name).await?;
+        self.catch_up_leased(progress).await?;
+        drop(lease);
+        Ok(self.projection)
+    }
+
+    async fn take_lease(&self) -> Result<Box<dyn Lease>, RunError> {
+        self.backend
+            .acquire_lease(&self.name)
+            .await?
+            .ok_or_else(|| RunError::LeaseHeld {
+                name: self.name.clone(),
+            })
+    }
+
+    /// The catch-up itself, with the lease held by the caller.
+    async fn catch_up_leased(
+        &mut self,
         mut progress: impl FnMut(Progress) + Send,
-    ) -> Result<P, BatchError> {
-        let types = EventTypes::Only(P::EVENT_TYPES);
+    ) -> Result<(), RunError> {
         let store = self.backend.events();
-        let mut checkpoint = self.backend.load_checkpoint(&self.name).await?;
-        let Some(head) = store.head().await? else {
-            return Ok(self.projection);
+        let Some(target) = store.committed_head().await? else {
+            return Ok(());
         };
-        // Up to `head` only: writers may append while this runs.
-        let total = store
-            .count_between(checkpoint.unwrap_or(Position::START), head, types)
-            .await?;
+        store.wait_until_readable(target).await?;
+        let mut checkpoint = self.backend.load_checkpoint(&self.name).await?;
+        let types = EventTypes::Only(P::EVENT_TYPES);
+        let after = checkpoint.unwrap_or(Position::START);
+        if after >= target {
+            return Ok(());
+        }
+        // Up to `target` only: writers may append while this runs.
+        let total = store.count_between(after, target, types).await?;
         let started = Instant::now();
         let mut done = 0u64;
-        let limit = self.config.batch_size;
+        let limit = self.config.batch_size();
         let mut reader = LogReader::new(P::EVENT_TYPES);
-        let mut next = match checkpoint {
-            Some(c) if c >= head => None,
-            _ => Some(
-                store
-                    .read_all(checkpoint.unwrap_or(Position::START), reader.types(), limit)
-                    .await?,
-            ),
-        };
-        while let Some(mut events) = next.take() {
-            events.retain(|e| e.position <= head);
+        let mut next = Some(read_page(store, after, reader.types(), limit).await?);
+        while let Some(Page {
+            mut events,
+            complete,
+        }) = next.take()
+        {
+            let read = events.len();
+            events.retain(|e| e.position <= target);
+            // Everything up to `target` is readable, so a short complete page ends at it.
+            let at_target = events.len() < read || (complete && read < limit);
             let to = match events.last() {
-                Some(last) if events.len() == limit => last.position,
-                _ => head,
+                Some(last) if !at_target => last.position,
+                _ => target,
             };
             reader.keep_handled(&mut events);
-            let commit = self.backend.commit_batch(
+            let commit = commit_guarded(
+                &*self.backend,
                 &mut self.projection,
                 &self.name,
                 checkpoint,
                 &events,
                 to,
             );
-            if to < head {
+            let committed = if to < target {
                 // Read the next batch while this one commits: the read depends only on `to`, and
                 // is dropped unused if the commit fails.
-                let read = store.read_all(to, reader.types(), limit);
+                let read = read_page(store, to, reader.types(), limit);
                 let (committed, read) = futures_util::future::join(commit, read).await;
-                committed?;
-                next = Some(read?);
+                if matches!(committed, Ok(Ok(()))) {
+                    next = Some(read?);
+                }
+                committed
             } else {
-                commit.await?;
-            }
+                commit.await
+            };
+            committed
+                .map_err(|message| RunError::Panicked {
+                    name: self.name.clone(),
+                    message,
+                })?
+                .map_err(RunError::from)?;
             checkpoint = Some(to);
             done += events.len() as u64;
             progress(Progress {
@@ -360,26 +772,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 rate: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
             });
         }
-        Ok(self.projection)
-    }
-
-    /// Resets the checkpoint and replays everything into `fresh` (an empty read model), reporting
-    /// progress. `reset` clears the old read model first (e.g. truncates its tables); it runs before
-    /// the checkpoint is deleted so a crash in between only causes a second, clean rebuild.
-    pub async fn rebuild<F, Fut>(
-        mut self,
-        fresh: P,
-        reset: F,
-        progress: impl FnMut(Progress) + Send,
-    ) -> Result<P, BatchError>
-    where
-        F: FnOnce() -> Fut + Send,
-        Fut: Future<Output = Result<(), StoreError>> + Send,
-    {
-        self.projection = fresh;
-        reset().await?;
-        self.backend.reset_checkpoint(&self.name).await?;
-        self.catch_up(progress).await
+        Ok(())
     }
 
     /// Starts the runner on the tokio runtime and returns its handle.
@@ -394,51 +787,83 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         });
         let (control_tx, control_rx) = mpsc::channel(8);
         let span = tracing::info_span!("projection", name = %self.name);
-        let task = tokio::spawn(self.run(status_tx, control_rx).instrument(span));
+        let shared = {
+            let backend = Arc::clone(&self.backend);
+            let name = self.name.clone();
+            let probe: CheckpointProbe = Arc::new(move || {
+                let backend = Arc::clone(&backend);
+                let name = name.clone();
+                Box::pin(
+                    async move { ProjectionBackend::<P>::load_checkpoint(&*backend, &name).await },
+                )
+            });
+            probe
+        };
+        let task = tokio::spawn(
+            async move {
+                let run = AssertUnwindSafe(self.run(&status_tx, control_rx));
+                match run.catch_unwind().await {
+                    Ok(projection) => Some(projection),
+                    Err(panic) => {
+                        // The runner is gone: its status must not say it runs.
+                        let message = crate::projection::panic_message(panic.as_ref());
+                        tracing::error!(%message, "projection runner panicked and stopped");
+                        status_tx.send_modify(|s| {
+                            s.state = ProjectionState::Stopped;
+                            s.last_error = Some(ProjectionFailure::panic(&message));
+                        });
+                        None
+                    }
+                }
+            }
+            .instrument(span),
+        );
         ProjectionHandle {
             status: status_rx,
             control: control_tx,
+            shared,
             task: Some(task),
         }
     }
 
     async fn run(
         mut self,
-        status: watch::Sender<ProjectionStatus>,
+        status: &watch::Sender<ProjectionStatus>,
         mut control: mpsc::Receiver<Control>,
     ) -> P {
         let mut reader = LogReader::new(P::EVENT_TYPES);
-        let limit = self.config.batch_size;
+        let limit = self.config.batch_size();
         // The next batch, read while the previous one committed: (its cursor, what was read).
         let mut ahead: Option<(Position, BatchRead)> = None;
         let mut lease: Option<Box<dyn Lease>> = None;
         let mut checkpoint: Option<Position> = None;
-        let mut backoff = self.config.initial_backoff;
-        let mut failed_at: Option<RecordedEvent> = None;
+        let mut backoff = self.config.initial_backoff();
+        // The event the runner is failing on, while the failure is skippable.
+        let mut failed_at: Option<SkipTarget> = None;
         loop {
             while let Ok(message) = control.try_recv() {
                 match message {
-                    Control::Stop => return self.stopped(&status),
+                    Control::Stop => return self.stopped(status),
                     Control::Skip(position) => self.pending_skip = Some(position),
                 }
             }
             if let Some(position) = self.pending_skip.take() {
-                if let Some(event) = failed_at.take_if(|e| e.position == position) {
+                if let Some(target) = failed_at.take_if(|t| t.position == position) {
                     let reason = status
                         .borrow()
                         .last_error
                         .as_ref()
-                        .map_or_else(String::new, |e| e.1.clone());
+                        .map_or_else(String::new, |e| e.message.clone());
                     match self
                         .backend
-                        .record_skip(&self.name, checkpoint, &event, &reason)
+                        .record_skip(&self.name, checkpoint, &target, &reason)
                         .await
                     {
                         Ok(()) => {
-                            tracing::warn!(%position, event_type = %event.event_type, %reason,
+                            tracing::warn!(%position, event_type = ?target.event_type, %reason,
                                 "event skipped on request");
                             checkpoint = Some(position);
-                            backoff = self.config.initial_backoff;
+                            backoff = self.config.initial_backoff();
                             status.send_modify(|s| {
                                 s.checkpoint = checkpoint;
                                 s.state = ProjectionState::Running;
@@ -446,7 +871,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                             });
                         }
                         Err(error) => {
-                            failed_at = Some(event);
+                            failed_at = Some(target);
                             tracing::error!(%error, "recording a skip failed");
                         }
                     }
@@ -468,9 +893,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                             Ok(c) => checkpoint = c,
                             Err(error) => {
                                 lease = None;
-                                self.failed(&status, None, &error.to_string());
+                                self.failed(status, ProjectionFailure::of_store(&error));
                                 if self.pause(&mut control, &mut backoff).await {
-                                    return self.stopped(&status);
+                                    return self.stopped(status);
                                 }
                                 continue;
                             }
@@ -486,17 +911,17 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                     Ok(None) => {
                         status.send_modify(|s| s.state = ProjectionState::Standby);
                         if self
-                            .sleep_or_stop(&mut control, self.config.standby_interval)
+                            .sleep_or_stop(&mut control, self.config.standby_interval())
                             .await
                         {
-                            return self.stopped(&status);
+                            return self.stopped(status);
                         }
                         continue;
                     }
                     Err(error) => {
-                        self.failed(&status, None, &error.to_string());
+                        self.failed(status, ProjectionFailure::of_store(&error));
                         if self.pause(&mut control, &mut backoff).await {
-                            return self.stopped(&status);
+                            return self.stopped(status);
                         }
                         continue;
                     }
@@ -512,26 +937,42 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             let batch = match batch {
                 Ok(batch) => batch,
                 Err(error) => {
-                    self.failed(&status, None, &error.to_string());
+                    let failure = ProjectionFailure::of_store(&error);
+                    // An unreadable row right after the checkpoint is this projection's poison
+                    // event: skippable at its position like a failing handler.
+                    failed_at = failure.position.map(|position| SkipTarget {
+                        position,
+                        event_id: None,
+                        event_type: None,
+                    });
+                    self.failed(status, failure);
                     if self.pause(&mut control, &mut backoff).await {
-                        return self.stopped(&status);
+                        return self.stopped(status);
                     }
                     continue;
                 }
             };
-            let (head, mut events) = batch;
-            // A short batch read after `head` was taken means every event up to `head` has been seen.
-            let caught_up = events.len() < limit;
+            let (
+                head,
+                Page {
+                    mut events,
+                    complete,
+                },
+            ) = batch;
+            // A short, complete batch read after `head` was taken means every event up to `head`
+            // has been seen. A batch cut short before an unreadable row has not.
+            let caught_up = complete && events.len() < limit;
             let last = events.last().map(|e| e.position);
             let to = if caught_up { last.max(head) } else { last }.unwrap_or(after);
             reader.keep_handled(&mut events);
             if events.is_empty() && to <= after {
                 if self.wait_or_stop(&mut control, after).await {
-                    return self.stopped(&status);
+                    return self.stopped(status);
                 }
                 continue;
             }
-            let commit = self.backend.commit_batch(
+            let commit = commit_guarded(
+                &*self.backend,
                 &mut self.projection,
                 &self.name,
                 checkpoint,
@@ -544,15 +985,27 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 // Behind: read the next batch while this one commits.
                 let read = read_batch(store, to, reader.types(), limit);
                 let (outcome, read) = futures_util::future::join(commit, read).await;
-                if outcome.is_ok() {
+                if matches!(outcome, Ok(Ok(()))) {
                     ahead = Some((to, read));
                 }
                 outcome
             };
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(message) => {
+                    // Not attributable to one event: retried with backoff, not skippable.
+                    failed_at = None;
+                    self.failed(status, ProjectionFailure::panic(&message));
+                    if self.pause(&mut control, &mut backoff).await {
+                        return self.stopped(status);
+                    }
+                    continue;
+                }
+            };
             match outcome {
                 Ok(()) => {
                     checkpoint = Some(to);
-                    backoff = self.config.initial_backoff;
+                    backoff = self.config.initial_backoff();
                     failed_at = None;
                     let previous = status.borrow().lag;
                     let lag = match previous {
@@ -582,26 +1035,30 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                     if index > committed {
                         let prefix = &events[committed..index];
                         let to = prefix[prefix.len() - 1].position;
-                        if self
-                            .backend
-                            .commit_batch(&mut self.projection, &self.name, checkpoint, prefix, to)
-                            .await
-                            .is_ok()
-                        {
+                        let prefix_committed = commit_guarded(
+                            &*self.backend,
+                            &mut self.projection,
+                            &self.name,
+                            checkpoint,
+                            prefix,
+                            to,
+                        )
+                        .await;
+                        if matches!(prefix_committed, Ok(Ok(()))) {
                             checkpoint = Some(to);
                             good = index;
                         }
                     }
-                    let position = events[index].position;
                     status.send_modify(|s| {
                         s.checkpoint = checkpoint;
                         s.processed += good as u64;
                         s.lag = s.lag.map(|lag| lag.saturating_sub(good as u64));
                     });
-                    failed_at = Some(events[index].clone());
-                    self.failed(&status, Some(position), &error.to_string());
+                    let failure = ProjectionFailure::of_projection(&error);
+                    failed_at = failure.skippable().then(|| SkipTarget::of(&events[index]));
+                    self.failed(status, failure);
                     if self.pause(&mut control, &mut backoff).await {
-                        return self.stopped(&status);
+                        return self.stopped(status);
                     }
                 }
                 Err(BatchError::Store(StoreError::CheckpointConflict { actual, .. })) => {
@@ -610,9 +1067,10 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                     lease = None;
                 }
                 Err(BatchError::Store(error)) => {
-                    self.failed(&status, None, &error.to_string());
+                    failed_at = None;
+                    self.failed(status, ProjectionFailure::of_store(&error));
                     if self.pause(&mut control, &mut backoff).await {
-                        return self.stopped(&status);
+                        return self.stopped(status);
                     }
                 }
             }
@@ -636,16 +1094,12 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         }
     }
 
-    fn failed(
-        &self,
-        status: &watch::Sender<ProjectionStatus>,
-        position: Option<Position>,
-        error: &str,
-    ) {
-        tracing::error!(position = ?position, %error, "projection failed; retrying with backoff");
+    fn failed(&self, status: &watch::Sender<ProjectionStatus>, failure: ProjectionFailure) {
+        tracing::error!(position = ?failure.position, cause = ?failure.cause, error = %failure.message,
+            "projection failed; retrying with backoff");
         status.send_modify(|s| {
             s.state = ProjectionState::Failed;
-            s.last_error = Some((position, error.to_owned()));
+            s.last_error = Some(failure);
         });
     }
 
@@ -661,7 +1115,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         backoff: &mut Duration,
     ) -> bool {
         let delay = *backoff;
-        *backoff = (*backoff * 2).min(self.config.max_backoff);
+        *backoff = (*backoff * 2).min(self.config.max_backoff());
         self.until_stop(control, tokio::time::sleep(delay)).await
     }
 
@@ -679,7 +1133,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         after: Position,
     ) -> bool {
         let backend = Arc::clone(&self.backend);
-        let wake = backend.wait_for_append(after, self.config.poll_interval);
+        let wake = backend.wait_for_append(after, self.config.poll_interval());
         self.until_stop(control, wake).await
     }
 
@@ -703,11 +1157,28 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     }
 }
 
+/// Reads a projection's committed checkpoint from its backend (for a handle whose runner does
+/// not hold the lease: the active runner may be elsewhere).
+type CheckpointProbe = Arc<
+    dyn Fn() -> futures_util::future::BoxFuture<'static, Result<Option<Position>, StoreError>>
+        + Send
+        + Sync,
+>;
+
 /// Controls a spawned [`ProjectionRunner`] and observes its status.
 pub struct ProjectionHandle<P> {
     status: watch::Receiver<ProjectionStatus>,
     control: mpsc::Sender<Control>,
-    task: Option<JoinHandle<P>>,
+    shared: CheckpointProbe,
+    task: Option<JoinHandle<Option<P>>>,
+}
+
+impl<P> std::fmt::Debug for ProjectionHandle<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionHandle")
+            .field("status", &*self.status.borrow())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<P: Projection> ProjectionHandle<P> {
@@ -721,44 +1192,69 @@ impl<P: Projection> ProjectionHandle<P> {
         self.status.clone()
     }
 
-    /// Waits until this runner has committed `position` (or anything after it). Times out cleanly,
-    /// also when the runner is stopped or failing.
+    /// Waits until the projection has committed `position` (or anything after it). While this
+    /// runner holds the lease its own status answers; otherwise (a standby, or a runner that
+    /// failed or stopped) the checkpoint in the backend answers, which the active runner, maybe
+    /// in another process, moves. Times out cleanly.
     pub async fn wait_for(&self, position: Position, timeout: Duration) -> Result<(), WaitError> {
-        let reached = |s: &ProjectionStatus| s.checkpoint.is_some_and(|c| c >= position);
+        let deadline = Instant::now() + timeout;
         let mut status = self.status.clone();
-        let outcome = tokio::time::timeout(timeout, status.wait_for(reached))
-            .await
-            .map(|r| r.is_ok());
-        match outcome {
-            Ok(true) => Ok(()),
-            // Ok(false): the runner ended; answer from its last status.
-            _ => {
-                let last = self.status.borrow().clone();
-                if reached(&last) {
+        let mut interval = Duration::from_millis(2);
+        let mut shared = None;
+        loop {
+            let (local, active) = {
+                let s = status.borrow_and_update();
+                let active = matches!(
+                    s.state,
+                    ProjectionState::Running | ProjectionState::Rebuilding
+                );
+                (s.checkpoint, active)
+            };
+            if local.is_some_and(|c| c >= position) {
+                return Ok(());
+            }
+            if !active {
+                shared = (self.shared)().await?;
+                if shared.is_some_and(|c| c >= position) {
                     return Ok(());
                 }
-                Err(WaitError::Timeout {
-                    name: last.name,
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(WaitError::Timeout {
+                    name: status.borrow().name.clone(),
                     target: position,
-                    reached: last.checkpoint,
+                    reached: local.max(shared),
                     timeout,
-                })
+                });
+            }
+            let left = deadline - now;
+            let runner_alive = status.has_changed().is_ok();
+            if active && runner_alive {
+                tokio::select! {
+                    _ = status.changed() => {}
+                    () = tokio::time::sleep(left) => {}
+                }
+            } else {
+                tokio::time::sleep(interval.min(left)).await;
+                interval = (interval * 2).min(Duration::from_millis(50));
             }
         }
     }
 
-    /// Skips the event at `position`, which must be the event the projection is failing on. The
-    /// backend records the skip.
+    /// Skips the event at `position`, which must be the event the projection is failing on, with
+    /// a skippable failure ([`ProjectionFailure::skippable`]). The backend records the skip.
     pub async fn skip(&self, position: Position) {
         // A closed channel means the runner ended; nothing left to skip.
         let _ = self.control.send(Control::Skip(position)).await;
     }
 
-    /// Stops the runner at its last committed checkpoint and returns the projection.
+    /// Stops the runner at its last committed checkpoint and returns the projection (`None` if
+    /// the runner had died of a panic).
     pub async fn stop(mut self) -> Option<P> {
         let _ = self.control.send(Control::Stop).await;
         match self.task.take() {
-            Some(task) => task.await.ok(),
+            Some(task) => task.await.ok().flatten(),
             None => None,
         }
     }
@@ -816,8 +1312,8 @@ pub struct SkippedEvent {
     pub projection: String,
     /// The skipped event's position.
     pub position: Position,
-    /// Its type.
-    pub event_type: String,
+    /// Its type (`None` for a stored row that could not be read).
+    pub event_type: Option<String>,
     /// The error it caused.
     pub reason: String,
 }
@@ -895,10 +1391,10 @@ impl<S: EventStore, P: Projection<Context = ()>> ProjectionBackend<P> for InProc
             .into());
         }
         for (index, event) in events.iter().enumerate() {
-            if let Err(error) = projection.handle(event, &mut ()).await {
+            if let Err(error) = handle_event(projection, event, &mut ()).await {
                 // The events before it are applied (in memory, nothing to roll back): flush
                 // them and move the checkpoint to the last one.
-                let flushed = projection.flush(&mut ()).await;
+                let flushed = flush_batch(projection, &mut ()).await;
                 if flushed.is_err() {
                     projection.discard();
                 }
@@ -920,7 +1416,7 @@ impl<S: EventStore, P: Projection<Context = ()>> ProjectionBackend<P> for InProc
                 });
             }
         }
-        if let Err(error) = projection.flush(&mut ()).await {
+        if let Err(error) = flush_batch(projection, &mut ()).await {
             projection.discard();
             return Err(BatchError::Projection {
                 index: events.len().saturating_sub(1),
@@ -941,7 +1437,7 @@ impl<S: EventStore, P: Projection<Context = ()>> ProjectionBackend<P> for InProc
         &self,
         name: &str,
         expected: Option<Position>,
-        event: &RecordedEvent,
+        event: &SkipTarget,
         reason: &str,
     ) -> Result<(), StoreError> {
         use crate::checkpoint::CheckpointStore;

@@ -235,13 +235,14 @@ impl Projection for Totals {
 }
 
 fn fast() -> RunnerConfig {
-    RunnerConfig {
-        batch_size: 7,
-        poll_interval: Duration::from_millis(20),
-        initial_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(40),
-        standby_interval: Duration::from_millis(20),
-    }
+    RunnerConfig::builder()
+        .batch_size(7)
+        .poll_interval(Duration::from_millis(20))
+        .initial_backoff(Duration::from_millis(10))
+        .max_backoff(Duration::from_millis(40))
+        .standby_interval(Duration::from_millis(20))
+        .build()
+        .unwrap()
 }
 
 async fn noise(store: &InMemoryStore, n: usize) {
@@ -347,12 +348,15 @@ async fn failure_stops_at_last_good_event_and_skip_is_recorded() {
         .await
         .unwrap()
         .clone();
-    assert_eq!(failed.last_error.as_ref().unwrap().0, Some(poison_position));
+    assert_eq!(
+        failed.last_error.as_ref().unwrap().position,
+        Some(poison_position)
+    );
     assert!(failed
         .last_error
         .as_ref()
         .unwrap()
-        .1
+        .message
         .contains("poison amount 13"));
     assert!(
         failed.checkpoint.unwrap() < poison_position,

@@ -54,7 +54,7 @@ pub(crate) fn map_error_in(schema: &str, error: sqlx::Error) -> StoreError {
     map_error(error)
 }
 
-fn is_connection_error(error: &sqlx::Error) -> bool {
+pub(crate) fn is_connection_error(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut

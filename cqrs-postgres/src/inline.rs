@@ -1,6 +1,7 @@
 //! Inline projections: read models updated by the append's own transaction.
 
 use async_trait::async_trait;
+use cqrs_core::projection::{flush_batch, handle_event};
 use cqrs_core::{Projection, ProjectionError, RecordedEvent};
 use sqlx::postgres::PgConnection;
 
@@ -38,9 +39,9 @@ where
         let mut projection = self.0.clone();
         for event in events {
             if P::EVENT_TYPES.contains(&event.event_type.as_str()) {
-                projection.handle(event, conn).await?;
+                handle_event(&mut projection, event, conn).await?;
             }
         }
-        projection.flush(conn).await
+        flush_batch(&mut projection, conn).await
     }
 }

@@ -885,6 +885,41 @@ impl EventStore for PostgresStore {
         row.as_ref().map(row::position).transpose()
     }
 
+    async fn committed_head(&self) -> Result<Option<Position>, StoreError> {
+        let row = sqlx::query(self.sql.committed_head.clone())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.fail(e))?;
+        row.as_ref().map(row::position).transpose()
+    }
+
+    /// Waits (up to [`PostgresStore::with_horizon_wait`]) until the visibility horizon passes
+    /// `position`'s transaction: then every transaction that could still write an event before
+    /// it has finished.
+    async fn wait_until_readable(&self, position: Position) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let horizon: String = sqlx::query_scalar(self.sql.horizon.clone())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| self.fail(e))?;
+            if row::parse_tx(&horizon).map_err(|e| StoreError::Backend(e.into()))? > position.tx {
+                return Ok(());
+            }
+            let waited = started.elapsed();
+            if waited + pause > self.horizon_wait {
+                return Err(StoreError::NotYetReadable {
+                    position,
+                    waited,
+                    held_by: self.horizon().await?.to_string(),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(25));
+        }
+    }
+
     async fn count_after(&self, after: Position, types: EventTypes<'_>) -> Result<u64, StoreError> {
         let (all, only) = (&self.sql.count_after, &self.sql.count_after_filtered);
         self.count(all, only, types, &[after]).await

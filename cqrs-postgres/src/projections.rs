@@ -3,9 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use cqrs_core::subscription::{BatchError, Lease, ProjectionBackend, SkippedEvent};
+use cqrs_core::projection::{flush_batch, handle_event};
+use cqrs_core::subscription::{BatchError, Lease, ProjectionBackend, SkipTarget, SkippedEvent};
 use cqrs_core::{
-    CheckpointStore, EventId, EventStore, Position, Projection, RecordedEvent, StoreError,
+    CheckpointStore, EventId, EventStore, Position, Projection, ProjectionError, RecordedEvent,
+    StoreError,
 };
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
@@ -111,7 +113,7 @@ impl PostgresProjections {
                 Ok(SkippedEvent {
                     projection: row.try_get("projection").map_err(map_error)?,
                     position: crate::checkpoint_position(row)?,
-                    event_type: row.try_get("event_type").map_err(map_error)?,
+                    event_type: Some(row.try_get("event_type").map_err(map_error)?),
                     reason: row.try_get("reason").map_err(map_error)?,
                 })
             })
@@ -186,32 +188,31 @@ where
             .await?;
         let outcome = async {
             for (index, event) in events.iter().enumerate() {
-                if let Err(error) = projection.handle(event, tx.conn()).await {
-                    return Err(BatchError::Projection {
-                        index,
-                        committed: 0,
-                        error,
-                    });
+                if let Err(error) = handle_event(projection, event, tx.conn()).await {
+                    return Err((index, error));
                 }
             }
             if !events.is_empty() {
-                projection
-                    .flush(tx.conn())
+                flush_batch(projection, tx.conn())
                     .await
-                    .map_err(|error| BatchError::Projection {
-                        index: events.len() - 1,
-                        committed: 0,
-                        error,
-                    })?;
+                    .map_err(|error| (events.len() - 1, error))?;
             }
             Ok(())
         }
         .await;
-        if let Err(error) = outcome {
-            // Dropping `tx` rolls the batch back: nothing of it is committed, and nothing the
-            // handlers buffered may be written by the next attempt.
+        if let Err((index, error)) = outcome {
+            // Rolling back (or dropping `tx`) undoes the batch: nothing of it is committed, and
+            // nothing the handlers buffered may be written by the next attempt.
             projection.discard();
-            return Err(error);
+            let rolled_back = tx.rollback().await;
+            return Err(match storage_failure(&error, rolled_back) {
+                Some(store) => BatchError::Store(store),
+                None => BatchError::Projection {
+                    index,
+                    committed: 0,
+                    error,
+                },
+            });
         }
         if let Err(error) = tx.commit().await {
             projection.discard();
@@ -228,7 +229,7 @@ where
         &self,
         name: &str,
         expected: Option<Position>,
-        event: &RecordedEvent,
+        event: &SkipTarget,
         reason: &str,
     ) -> Result<(), StoreError> {
         let sequence = i64::try_from(event.position.sequence)
@@ -237,16 +238,21 @@ where
         self.store
             .save_checkpoint_in(tx.conn(), name, expected, event.position)
             .await?;
-        sqlx::query(self.store.sql.record_skip.clone())
+        // The event's id and type come from its row: a row whose payload cannot be decoded
+        // still has them.
+        let recorded = sqlx::query(self.store.sql.record_skip.clone())
             .bind(name)
             .bind(event.position.tx.to_string())
             .bind(sequence)
-            .bind(*event.event_id.as_uuid())
-            .bind(&event.event_type)
             .bind(reason)
             .execute(tx.conn())
             .await
             .map_err(|e| self.store.fail(e))?;
+        if recorded.rows_affected() != 1 {
+            return Err(StoreError::Backend(
+                format!("no event at position {} to skip", event.position).into(),
+            ));
+        }
         tx.commit().await
     }
 
@@ -275,6 +281,35 @@ where
 
     async fn wait_for_append(&self, after: Position, timeout: Duration) {
         self.store.wait_for_append(after, timeout).await;
+    }
+}
+
+/// A handler failed: whether the failure is really the storage's (then it is retried with
+/// backoff and never offered as a poison event). It is when the handler's error comes from a
+/// lost connection or a transient conflict of the database (a serialization failure or a
+/// deadlock, which a retry resolves), or when the batch's connection can no longer roll back.
+fn storage_failure(
+    error: &ProjectionError,
+    rolled_back: Result<(), StoreError>,
+) -> Option<StoreError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(sqlx) = cause.downcast_ref::<sqlx::Error>() {
+            let transient = match sqlx {
+                sqlx::Error::Database(db) => {
+                    matches!(db.code().as_deref(), Some("40001" | "40P01"))
+                }
+                _ => false,
+            };
+            if transient || crate::error::is_connection_error(sqlx) {
+                return Some(StoreError::Connection(error.to_string().into()));
+            }
+        }
+        source = cause.source();
+    }
+    match rolled_back {
+        Err(lost @ StoreError::Connection(_)) => Some(lost),
+        _ => None,
     }
 }
 

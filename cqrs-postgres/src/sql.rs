@@ -71,6 +71,7 @@ pub struct Statements {
     pub horizon_status: SqlStr,
     pub stream_version: SqlStr,
     pub head: SqlStr,
+    pub committed_head: SqlStr,
     pub count_after: SqlStr,
     pub count_after_filtered: SqlStr,
     pub count_between: SqlStr,
@@ -273,6 +274,11 @@ impl Statements {
                 "SELECT position, tx::text AS tx_text FROM {events} WHERE tx < {HORIZON}
                  ORDER BY tx DESC, position DESC LIMIT 1"
             )),
+            // Every committed event, readable or still above the horizon.
+            committed_head: sql(format!(
+                "SELECT position, tx::text AS tx_text FROM {events}
+                 ORDER BY tx DESC, position DESC LIMIT 1"
+            )),
             count_after: sql(format!(
                 "SELECT count(*) FROM {events}
                  WHERE (tx, position) > ($1::text::xid8, $2) AND tx < {HORIZON}"
@@ -318,7 +324,8 @@ impl Statements {
             delete_checkpoint: sql(format!("DELETE FROM {s}.checkpoints WHERE name = $1")),
             record_skip: sql(format!(
                 "INSERT INTO {s}.projection_skips (projection, tx, position, event_id, event_type, reason)
-                 VALUES ($1, $2::text::xid8, $3, $4, $5, $6)"
+                 SELECT $1, tx, position, event_id, event_type, $4 FROM {events}
+                 WHERE tx = $2::text::xid8 AND position = $3"
             )),
             skipped: sql(format!(
                 "SELECT projection, tx::text AS tx_text, position, event_type, reason

@@ -20,7 +20,8 @@ use crate::error::map_error;
 /// future), it closes the connection, and PostgreSQL rolls the transaction back.
 pub(crate) struct Tx {
     conn: PoolConnection<Postgres>,
-    committed: bool,
+    /// The transaction ended (committed or rolled back): the connection may go back to the pool.
+    ended: bool,
 }
 
 impl Tx {
@@ -29,7 +30,7 @@ impl Tx {
         // connection instead of returning it to the pool mid-transaction.
         let mut tx = Self {
             conn: pool.acquire().await.map_err(map_error)?,
-            committed: false,
+            ended: false,
         };
         tx.conn().execute("BEGIN").await.map_err(map_error)?;
         Ok(tx)
@@ -43,14 +44,24 @@ impl Tx {
     /// Commits; the connection goes back to the pool only if this succeeds.
     pub(crate) async fn commit(mut self) -> Result<(), StoreError> {
         self.conn().execute("COMMIT").await.map_err(map_error)?;
-        self.committed = true;
+        self.ended = true;
+        Ok(())
+    }
+}
+
+impl Tx {
+    /// Rolls back; the connection goes back to the pool only if this succeeds. An error here
+    /// means the connection is gone (the server rolled back with it).
+    pub(crate) async fn rollback(mut self) -> Result<(), StoreError> {
+        self.conn().execute("ROLLBACK").await.map_err(map_error)?;
+        self.ended = true;
         Ok(())
     }
 }
 
 impl Drop for Tx {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.ended {
             // Ending the session rolls the transaction back on the server.
             self.conn.close_on_drop();
         }

@@ -140,13 +140,18 @@ fn random() -> u64 {
 }
 
 fn config() -> RunnerConfig {
-    RunnerConfig {
-        batch_size: 100,
-        poll_interval: Duration::from_millis(200),
-        initial_backoff: Duration::from_millis(20),
-        max_backoff: Duration::from_millis(200),
-        standby_interval: Duration::from_millis(100),
-    }
+    config_with(100)
+}
+
+fn config_with(batch_size: usize) -> RunnerConfig {
+    RunnerConfig::builder()
+        .batch_size(batch_size)
+        .poll_interval(Duration::from_millis(200))
+        .initial_backoff(Duration::from_millis(20))
+        .max_backoff(Duration::from_millis(200))
+        .standby_interval(Duration::from_millis(100))
+        .build()
+        .unwrap()
 }
 
 fn spawn(store: &PostgresStore, projection: Balances, name: &str) -> ProjectionHandle<Balances> {
@@ -418,10 +423,7 @@ async fn aborting_runners_mid_batch_leaves_no_transaction_behind() {
     for _ in 0..40 {
         let handle =
             ProjectionRunner::new(projection.clone(), PostgresProjections::new(store.clone()))
-                .with_config(RunnerConfig {
-                    batch_size: 20,
-                    ..config()
-                })
+                .with_config(config_with(20))
                 .spawn();
         tokio::time::sleep(Duration::from_micros(500 + random() % 20_000)).await;
         handle.abort();
@@ -659,7 +661,8 @@ async fn a_poison_event_stops_the_projection_until_skipped_and_the_skip_is_recor
     .unwrap()
     .unwrap()
     .clone();
-    let (Some(poison), message) = failed.last_error.clone().unwrap() else {
+    let failure = failed.last_error.clone().unwrap();
+    let (Some(poison), message) = (failure.position, failure.message) else {
         panic!("the failure names the position: {failed:?}")
     };
     assert!(message.contains("negative deposit -5"), "{message}");
@@ -856,7 +859,7 @@ async fn batched_writes_are_committed_once_even_when_a_batch_is_abandoned() {
     .unwrap()
     .unwrap()
     .clone();
-    let poison = failed.last_error.clone().unwrap().0.unwrap();
+    let poison = failed.last_error.clone().unwrap().position.unwrap();
     handle.skip(poison).await;
     handle
         .wait_for(head(&store).await, Duration::from_secs(10))
