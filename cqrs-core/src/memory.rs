@@ -419,10 +419,10 @@ impl<P: Projection<Context = ()> + Clone + Sync> InlineHook for InlineReadModel<
                 .iter()
                 .filter(|e| P::EVENT_TYPES.contains(&e.event_type.as_str()))
             {
-                staged.handle(event, &mut ()).await?;
+                crate::projection::handle_event(&mut staged, event, &mut ()).await?;
             }
             // A failure drops `staged`, and with it anything buffered.
-            staged.flush(&mut ()).await?;
+            crate::projection::flush_batch(&mut staged, &mut ()).await?;
             let state = Arc::clone(&self.state);
             let commit: Commit = Box::new(move || {
                 *state.write().unwrap_or_else(PoisonError::into_inner) = staged;
@@ -438,4 +438,9 @@ mod conformance {
         super::InMemoryStore::new()
     }
     crate::backend_conformance_tests!(fresh);
+
+    async fn fresh_projections() -> crate::subscription::InProcess<super::InMemoryStore> {
+        crate::subscription::InProcess::new(super::InMemoryStore::new())
+    }
+    crate::projection_conformance_tests!(fresh_projections, context = ());
 }

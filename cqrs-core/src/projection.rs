@@ -127,10 +127,9 @@ pub async fn handle_event<P: Projection>(
     context: &mut P::Context,
 ) -> Result<(), ProjectionError> {
     use futures_util::FutureExt;
-    match std::panic::AssertUnwindSafe(projection.handle(event, context))
-        .catch_unwind()
-        .await
-    {
+    // The call itself inside the guarded future: a handler may panic before returning one.
+    let handled = async { projection.handle(event, context).await };
+    match std::panic::AssertUnwindSafe(handled).catch_unwind().await {
         Ok(outcome) => outcome,
         Err(panic) => Err(ProjectionError::Panicked {
             projection: P::NAME,
@@ -147,10 +146,8 @@ pub async fn flush_batch<P: Projection>(
     context: &mut P::Context,
 ) -> Result<(), ProjectionError> {
     use futures_util::FutureExt;
-    match std::panic::AssertUnwindSafe(projection.flush(context))
-        .catch_unwind()
-        .await
-    {
+    let flushed = async { projection.flush(context).await };
+    match std::panic::AssertUnwindSafe(flushed).catch_unwind().await {
         Ok(outcome) => outcome,
         Err(panic) => Err(ProjectionError::Flush {
             projection: P::NAME,

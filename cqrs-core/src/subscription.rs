@@ -591,9 +591,12 @@ async fn commit_guarded<P: Projection, B: ProjectionBackend<P>>(
     events: &[RecordedEvent],
     to: Position,
 ) -> Result<Result<(), BatchError>, String> {
-    let outcome = AssertUnwindSafe(backend.commit_batch(projection, name, expected, events, to))
-        .catch_unwind()
-        .await;
+    let commit = async {
+        backend
+            .commit_batch(projection, name, expected, events, to)
+            .await
+    };
+    let outcome = AssertUnwindSafe(commit).catch_unwind().await;
     outcome.map_err(|panic| {
         projection.discard();
         crate::projection::panic_message(panic.as_ref())

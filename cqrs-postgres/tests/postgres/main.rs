@@ -159,4 +159,9 @@ mod conformance {
     use super::fresh_store;
 
     cqrs_core::backend_conformance_tests!(fresh_store);
+
+    async fn fresh_projections() -> cqrs_postgres::PostgresProjections {
+        cqrs_postgres::PostgresProjections::new(fresh_store().await)
+    }
+    cqrs_core::projection_conformance_tests!(fresh_projections, context = sqlx::PgConnection);
 }

@@ -13,6 +13,8 @@
 // A test suite: failing assertions panic by design.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod projections;
+
 use std::collections::{HashMap, HashSet};
 
 use futures_util::TryStreamExt;

@@ -1,0 +1,361 @@
+//! The projection part of the suite: what a [`ProjectionRunner`] on every [`ProjectionBackend`]
+//! promises (failures at their position, skips, the lease around catch-ups and rebuilds,
+//! read-your-own-writes from a standby).
+//!
+//! A backend's test crate calls [`crate::projection_conformance_tests!`] with an async factory
+//! returning a fresh backend over an empty store, and the backend's projection context type.
+
+use std::marker::PhantomData;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::event::{EventId, Metadata, NewEvent, RecordedEvent};
+use crate::projection::{Projection, ProjectionError};
+use crate::store::EventStore;
+use crate::stream::{ExpectedVersion, Position, StreamId};
+use crate::subscription::{
+    FailureCause, ProjectionBackend, ProjectionHandle, ProjectionRunner, ProjectionState,
+    ProjectionStatus, RunError, RunnerConfig,
+};
+
+/// Generates one `#[tokio::test]` per projection conformance case, each with a fresh backend
+/// from `$factory` (an `async fn() -> B` where `B: ProjectionBackend<Recorder<$context>>`).
+#[macro_export]
+macro_rules! projection_conformance_tests {
+    ($factory:path, context = $context:ty) => {
+        $crate::projection_conformance_tests!(@cases $factory; $context;
+            failures_stop_at_their_event_and_skips_move_past_them,
+            catch_up_and_rebuild_hold_the_lease,
+            a_standby_waits_on_the_shared_checkpoint,
+            catch_up_applies_everything_committed_before_it,
+        );
+    };
+    (@cases $factory:path; $context:ty; $($case:ident),* $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                $crate::conformance::projections::$case::<$context, _>($factory().await).await;
+            }
+        )*
+    };
+}
+
+/// A projection for any backend: it records the positions it applied in memory, committing them
+/// in [`Projection::flush`] and dropping them in [`Projection::discard`], so `applied` holds each
+/// committed event once, whatever the backend rolls back. It applies `Recorded`, refuses
+/// `Refused` with a handler error and panics on `Panicking`.
+pub struct Recorder<C> {
+    applied: Arc<Mutex<Vec<Position>>>,
+    pending: Vec<Position>,
+    _context: PhantomData<fn() -> C>,
+}
+
+impl<C> std::fmt::Debug for Recorder<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("applied", &self.applied())
+            .field("pending", &self.pending)
+            .finish()
+    }
+}
+
+impl<C> Clone for Recorder<C> {
+    fn clone(&self) -> Self {
+        Self {
+            applied: Arc::clone(&self.applied),
+            pending: Vec::new(),
+            _context: PhantomData,
+        }
+    }
+}
+
+impl<C> Default for Recorder<C> {
+    fn default() -> Self {
+        Self {
+            applied: Arc::default(),
+            pending: Vec::new(),
+            _context: PhantomData,
+        }
+    }
+}
+
+impl<C> Recorder<C> {
+    /// The positions applied and committed so far, in order.
+    pub fn applied(&self) -> Vec<Position> {
+        self.applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl<C: Send + 'static> Projection for Recorder<C> {
+    const NAME: &'static str = "conformance_recorder";
+    const EVENT_TYPES: &'static [&'static str] = &["Recorded", "Refused", "Panicking"];
+    type Context = C;
+
+    async fn handle<'a>(
+        &'a mut self,
+        event: &'a RecordedEvent,
+        _context: &'a mut C,
+    ) -> Result<(), ProjectionError> {
+        match event.event_type.as_str() {
+            "Refused" => Err(ProjectionError::Handler {
+                projection: Self::NAME,
+                event_type: event.event_type.clone(),
+                position: event.position,
+                source: "refused on purpose".into(),
+            }),
+            "Panicking" => panic!("panicking on purpose at {}", event.position),
+            _ => {
+                self.pending.push(event.position);
+                Ok(())
+            }
+        }
+    }
+
+    async fn flush<'a>(&'a mut self, _context: &'a mut C) -> Result<(), ProjectionError> {
+        let pending = std::mem::take(&mut self.pending);
+        self.applied
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(pending);
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        self.pending.clear();
+    }
+}
+
+fn config() -> RunnerConfig {
+    RunnerConfig::builder()
+        .batch_size(3)
+        .poll_interval(Duration::from_millis(50))
+        .initial_backoff(Duration::from_millis(10))
+        .max_backoff(Duration::from_millis(50))
+        .standby_interval(Duration::from_millis(20))
+        .build()
+        .expect("a valid configuration")
+}
+
+/// Appends one event of each type in `types` (each its own append) and returns their positions.
+async fn append_each(store: &dyn EventStore, types: &[&str]) -> Vec<Position> {
+    let stream = StreamId::new("conformance", EventId::new().to_string());
+    let mut positions = Vec::new();
+    for (n, event_type) in types.iter().enumerate() {
+        let event = NewEvent {
+            event_id: EventId::new(),
+            event_type: (*event_type).to_owned(),
+            schema_version: 1,
+            payload: json!({ "n": n }),
+            metadata: Metadata::default(),
+        };
+        let written = store
+            .append(&stream, ExpectedVersion::Any, vec![event])
+            .await
+            .expect("append");
+        positions.push(written.position);
+    }
+    positions
+}
+
+async fn wait_status<P: Projection>(
+    handle: &ProjectionHandle<P>,
+    what: &str,
+    done: impl FnMut(&ProjectionStatus) -> bool,
+) -> ProjectionStatus {
+    let mut status = handle.watch_status();
+    let seen = tokio::time::timeout(Duration::from_secs(20), status.wait_for(done)).await;
+    match seen {
+        Ok(Ok(status)) => status.clone(),
+        _ => panic!("{what}; the status is {:?}", handle.status()),
+    }
+}
+
+/// Takes the lease for a catch-up or rebuild, retrying while a runner that just stopped still
+/// holds it (a backend may release it asynchronously, e.g. when its connection closes).
+async fn until_lease_is_free<T>(
+    mut attempt: impl FnMut() -> futures_util::future::BoxFuture<'static, Result<T, RunError>>,
+) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match attempt().await {
+            Err(RunError::LeaseHeld { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other.expect("catch-up after the live runner stopped"),
+        }
+    }
+}
+
+/// A handler error and a handler panic each stop the runner right after the event before them,
+/// with a typed, skippable failure at their position; skipping moves past exactly that event, and
+/// the events after it are applied once.
+pub async fn failures_stop_at_their_event_and_skips_move_past_them<C, B>(backend: B)
+where
+    C: Send + 'static,
+    B: ProjectionBackend<Recorder<C>>,
+{
+    let positions = append_each(
+        backend.events(),
+        &["Recorded", "Refused", "Recorded", "Panicking", "Recorded"],
+    )
+    .await;
+    let recorder = Recorder::<C>::default();
+    let handle = ProjectionRunner::new(recorder.clone(), backend)
+        .with_config(config())
+        .spawn();
+    for (failing, cause) in [(1, FailureCause::Handler), (3, FailureCause::Panic)] {
+        let failed = wait_status(&handle, "the runner reports the failure", |s| {
+            s.state == ProjectionState::Failed
+                && s.last_error
+                    .as_ref()
+                    .is_some_and(|e| e.position == Some(positions[failing]))
+        })
+        .await;
+        let failure = failed.last_error.expect("a failure");
+        assert_eq!(failure.cause, cause, "{failure:?}");
+        assert!(failure.skippable(), "{failure:?}");
+        assert_eq!(
+            failure.event_type.as_deref(),
+            Some(["Refused", "Panicking"][usize::from(failing == 3)])
+        );
+        assert_eq!(
+            failed.checkpoint,
+            Some(positions[failing - 1]),
+            "stopped right before the failing event"
+        );
+        handle.skip(positions[failing]).await;
+    }
+    handle
+        .wait_for(positions[4], Duration::from_secs(20))
+        .await
+        .expect("the runner moves on after the skips");
+    assert_eq!(
+        recorder.applied(),
+        vec![positions[0], positions[2], positions[4]],
+        "each good event applied once, the skipped ones not at all"
+    );
+    let status = handle.status();
+    assert_eq!(status.state, ProjectionState::Running, "{status:?}");
+    assert_eq!(status.last_error, None);
+    handle.stop().await;
+}
+
+/// A catch-up or rebuild beside a live runner of the same projection is refused (it would apply
+/// events twice); once the live runner stops, a rebuild replays every event exactly once.
+pub async fn catch_up_and_rebuild_hold_the_lease<C, B>(backend: B)
+where
+    C: Send + 'static,
+    B: ProjectionBackend<Recorder<C>>,
+{
+    let backend = Arc::new(backend);
+    let positions = append_each(backend.events(), &["Recorded", "Recorded", "Recorded"]).await;
+    let live = Recorder::<C>::default();
+    let handle = ProjectionRunner::with_backend(live.clone(), Arc::clone(&backend))
+        .with_config(config())
+        .spawn();
+    handle
+        .wait_for(positions[2], Duration::from_secs(20))
+        .await
+        .expect("the live runner catches up");
+    let rebuilt = Recorder::<C>::default();
+    let refused = ProjectionRunner::with_backend(rebuilt.clone(), Arc::clone(&backend))
+        .rebuild(rebuilt.clone(), || async { Ok(()) }, |_| {})
+        .await;
+    assert!(
+        matches!(refused, Err(RunError::LeaseHeld { .. })),
+        "a rebuild beside a live runner: {refused:?}"
+    );
+    let refused = ProjectionRunner::with_backend(rebuilt.clone(), Arc::clone(&backend))
+        .catch_up(|_| {})
+        .await;
+    assert!(
+        matches!(refused, Err(RunError::LeaseHeld { .. })),
+        "a catch-up beside a live runner: {refused:?}"
+    );
+    assert!(rebuilt.applied().is_empty(), "refused runs apply nothing");
+    handle.stop().await;
+    assert_eq!(
+        live.applied(),
+        positions,
+        "the live runner applied each once"
+    );
+
+    until_lease_is_free(|| {
+        let runner = ProjectionRunner::with_backend(rebuilt.clone(), Arc::clone(&backend));
+        let fresh = rebuilt.clone();
+        Box::pin(async move { runner.rebuild(fresh, || async { Ok(()) }, |_| {}).await })
+    })
+    .await;
+    assert_eq!(
+        rebuilt.applied(),
+        positions,
+        "the rebuild replays every event once"
+    );
+}
+
+/// A runner that waits as standby answers `wait_for` from the checkpoint the active runner moves
+/// (which may be in another process), instead of timing out.
+pub async fn a_standby_waits_on_the_shared_checkpoint<C, B>(backend: B)
+where
+    C: Send + 'static,
+    B: ProjectionBackend<Recorder<C>>,
+{
+    let backend = Arc::new(backend);
+    let active = ProjectionRunner::with_backend(Recorder::<C>::default(), Arc::clone(&backend))
+        .with_config(config())
+        .spawn();
+    wait_status(&active, "the first runner takes the lease", |s| {
+        s.state == ProjectionState::Running
+    })
+    .await;
+    let standby = ProjectionRunner::with_backend(Recorder::<C>::default(), Arc::clone(&backend))
+        .with_config(config())
+        .spawn();
+    wait_status(&standby, "the second runner waits as standby", |s| {
+        s.state == ProjectionState::Standby
+    })
+    .await;
+    let positions = append_each(backend.events(), &["Recorded", "Recorded"]).await;
+    standby
+        .wait_for(positions[1], Duration::from_secs(20))
+        .await
+        .expect("the standby sees the active runner's checkpoint");
+    assert_eq!(standby.status().state, ProjectionState::Standby);
+    active.stop().await;
+    standby.stop().await;
+}
+
+/// `catch_up` returns only once every event committed before the call is applied, in order.
+pub async fn catch_up_applies_everything_committed_before_it<C, B>(backend: B)
+where
+    C: Send + 'static,
+    B: ProjectionBackend<Recorder<C>>,
+{
+    let backend = Arc::new(backend);
+    let mut positions = Vec::new();
+    for _ in 0..4 {
+        positions.extend(append_each(backend.events(), &["Recorded", "Unhandled"]).await);
+    }
+    let recorder = Recorder::<C>::default();
+    ProjectionRunner::with_backend(recorder.clone(), Arc::clone(&backend))
+        .with_config(config())
+        .catch_up(|_| {})
+        .await
+        .expect("catch-up");
+    let handled: Vec<Position> = positions.iter().copied().step_by(2).collect();
+    assert_eq!(recorder.applied(), handled);
+    let checkpoint = backend
+        .load_checkpoint(Recorder::<C>::NAME)
+        .await
+        .expect("checkpoint");
+    assert_eq!(
+        checkpoint,
+        positions.last().copied(),
+        "the checkpoint reaches the last event committed before the call"
+    );
+}
