@@ -663,3 +663,112 @@ async fn runners_read_the_whole_log_while_it_is_mostly_theirs() {
     assert_eq!(live.by_stream, caught_up.by_stream);
     switched(&store.whole_log_reads.lock().unwrap());
 }
+
+#[test]
+fn runner_config_rejects_settings_a_runner_cannot_work_with() {
+    let zero_batch = RunnerConfig::builder().batch_size(0).build().unwrap_err();
+    assert_eq!(zero_batch.setting, "batch_size");
+    assert!(
+        zero_batch.to_string().contains("at least 1"),
+        "{zero_batch}"
+    );
+    for (builder, setting) in [
+        (
+            RunnerConfig::builder().poll_interval(Duration::ZERO),
+            "poll_interval",
+        ),
+        (
+            RunnerConfig::builder().initial_backoff(Duration::ZERO),
+            "initial_backoff",
+        ),
+        (
+            RunnerConfig::builder().standby_interval(Duration::ZERO),
+            "standby_interval",
+        ),
+        (
+            RunnerConfig::builder()
+                .initial_backoff(Duration::from_secs(2))
+                .max_backoff(Duration::from_secs(1)),
+            "max_backoff",
+        ),
+    ] {
+        assert_eq!(builder.build().unwrap_err().setting, setting);
+    }
+    let built = RunnerConfig::builder().batch_size(1).build().unwrap();
+    assert_eq!(built.batch_size(), 1);
+    assert_eq!(
+        RunnerConfig::builder().build().unwrap(),
+        RunnerConfig::default()
+    );
+}
+
+/// A backend whose lease acquisition panics: the runner task dies outside any handler.
+struct PanickingLease(InProcess<InMemoryStore>);
+
+impl<P: Projection<Context = ()>> cqrs_core::subscription::ProjectionBackend<P> for PanickingLease {
+    fn events(&self) -> &dyn EventStore {
+        cqrs_core::subscription::ProjectionBackend::<P>::events(&self.0)
+    }
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, cqrs_core::StoreError> {
+        cqrs_core::subscription::ProjectionBackend::<P>::load_checkpoint(&self.0, name).await
+    }
+    async fn commit_batch(
+        &self,
+        projection: &mut P,
+        name: &str,
+        expected: Option<Position>,
+        events: &[RecordedEvent],
+        to: Position,
+    ) -> Result<(), cqrs_core::subscription::BatchError> {
+        self.0
+            .commit_batch(projection, name, expected, events, to)
+            .await
+    }
+    async fn reset_checkpoint(&self, name: &str) -> Result<(), cqrs_core::StoreError> {
+        cqrs_core::subscription::ProjectionBackend::<P>::reset_checkpoint(&self.0, name).await
+    }
+    async fn record_skip(
+        &self,
+        name: &str,
+        expected: Option<Position>,
+        event: &cqrs_core::subscription::SkipTarget,
+        reason: &str,
+    ) -> Result<(), cqrs_core::StoreError> {
+        cqrs_core::subscription::ProjectionBackend::<P>::record_skip(
+            &self.0, name, expected, event, reason,
+        )
+        .await
+    }
+    async fn acquire_lease(
+        &self,
+        _name: &str,
+    ) -> Result<Option<Box<dyn cqrs_core::subscription::Lease>>, cqrs_core::StoreError> {
+        panic!("the lease table is on fire")
+    }
+    async fn wait_for_append(&self, after: Position, timeout: Duration) {
+        cqrs_core::subscription::ProjectionBackend::<P>::wait_for_append(&self.0, after, timeout)
+            .await;
+    }
+}
+
+#[tokio::test]
+async fn a_runner_killed_by_a_panic_does_not_say_it_runs() {
+    let backend = PanickingLease(InProcess::new(InMemoryStore::new()));
+    let handle = ProjectionRunner::new(Totals::default(), backend)
+        .with_config(fast())
+        .spawn();
+    let mut status = handle.watch_status();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.state == ProjectionState::Stopped),
+    )
+    .await
+    .expect("the status says the runner stopped")
+    .unwrap()
+    .clone();
+    let failure = ended.last_error.expect("the panic is reported");
+    assert_eq!(failure.cause, cqrs_core::subscription::FailureCause::Panic);
+    assert!(failure.message.contains("on fire"), "{failure:?}");
+    assert!(!failure.skippable());
+    assert!(handle.stop().await.is_none());
+}
