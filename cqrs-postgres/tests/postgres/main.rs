@@ -15,6 +15,7 @@ mod gaps;
 mod group_commit;
 mod hostile;
 mod projections;
+mod runner;
 mod schema;
 mod transactions;
 
