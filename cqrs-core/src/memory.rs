@@ -8,13 +8,13 @@ use async_trait::async_trait;
 use chrono::Utc;
 use tokio::sync::watch;
 
-use crate::checkpoint::CheckpointStore;
+use crate::checkpoint::{validate_checkpoint_name, CheckpointStore};
 use crate::event::{EventId, NewEvent, RecordedEvent};
 use crate::projection::Projection;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::store::{
-    resolve_retry, validate_append, AppendResult, ConcurrencyError, EventStore, EventTypes,
-    StoreError, StoredEventRef,
+    resolve_retry, validate_append, validate_types, AppendResult, ConcurrencyError, EventStore,
+    EventTypes, StoreError, StoredEventRef,
 };
 use crate::stream::{ExpectedVersion, Position, StreamId, StreamVersion};
 
@@ -219,6 +219,7 @@ impl EventStore for InMemoryStore {
         from: StreamVersion,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        stream.validate()?;
         let log = self.inner.log.read().await;
         let Some(indices) = log.streams.get(stream) else {
             return Ok(Vec::new());
@@ -238,6 +239,7 @@ impl EventStore for InMemoryStore {
         types: EventTypes<'_>,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        validate_types(types)?;
         let log = self.inner.log.read().await;
         // Positions are dense from 1 in the in-memory log, so the sequence is the index + 1.
         let start = usize::try_from(after.sequence).unwrap_or(usize::MAX);
@@ -252,6 +254,7 @@ impl EventStore for InMemoryStore {
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, StoreError> {
+        stream.validate()?;
         let log = self.inner.log.read().await;
         Ok(log.version(stream))
     }
@@ -262,6 +265,7 @@ impl EventStore for InMemoryStore {
     }
 
     async fn count_after(&self, after: Position, types: EventTypes<'_>) -> Result<u64, StoreError> {
+        validate_types(types)?;
         let log = self.inner.log.read().await;
         let start = usize::try_from(after.sequence).unwrap_or(usize::MAX);
         Ok(log
@@ -278,6 +282,7 @@ impl EventStore for InMemoryStore {
         until: Position,
         types: EventTypes<'_>,
     ) -> Result<u64, StoreError> {
+        validate_types(types)?;
         let log = self.inner.log.read().await;
         let start = usize::try_from(after.sequence).unwrap_or(usize::MAX);
         let end = usize::try_from(until.sequence).unwrap_or(usize::MAX);
@@ -299,6 +304,7 @@ impl EventStore for InMemoryStore {
 #[async_trait]
 impl SnapshotStore for InMemoryStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        stream.validate()?;
         let snapshots = self
             .inner
             .snapshots
@@ -327,6 +333,7 @@ impl SnapshotStore for InMemoryStore {
 #[async_trait]
 impl CheckpointStore for InMemoryStore {
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        validate_checkpoint_name(name)?;
         let checkpoints = self
             .inner
             .checkpoints
@@ -341,6 +348,7 @@ impl CheckpointStore for InMemoryStore {
         expected: Option<Position>,
         new: Position,
     ) -> Result<(), StoreError> {
+        validate_checkpoint_name(name)?;
         let mut checkpoints = self
             .inner
             .checkpoints
@@ -359,6 +367,7 @@ impl CheckpointStore for InMemoryStore {
     }
 
     async fn delete_checkpoint(&self, name: &str) -> Result<(), StoreError> {
+        validate_checkpoint_name(name)?;
         let mut checkpoints = self
             .inner
             .checkpoints

@@ -318,6 +318,18 @@ pub fn validate_append(stream: &StreamId, events: &[NewEvent]) -> Result<(), Sto
     Ok(())
 }
 
+/// Checks the type names of a read's filter, so a name no backend can store is an
+/// [`InvalidId`] on every backend (rather than an empty result on one and a database error on
+/// another).
+pub fn validate_types(types: EventTypes<'_>) -> Result<(), InvalidId> {
+    match types {
+        EventTypes::All => Ok(()),
+        EventTypes::Only(names) => names.iter().try_for_each(|name| {
+            crate::stream::validate_name("event type", name, crate::stream::MAX_EVENT_TYPE_LEN)
+        }),
+    }
+}
+
 /// Where an already-stored event is; input to [`resolve_retry`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEventRef {

@@ -91,6 +91,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use cqrs_core::store::validate_types;
 use cqrs_core::{
     AppendResult, CheckpointStore, EventStore, EventTypes, ExpectedVersion, NewEvent, Position,
     RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId, StreamVersion,
@@ -471,6 +472,7 @@ impl PostgresStore {
         types: EventTypes<'_>,
         positions: &[Position],
     ) -> Result<u64, StoreError> {
+        validate_types(types)?;
         let mut query = match types {
             EventTypes::All => sqlx::query_scalar(all.clone()),
             EventTypes::Only(names) => sqlx::query_scalar(only.clone()).bind(names.to_vec()),
@@ -651,26 +653,10 @@ impl PostgresStore {
     }
 }
 
-/// Longest checkpoint name accepted, in bytes (it is the key of a B-tree index).
-pub const MAX_CHECKPOINT_NAME_LEN: usize = 1024;
+pub use cqrs_core::checkpoint::MAX_CHECKPOINT_NAME_LEN;
 
 fn validate_checkpoint_name(name: &str) -> Result<(), StoreError> {
-    let reason = if name.is_empty() {
-        "must not be empty".to_owned()
-    } else if name.len() > MAX_CHECKPOINT_NAME_LEN {
-        format!(
-            "is {} bytes long; the limit is {MAX_CHECKPOINT_NAME_LEN}",
-            name.len()
-        )
-    } else if name.contains('\0') {
-        "must not contain a NUL character".to_owned()
-    } else {
-        return Ok(());
-    };
-    Err(StoreError::InvalidId(cqrs_core::stream::InvalidId {
-        what: "checkpoint name",
-        reason,
-    }))
+    Ok(cqrs_core::checkpoint::validate_checkpoint_name(name)?)
 }
 
 /// The `after` cursor's sequence as a bigint; beyond `i64::MAX` nothing can follow it anyway.
@@ -827,6 +813,7 @@ impl EventStore for PostgresStore {
         from: StreamVersion,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        stream.validate()?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let query = || {
             sqlx::query(self.sql.read_stream.clone())
@@ -858,6 +845,7 @@ impl EventStore for PostgresStore {
         types: EventTypes<'_>,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        validate_types(types)?;
         let mut events = self.read_page(after, types, limit).await?;
         if events.len() >= limit || self.horizon_wait.is_zero() {
             return Ok(events);
@@ -873,6 +861,7 @@ impl EventStore for PostgresStore {
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, StoreError> {
+        stream.validate()?;
         let mut conn = self.pool.acquire().await.map_err(map_error)?;
         append::stream_version(&mut conn, &self.sql, stream).await
     }
@@ -948,6 +937,7 @@ impl EventStore for PostgresStore {
 #[async_trait]
 impl SnapshotStore for PostgresStore {
     async fn load_snapshot(&self, stream: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        stream.validate()?;
         let row = sqlx::query(self.sql.load_snapshot.clone())
             .bind(stream.stream_type())
             .bind(stream.id())

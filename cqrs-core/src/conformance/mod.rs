@@ -56,6 +56,7 @@ macro_rules! backend_conformance_tests {
             concurrent_appends_lose_and_duplicate_nothing,
             idempotent_append,
             invalid_input_is_rejected,
+            invalid_names_are_rejected_on_read_paths,
             hostile_ids_round_trip,
             read_all_order_filter_and_paging,
             snapshots_latest_wins,
@@ -461,6 +462,67 @@ pub async fn invalid_input_is_rejected(store: impl Backend) {
         ));
     }
     assert!(read_everything(&store, EventTypes::All).await.is_empty());
+}
+
+/// The same names are rejected on every read path, with [`StoreError::InvalidId`], never a raw
+/// backend error or an empty answer: stream ids (reads, versions, snapshots, a command's load),
+/// event-type filters, and checkpoint names.
+pub async fn invalid_names_are_rejected_on_read_paths(store: impl Backend) {
+    fn invalid<T: std::fmt::Debug>(what: &str, result: Result<T, StoreError>) {
+        assert!(
+            matches!(result, Err(StoreError::InvalidId(_))),
+            "{what}: {result:?}"
+        );
+    }
+    let long_id = "x".repeat(crate::stream::MAX_STREAM_ID_LEN + 1);
+    for bad in [StreamId::new("a", "nul\0byte"), StreamId::new("a", long_id)] {
+        invalid(
+            "read_stream",
+            store.read_stream(&bad, StreamVersion::new(1), 10).await,
+        );
+        invalid("stream_version", store.stream_version(&bad).await);
+        invalid("load_snapshot", store.load_snapshot(&bad).await);
+    }
+    let loaded = Repository::<Counter>::new(store.clone())
+        .execute("nul\0byte", &Add(1))
+        .await;
+    assert!(
+        matches!(
+            loaded,
+            Err(crate::command::ExecuteError::Store(StoreError::InvalidId(
+                _
+            )))
+        ),
+        "a command for an invalid id: {loaded:?}"
+    );
+    let long_type = "t".repeat(crate::stream::MAX_EVENT_TYPE_LEN + 1);
+    for bad in [
+        &["Added", "nul\0"][..],
+        &["", "Added"][..],
+        &[long_type.as_str()][..],
+    ] {
+        let types = EventTypes::Only(bad);
+        invalid("read_all", store.read_all(Position::START, types, 10).await);
+        invalid(
+            "count_after",
+            store.count_after(Position::START, types).await,
+        );
+        invalid(
+            "count_between",
+            store
+                .count_between(Position::START, Position::new(1, 1), types)
+                .await,
+        );
+    }
+    let long_name = "c".repeat(crate::checkpoint::MAX_CHECKPOINT_NAME_LEN + 1);
+    for bad in ["", "nul\0", long_name.as_str()] {
+        invalid("load_checkpoint", store.load_checkpoint(bad).await);
+        invalid(
+            "save_checkpoint",
+            store.save_checkpoint(bad, None, Position::new(1, 1)).await,
+        );
+        invalid("delete_checkpoint", store.delete_checkpoint(bad).await);
+    }
 }
 
 /// Quotes, semicolons, backslashes, unicode and long strings are stored and read back verbatim.
