@@ -314,7 +314,7 @@ impl SnapshotStore for InMemoryStore {
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
-        snapshot.stream.validate()?;
+        crate::snapshot::validate_snapshot(&snapshot)?;
         let mut snapshots = self
             .inner
             .snapshots

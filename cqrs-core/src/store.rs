@@ -88,6 +88,15 @@ pub enum StoreError {
     /// A stream id or event type name that cannot be stored.
     #[error(transparent)]
     InvalidId(#[from] InvalidId),
+    /// An event's payload or metadata, or a snapshot, that not every backend can store and read
+    /// back as given (see [`validate_json`]); nothing was written.
+    #[error("{what} cannot be stored: {reason}")]
+    InvalidPayload {
+        /// Which value ("payload of event …", "metadata of event …", "snapshot of …").
+        what: String,
+        /// Why.
+        reason: String,
+    },
     /// A stored row cannot be read back (corrupt JSON, bad column, unexpected NULL).
     #[error("stored event at position {position} is unreadable: {reason}")]
     CorruptEvent {
@@ -309,11 +318,68 @@ pub fn validate_append(stream: &StreamId, events: &[NewEvent]) -> Result<(), Sto
             &event.event_type,
             crate::stream::MAX_EVENT_TYPE_LEN,
         )?;
+        validate_json(&event.payload).map_err(|reason| StoreError::InvalidPayload {
+            what: format!("the payload of event {}", event.event_id),
+            reason,
+        })?;
+        let custom = event.metadata.custom.iter();
+        custom
+            .map(|(key, value)| check_key(key).and_then(|()| validate_json(value)))
+            .collect::<Result<(), String>>()
+            .map_err(|reason| StoreError::InvalidPayload {
+                what: format!("the metadata of event {}", event.event_id),
+                reason,
+            })?;
         if !seen.insert(event.event_id) {
             return Err(StoreError::DuplicateIdInBatch {
                 event_id: event.event_id,
             });
         }
+    }
+    Ok(())
+}
+
+/// Deepest nesting of arrays and objects accepted in a payload or a metadata value.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// Checks a JSON value before any backend stores it, so that every backend keeps exactly what
+/// it is given and reads it back (and all backends accept and reject the same values):
+///
+/// - no NUL character (`\u0000`) in strings or keys: PostgreSQL's `jsonb` cannot store it;
+/// - at most [`MAX_JSON_DEPTH`] levels of nesting: readers parse stored JSON with `serde_json`,
+///   which refuses 128 levels.
+///
+/// Every finite float reads back exactly: a backend that stores it as an exact decimal (PostgreSQL's
+/// `numeric` prints `f64::MAX` as a 309-digit integer) is read with `serde_json`'s
+/// `float_roundtrip` parsing, which this crate enables.
+pub fn validate_json(value: &serde_json::Value) -> Result<(), String> {
+    check_json(value, 1)
+}
+
+fn check_json(value: &serde_json::Value, depth: usize) -> Result<(), String> {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => check_text(s, "a string"),
+        Value::Number(_) | Value::Null | Value::Bool(_) => Ok(()),
+        Value::Array(_) | Value::Object(_) if depth > MAX_JSON_DEPTH => Err(format!(
+            "it nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
+        )),
+        Value::Array(items) => items.iter().try_for_each(|i| check_json(i, depth + 1)),
+        Value::Object(map) => map
+            .iter()
+            .try_for_each(|(key, item)| check_key(key).and_then(|()| check_json(item, depth + 1))),
+    }
+}
+
+fn check_key(key: &str) -> Result<(), String> {
+    check_text(key, "a key")
+}
+
+fn check_text(text: &str, what: &str) -> Result<(), String> {
+    if text.contains('\0') {
+        return Err(format!(
+            "{what} contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store"
+        ));
     }
     Ok(())
 }

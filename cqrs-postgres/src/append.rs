@@ -2,12 +2,10 @@
 //! by the unique version index, idempotent retries resolved exactly like every other backend.
 
 use cqrs_core::store::{resolve_retry, validate_append};
-use cqrs_core::stream::InvalidId;
 use cqrs_core::{
     AppendResult, ConcurrencyError, ExpectedVersion, NewEvent, Position, StoreError, StreamId,
     StreamVersion,
 };
-use serde_json::Value;
 use sqlx::postgres::PgConnection;
 use sqlx::Row;
 use uuid::Uuid;
@@ -49,10 +47,8 @@ pub(crate) fn encode(stream: &StreamId, events: &[NewEvent]) -> Result<Encoded, 
         metadata: Vec::with_capacity(n),
     };
     for event in events {
-        check_json(&event.payload).map_err(|reason| nul_error("event payload", event, reason))?;
         let metadata =
             serde_json::to_value(&event.metadata).map_err(|e| StoreError::Backend(Box::new(e)))?;
-        check_json(&metadata).map_err(|reason| nul_error("event metadata", event, reason))?;
         encoded.ids.push(*event.event_id.as_uuid());
         encoded.types.push(event.event_type.clone());
         encoded.schema_versions.push(
@@ -63,31 +59,6 @@ pub(crate) fn encode(stream: &StreamId, events: &[NewEvent]) -> Result<Encoded, 
         encoded.metadata.push(metadata.to_string());
     }
     Ok(encoded)
-}
-
-fn nul_error(what: &'static str, event: &NewEvent, reason: String) -> StoreError {
-    StoreError::InvalidId(InvalidId {
-        what,
-        reason: format!("event {} {reason}", event.event_id),
-    })
-}
-
-/// PostgreSQL's `jsonb` rejects the NUL character (`\u0000`) in strings and keys; say so before
-/// sending rather than fail on an obscure SQLSTATE.
-pub(crate) fn check_json(value: &Value) -> Result<(), String> {
-    const WHY: &str = "contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store";
-    match value {
-        Value::String(s) if s.contains('\0') => Err(format!("{WHY} (in a string)")),
-        Value::Array(items) => items.iter().try_for_each(check_json),
-        Value::Object(map) => map.iter().try_for_each(|(key, item)| {
-            if key.contains('\0') {
-                Err(format!("{WHY} (in a key)"))
-            } else {
-                check_json(item)
-            }
-        }),
-        _ => Ok(()),
-    }
 }
 
 /// The expectation as the statements' `$3`: `>= 0` exact, `-1` any, `-2` the stream must exist.

@@ -967,12 +967,7 @@ impl SnapshotStore for PostgresStore {
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         snapshot.stream.validate()?;
-        append::check_json(&snapshot.payload).map_err(|reason| {
-            StoreError::InvalidId(cqrs_core::stream::InvalidId {
-                what: "snapshot payload",
-                reason,
-            })
-        })?;
+        cqrs_core::snapshot::validate_snapshot(&snapshot)?;
         let version = snapshot.stream_version.get();
         sqlx::query(self.sql.save_snapshot.clone())
             .bind(snapshot.stream.stream_type())

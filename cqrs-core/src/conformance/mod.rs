@@ -57,6 +57,7 @@ macro_rules! backend_conformance_tests {
             idempotent_append,
             invalid_input_is_rejected,
             invalid_names_are_rejected_on_read_paths,
+            payloads_every_backend_reads_back,
             hostile_ids_round_trip,
             read_all_order_filter_and_paging,
             snapshots_latest_wins,
@@ -462,6 +463,76 @@ pub async fn invalid_input_is_rejected(store: impl Backend) {
         ));
     }
     assert!(read_everything(&store, EventTypes::All).await.is_empty());
+}
+
+/// JSON is accepted only where every backend can store it and read it back as given: a NUL
+/// character and nesting deeper than [`crate::store::MAX_JSON_DEPTH`] are
+/// [`StoreError::InvalidPayload`] everywhere (in payloads, metadata and snapshots), and what is
+/// accepted reads back equal, every finite float included.
+pub async fn payloads_every_backend_reads_back(store: impl Backend) {
+    fn nested(levels: usize) -> Value {
+        (1..levels).fold(json!([]), |inner, _| json!([inner]))
+    }
+    let s = StreamId::new("account", "json");
+    let with_metadata = |value: Value| {
+        let mut e = event("Numbered", json!({}));
+        e.metadata.custom.insert("k".into(), value);
+        e
+    };
+    let refused = [
+        (
+            "NUL in a string",
+            event("Numbered", json!({ "s": "a\u{0}b" })),
+        ),
+        ("NUL in a key", event("Numbered", json!({ "a\u{0}": 1 }))),
+        ("NUL in metadata", with_metadata(json!(["\u{0}"]))),
+        (
+            "too deep",
+            event("Numbered", nested(crate::store::MAX_JSON_DEPTH + 1)),
+        ),
+        (
+            "too deep in metadata",
+            with_metadata(nested(crate::store::MAX_JSON_DEPTH + 1)),
+        ),
+    ];
+    for (what, e) in refused {
+        let outcome = store.append(&s, ExpectedVersion::Any, vec![e]).await;
+        assert!(
+            matches!(outcome, Err(StoreError::InvalidPayload { .. })),
+            "{what}: {outcome:?}"
+        );
+    }
+    let snapshot = |payload: Value| Snapshot {
+        stream: s.clone(),
+        stream_version: StreamVersion::new(1),
+        snapshot_version: 1,
+        payload,
+    };
+    for payload in [json!("\u{0}"), nested(crate::store::MAX_JSON_DEPTH + 1)] {
+        let outcome = store.save_snapshot(snapshot(payload)).await;
+        assert!(
+            matches!(outcome, Err(StoreError::InvalidPayload { .. })),
+            "{outcome:?}"
+        );
+    }
+    assert!(read_everything(&store, EventTypes::All).await.is_empty());
+
+    let accepted = json!({
+        "deep": nested(crate::store::MAX_JSON_DEPTH - 1),
+        "floats": [f64::MAX, f64::MIN, f64::MIN_POSITIVE, 1e300, -1.7e308, -2.5e-300, 5e-324, 1.5, 0.1, 1e15, 123_456_789.125],
+        "ints": [u64::MAX, i64::MIN],
+        "text": "\\u0000 is just text here",
+    });
+    store
+        .append(
+            &s,
+            ExpectedVersion::Any,
+            vec![event("Numbered", accepted.clone())],
+        )
+        .await
+        .expect("a payload within the limits");
+    let read = read_everything(&store, EventTypes::All).await;
+    assert_eq!(read[0].payload, accepted);
 }
 
 /// The same names are rejected on every read path, with [`StoreError::InvalidId`], never a raw

@@ -82,7 +82,7 @@ async fn ten_kilobyte_strings_and_odd_text_round_trip_or_are_rejected_clearly() 
     ];
     for (what, stream, e) in rejected {
         match store.append(&stream, ExpectedVersion::Any, vec![e]).await {
-            Err(StoreError::InvalidId(invalid)) => {
+            Err(invalid @ (StoreError::InvalidId(_) | StoreError::InvalidPayload { .. })) => {
                 let message = invalid.to_string();
                 let clear = message.contains("limit") || message.contains("NUL");
                 assert!(clear, "{what}: unclear message: {message}");
@@ -99,7 +99,7 @@ async fn ten_kilobyte_strings_and_odd_text_round_trip_or_are_rejected_clearly() 
     };
     assert!(matches!(
         store.save_snapshot(snapshot).await,
-        Err(StoreError::InvalidId(_))
+        Err(StoreError::InvalidPayload { .. })
     ));
     assert_eq!(
         store
