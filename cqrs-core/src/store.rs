@@ -322,10 +322,9 @@ pub fn validate_append(stream: &StreamId, events: &[NewEvent]) -> Result<(), Sto
             what: format!("the payload of event {}", event.event_id),
             reason,
         })?;
-        let custom = event.metadata.custom.iter();
+        let mut custom = event.metadata.custom.iter();
         custom
-            .map(|(key, value)| check_key(key).and_then(|()| validate_json(value)))
-            .collect::<Result<(), String>>()
+            .try_for_each(|(key, value)| check_key(key).and_then(|()| validate_json(value)))
             .map_err(|reason| StoreError::InvalidPayload {
                 what: format!("the metadata of event {}", event.event_id),
                 reason,
