@@ -113,6 +113,13 @@ pub enum StoreError {
     /// Nothing was written if this is returned from an append.
     #[error("storage connection failed: {0}")]
     Connection(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// An append was sent but its reply was lost (the connection dropped after the statement or
+    /// its commit went out): the events may or may not be stored. Re-send the same batch, with
+    /// the same event ids: the idempotent append then returns the original result if the batch
+    /// was stored, or writes it now. [`crate::Repository`] does this itself before it reports
+    /// this error. Deciding again with new events instead could store the command's effect twice.
+    #[error("the append was sent but its reply was lost: the events may or may not be stored")]
+    OutcomeUnknown(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Any other backend failure.
     #[error("storage backend error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -120,6 +127,10 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether retrying the same call later may succeed (lost connection, pool exhausted).
+    ///
+    /// `false` for [`StoreError::OutcomeUnknown`]: the events may be stored already, so only a
+    /// re-send of the very same batch is safe, not a retry of the command that produced it (which
+    /// decides again and makes new event ids).
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Connection(_))
     }
