@@ -12,7 +12,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::Row;
 use uuid::Uuid;
 
-use crate::error::{is_unique_violation, map_error_in, out_of_range};
+use crate::error::{is_unique_violation, map_error_in, map_sent_write_error, out_of_range};
 use crate::row::{parse_tx, stored_ref};
 use crate::sql::Statements;
 
@@ -254,8 +254,13 @@ async fn attempt(
             }
             if is_unique_violation(&error) {
                 Ok(Attempt::Duplicate)
-            } else {
+            } else if in_transaction {
+                // Nothing commits before the caller does; a lost connection took the caller's
+                // transaction with it.
                 Err(fail(error))
+            } else {
+                // The statement commits by itself: its reply, not its write, may be what was lost.
+                Err(map_sent_write_error(error, fail))
             }
         }
     }

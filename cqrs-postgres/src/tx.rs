@@ -14,7 +14,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use sqlx::Executor;
 
-use crate::error::map_error;
+use crate::error::{map_error, map_sent_write_error};
 
 /// A transaction on a pooled connection. Dropped without [`Tx::commit`] (an error, a cancelled
 /// future), it closes the connection, and PostgreSQL rolls the transaction back.
@@ -40,9 +40,14 @@ impl Tx {
         &mut self.conn
     }
 
-    /// Commits; the connection goes back to the pool only if this succeeds.
+    /// Commits; the connection goes back to the pool only if this succeeds. A connection lost
+    /// once `COMMIT` was sent is [`StoreError::OutcomeUnknown`]: the server may have committed
+    /// before the reply was lost.
     pub(crate) async fn commit(mut self) -> Result<(), StoreError> {
-        self.conn().execute("COMMIT").await.map_err(map_error)?;
+        self.conn()
+            .execute("COMMIT")
+            .await
+            .map_err(|e| map_sent_write_error(e, map_error))?;
         self.committed = true;
         Ok(())
     }
