@@ -79,6 +79,25 @@ pub enum StoreError {
         /// The repeated id.
         event_id: EventId,
     },
+    /// An append inside a caller's `REPEATABLE READ` or `SERIALIZABLE` transaction (a backend's
+    /// `append_in`) did not meet `expected` as that transaction's snapshot sees the stream. Writes
+    /// committed after the snapshot was taken are invisible to it (another transaction may have
+    /// appended to the stream since), so the stream's current version cannot be known there.
+    /// Nothing was written and the transaction stays usable; roll it back and retry the whole
+    /// transaction, whose new snapshot sees the stream as it is.
+    #[error(
+        "cannot append to stream `{stream}` expecting {expected} in this transaction: its snapshot \
+         sees version {snapshot_version} and not what was committed after it was taken; retry the \
+         whole transaction"
+    )]
+    StaleSnapshot {
+        /// The target stream.
+        stream: StreamId,
+        /// What the writer expected.
+        expected: ExpectedVersion,
+        /// The stream's version in the transaction's snapshot (possibly not its current one).
+        snapshot_version: StreamVersion,
+    },
     /// An append with no events.
     #[error("cannot append an empty batch to stream `{stream}`")]
     EmptyAppend {

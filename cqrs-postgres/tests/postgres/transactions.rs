@@ -155,6 +155,94 @@ async fn append_in_commits_with_the_callers_writes_or_not_at_all() {
     drop_schema(&store).await;
 }
 
+/// A transaction that reads from one snapshot cannot see an append committed after it began:
+/// `append_in` says so instead of reporting the snapshot's version as the stream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_in_a_snapshot_that_misses_the_streams_latest_events_says_so() {
+    let store = fresh_store().await;
+    for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+        let stream = StreamId::new("order", level.replace(' ', "-").to_lowercase());
+        let mut tx = store.pool().begin().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET TRANSACTION ISOLATION LEVEL {level}"
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        // The first query takes the snapshot: the stream does not exist in it.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM \"{}\".events",
+            store.schema()
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        // Another connection appends to the stream.
+        store
+            .append(&stream, ExpectedVersion::NoStream, batch(1))
+            .await
+            .unwrap();
+
+        for expected in [
+            ExpectedVersion::NoStream,
+            ExpectedVersion::Exact(StreamVersion::INITIAL),
+            // What the stream really is at: the snapshot cannot see it either.
+            ExpectedVersion::Exact(StreamVersion::new(1)),
+            ExpectedVersion::Any,
+        ] {
+            let started = Instant::now();
+            let error = store
+                .append_in(&mut tx, &stream, expected, batch(2))
+                .await
+                .unwrap_err();
+            match &error {
+                StoreError::StaleSnapshot {
+                    stream: s,
+                    expected: e,
+                    snapshot_version,
+                } => {
+                    assert_eq!((s, *e), (&stream, expected), "{level}");
+                    assert_eq!(*snapshot_version, StreamVersion::INITIAL, "{level}");
+                }
+                other => panic!("{level}, {expected:?}: {other:?} ({other})"),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{level}, {expected:?}: answered without spinning on the race retries"
+            );
+        }
+        // Nothing was written, and the transaction is still usable.
+        let n: i64 = sqlx::query_scalar("SELECT 1::bigint")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        tx.rollback().await.unwrap();
+        assert_eq!(
+            store.stream_version(&stream).await.unwrap(),
+            StreamVersion::new(1)
+        );
+    }
+
+    // In READ COMMITTED every statement sees what is committed: a plain conflict, with the
+    // stream's real version.
+    let stream = StreamId::new("order", "read-committed");
+    let mut tx = store.pool().begin().await.unwrap();
+    store
+        .append(&stream, ExpectedVersion::NoStream, batch(1))
+        .await
+        .unwrap();
+    match store
+        .append_in(&mut tx, &stream, ExpectedVersion::NoStream, batch(1))
+        .await
+    {
+        Err(StoreError::Concurrency(c)) => assert_eq!(c.actual, StreamVersion::new(1)),
+        other => panic!("{other:?}"),
+    }
+    tx.rollback().await.unwrap();
+    drop_schema(&store).await;
+}
+
 #[tokio::test]
 async fn checkpoint_compare_and_set_commits_with_the_read_model() {
     let store = fresh_store().await;
