@@ -371,6 +371,70 @@ async fn wait_for_append_wakes_on_notify() {
     drop_schema(&store).await;
 }
 
+/// Any role may notify on the store's channel: a bogus position far ahead makes waiters return at
+/// once only briefly, and real appends (at lower positions) still wake them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bogus_notification_is_only_a_brief_hint() {
+    let store = fresh_store().await;
+    let stream = StreamId::new("s", "1");
+    let head = store
+        .append(&stream, ExpectedVersion::NoStream, batch(1))
+        .await
+        .unwrap()
+        .position;
+    // Start the listener, and let it connect.
+    store
+        .wait_for_append(head, Duration::from_millis(300))
+        .await;
+    let bogus = Position::new(u64::MAX >> 1, u64::MAX >> 1);
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(store.notification_channel())
+        .bind(bogus.to_string())
+        .execute(store.pool())
+        .await
+        .unwrap();
+    // Long enough for it to arrive and then go stale.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let started = Instant::now();
+    store.wait_for_append(head, Duration::from_secs(3)).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "returned after {waited:?}: a notified position stuck beyond every append"
+    );
+
+    // Another process (another store on the schema) appends: its notification wakes the waiter,
+    // although its position is below the bogus one.
+    let other_pool = sqlx::PgPool::connect(&crate::url()).await.unwrap();
+    let other = cqrs_postgres::PostgresStore::new(other_pool)
+        .with_schema(store.schema())
+        .unwrap();
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            store.wait_for_append(head, Duration::from_secs(30)).await;
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    other
+        .append(
+            &stream,
+            ExpectedVersion::Exact(StreamVersion::new(1)),
+            batch(1),
+        )
+        .await
+        .unwrap();
+    let waited = waiter.await.unwrap();
+    assert!(
+        waited < Duration::from_secs(10),
+        "woke after {waited:?}, not on the real notification"
+    );
+    other.pool().close().await;
+    drop_schema(&store).await;
+}
+
 #[tokio::test]
 async fn the_horizon_report_names_the_transaction_holding_it() {
     let store = fresh_store().await;
