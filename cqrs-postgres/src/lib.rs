@@ -165,7 +165,8 @@ impl PostgresStore {
     }
 
     /// Uses schema `schema` for every table: `[a-z_][a-z0-9_]*`, at most [`MAX_SCHEMA_LEN`] bytes,
-    /// not starting with `pg_`. The name is validated, then quoted into the statements.
+    /// not a system schema (`pg_*`, `information_schema`). The name is validated, then quoted into
+    /// the statements.
     pub fn with_schema(mut self, schema: &str) -> Result<Self, StoreError> {
         sql::validate_schema(schema)?;
         self.sql = Arc::new(sql::Statements::new(schema));
@@ -675,10 +676,18 @@ fn still_unknown(error: StoreError) -> StoreError {
     }
 }
 
-/// Longest checkpoint name accepted, in bytes (it is the key of a B-tree index).
+/// Longest checkpoint name accepted, in bytes (it is the key of a B-tree index); also the limit
+/// for the consumer names of [`PostgresProjections::first_delivery`].
 pub const MAX_CHECKPOINT_NAME_LEN: usize = 1024;
 
 fn validate_checkpoint_name(name: &str) -> Result<(), StoreError> {
+    validate_key_name("checkpoint name", name)
+}
+
+/// The rule for names stored as keys of a B-tree index (checkpoint names, first-delivery
+/// consumers): not empty, at most [`MAX_CHECKPOINT_NAME_LEN`] bytes (an index entry has a size
+/// limit), no NUL (PostgreSQL's `text` cannot hold one).
+fn validate_key_name(what: &'static str, name: &str) -> Result<(), StoreError> {
     let reason = if name.is_empty() {
         "must not be empty".to_owned()
     } else if name.len() > MAX_CHECKPOINT_NAME_LEN {
@@ -692,7 +701,7 @@ fn validate_checkpoint_name(name: &str) -> Result<(), StoreError> {
         return Ok(());
     };
     Err(StoreError::InvalidId(cqrs_core::stream::InvalidId {
-        what: "checkpoint name",
+        what,
         reason,
     }))
 }
