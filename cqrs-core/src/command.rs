@@ -15,7 +15,7 @@ use crate::aggregate::{Aggregate, Handle, HandleWith};
 use crate::event::{EncodeError, EventSet, Metadata, NewEvent, RecordedEvent};
 use crate::snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 use crate::store::{
-    read_stream_batched, ConcurrencyError, EventStore, StoreError, DEFAULT_BATCH_SIZE,
+    read_stream_batched, AppendResult, ConcurrencyError, EventStore, StoreError, DEFAULT_BATCH_SIZE,
 };
 use crate::stream::{ExpectedVersion, Position, StreamId, StreamVersion};
 use crate::upcast::DecodeError;
@@ -211,6 +211,16 @@ pub enum LoadError {
         source: DecodeError,
     },
 }
+
+/// The pauses before each re-send of a batch whose append outcome is unknown
+/// ([`StoreError::OutcomeUnknown`]): a few short, growing ones, so that a command rides out a
+/// dropped connection and still fails well within a caller's timeout when the store stays away.
+const RESEND_PAUSES: [Duration; 4] = [
+    Duration::from_millis(20),
+    Duration::from_millis(60),
+    Duration::from_millis(150),
+    Duration::from_millis(300),
+];
 
 /// Opt-in re-execution after a concurrency conflict: reload, decide again, append again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -631,7 +641,18 @@ impl<A: Aggregate> Repository<A> {
             .map(|e| NewEvent::from_set(e).map(|n| n.with_metadata(metadata.clone())))
             .collect::<Result<Vec<_>, _>>()?;
         let expected = ExpectedVersion::Exact(loaded.version);
-        let appended = self.store.append(stream, expected, encoded).await?;
+        let appended = match self.append_resending(stream, expected, encoded).await {
+            Ok(appended) => appended,
+            Err(error) => {
+                if matches!(error, StoreError::OutcomeUnknown(_)) {
+                    // The stream may be past the version this state was loaded at.
+                    if let Some(cache) = &self.cache {
+                        cache.take(stream);
+                    }
+                }
+                return Err(error.into());
+            }
+        };
         self.after_append(stream, loaded, &events, appended.stream_version)
             .await;
         Ok(CommandOutcome {
@@ -641,6 +662,34 @@ impl<A: Aggregate> Repository<A> {
             position: Some(appended.position),
             attempts,
         })
+    }
+
+    /// Appends, and while the outcome is unknown (the reply was lost) re-sends the very same batch,
+    /// after each pause of [`RESEND_PAUSES`]: same event ids and expectation, so the store's
+    /// idempotent append answers with the original result if the batch was stored, or writes it
+    /// now. Deciding again instead would make new ids and could store the command twice. A re-send
+    /// that finds the store unreachable learns nothing, so the outcome stays unknown.
+    async fn append_resending(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        let mut unknown = match self.store.append(stream, expected, events.clone()).await {
+            Err(StoreError::OutcomeUnknown(source)) => source,
+            decided => return decided,
+        };
+        for pause in RESEND_PAUSES {
+            tracing::debug!(%stream, error = %unknown, "append outcome unknown; re-sending the same events");
+            tokio::time::sleep(pause).await;
+            match self.store.append(stream, expected, events.clone()).await {
+                Err(StoreError::OutcomeUnknown(source) | StoreError::Connection(source)) => {
+                    unknown = source;
+                }
+                decided => return decided,
+            }
+        }
+        Err(StoreError::OutcomeUnknown(unknown))
     }
 
     /// Brings the state up to the appended version for the cache, and takes a snapshot if the policy

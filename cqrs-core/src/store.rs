@@ -79,6 +79,25 @@ pub enum StoreError {
         /// The repeated id.
         event_id: EventId,
     },
+    /// An append inside a caller's `REPEATABLE READ` or `SERIALIZABLE` transaction (a backend's
+    /// `append_in`) did not meet `expected` as that transaction's snapshot sees the stream. Writes
+    /// committed after the snapshot was taken are invisible to it (another transaction may have
+    /// appended to the stream since), so the stream's current version cannot be known there.
+    /// Nothing was written and the transaction stays usable; roll it back and retry the whole
+    /// transaction, whose new snapshot sees the stream as it is.
+    #[error(
+        "cannot append to stream `{stream}` expecting {expected} in this transaction: its snapshot \
+         sees version {snapshot_version} and not what was committed after it was taken; retry the \
+         whole transaction"
+    )]
+    StaleSnapshot {
+        /// The target stream.
+        stream: StreamId,
+        /// What the writer expected.
+        expected: ExpectedVersion,
+        /// The stream's version in the transaction's snapshot (possibly not its current one).
+        snapshot_version: StreamVersion,
+    },
     /// An append with no events.
     #[error("cannot append an empty batch to stream `{stream}`")]
     EmptyAppend {
@@ -135,6 +154,13 @@ pub enum StoreError {
     /// Nothing was written if this is returned from an append.
     #[error("storage connection failed: {0}")]
     Connection(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// An append was sent but its reply was lost (the connection dropped after the statement or
+    /// its commit went out): the events may or may not be stored. Re-send the same batch, with
+    /// the same event ids: the idempotent append then returns the original result if the batch
+    /// was stored, or writes it now. [`crate::Repository`] does this itself before it reports
+    /// this error. Deciding again with new events instead could store the command's effect twice.
+    #[error("the append was sent but its reply was lost: the events may or may not be stored")]
+    OutcomeUnknown(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Any other backend failure.
     #[error("storage backend error: {0}")]
     Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -142,6 +168,10 @@ pub enum StoreError {
 
 impl StoreError {
     /// Whether retrying the same call later may succeed (lost connection, pool exhausted).
+    ///
+    /// `false` for [`StoreError::OutcomeUnknown`]: the events may be stored already, so only a
+    /// re-send of the very same batch is safe, not a retry of the command that produced it (which
+    /// decides again and makes new event ids).
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Connection(_))
     }

@@ -10,13 +10,14 @@ use sqlx::postgres::PgConnection;
 use sqlx::Row;
 use uuid::Uuid;
 
-use crate::error::{is_unique_violation, map_error_in, out_of_range};
+use crate::error::{is_unique_violation, map_error_in, map_sent_write_error, out_of_range};
 use crate::row::{parse_tx, stored_ref};
 use crate::sql::Statements;
 
 /// How often `Any`/`StreamExists` re-read the version after losing a race before giving up with a
-/// [`ConcurrencyError`] (only reachable under extreme contention, or in a caller's
-/// `REPEATABLE READ` transaction whose snapshot never sees the winner).
+/// [`ConcurrencyError`] (only reachable under extreme contention: in a caller's `REPEATABLE READ`
+/// or `SERIALIZABLE` transaction, whose snapshot never sees the winner, the first lost race ends
+/// in [`StoreError::StaleSnapshot`]).
 const MAX_RACE_RETRIES: usize = 32;
 
 /// A validated batch, as the columns the append statements bind.
@@ -225,8 +226,13 @@ async fn attempt(
             }
             if is_unique_violation(&error) {
                 Ok(Attempt::Duplicate)
-            } else {
+            } else if in_transaction {
+                // Nothing commits before the caller does; a lost connection took the caller's
+                // transaction with it.
                 Err(fail(error))
+            } else {
+                // The statement commits by itself: its reply, not its write, may be what was lost.
+                Err(map_sent_write_error(error, fail))
             }
         }
     }
@@ -277,6 +283,37 @@ pub(crate) async fn stream_version(
     Ok(to_version(version))
 }
 
+/// For an append that conflicted (and is no idempotent retry): in a caller's transaction that
+/// reads from one snapshot, the conflict may come from that snapshot rather than from the stream,
+/// which [`StoreError::StaleSnapshot`] says. Asked on the conflict path only, so a successful
+/// append pays no extra round trip.
+async fn stale_snapshot(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    mode: Mode,
+) -> Result<Option<StoreError>, StoreError> {
+    if mode != Mode::InTransaction || !snapshot_isolation(conn, sql).await? {
+        return Ok(None);
+    }
+    Ok(Some(StoreError::StaleSnapshot {
+        stream: stream.clone(),
+        expected,
+        snapshot_version: stream_version(conn, sql, stream).await?,
+    }))
+}
+
+/// Whether the connection's transaction reads from one snapshot for its whole life
+/// (`REPEATABLE READ`, `SERIALIZABLE`) instead of a new one per statement.
+async fn snapshot_isolation(conn: &mut PgConnection, sql: &Statements) -> Result<bool, StoreError> {
+    let isolation: String = sqlx::query_scalar("SELECT current_setting('transaction_isolation')")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| map_error_in(&sql.schema, e))?;
+    Ok(isolation != "read committed")
+}
+
 /// What an append did.
 pub(crate) struct Appended {
     pub result: AppendResult,
@@ -324,11 +361,19 @@ pub(crate) async fn append_on(
                 if let Some(outcome) = retry_outcome(conn, sql, stream, events, batch).await? {
                     return replayed(outcome);
                 }
+                if let Some(stale) = stale_snapshot(conn, sql, stream, expected, mode).await? {
+                    return Err(stale);
+                }
                 return Err(conflict(stream_version(conn, sql, stream).await?));
             }
             Attempt::Duplicate => {
                 if let Some(outcome) = retry_outcome(conn, sql, stream, events, batch).await? {
                     return replayed(outcome);
+                }
+                // A row this snapshot cannot see holds one of our versions: re-reading in the
+                // same snapshot would lose the same race every time.
+                if let Some(stale) = stale_snapshot(conn, sql, stream, expected, mode).await? {
+                    return Err(stale);
                 }
                 // A writer took one of our versions between our read and our insert.
                 let retry = matches!(

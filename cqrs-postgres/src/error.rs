@@ -15,8 +15,9 @@ pub struct SchemaMismatch {
 }
 
 /// Maps a driver error to a [`StoreError`]: a lost, refused or exhausted connection becomes
-/// [`StoreError::Connection`] (retry later; after an append, retry with the same event ids and
-/// idempotency tells whether it was written), anything else [`StoreError::Backend`].
+/// [`StoreError::Connection`] (nothing was written; retry later), anything else
+/// [`StoreError::Backend`]. The store's own appends report a connection lost once their write
+/// was sent as [`StoreError::OutcomeUnknown`] instead.
 ///
 /// Public so that code running its own queries next to the store (projection runners, outboxes)
 /// reports failures the same way.
@@ -52,6 +53,19 @@ pub(crate) fn map_error_in(schema: &str, error: sqlx::Error) -> StoreError {
         }
     }
     map_error(error)
+}
+
+/// For an error met once a write that commits by itself was sent (an autocommit append
+/// statement, a `COMMIT`): a lost connection there lost the reply, not necessarily the write, so
+/// it is [`StoreError::OutcomeUnknown`], never "nothing was written". Anything else as `map` says.
+pub(crate) fn map_sent_write_error(
+    error: sqlx::Error,
+    map: impl FnOnce(sqlx::Error) -> StoreError,
+) -> StoreError {
+    if is_connection_error(&error) {
+        return StoreError::OutcomeUnknown(Box::new(error));
+    }
+    map(error)
 }
 
 pub(crate) fn is_connection_error(error: &sqlx::Error) -> bool {

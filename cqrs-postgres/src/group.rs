@@ -29,6 +29,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::append::{expected_code, to_version, Encoded};
+use crate::error::is_connection_error;
 use crate::row::parse_tx;
 use crate::sql::Statements;
 
@@ -103,6 +104,10 @@ pub(crate) enum Joined {
     /// The caller appends alone. With `Some(slot)`, its write counts as in flight (no other group
     /// starts in its place) until the slot is dropped: keep it until the write is done.
     Alone(Option<Slot>),
+    /// The caller appends alone (re-sends), because the group's write may have stored its events
+    /// without a readable reply: if the re-send cannot reach the store, the outcome is unknown,
+    /// not "nothing was written".
+    Unsettled,
 }
 
 #[derive(Default)]
@@ -204,9 +209,10 @@ impl GroupCommitter {
         }
         loop {
             match tokio::time::timeout(STUCK_AFTER, &mut result).await {
-                // A dropped reply (the leader was cancelled): append alone; idempotency sorts out
-                // whether that leader's statement committed.
-                Ok(joined) => return joined.unwrap_or(Joined::Alone(None)),
+                // A dropped reply (the leader was cancelled, maybe after sending the group's
+                // statement): append alone; idempotency sorts out whether that statement
+                // committed.
+                Ok(joined) => return joined.unwrap_or(Joined::Unsettled),
                 Err(_) => {
                     if let Some(slot) = self.extra_slot(batch) {
                         slot.lead().await;
@@ -476,29 +482,47 @@ async fn write_group(slot: &mut Slot, sql: &Statements, group: Vec<Request>) {
         .bind(&columns.metadata)
         .fetch_all(&mut *conn)
         .await;
-    let mut written: Vec<Option<AppendResult>> = vec![None; group.len()];
-    match result {
+    let replies: Vec<Joined> = match result {
         Ok(rows) => {
             let landed = landed(&rows);
-            for (request, entry) in group.iter().zip(&mut written) {
-                *entry = landed
-                    .get(&(request.stream.stream_type(), request.stream.id()))
-                    .and_then(|landed| landed.result(request.batch.len()));
-            }
+            let replies = group
+                .iter()
+                .map(|request| {
+                    match landed.get(&(request.stream.stream_type(), request.stream.id())) {
+                        // Refused: the statement committed without it.
+                        None => Joined::Alone(None),
+                        // Written, but its rows cannot be read back as its result.
+                        Some(landed) => landed
+                            .result(request.batch.len())
+                            .map_or(Joined::Unsettled, Joined::Written),
+                    }
+                })
+                .collect();
             tracing::trace!(appends = group.len(), events, "group committed");
             slot.keep(conn);
+            replies
         }
-        // Nothing of the group was written (one statement, one transaction), or the commit's
-        // outcome is unknown (lost connection): each caller appends alone, and idempotency returns
-        // the original result if the group did commit.
+        // Each caller appends alone, re-sending its own event ids: if the group did commit,
+        // idempotency returns the original result, so every caller gets a definite answer.
         Err(error) => {
-            tracing::debug!(%error, appends = group.len(), "group append failed; appending individually")
+            tracing::debug!(%error, appends = group.len(), "group append failed; appending individually");
+            // A lost connection may have lost the reply of a committed statement; any other
+            // failure means nothing of the group was written (one statement, one transaction).
+            let unsettled = is_connection_error(&error);
+            group
+                .iter()
+                .map(|_| {
+                    if unsettled {
+                        Joined::Unsettled
+                    } else {
+                        Joined::Alone(None)
+                    }
+                })
+                .collect()
         }
-    }
-    for (request, result) in group.into_iter().zip(written) {
-        let _ = request
-            .reply
-            .send(result.map_or(Joined::Alone(None), Joined::Written));
+    };
+    for (request, reply) in group.into_iter().zip(replies) {
+        let _ = request.reply.send(reply);
     }
 }
 

@@ -166,7 +166,8 @@ impl PostgresStore {
     }
 
     /// Uses schema `schema` for every table: `[a-z_][a-z0-9_]*`, at most [`MAX_SCHEMA_LEN`] bytes,
-    /// not starting with `pg_`. The name is validated, then quoted into the statements.
+    /// not a system schema (`pg_*`, `information_schema`). The name is validated, then quoted into
+    /// the statements.
     pub fn with_schema(mut self, schema: &str) -> Result<Self, StoreError> {
         sql::validate_schema(schema)?;
         self.sql = Arc::new(sql::Statements::new(schema));
@@ -553,12 +554,27 @@ impl PostgresStore {
         };
         let mut result =
             append::append_on(&mut conn, &self.sql, stream, expected, events, batch, mode).await;
-        if was_kept && matches!(result, Err(StoreError::Connection(_))) {
+        if was_kept
+            && matches!(
+                result,
+                Err(StoreError::Connection(_) | StoreError::OutcomeUnknown(_))
+            )
+        {
             // The kept connection went stale between two writes (it skipped the pool's health
-            // check). Retrying is safe: a batch that did commit comes back as its original result.
-            conn = self.pool.acquire().await.map_err(map_error)?;
-            result = append::append_on(&mut conn, &self.sql, stream, expected, events, batch, mode)
-                .await;
+            // check). Retrying is safe, and settles an unknown outcome: a batch that did commit
+            // comes back as its original result.
+            let unknown = matches!(result, Err(StoreError::OutcomeUnknown(_)));
+            result = match self.pool.acquire().await {
+                Ok(fresh) => {
+                    conn = fresh;
+                    append::append_on(&mut conn, &self.sql, stream, expected, events, batch, mode)
+                        .await
+                }
+                Err(error) => Err(map_error(error)),
+            };
+            if unknown {
+                result = result.map_err(still_unknown);
+            }
         }
         let result = result.map(|appended| appended.result);
         if let (true, Ok(written)) = (notifying, &result) {
@@ -653,10 +669,30 @@ impl PostgresStore {
     }
 }
 
+/// The error of a re-send after a write of the same events whose outcome is unknown: if the
+/// re-send could not reach the store, it learned nothing, and the outcome is still unknown.
+fn still_unknown(error: StoreError) -> StoreError {
+    match error {
+        StoreError::Connection(source) => StoreError::OutcomeUnknown(source),
+        other => other,
+    }
+}
+
+/// Longest checkpoint name accepted, in bytes; also the limit for the consumer names of
+/// [`PostgresProjections::first_delivery`].
 pub use cqrs_core::checkpoint::MAX_CHECKPOINT_NAME_LEN;
 
 fn validate_checkpoint_name(name: &str) -> Result<(), StoreError> {
-    Ok(cqrs_core::checkpoint::validate_checkpoint_name(name)?)
+    validate_key_name("checkpoint name", name)
+}
+
+/// The core's rule for checkpoint names ([`cqrs_core::checkpoint::validate_checkpoint_name`]),
+/// for every name stored as an index key (checkpoints, first-delivery consumers).
+fn validate_key_name(what: &'static str, name: &str) -> Result<(), StoreError> {
+    cqrs_core::checkpoint::validate_checkpoint_name(name).map_err(|mut invalid| {
+        invalid.what = what;
+        StoreError::InvalidId(invalid)
+    })
 }
 
 /// The `after` cursor's sequence as a bigint; beyond `i64::MAX` nothing can follow it anyway.
@@ -786,6 +822,7 @@ impl EventStore for PostgresStore {
         // Holding a group-commit slot while appending alone keeps this write counted as in
         // flight, so concurrent appends queue up and share the next group.
         let mut slot = None;
+        let mut unsettled = false;
         if let Some(group) = self.group.as_ref().filter(|_| self.inline.is_empty()) {
             match group.append(stream, expected, &batch).await {
                 group::Joined::Written(result) => {
@@ -796,12 +833,16 @@ impl EventStore for PostgresStore {
                 // failed group), with the full checks, so this caller gets exactly its own result
                 // or error.
                 group::Joined::Alone(held) => slot = held,
+                group::Joined::Unsettled => unsettled = true,
             }
         }
-        let result = self
+        let mut result = self
             .individual_append(stream, expected, &events, &batch, slot.as_mut())
             .await;
         drop(slot);
+        if unsettled {
+            result = result.map_err(still_unknown);
+        }
         let result = result?;
         self.announce(result.position);
         Ok(result)

@@ -42,8 +42,10 @@ impl AppendListener {
     }
 
     /// Waits for the next notification. `Some(position)`: an append committed, its last event at
-    /// `position` (with group commit, the last event of the whole group). `None`: the connection was lost and has been re-established, and notifications
-    /// sent meanwhile are lost: re-read from your checkpoint.
+    /// `position` (with group commit, the last event of the whole group); a hint only, since any
+    /// role that can connect may notify on the channel with any position. `None`: the connection
+    /// was lost and has been re-established, and notifications sent meanwhile are lost: re-read
+    /// from your checkpoint.
     pub async fn recv(&mut self) -> Result<Option<Position>, StoreError> {
         loop {
             match self.listener.try_recv().await.map_err(map_error)? {
@@ -59,13 +61,31 @@ impl AppendListener {
     }
 }
 
-/// The latest notified position, shared by every clone of a store, fed by one background
-/// listener task on its own connection (started on first use by `wait_for_append`).
+/// The latest notification, shared by every clone of a store, fed by one background listener task
+/// on its own connection (started on first use by `wait_for_append`).
+///
+/// A notification is a hint, never state: any role that can connect may `NOTIFY` on the channel,
+/// with any payload. So every notification wakes every waiter (a real one after a bogus, higher
+/// position must still wake them), and a position it carries counts only for [`HINT_FRESH`]:
+/// nothing a notification says outlives the next real one, or that interval.
 pub(crate) struct Notifier {
-    sender: Arc<watch::Sender<Position>>,
-    latest: watch::Receiver<Position>,
+    sender: Arc<watch::Sender<Option<Hint>>>,
+    latest: watch::Receiver<Option<Hint>>,
     task: JoinHandle<()>,
 }
+
+/// A notification: the position it names, and when it arrived.
+#[derive(Debug, Clone, Copy)]
+struct Hint {
+    position: Position,
+    at: Instant,
+}
+
+/// How long a notified position past a waiter's `after` makes `wait` return at once (the waiter
+/// may have been reading when it arrived, and missed it). A runner polls after its interval
+/// anyway (one second by default), so an older hint would add nothing but the chance for a
+/// bogus one to keep every waiter spinning.
+const HINT_FRESH: Duration = Duration::from_secs(1);
 
 impl Drop for Notifier {
     fn drop(&mut self) {
@@ -75,7 +95,7 @@ impl Drop for Notifier {
 
 impl Notifier {
     pub(crate) fn start(pool: &PgPool, channel: String) -> Arc<Self> {
-        let (sender, latest) = watch::channel(Position::START);
+        let (sender, latest) = watch::channel(None);
         let sender = Arc::new(sender);
         // Its own single connection, so the listener never takes one from the caller's pool.
         let pool = PgPoolOptions::new()
@@ -92,15 +112,18 @@ impl Notifier {
     /// An append by this process committed up to `position`: wakes local waiters at once,
     /// without the round trip through the database.
     pub(crate) fn appended(&self, position: Position) {
-        advance(&self.sender, position);
+        hint(&self.sender, position);
     }
 
     /// Resolves when an append after `after` may have committed, or after `timeout`.
     pub(crate) async fn wait(&self, after: Position, timeout: Duration) {
         let mut latest = self.latest.clone();
-        if *latest.borrow_and_update() > after {
-            // Already notified (while the caller was reading). Pause briefly: the event may still
-            // be above the visibility horizon, and an immediate return would spin.
+        let fresh = latest
+            .borrow_and_update()
+            .is_some_and(|hint| hint.position > after && hint.at.elapsed() < HINT_FRESH);
+        if fresh {
+            // Notified just now, maybe while the caller was reading. Pause briefly: the event
+            // may still be above the visibility horizon, and an immediate return would spin.
             tokio::time::sleep(timeout.min(Duration::from_millis(5))).await;
             return;
         }
@@ -108,23 +131,20 @@ impl Notifier {
     }
 }
 
-/// Moves `latest` forward to `position` (never back), waking its receivers.
-fn advance(latest: &watch::Sender<Position>, position: Position) {
-    latest.send_if_modified(|latest| {
-        let newer = position > *latest;
-        if newer {
-            *latest = position;
-        }
-        newer
-    });
+/// Records a notification of `position` (whatever the previous one said) and wakes every waiter.
+fn hint(latest: &watch::Sender<Option<Hint>>, position: Position) {
+    latest.send_replace(Some(Hint {
+        position,
+        at: Instant::now(),
+    }));
 }
 
-async fn listen_forever(pool: PgPool, channel: String, sender: Arc<watch::Sender<Position>>) {
+async fn listen_forever(pool: PgPool, channel: String, sender: Arc<watch::Sender<Option<Hint>>>) {
     loop {
         match AppendListener::new(&pool, &channel).await {
             Ok(mut listener) => loop {
                 match listener.recv().await {
-                    Ok(Some(position)) => advance(&sender, position),
+                    Ok(Some(position)) => hint(&sender, position),
                     // Reconnected: something may have been missed; wake every waiter.
                     Ok(None) => sender.send_modify(|_| {}),
                     Err(error) => {
@@ -237,6 +257,17 @@ impl Announcer {
     pub(crate) fn announce(&self, position: Position) {
         advance(&self.latest, position);
     }
+}
+
+/// Moves `latest` forward to `position` (never back), waking its receivers.
+fn advance(latest: &watch::Sender<Position>, position: Position) {
+    latest.send_if_modified(|latest| {
+        let newer = position > *latest;
+        if newer {
+            *latest = position;
+        }
+        newer
+    });
 }
 
 fn lock(state: &Mutex<Announced>) -> std::sync::MutexGuard<'_, Announced> {

@@ -124,13 +124,16 @@ impl PostgresProjections {
     /// that `consumer` handled `event` on `conn` (the handler's transaction) and returns `true` the
     /// first time, `false` for a redelivery, which the handler then skips. Such effects are
     /// at-least-once — the effect can happen and the process die before the commit — so make them
-    /// idempotent downstream where that matters.
+    /// idempotent downstream where that matters. `consumer` follows the rule for checkpoint names
+    /// (not empty, at most [`crate::MAX_CHECKPOINT_NAME_LEN`] bytes, no NUL), else
+    /// [`StoreError::InvalidId`] and nothing is sent.
     pub async fn first_delivery(
         &self,
         conn: &mut PgConnection,
         consumer: &str,
         event: EventId,
     ) -> Result<bool, StoreError> {
+        crate::validate_key_name("consumer name", consumer)?;
         let done = sqlx::query(self.store.sql.first_delivery.clone())
             .bind(consumer)
             .bind(*event.as_uuid())

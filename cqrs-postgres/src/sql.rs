@@ -19,9 +19,18 @@ const COLUMNS: &str = "position, tx::text AS tx_text, stream_type, stream_id, st
 /// that writes later gets a larger id, so nothing can ever appear below it behind a reader.
 pub const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())";
 
-/// Accepts `[a-z_][a-z0-9_]*`, at most [`MAX_SCHEMA_LEN`] bytes, not `pg_*` (reserved).
+/// Accepts `[a-z_][a-z0-9_]*`, at most [`MAX_SCHEMA_LEN`] bytes, and none of PostgreSQL's own
+/// schemas: `pg_*` (`pg_catalog`, `pg_toast`, temporary schemas) and `information_schema`. The
+/// store creates, migrates and writes into its schema; a system schema is never meant for that.
 pub fn validate_schema(schema: &str) -> Result<(), InvalidId> {
-    validate_identifier("schema name", schema)
+    validate_identifier("schema name", schema)?;
+    if schema == "information_schema" {
+        return Err(InvalidId {
+            what: "schema name",
+            reason: format!("`{schema}` is reserved by PostgreSQL"),
+        });
+    }
+    Ok(())
 }
 
 /// The rule for every name spliced into SQL (schema, view, table): `[a-z_][a-z0-9_]*`, at most

@@ -14,7 +14,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use sqlx::Executor;
 
-use crate::error::map_error;
+use crate::error::{map_error, map_sent_write_error};
 
 /// A transaction on a pooled connection. Dropped without [`Tx::commit`] (an error, a cancelled
 /// future), it closes the connection, and PostgreSQL rolls the transaction back.
@@ -41,15 +41,18 @@ impl Tx {
         &mut self.conn
     }
 
-    /// Commits; the connection goes back to the pool only if this succeeds.
+    /// Commits; the connection goes back to the pool only if this succeeds. A connection lost
+    /// once `COMMIT` was sent is [`StoreError::OutcomeUnknown`]: the server may have committed
+    /// before the reply was lost.
     pub(crate) async fn commit(mut self) -> Result<(), StoreError> {
-        self.conn().execute("COMMIT").await.map_err(map_error)?;
+        self.conn()
+            .execute("COMMIT")
+            .await
+            .map_err(|e| map_sent_write_error(e, map_error))?;
         self.ended = true;
         Ok(())
     }
-}
 
-impl Tx {
     /// Rolls back; the connection goes back to the pool only if this succeeds. An error here
     /// means the connection is gone (the server rolled back with it).
     pub(crate) async fn rollback(mut self) -> Result<(), StoreError> {

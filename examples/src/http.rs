@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use cqrs_core::bus::{BusError, CommandBus, DomainError};
 use cqrs_core::prelude::*;
 use cqrs_core::subscription::{InProcess, ProjectionHandle, ProjectionRunner};
-use cqrs_core::{projection, ExecuteError};
+use cqrs_core::{projection, ExecuteError, StoreError};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -150,6 +150,13 @@ impl From<BusError> for ApiError {
             BusError::Execute(ExecuteError::Concurrency(c)) => {
                 ApiError::new(StatusCode::CONFLICT, "concurrency_conflict", c.to_string())
             }
+            // The repository re-sent the events and still got no answer: they may be stored, so
+            // a client that retries would run the command twice. Say so.
+            BusError::Execute(ExecuteError::Store(StoreError::OutcomeUnknown(_))) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "outcome_unknown",
+                "the command may or may not have been applied; read the account before retrying",
+            ),
             BusError::Execute(ExecuteError::Store(e)) if e.is_transient() => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "storage_unavailable",

@@ -30,7 +30,10 @@ async fn killed_connections_fail_with_connection_errors_and_never_half_write_a_b
                     .await;
                 if let Err(error) = &result {
                     assert!(
-                        matches!(error, StoreError::Connection(_)),
+                        matches!(
+                            error,
+                            StoreError::Connection(_) | StoreError::OutcomeUnknown(_)
+                        ),
                         "an append failed with something else than a connection error: {error:?}"
                     );
                 }
@@ -73,6 +76,47 @@ async fn killed_connections_fail_with_connection_errors_and_never_half_write_a_b
         "no connection was killed: the test proved nothing"
     );
 
+    // An append that reported `Connection` wrote nothing; one that reported `OutcomeUnknown` may
+    // have (the connection died after its statement was sent).
+    let stored_ids: std::collections::HashSet<uuid::Uuid> =
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT event_id FROM \"{}\".events",
+            store.schema()
+        )))
+        .fetch_all(&killer)
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    let (mut nothing_written, mut unknown, mut unknown_stored) = (0, 0, 0);
+    for (_, outcomes) in &results {
+        for (events, outcome) in outcomes {
+            let stored = events
+                .iter()
+                .filter(|e| stored_ids.contains(e.event_id.as_uuid()))
+                .count();
+            assert!(stored == 0 || stored == events.len(), "a batch was split");
+            match outcome {
+                Err(StoreError::Connection(_)) => {
+                    nothing_written += 1;
+                    assert_eq!(
+                        stored, 0,
+                        "an append that reported Connection wrote its events"
+                    );
+                }
+                Err(_) => {
+                    unknown += 1;
+                    unknown_stored += usize::from(stored > 0);
+                }
+                Ok(_) => assert_eq!(stored, events.len(), "a reported success is stored"),
+            }
+        }
+    }
+    eprintln!(
+        "connection loss: {nothing_written} appends failed with Connection, {unknown} with \
+         OutcomeUnknown ({unknown_stored} of them stored)"
+    );
+
     // Later calls succeed. A failed append is retried with the same event ids: it was either
     // not written (now it is) or written before the connection died (the retry says so and
     // returns the original result). Either way, each batch ends up stored exactly once, whole.
@@ -94,7 +138,7 @@ async fn killed_connections_fail_with_connection_errors_and_never_half_write_a_b
             }
         }
     }
-    eprintln!("connection loss: {succeeded} appends succeeded, {failed} calls failed with StoreError::Connection");
+    eprintln!("connection loss: {succeeded} appends succeeded, {failed} calls failed");
     assert!(
         failed > 0,
         "no call failed: the kills missed every statement"

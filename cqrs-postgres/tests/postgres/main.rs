@@ -14,6 +14,7 @@ mod connection;
 mod gaps;
 mod group_commit;
 mod hostile;
+mod lost_reply;
 mod projections;
 mod runner;
 mod schema;

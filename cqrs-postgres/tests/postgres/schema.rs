@@ -93,6 +93,9 @@ async fn hostile_schema_names_are_rejected() {
         "with space",
         "1starts_with_digit",
         "pg_catalog",
+        "pg_toast",
+        "pg_temp_1",
+        "information_schema",
         "ünïcode",
         &"x".repeat(cqrs_postgres::MAX_SCHEMA_LEN + 1),
     ] {
@@ -127,5 +130,38 @@ async fn an_unmigrated_schema_is_a_typed_error_that_says_what_to_do() {
         other => panic!("{other:?}"),
     }
     assert!(error.to_string().contains("migrate"), "{error}");
+    drop_schema(&store).await;
+}
+
+#[tokio::test]
+async fn first_delivery_refuses_consumer_names_it_cannot_store() {
+    let store = fresh_store().await;
+    let projections = cqrs_postgres::PostgresProjections::new(store.clone());
+    let event = cqrs_core::EventId::new();
+    let mut tx = store.pool().begin().await.unwrap();
+    for bad in [
+        String::new(),
+        "nul\0inside".to_owned(),
+        "x".repeat(cqrs_postgres::MAX_CHECKPOINT_NAME_LEN + 1),
+        "x".repeat(1024 * 1024),
+    ] {
+        match projections.first_delivery(&mut tx, &bad, event).await {
+            Err(StoreError::InvalidId(e)) => assert_eq!(e.what, "consumer name"),
+            other => panic!("consumer name of {} bytes: {other:?}", bad.len()),
+        }
+    }
+    // Refused before anything was sent: the transaction is still usable.
+    let longest = "x".repeat(cqrs_postgres::MAX_CHECKPOINT_NAME_LEN);
+    for consumer in ["mailer", longest.as_str()] {
+        assert!(projections
+            .first_delivery(&mut tx, consumer, event)
+            .await
+            .unwrap());
+        assert!(!projections
+            .first_delivery(&mut tx, consumer, event)
+            .await
+            .unwrap());
+    }
+    tx.rollback().await.unwrap();
     drop_schema(&store).await;
 }

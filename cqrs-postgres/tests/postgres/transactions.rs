@@ -155,6 +155,94 @@ async fn append_in_commits_with_the_callers_writes_or_not_at_all() {
     drop_schema(&store).await;
 }
 
+/// A transaction that reads from one snapshot cannot see an append committed after it began:
+/// `append_in` says so instead of reporting the snapshot's version as the stream's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn append_in_a_snapshot_that_misses_the_streams_latest_events_says_so() {
+    let store = fresh_store().await;
+    for level in ["REPEATABLE READ", "SERIALIZABLE"] {
+        let stream = StreamId::new("order", level.replace(' ', "-").to_lowercase());
+        let mut tx = store.pool().begin().await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET TRANSACTION ISOLATION LEVEL {level}"
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        // The first query takes the snapshot: the stream does not exist in it.
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM \"{}\".events",
+            store.schema()
+        )))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        // Another connection appends to the stream.
+        store
+            .append(&stream, ExpectedVersion::NoStream, batch(1))
+            .await
+            .unwrap();
+
+        for expected in [
+            ExpectedVersion::NoStream,
+            ExpectedVersion::Exact(StreamVersion::INITIAL),
+            // What the stream really is at: the snapshot cannot see it either.
+            ExpectedVersion::Exact(StreamVersion::new(1)),
+            ExpectedVersion::Any,
+        ] {
+            let started = Instant::now();
+            let error = store
+                .append_in(&mut tx, &stream, expected, batch(2))
+                .await
+                .unwrap_err();
+            match &error {
+                StoreError::StaleSnapshot {
+                    stream: s,
+                    expected: e,
+                    snapshot_version,
+                } => {
+                    assert_eq!((s, *e), (&stream, expected), "{level}");
+                    assert_eq!(*snapshot_version, StreamVersion::INITIAL, "{level}");
+                }
+                other => panic!("{level}, {expected:?}: {other:?} ({other})"),
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "{level}, {expected:?}: answered without spinning on the race retries"
+            );
+        }
+        // Nothing was written, and the transaction is still usable.
+        let n: i64 = sqlx::query_scalar("SELECT 1::bigint")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        tx.rollback().await.unwrap();
+        assert_eq!(
+            store.stream_version(&stream).await.unwrap(),
+            StreamVersion::new(1)
+        );
+    }
+
+    // In READ COMMITTED every statement sees what is committed: a plain conflict, with the
+    // stream's real version.
+    let stream = StreamId::new("order", "read-committed");
+    let mut tx = store.pool().begin().await.unwrap();
+    store
+        .append(&stream, ExpectedVersion::NoStream, batch(1))
+        .await
+        .unwrap();
+    match store
+        .append_in(&mut tx, &stream, ExpectedVersion::NoStream, batch(1))
+        .await
+    {
+        Err(StoreError::Concurrency(c)) => assert_eq!(c.actual, StreamVersion::new(1)),
+        other => panic!("{other:?}"),
+    }
+    tx.rollback().await.unwrap();
+    drop_schema(&store).await;
+}
+
 #[tokio::test]
 async fn checkpoint_compare_and_set_commits_with_the_read_model() {
     let store = fresh_store().await;
@@ -280,6 +368,70 @@ async fn wait_for_append_wakes_on_notify() {
         .wait_for_append(written.position, Duration::from_millis(200))
         .await;
     assert!(started.elapsed() >= Duration::from_millis(190));
+    drop_schema(&store).await;
+}
+
+/// Any role may notify on the store's channel: a bogus position far ahead makes waiters return at
+/// once only briefly, and real appends (at lower positions) still wake them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bogus_notification_is_only_a_brief_hint() {
+    let store = fresh_store().await;
+    let stream = StreamId::new("s", "1");
+    let head = store
+        .append(&stream, ExpectedVersion::NoStream, batch(1))
+        .await
+        .unwrap()
+        .position;
+    // Start the listener, and let it connect.
+    store
+        .wait_for_append(head, Duration::from_millis(300))
+        .await;
+    let bogus = Position::new(u64::MAX >> 1, u64::MAX >> 1);
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(store.notification_channel())
+        .bind(bogus.to_string())
+        .execute(store.pool())
+        .await
+        .unwrap();
+    // Long enough for it to arrive and then go stale.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let started = Instant::now();
+    store.wait_for_append(head, Duration::from_secs(3)).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "returned after {waited:?}: a notified position stuck beyond every append"
+    );
+
+    // Another process (another store on the schema) appends: its notification wakes the waiter,
+    // although its position is below the bogus one.
+    let other_pool = sqlx::PgPool::connect(&crate::url()).await.unwrap();
+    let other = cqrs_postgres::PostgresStore::new(other_pool)
+        .with_schema(store.schema())
+        .unwrap();
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            store.wait_for_append(head, Duration::from_secs(30)).await;
+            started.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    other
+        .append(
+            &stream,
+            ExpectedVersion::Exact(StreamVersion::new(1)),
+            batch(1),
+        )
+        .await
+        .unwrap();
+    let waited = waiter.await.unwrap();
+    assert!(
+        waited < Duration::from_secs(10),
+        "woke after {waited:?}, not on the real notification"
+    );
+    other.pool().close().await;
     drop_schema(&store).await;
 }
 
