@@ -3,17 +3,10 @@
 use async_trait::async_trait;
 
 use crate::store::StoreError;
-use crate::stream::{validate_name, InvalidId, Position};
+use crate::stream::Position;
 
 /// Longest checkpoint (or consumer) name accepted, in bytes: it is the key of an index.
 pub const MAX_CHECKPOINT_NAME_LEN: usize = 1024;
-
-/// Checks a checkpoint or consumer name: not empty, at most [`MAX_CHECKPOINT_NAME_LEN`] bytes, no
-/// NUL character. Every backend calls it on every path that takes such a name, so all backends
-/// reject the same names the same way.
-pub fn validate_checkpoint_name(name: &str) -> Result<(), InvalidId> {
-    validate_name("checkpoint name", name, MAX_CHECKPOINT_NAME_LEN)
-}
 
 /// Durable projection checkpoints with compare-and-set, so two runners can never both advance one.
 #[async_trait]

@@ -143,6 +143,9 @@ pub struct Metadata {
     pub custom: BTreeMap<String, Value>,
 }
 
+/// Deepest nesting of arrays and objects accepted in a payload or a metadata value.
+pub const MAX_JSON_DEPTH: usize = 100;
+
 /// An encoded event ready to append: what a command produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewEvent {

@@ -6,16 +6,19 @@
 //! [`aggregate`] (state + decisions) → [`command`] (load, decide, append) → [`store`] (the log)
 //! → [`projection`](mod@projection) (read models) → queries. [`event`](mod@event) and [`upcast`] define what is stored and how
 //! old versions are read; [`snapshot`] and [`checkpoint`] shorten loads and track projections;
-//! [`memory`] is the in-memory backend; [`testing`] has given/when/then fixtures; [`conformance`] is
-//! the test suite every backend runs.
+//! [`subscription`] runs projections over the log; [`memory`] is the in-memory backend;
+//! [`backend`] is for authors of storage backends. Behind features: `testing` (given/when/then
+//! fixtures, `cqrs_core::testing`) and `conformance` (the test suite every backend runs).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod aggregate;
+pub mod backend;
 pub mod bus;
 pub mod checkpoint;
 pub mod command;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod event;
 pub mod memory;
@@ -24,6 +27,7 @@ pub mod snapshot;
 pub mod store;
 pub mod stream;
 pub mod subscription;
+#[cfg(feature = "testing")]
 pub mod testing;
 pub mod upcast;
 
@@ -39,6 +43,7 @@ pub use projection::{HandlerError, Projection, ProjectionError};
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 pub use store::{AppendResult, ConcurrencyError, EventStore, EventTypes, StoreError};
 pub use stream::{ExpectedVersion, Position, StreamId, StreamVersion};
+pub use subscription::{ProjectionHandle, ProjectionRunner, RunnerConfig};
 pub use upcast::DecodeError;
 
 #[cfg(feature = "derive")]
@@ -48,8 +53,9 @@ pub use cqrs_derive::{event, projection, Aggregate};
 pub mod prelude {
     pub use crate::{
         Aggregate, Apply, Command, CommandBus, CommandContext, Event, EventStore, ExpectedVersion,
-        Handle, HandleWith, InMemoryStore, Position, Projection, RecordedEvent, Repository,
-        RetryPolicy, SnapshotPolicy, SnapshotStore, StreamId, StreamVersion,
+        Handle, HandleWith, InMemoryStore, Position, Projection, ProjectionRunner, RecordedEvent,
+        Repository, RetryPolicy, RunnerConfig, SnapshotPolicy, SnapshotStore, StreamId,
+        StreamVersion,
     };
 
     #[cfg(feature = "derive")]

@@ -8,14 +8,15 @@ use async_trait::async_trait;
 use chrono::Utc;
 use tokio::sync::watch;
 
-use crate::checkpoint::{validate_checkpoint_name, CheckpointStore};
+use crate::backend::{
+    resolve_retry, validate_append, validate_checkpoint_name, validate_snapshot, validate_types,
+    StoredEventRef,
+};
+use crate::checkpoint::CheckpointStore;
 use crate::event::{EventId, NewEvent, RecordedEvent};
 use crate::projection::Projection;
 use crate::snapshot::{Snapshot, SnapshotStore};
-use crate::store::{
-    resolve_retry, validate_append, validate_types, AppendResult, ConcurrencyError, EventStore,
-    EventTypes, StoreError, StoredEventRef,
-};
+use crate::store::{AppendResult, ConcurrencyError, EventStore, EventTypes, StoreError};
 use crate::stream::{ExpectedVersion, Position, StreamId, StreamVersion};
 
 /// Events, snapshots and checkpoints in process memory, safe to share between tasks (clone it: clones
@@ -73,24 +74,44 @@ impl InMemoryStore {
         self.inner.head.subscribe()
     }
 
-    /// Registers an inline projection: from now on every append runs it on the new events while the
-    /// append is still uncommitted, and a handler error fails the append, so events and read model
-    /// always agree. Read the model through the returned [`InlineReadModel`]. Handlers run on a copy
-    /// of the read model that replaces it only when the append commits (hence `Clone`).
-    pub fn add_inline<P>(&self, projection: P) -> InlineReadModel<P>
+    /// Runs an inline projection in every append of this store (and of every clone: they share
+    /// the data): the append runs it on the new events before they become visible, and a handler
+    /// error fails the append, so events and read model always agree. Handlers run on a copy of
+    /// the read model that replaces it only when the append commits (hence `Clone`); read the
+    /// model through your clone of `model`.
+    ///
+    /// ```
+    /// use cqrs_core::memory::{InMemoryStore, InlineReadModel};
+    /// use cqrs_core::{event, projection};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[event(name = "Deposited")]
+    /// #[derive(Debug, Clone, Serialize, Deserialize)]
+    /// pub struct Deposited { pub amount: i64 }
+    ///
+    /// #[derive(Debug, Clone, Default)]
+    /// pub struct Total { pub sum: i64 }
+    ///
+    /// #[projection(name = "total")]
+    /// impl Total {
+    ///     fn deposited(&mut self, event: &Deposited) { self.sum += event.amount }
+    /// }
+    ///
+    /// let total = InlineReadModel::new(Total::default());
+    /// let store = InMemoryStore::new().with_inline(total.clone());
+    /// assert_eq!(total.read(|t| t.sum), 0);
+    /// ```
+    pub fn with_inline<P>(self, model: InlineReadModel<P>) -> Self
     where
         P: Projection<Context = ()> + Clone + Sync,
     {
-        let model = InlineReadModel {
-            state: Arc::new(RwLock::new(projection)),
-        };
-        let hook: Arc<dyn InlineHook> = Arc::new(model.clone());
+        let hook: Arc<dyn InlineHook> = Arc::new(model);
         self.inner
             .inline
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .push(hook);
-        model
+        self
     }
 
     /// Stores a raw event as an older release (or a bug, or another tool) might have written it,
@@ -314,7 +335,7 @@ impl SnapshotStore for InMemoryStore {
     }
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
-        crate::snapshot::validate_snapshot(&snapshot)?;
+        validate_snapshot(&snapshot)?;
         let mut snapshots = self
             .inner
             .snapshots
@@ -378,7 +399,8 @@ impl CheckpointStore for InMemoryStore {
     }
 }
 
-/// A read model kept up to date inside the in-memory store's appends (see [`InMemoryStore::add_inline`]).
+/// A read model kept up to date inside the in-memory store's appends (see
+/// [`InMemoryStore::with_inline`]). Clones share the model.
 pub struct InlineReadModel<P> {
     state: Arc<RwLock<P>>,
 }
@@ -387,6 +409,16 @@ impl<P> Clone for InlineReadModel<P> {
     fn clone(&self) -> Self {
         Self {
             state: Arc::clone(&self.state),
+        }
+    }
+}
+
+impl<P> InlineReadModel<P> {
+    /// A read model starting from `projection`'s state, to register with
+    /// [`InMemoryStore::with_inline`].
+    pub fn new(projection: P) -> Self {
+        Self {
+            state: Arc::new(RwLock::new(projection)),
         }
     }
 }
@@ -424,14 +456,10 @@ impl<P: Projection<Context = ()> + Clone + Sync> InlineHook for InlineReadModel<
     {
         Box::pin(async move {
             let mut staged = self.snapshot();
-            for event in events
-                .iter()
-                .filter(|e| P::EVENT_TYPES.contains(&e.event_type.as_str()))
-            {
-                crate::projection::handle_event(&mut staged, event, &mut ()).await?;
-            }
             // A failure drops `staged`, and with it anything buffered.
-            crate::projection::flush_batch(&mut staged, &mut ()).await?;
+            crate::backend::apply_batch(&mut staged, events, &mut ())
+                .await
+                .map_err(|(_, error)| error)?;
             let state = Arc::clone(&self.state);
             let commit: Commit = Box::new(move || {
                 *state.write().unwrap_or_else(PoisonError::into_inner) = staged;

@@ -117,56 +117,6 @@ impl ProjectionError {
     }
 }
 
-/// Applies one event with `projection`'s handler, turning a panic (in the handler, or in the
-/// upcaster decoding the event) into [`ProjectionError::Panicked`]. Projection backends call
-/// this for every event, so a panic fails the batch at the event's own position instead of
-/// killing the runner task with its status still saying it runs.
-pub async fn handle_event<P: Projection>(
-    projection: &mut P,
-    event: &RecordedEvent,
-    context: &mut P::Context,
-) -> Result<(), ProjectionError> {
-    use futures_util::FutureExt;
-    // The call itself inside the guarded future: a handler may panic before returning one.
-    let handled = async { projection.handle(event, context).await };
-    match std::panic::AssertUnwindSafe(handled).catch_unwind().await {
-        Ok(outcome) => outcome,
-        Err(panic) => Err(ProjectionError::Panicked {
-            projection: P::NAME,
-            event_type: event.event_type.clone(),
-            position: event.position,
-            message: panic_message(panic.as_ref()),
-        }),
-    }
-}
-
-/// Runs [`Projection::flush`], turning a panic into [`ProjectionError::Flush`].
-pub async fn flush_batch<P: Projection>(
-    projection: &mut P,
-    context: &mut P::Context,
-) -> Result<(), ProjectionError> {
-    use futures_util::FutureExt;
-    let flushed = async { projection.flush(context).await };
-    match std::panic::AssertUnwindSafe(flushed).catch_unwind().await {
-        Ok(outcome) => outcome,
-        Err(panic) => Err(ProjectionError::Flush {
-            projection: P::NAME,
-            source: format!("panicked: {}", panic_message(panic.as_ref())).into(),
-        }),
-    }
-}
-
-/// The message of a caught panic (`panic!` with a literal or a formatted string).
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(message) = panic.downcast_ref::<&str>() {
-        (*message).to_owned()
-    } else if let Some(message) = panic.downcast_ref::<String>() {
-        message.clone()
-    } else {
-        "a panic without a message".to_owned()
-    }
-}
-
 /// What a handler may return: nothing, or a `Result` whose error converts into [`HandlerError`].
 pub trait HandlerOutput {
     /// Normalizes the output.

@@ -31,16 +31,6 @@ pub trait SnapshotStore: Send + Sync + 'static {
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError>;
 }
 
-/// Checks a snapshot before any backend stores it: a valid stream id and a payload every backend
-/// can keep and read back ([`crate::store::validate_json`]). Backends call it first.
-pub fn validate_snapshot(snapshot: &Snapshot) -> Result<(), StoreError> {
-    snapshot.stream.validate()?;
-    crate::store::validate_json(&snapshot.payload).map_err(|reason| StoreError::InvalidPayload {
-        what: format!("the snapshot of `{}`", snapshot.stream),
-        reason,
-    })
-}
-
 /// When the repository takes a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotPolicy {

@@ -108,7 +108,7 @@ pub enum StoreError {
     #[error(transparent)]
     InvalidId(#[from] InvalidId),
     /// An event's payload or metadata, or a snapshot, that not every backend can store and read
-    /// back as given (see [`validate_json`]); nothing was written.
+    /// back as given (see [`validate_json`](crate::backend::validate_json)); nothing was written.
     #[error("{what} cannot be stored: {reason}")]
     InvalidPayload {
         /// Which value ("payload of event …", "metadata of event …", "snapshot of …").
@@ -180,7 +180,8 @@ impl StoreError {
 /// An append-only log of events, partitioned into streams. Object-safe: hold it as
 /// `Arc<dyn EventStore>` to pick the backend at run time.
 ///
-/// Every backend runs the conformance suite in [`crate::conformance`].
+/// Every backend runs the conformance suite (`cqrs_core::conformance`, behind the `conformance`
+/// feature).
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Appends `events` to `stream` atomically if it satisfies `expected`; all or nothing.
@@ -329,160 +330,5 @@ where
                 .pop_front()
                 .map(|event| (event, (buffer, cursor, exhausted))))
         }
-    })
-}
-
-/// Checks a batch before any backend writes it: a valid stream id, at least one event, valid type
-/// names, no id twice. Backends call this first so every backend rejects the same input the same way.
-pub fn validate_append(stream: &StreamId, events: &[NewEvent]) -> Result<(), StoreError> {
-    stream.validate()?;
-    if events.is_empty() {
-        return Err(StoreError::EmptyAppend {
-            stream: stream.clone(),
-        });
-    }
-    let mut seen = std::collections::HashSet::with_capacity(events.len());
-    for event in events {
-        crate::stream::validate_name(
-            "event type",
-            &event.event_type,
-            crate::stream::MAX_EVENT_TYPE_LEN,
-        )?;
-        validate_json(&event.payload).map_err(|reason| StoreError::InvalidPayload {
-            what: format!("the payload of event {}", event.event_id),
-            reason,
-        })?;
-        let mut custom = event.metadata.custom.iter();
-        custom
-            .try_for_each(|(key, value)| check_key(key).and_then(|()| validate_json(value)))
-            .map_err(|reason| StoreError::InvalidPayload {
-                what: format!("the metadata of event {}", event.event_id),
-                reason,
-            })?;
-        if !seen.insert(event.event_id) {
-            return Err(StoreError::DuplicateIdInBatch {
-                event_id: event.event_id,
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Deepest nesting of arrays and objects accepted in a payload or a metadata value.
-pub const MAX_JSON_DEPTH: usize = 100;
-
-/// Checks a JSON value before any backend stores it, so that every backend keeps exactly what
-/// it is given and reads it back (and all backends accept and reject the same values):
-///
-/// - no NUL character (`\u0000`) in strings or keys: PostgreSQL's `jsonb` cannot store it;
-/// - at most [`MAX_JSON_DEPTH`] levels of nesting: readers parse stored JSON with `serde_json`,
-///   which refuses 128 levels.
-///
-/// Every finite float reads back exactly: a backend that stores it as an exact decimal (PostgreSQL's
-/// `numeric` prints `f64::MAX` as a 309-digit integer) is read with `serde_json`'s
-/// `float_roundtrip` parsing, which this crate enables.
-pub fn validate_json(value: &serde_json::Value) -> Result<(), String> {
-    check_json(value, 1)
-}
-
-fn check_json(value: &serde_json::Value, depth: usize) -> Result<(), String> {
-    use serde_json::Value;
-    match value {
-        Value::String(s) => check_text(s, "a string"),
-        Value::Number(_) | Value::Null | Value::Bool(_) => Ok(()),
-        Value::Array(_) | Value::Object(_) if depth > MAX_JSON_DEPTH => Err(format!(
-            "it nests arrays and objects deeper than {MAX_JSON_DEPTH} levels"
-        )),
-        Value::Array(items) => items.iter().try_for_each(|i| check_json(i, depth + 1)),
-        Value::Object(map) => map
-            .iter()
-            .try_for_each(|(key, item)| check_key(key).and_then(|()| check_json(item, depth + 1))),
-    }
-}
-
-fn check_key(key: &str) -> Result<(), String> {
-    check_text(key, "a key")
-}
-
-fn check_text(text: &str, what: &str) -> Result<(), String> {
-    if text.contains('\0') {
-        return Err(format!(
-            "{what} contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store"
-        ));
-    }
-    Ok(())
-}
-
-/// Checks the type names of a read's filter, so a name no backend can store is an
-/// [`InvalidId`] on every backend (rather than an empty result on one and a database error on
-/// another).
-pub fn validate_types(types: EventTypes<'_>) -> Result<(), InvalidId> {
-    match types {
-        EventTypes::All => Ok(()),
-        EventTypes::Only(names) => names.iter().try_for_each(|name| {
-            crate::stream::validate_name("event type", name, crate::stream::MAX_EVENT_TYPE_LEN)
-        }),
-    }
-}
-
-/// Where an already-stored event is; input to [`resolve_retry`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredEventRef {
-    /// The stored event's id.
-    pub event_id: EventId,
-    /// Its stream.
-    pub stream: StreamId,
-    /// Its stream version.
-    pub stream_version: StreamVersion,
-    /// Its global position.
-    pub position: Position,
-}
-
-/// Decides an append whose event ids were (partly) found in the store: returns the original result if
-/// `stored` is exactly `batch` on `stream` (same ids, consecutive versions, same order), otherwise
-/// [`StoreError::IdempotencyConflict`]. `stored` may be in any order.
-pub fn resolve_retry(
-    stream: &StreamId,
-    batch: &[NewEvent],
-    stored: &[StoredEventRef],
-) -> Result<AppendResult, StoreError> {
-    let conflict =
-        |event_id: EventId, detail: String| StoreError::IdempotencyConflict { event_id, detail };
-    let find = |id: &EventId| stored.iter().find(|s| s.event_id == *id);
-    let first = batch.first().ok_or_else(|| StoreError::EmptyAppend {
-        stream: stream.clone(),
-    })?;
-    let Some(head) = find(&first.event_id) else {
-        let present = stored.first().map_or(first.event_id, |s| s.event_id);
-        return Err(conflict(
-            present,
-            "only part of the batch is stored".to_owned(),
-        ));
-    };
-    let mut last = head;
-    for (offset, event) in (0u64..).zip(batch) {
-        let Some(found) = find(&event.event_id) else {
-            return Err(conflict(
-                head.event_id,
-                "only part of the batch is stored".to_owned(),
-            ));
-        };
-        if found.stream != *stream {
-            return Err(conflict(
-                found.event_id,
-                format!("it belongs to stream `{}`", found.stream),
-            ));
-        }
-        if found.stream_version != head.stream_version.advance(offset) {
-            return Err(conflict(
-                found.event_id,
-                "the stored events are not this batch in this order".to_owned(),
-            ));
-        }
-        last = found;
-    }
-    Ok(AppendResult {
-        stream_version: last.stream_version,
-        position: last.position,
     })
 }

@@ -570,11 +570,11 @@ fn public_futures_are_send(repo: Repository<Counter>, store: InMemoryStore, bus:
 
 #[tokio::test]
 async fn inline_projection_commits_with_the_append_or_not_at_all() {
-    let store = InMemoryStore::new();
-    let model = store.add_inline(Totals {
+    let model = cqrs_core::memory::InlineReadModel::new(Totals {
         poison: Some(13),
         ..Totals::default()
     });
+    let store = InMemoryStore::new().with_inline(model.clone());
     let repo = Repository::<Counter>::new(store.clone());
     repo.execute("i", &Add(2)).await.unwrap();
     repo.execute("i", &Add(3)).await.unwrap();
@@ -705,12 +705,12 @@ fn runner_config_rejects_settings_a_runner_cannot_work_with() {
 /// A backend whose lease acquisition panics: the runner task dies outside any handler.
 struct PanickingLease(InProcess<InMemoryStore>);
 
-impl<P: Projection<Context = ()>> cqrs_core::subscription::ProjectionBackend<P> for PanickingLease {
+impl<P: Projection<Context = ()>> cqrs_core::backend::ProjectionBackend<P> for PanickingLease {
     fn events(&self) -> &dyn EventStore {
-        cqrs_core::subscription::ProjectionBackend::<P>::events(&self.0)
+        cqrs_core::backend::ProjectionBackend::<P>::events(&self.0)
     }
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, cqrs_core::StoreError> {
-        cqrs_core::subscription::ProjectionBackend::<P>::load_checkpoint(&self.0, name).await
+        cqrs_core::backend::ProjectionBackend::<P>::load_checkpoint(&self.0, name).await
     }
     async fn commit_batch(
         &self,
@@ -719,22 +719,22 @@ impl<P: Projection<Context = ()>> cqrs_core::subscription::ProjectionBackend<P> 
         expected: Option<Position>,
         events: &[RecordedEvent],
         to: Position,
-    ) -> Result<(), cqrs_core::subscription::BatchError> {
+    ) -> Result<(), cqrs_core::backend::BatchError> {
         self.0
             .commit_batch(projection, name, expected, events, to)
             .await
     }
     async fn reset_checkpoint(&self, name: &str) -> Result<(), cqrs_core::StoreError> {
-        cqrs_core::subscription::ProjectionBackend::<P>::reset_checkpoint(&self.0, name).await
+        cqrs_core::backend::ProjectionBackend::<P>::reset_checkpoint(&self.0, name).await
     }
     async fn record_skip(
         &self,
         name: &str,
         expected: Option<Position>,
-        event: &cqrs_core::subscription::SkipTarget,
+        event: &cqrs_core::backend::SkipTarget,
         reason: &str,
     ) -> Result<(), cqrs_core::StoreError> {
-        cqrs_core::subscription::ProjectionBackend::<P>::record_skip(
+        cqrs_core::backend::ProjectionBackend::<P>::record_skip(
             &self.0, name, expected, event, reason,
         )
         .await
@@ -742,12 +742,11 @@ impl<P: Projection<Context = ()>> cqrs_core::subscription::ProjectionBackend<P> 
     async fn acquire_lease(
         &self,
         _name: &str,
-    ) -> Result<Option<Box<dyn cqrs_core::subscription::Lease>>, cqrs_core::StoreError> {
+    ) -> Result<Option<Box<dyn cqrs_core::backend::Lease>>, cqrs_core::StoreError> {
         panic!("the lease table is on fire")
     }
     async fn wait_for_append(&self, after: Position, timeout: Duration) {
-        cqrs_core::subscription::ProjectionBackend::<P>::wait_for_append(&self.0, after, timeout)
-            .await;
+        cqrs_core::backend::ProjectionBackend::<P>::wait_for_append(&self.0, after, timeout).await;
     }
 }
 

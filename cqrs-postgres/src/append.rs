@@ -1,7 +1,7 @@
 //! Appending: one statement per batch, the expected version checked in that statement and enforced
 //! by the unique version index, idempotent retries resolved exactly like every other backend.
 
-use cqrs_core::store::{resolve_retry, validate_append};
+use cqrs_core::backend::{resolve_retry, validate_append};
 use cqrs_core::{
     AppendResult, ConcurrencyError, ExpectedVersion, NewEvent, Position, StoreError, StreamId,
     StreamVersion,

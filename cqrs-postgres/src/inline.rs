@@ -1,7 +1,7 @@
 //! Inline projections: read models updated by the append's own transaction.
 
 use async_trait::async_trait;
-use cqrs_core::projection::{flush_batch, handle_event};
+use cqrs_core::backend::apply_batch;
 use cqrs_core::{Projection, ProjectionError, RecordedEvent};
 use sqlx::postgres::PgConnection;
 
@@ -37,11 +37,8 @@ where
     ) -> Result<(), ProjectionError> {
         // On error the clone, and anything it buffered, is dropped with the rolled-back append.
         let mut projection = self.0.clone();
-        for event in events {
-            if P::EVENT_TYPES.contains(&event.event_type.as_str()) {
-                handle_event(&mut projection, event, conn).await?;
-            }
-        }
-        flush_batch(&mut projection, conn).await
+        apply_batch(&mut projection, events, conn)
+            .await
+            .map_err(|(_, error)| error)
     }
 }

@@ -46,7 +46,7 @@
 //!   `(stream_type, stream_id, stream_version)` rejects the loser of a race (SQLSTATE 23505), which
 //!   becomes a [`cqrs_core::ConcurrencyError`] with the actual version (`Any` and `StreamExists`
 //!   retry instead). A 23505 on the event id means a retry: the ids are looked up and
-//!   [`cqrs_core::store::resolve_retry`] decides, exactly as for every other backend.
+//!   [`cqrs_core::backend::resolve_retry`] decides, exactly as for every other backend.
 //! - **Wake-ups.** Committed appends are announced with `NOTIFY` on
 //!   [`PostgresStore::notification_channel`], at most once per 2 ms: the first append of an
 //!   interval notifies in its own statement, later ones are covered by the next, and a background
@@ -91,7 +91,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use cqrs_core::store::validate_types;
+use cqrs_core::backend::validate_types;
 use cqrs_core::{
     AppendResult, CheckpointStore, EventStore, EventTypes, ExpectedVersion, NewEvent, Position,
     RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId, StreamVersion,
@@ -686,10 +686,10 @@ fn validate_checkpoint_name(name: &str) -> Result<(), StoreError> {
     validate_key_name("checkpoint name", name)
 }
 
-/// The core's rule for checkpoint names ([`cqrs_core::checkpoint::validate_checkpoint_name`]),
+/// The core's rule for checkpoint names ([`cqrs_core::backend::validate_checkpoint_name`]),
 /// for every name stored as an index key (checkpoints, first-delivery consumers).
 fn validate_key_name(what: &'static str, name: &str) -> Result<(), StoreError> {
-    cqrs_core::checkpoint::validate_checkpoint_name(name).map_err(|mut invalid| {
+    cqrs_core::backend::validate_checkpoint_name(name).map_err(|mut invalid| {
         invalid.what = what;
         StoreError::InvalidId(invalid)
     })
@@ -1008,7 +1008,7 @@ impl SnapshotStore for PostgresStore {
 
     async fn save_snapshot(&self, snapshot: Snapshot) -> Result<(), StoreError> {
         snapshot.stream.validate()?;
-        cqrs_core::snapshot::validate_snapshot(&snapshot)?;
+        cqrs_core::backend::validate_snapshot(&snapshot)?;
         let version = snapshot.stream_version.get();
         sqlx::query(self.sql.save_snapshot.clone())
             .bind(snapshot.stream.stream_type())

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use cqrs_core::projection::{flush_batch, handle_event};
-use cqrs_core::subscription::{BatchError, Lease, ProjectionBackend, SkipTarget, SkippedEvent};
+use cqrs_core::backend::{apply_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
+use cqrs_core::subscription::SkippedEvent;
 use cqrs_core::{
     CheckpointStore, EventId, EventStore, Position, Projection, ProjectionError, RecordedEvent,
     StoreError,
@@ -189,24 +189,10 @@ where
         self.store
             .save_checkpoint_in(tx.conn(), name, expected, to)
             .await?;
-        let outcome = async {
-            for (index, event) in events.iter().enumerate() {
-                if let Err(error) = handle_event(projection, event, tx.conn()).await {
-                    return Err((index, error));
-                }
-            }
-            if !events.is_empty() {
-                flush_batch(projection, tx.conn())
-                    .await
-                    .map_err(|error| (events.len() - 1, error))?;
-            }
-            Ok(())
-        }
-        .await;
+        let outcome = apply_batch(projection, events, tx.conn()).await;
         if let Err((index, error)) = outcome {
-            // Rolling back (or dropping `tx`) undoes the batch: nothing of it is committed, and
-            // nothing the handlers buffered may be written by the next attempt.
-            projection.discard();
+            // Rolling back (or dropping `tx`) undoes the batch: nothing of it is committed (and
+            // `apply_batch` discarded what the handlers buffered).
             let rolled_back = tx.rollback().await;
             return Err(match storage_failure(&error, rolled_back) {
                 Some(store) => BatchError::Store(store),

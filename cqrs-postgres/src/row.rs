@@ -2,7 +2,7 @@
 //! becomes [`StoreError::CorruptEvent`] naming its position.
 
 use chrono::{DateTime, Utc};
-use cqrs_core::store::StoredEventRef;
+use cqrs_core::backend::StoredEventRef;
 use cqrs_core::{EventId, Metadata, Position, RecordedEvent, StoreError, StreamId, StreamVersion};
 use sqlx::postgres::PgRow;
 use sqlx::{ColumnIndex, Row};

@@ -466,7 +466,7 @@ pub async fn invalid_input_is_rejected(store: impl Backend) {
 }
 
 /// JSON is accepted only where every backend can store it and read it back as given: a NUL
-/// character and nesting deeper than [`crate::store::MAX_JSON_DEPTH`] are
+/// character and nesting deeper than [`crate::event::MAX_JSON_DEPTH`] are
 /// [`StoreError::InvalidPayload`] everywhere (in payloads, metadata and snapshots), and what is
 /// accepted reads back equal, every finite float included.
 pub async fn payloads_every_backend_reads_back(store: impl Backend) {
@@ -488,11 +488,11 @@ pub async fn payloads_every_backend_reads_back(store: impl Backend) {
         ("NUL in metadata", with_metadata(json!(["\u{0}"]))),
         (
             "too deep",
-            event("Numbered", nested(crate::store::MAX_JSON_DEPTH + 1)),
+            event("Numbered", nested(crate::event::MAX_JSON_DEPTH + 1)),
         ),
         (
             "too deep in metadata",
-            with_metadata(nested(crate::store::MAX_JSON_DEPTH + 1)),
+            with_metadata(nested(crate::event::MAX_JSON_DEPTH + 1)),
         ),
     ];
     for (what, e) in refused {
@@ -508,7 +508,7 @@ pub async fn payloads_every_backend_reads_back(store: impl Backend) {
         snapshot_version: 1,
         payload,
     };
-    for payload in [json!("\u{0}"), nested(crate::store::MAX_JSON_DEPTH + 1)] {
+    for payload in [json!("\u{0}"), nested(crate::event::MAX_JSON_DEPTH + 1)] {
         let outcome = store.save_snapshot(snapshot(payload)).await;
         assert!(
             matches!(outcome, Err(StoreError::InvalidPayload { .. })),
@@ -518,7 +518,7 @@ pub async fn payloads_every_backend_reads_back(store: impl Backend) {
     assert!(read_everything(&store, EventTypes::All).await.is_empty());
 
     let accepted = json!({
-        "deep": nested(crate::store::MAX_JSON_DEPTH - 1),
+        "deep": nested(crate::event::MAX_JSON_DEPTH - 1),
         "floats": [f64::MAX, f64::MIN, f64::MIN_POSITIVE, 1e300, -1.7e308, -2.5e-300, 5e-324, 1.5, 0.1, 1e15, 123_456_789.125],
         "ints": [u64::MAX, i64::MIN],
         "text": "\\u0000 is just text here",

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::backend::ProjectionBackend;
 use crate::event::{EventId, Metadata, NewEvent, RecordedEvent};
 use crate::projection::{Projection, ProjectionError};
 use crate::store::EventStore;
 use crate::stream::{ExpectedVersion, Position, StreamId};
 use crate::subscription::{
-    FailureCause, ProjectionBackend, ProjectionHandle, ProjectionRunner, ProjectionState,
-    ProjectionStatus, RunError, RunnerConfig,
+    FailureCause, ProjectionHandle, ProjectionRunner, ProjectionState, ProjectionStatus, RunError,
+    RunnerConfig,
 };
 
 /// Generates one `#[tokio::test]` per projection conformance case, each with a fresh backend

@@ -9,9 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cqrs_core::backend::ProjectionBackend;
 use cqrs_core::prelude::*;
 use cqrs_core::subscription::{
-    wait_for, ProjectionBackend, ProjectionHandle, ProjectionRunner, ProjectionState, RunnerConfig,
+    wait_for, ProjectionHandle, ProjectionRunner, ProjectionState, RunnerConfig,
 };
 use cqrs_core::{
     event, projection, CheckpointStore, EventStore, EventTypes, ExpectedVersion, NewEvent,
@@ -479,7 +480,7 @@ async fn two_batches_from_the_same_checkpoint_commit_once() {
     assert!(
         matches!(
             conflict,
-            cqrs_core::subscription::BatchError::Store(StoreError::CheckpointConflict { .. })
+            cqrs_core::backend::BatchError::Store(StoreError::CheckpointConflict { .. })
         ),
         "{conflict:?}"
     );

@@ -1,0 +1,188 @@
+//! What a storage crate implements to run projections, and the per-event protocol it follows.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+
+use crate::event::{EventId, RecordedEvent};
+use crate::projection::{Projection, ProjectionError};
+use crate::store::{EventStore, StoreError};
+use crate::stream::Position;
+
+/// Holding one of these means this process runs the projection. Dropping it releases it.
+#[async_trait::async_trait]
+pub trait Lease: Send + Sync {
+    /// Whether the lease is still held (e.g. its database connection is alive).
+    async fn is_held(&mut self) -> bool;
+}
+
+/// A batch that could not be committed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BatchError {
+    /// The event at `index` of the batch failed. The first `committed` events of the batch (and the
+    /// checkpoint up to them) are committed; backends that commit atomically report 0.
+    #[error("{error}")]
+    Projection {
+        /// Index of the failing event in the batch.
+        index: usize,
+        /// How many events of the batch were committed before it.
+        committed: usize,
+        /// What failed.
+        #[source]
+        error: ProjectionError,
+    },
+    /// Storage failed (including [`StoreError::CheckpointConflict`]: another runner moved it).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The event a skip moves past: one whose handler, decoding or stored row failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SkipTarget {
+    /// Its position.
+    pub position: Position,
+    /// Its id, unless its row could not be read.
+    pub event_id: Option<EventId>,
+    /// Its type, unless its row could not be read.
+    pub event_type: Option<String>,
+}
+
+impl SkipTarget {
+    /// The target for a read event.
+    pub fn of(event: &RecordedEvent) -> Self {
+        Self {
+            position: event.position,
+            event_id: Some(event.event_id),
+            event_type: Some(event.event_type.clone()),
+        }
+    }
+}
+
+/// What a storage backend provides to run projections with exactly-once effects on its read models.
+pub trait ProjectionBackend<P: Projection>: Send + Sync + 'static {
+    /// The log projections read.
+    fn events(&self) -> &dyn EventStore;
+
+    /// The projection's committed checkpoint.
+    fn load_checkpoint(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Position>, StoreError>> + Send;
+
+    /// Applies `events` in order with `projection` and moves the checkpoint `name` from `expected`
+    /// to `to`, as one atomic unit where the backend allows it. `events` may be empty (a
+    /// checkpoint-only advance past events the projection does not handle).
+    fn commit_batch(
+        &self,
+        projection: &mut P,
+        name: &str,
+        expected: Option<Position>,
+        events: &[RecordedEvent],
+        to: Position,
+    ) -> impl Future<Output = Result<(), BatchError>> + Send;
+
+    /// Deletes the checkpoint `name`, so the projection replays from the start.
+    fn reset_checkpoint(&self, name: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Records that `event` was skipped on a user's request, and moves the checkpoint from
+    /// `expected` to it (compare-and-set, like [`ProjectionBackend::commit_batch`]).
+    fn record_skip(
+        &self,
+        name: &str,
+        expected: Option<Position>,
+        event: &SkipTarget,
+        reason: &str,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Tries to become the one active runner of `name`; `None` if another runner holds it.
+    fn acquire_lease(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Box<dyn Lease>>, StoreError>> + Send;
+
+    /// Resolves when events may have been appended after `after`, or after `timeout` at the latest.
+    fn wait_for_append(
+        &self,
+        after: Position,
+        timeout: Duration,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// Applies one event with `projection`'s handler, turning a panic (in the handler, or in the
+/// upcaster decoding the event) into [`ProjectionError::Panicked`]. Projection backends call
+/// this for every event, so a panic fails the batch at the event's own position instead of
+/// killing the runner task with its status still saying it runs.
+pub async fn handle_event<P: Projection>(
+    projection: &mut P,
+    event: &RecordedEvent,
+    context: &mut P::Context,
+) -> Result<(), ProjectionError> {
+    // The call itself inside the guarded future: a handler may panic before returning one.
+    let handled = async { projection.handle(event, context).await };
+    match AssertUnwindSafe(handled).catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(panic) => Err(ProjectionError::Panicked {
+            projection: P::NAME,
+            event_type: event.event_type.clone(),
+            position: event.position,
+            message: panic_message(panic.as_ref()),
+        }),
+    }
+}
+
+/// Runs [`Projection::flush`], turning a panic into [`ProjectionError::Flush`].
+pub async fn flush_batch<P: Projection>(
+    projection: &mut P,
+    context: &mut P::Context,
+) -> Result<(), ProjectionError> {
+    let flushed = async { projection.flush(context).await };
+    match AssertUnwindSafe(flushed).catch_unwind().await {
+        Ok(outcome) => outcome,
+        Err(panic) => Err(ProjectionError::Flush {
+            projection: P::NAME,
+            source: format!("panicked: {}", panic_message(panic.as_ref())).into(),
+        }),
+    }
+}
+
+/// The message of a caught panic (`panic!` with a literal or a formatted string).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(message) = panic.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = panic.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
+}
+
+/// The batch protocol every projection backend follows inside its atomic unit: each event through
+/// [`handle_event`], then [`flush_batch`] once if the batch has events (an empty batch only moves
+/// the checkpoint past events the projection does not handle). On a failure the projection's
+/// buffers are discarded and the index of the failing event (the last one for a failed flush) is
+/// returned with the error; the backend then undoes the batch and reports
+/// [`BatchError::Projection`] with `committed: 0`, or, if it cannot undo handler effects (a read
+/// model in memory), keeps the events before the failing one and reports how many.
+pub async fn apply_batch<P: Projection>(
+    projection: &mut P,
+    events: &[RecordedEvent],
+    context: &mut P::Context,
+) -> Result<(), (usize, ProjectionError)> {
+    for (index, event) in events.iter().enumerate() {
+        if let Err(error) = handle_event(projection, event, context).await {
+            projection.discard();
+            return Err((index, error));
+        }
+    }
+    if !events.is_empty() {
+        if let Err(error) = flush_batch(projection, context).await {
+            projection.discard();
+            return Err((events.len() - 1, error));
+        }
+    }
+    Ok(())
+}
