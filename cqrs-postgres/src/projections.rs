@@ -112,7 +112,7 @@ impl PostgresProjections {
             .map(|row| {
                 Ok(SkippedEvent {
                     projection: row.try_get("projection").map_err(map_error)?,
-                    position: crate::checkpoint_position(row)?,
+                    position: crate::checkpoints::checkpoint_position(row)?,
                     event_type: Some(row.try_get("event_type").map_err(map_error)?),
                     reason: row.try_get("reason").map_err(map_error)?,
                 })
@@ -133,7 +133,7 @@ impl PostgresProjections {
         consumer: &str,
         event: EventId,
     ) -> Result<bool, StoreError> {
-        crate::validate_key_name("consumer name", consumer)?;
+        crate::checkpoints::validate_key_name("consumer name", consumer)?;
         let done = sqlx::query(self.store.sql.first_delivery.clone())
             .bind(consumer)
             .bind(*event.as_uuid())

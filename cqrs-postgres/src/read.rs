@@ -1,0 +1,269 @@
+//! The read path: streams, the global log below the visibility horizon, heads and counts.
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cqrs_core::backend::validate_types;
+use cqrs_core::{
+    AppendResult, EventStore, EventTypes, ExpectedVersion, NewEvent, Position, RecordedEvent,
+    StoreError, StreamId, StreamVersion,
+};
+use futures_util::TryStreamExt;
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+
+use crate::error::map_error;
+use crate::{append, notify, row, PostgresStore};
+
+impl PostgresStore {
+    /// Runs a count statement: `all`, or `only` with the type names first; then each position
+    /// as its `(tx, sequence)` pair.
+    pub(crate) async fn count(
+        &self,
+        all: &sqlx::SqlStr,
+        only: &sqlx::SqlStr,
+        types: EventTypes<'_>,
+        positions: &[Position],
+    ) -> Result<u64, StoreError> {
+        validate_types(types)?;
+        let mut query = match types {
+            EventTypes::All => sqlx::query_scalar(all.clone()),
+            EventTypes::Only(names) => sqlx::query_scalar(only.clone()).bind(names.to_vec()),
+        };
+        for position in positions {
+            query = query
+                .bind(position.tx.to_string())
+                .bind(sequence_after(*position));
+        }
+        let count: i64 = query
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(u64::try_from(count).unwrap_or_default())
+    }
+
+    pub(crate) async fn read_page(
+        &self,
+        after: Position,
+        types: EventTypes<'_>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let query = match types {
+            EventTypes::All => sqlx::query(self.sql.read_all.clone()),
+            EventTypes::Only(names) => {
+                sqlx::query(self.sql.read_all_filtered.clone()).bind(names.to_vec())
+            }
+        };
+        let rows = query
+            .bind(after.tx.to_string())
+            .bind(sequence_after(after))
+            .bind(limit)
+            .fetch(&self.pool);
+        self.decode_rows(rows, limit).await
+    }
+
+    /// Decodes rows as they arrive, so PostgreSQL sends the rest of a page while the first rows
+    /// are decoded (a `fetch_all` would receive everything first, then decode).
+    pub(crate) async fn decode_rows(
+        &self,
+        mut rows: impl futures_util::Stream<Item = Result<PgRow, sqlx::Error>> + Unpin,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut events = Vec::with_capacity(usize::try_from(limit).unwrap_or(0).min(1024));
+        while let Some(row) = rows.try_next().await.map_err(|e| self.fail(e))? {
+            events.push(row::recorded(&row)?);
+        }
+        Ok(events)
+    }
+
+    /// After a short read that ended at `after`: if events after it exist (they were above the
+    /// horizon when read, or committed since), waits until the horizon passes them, at most
+    /// `horizon_wait`. `true` if a re-read will find them.
+    pub(crate) async fn wait_for_pending(
+        &self,
+        after: Position,
+        types: EventTypes<'_>,
+    ) -> Result<bool, StoreError> {
+        let query = match types {
+            EventTypes::All => sqlx::query(self.sql.pending.clone()),
+            EventTypes::Only(names) => {
+                sqlx::query(self.sql.pending_filtered.clone()).bind(names.to_vec())
+            }
+        };
+        let row = query
+            .bind(after.tx.to_string())
+            .bind(sequence_after(after))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let Some(row) = row else { return Ok(false) };
+        let tx_of = |column: &str| -> Result<u64, StoreError> {
+            let text: String = row.try_get(column).map_err(map_error)?;
+            row::parse_tx(&text).map_err(|e| StoreError::Backend(e.into()))
+        };
+        let pending = tx_of("tx_text")?;
+        if tx_of("horizon")? > pending {
+            return Ok(true);
+        }
+        let deadline = Instant::now() + self.horizon_wait;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if Instant::now() + pause > deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(25));
+            let horizon: String = sqlx::query_scalar(self.sql.horizon.clone())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| self.fail(e))?;
+            if row::parse_tx(&horizon).map_err(|e| StoreError::Backend(e.into()))? > pending {
+                return Ok(true);
+            }
+        }
+    }
+}
+
+/// The `after` cursor's sequence as a bigint; beyond `i64::MAX` nothing can follow it anyway.
+fn sequence_after(after: Position) -> i64 {
+    i64::try_from(after.sequence).unwrap_or(i64::MAX)
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+    ) -> Result<AppendResult, StoreError> {
+        self.append_events(stream, expected, events).await
+    }
+
+    async fn read_stream(
+        &self,
+        stream: &StreamId,
+        from: StreamVersion,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        stream.validate()?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let query = || {
+            sqlx::query(self.sql.read_stream.clone())
+                .bind(stream.stream_type())
+                .bind(stream.id())
+                .bind(i64::try_from(from.get()).unwrap_or(i64::MAX))
+                .bind(limit)
+        };
+        // A load before a command: on a connection group commit keeps, if one is idle (no pool
+        // round trips); on a connection error (the server closed it meanwhile) read from the pool.
+        if let Some(group) = &self.group {
+            if let Some(mut conn) = group.borrow_kept() {
+                match self.decode_rows(query().fetch(&mut *conn), limit).await {
+                    Ok(events) => {
+                        group.give_back(conn);
+                        return Ok(events);
+                    }
+                    Err(StoreError::Connection(_)) => {}
+                    Err(other) => return Err(other),
+                }
+            }
+        }
+        self.decode_rows(query().fetch(&self.pool), limit).await
+    }
+
+    async fn read_all(
+        &self,
+        after: Position,
+        types: EventTypes<'_>,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        validate_types(types)?;
+        let mut events = self.read_page(after, types, limit).await?;
+        if events.len() >= limit || self.horizon_wait.is_zero() {
+            return Ok(events);
+        }
+        // Short: events committed before this call may still be held above the horizon by
+        // older running transactions. Wait for those to finish, then read on.
+        let cursor = events.last().map_or(after, |e| e.position);
+        if self.wait_for_pending(cursor, types).await? {
+            let more = self.read_page(cursor, types, limit - events.len()).await?;
+            events.extend(more);
+        }
+        Ok(events)
+    }
+
+    async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, StoreError> {
+        stream.validate()?;
+        let mut conn = self.pool.acquire().await.map_err(map_error)?;
+        append::stream_version(&mut conn, &self.sql, stream).await
+    }
+
+    async fn head(&self) -> Result<Option<Position>, StoreError> {
+        let row = sqlx::query(self.sql.head.clone())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.fail(e))?;
+        row.as_ref().map(row::position).transpose()
+    }
+
+    async fn committed_head(&self) -> Result<Option<Position>, StoreError> {
+        let row = sqlx::query(self.sql.committed_head.clone())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.fail(e))?;
+        row.as_ref().map(row::position).transpose()
+    }
+
+    /// Waits (up to [`PostgresStore::with_horizon_wait`]) until the visibility horizon passes
+    /// `position`'s transaction: then every transaction that could still write an event before
+    /// it has finished.
+    async fn wait_until_readable(&self, position: Position) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let horizon: String = sqlx::query_scalar(self.sql.horizon.clone())
+                .fetch_one(&self.pool)
+                .await
+                .map_err(|e| self.fail(e))?;
+            if row::parse_tx(&horizon).map_err(|e| StoreError::Backend(e.into()))? > position.tx {
+                return Ok(());
+            }
+            let waited = started.elapsed();
+            if waited + pause > self.horizon_wait {
+                return Err(StoreError::NotYetReadable {
+                    position,
+                    waited,
+                    held_by: self.horizon().await?.to_string(),
+                });
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(25));
+        }
+    }
+
+    async fn count_after(&self, after: Position, types: EventTypes<'_>) -> Result<u64, StoreError> {
+        let (all, only) = (&self.sql.count_after, &self.sql.count_after_filtered);
+        self.count(all, only, types, &[after]).await
+    }
+
+    async fn count_between(
+        &self,
+        after: Position,
+        until: Position,
+        types: EventTypes<'_>,
+    ) -> Result<u64, StoreError> {
+        let (all, only) = (&self.sql.count_between, &self.sql.count_between_filtered);
+        self.count(all, only, types, &[after, until]).await
+    }
+
+    /// Wakes on this store's `NOTIFY` (one background listener connection per store, started on
+    /// first use), or after `timeout`.
+    async fn wait_for_append(&self, after: Position, timeout: Duration) {
+        let notifier = self
+            .notifier
+            .get_or_init(|| notify::Notifier::start(&self.pool, self.sql.channel.clone()));
+        notifier.wait(after, timeout).await;
+    }
+}

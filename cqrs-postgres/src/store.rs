@@ -1,0 +1,211 @@
+//! The store value: its pool, schema, configuration and migrations.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use cqrs_core::{Position, StoreError};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::Executor;
+
+use crate::error::{map_error, map_error_in};
+use crate::{
+    group, inline, notify, sql, AppendListener, GroupCommit, DEFAULT_HORIZON_WAIT, MIGRATOR,
+};
+
+/// The events, snapshots and checkpoints of one schema. Cheap to clone: clones share the pool (and
+/// the group-commit writer, if any).
+#[derive(Clone)]
+pub struct PostgresStore {
+    pub(crate) pool: PgPool,
+    pub(crate) sql: Arc<sql::Statements>,
+    pub(crate) horizon_wait: Duration,
+    pub(crate) notifier: Arc<OnceLock<Arc<notify::Notifier>>>,
+    pub(crate) announcer: Arc<OnceLock<Arc<notify::Announcer>>>,
+    pub(crate) group: Option<Arc<group::GroupCommitter>>,
+    pub(crate) inline: Arc<[Arc<dyn inline::Inline>]>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.sql.schema)
+            .field("horizon_wait", &self.horizon_wait)
+            .field("group_commit", &self.group.as_ref().map(|g| g.config()))
+            .field(
+                "inline",
+                &self.inline.iter().map(|p| p.name()).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects a pool of up to 10 connections to `url`; the store uses schema `public`.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .connect(url)
+            .await
+            .map_err(map_error)?;
+        Ok(Self::new(pool))
+    }
+
+    /// A store on an existing pool, using schema `public`.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            sql: Arc::new(sql::Statements::new("public")),
+            horizon_wait: DEFAULT_HORIZON_WAIT,
+            notifier: Arc::default(),
+            announcer: Arc::default(),
+            group: None,
+            inline: Arc::new([]),
+        }
+    }
+
+    /// Uses schema `schema` for every table: `[a-z_][a-z0-9_]*`, at most [`MAX_SCHEMA_LEN`](crate::MAX_SCHEMA_LEN) bytes,
+    /// not a system schema (`pg_*`, `information_schema`). The name is validated, then quoted into
+    /// the statements.
+    pub fn with_schema(mut self, schema: &str) -> Result<Self, StoreError> {
+        sql::validate_schema(schema)?;
+        self.sql = Arc::new(sql::Statements::new(schema));
+        self.notifier = Arc::default();
+        self.announcer = Arc::default();
+        if let Some(group) = &self.group {
+            self.group = Some(group::GroupCommitter::new(
+                self.pool.clone(),
+                self.sql.clone(),
+                group.config(),
+            ));
+        }
+        Ok(self)
+    }
+
+    /// How long [`EventStore::read_all`](cqrs_core::EventStore::read_all) may wait when it comes back short while events committed
+    /// before the call are still held above the visibility horizon by older, running
+    /// transactions (default [`DEFAULT_HORIZON_WAIT`]). The wait ends as soon as they finish.
+    /// `Duration::ZERO` returns at once with what is below the horizon.
+    pub fn with_horizon_wait(mut self, wait: Duration) -> Self {
+        self.horizon_wait = wait;
+        self
+    }
+
+    /// Routes [`EventStore::append`](cqrs_core::EventStore::append) through group commit: concurrent appends to different
+    /// streams are written in one statement and one transaction, by whichever caller leads the
+    /// group (see [`GroupCommit`]); each caller still gets its own result or error. A lone append
+    /// is written as usual. [`PostgresStore::append_in`] is unaffected (it uses the caller's
+    /// transaction).
+    ///
+    /// Each of the `max_in_flight` slots keeps its pooled connection from write to write (for
+    /// [`GroupCommit::keep_connection`] once appends pause, and never the pool's last idle one),
+    /// which skips the two pings sqlx's pool spends on every checkout; a command's load
+    /// ([`EventStore::read_stream`](cqrs_core::EventStore::read_stream)) borrows an idle kept connection too. So up to
+    /// `max_in_flight` connections of the pool are the store's while commands flow, and
+    /// `PgPool::close` waits for them until the store is dropped or the keep time runs out.
+    ///
+    /// It trades parallelism for fewer statements, commits and round trips. In our benchmark
+    /// (BENCHMARKS.md, W1; PostgreSQL on the same two cores) it made the aggregate-cached command
+    /// path about 1.3x faster at 1 client (the kept connection) and 2x at 8 clients (groups on
+    /// kept connections), level with one raw INSERT per command on kept connections. Appends of
+    /// one stream are never grouped together: a hot single stream gains only the kept
+    /// connection.
+    pub fn with_group_commit(mut self, config: GroupCommit) -> Self {
+        self.group = Some(group::GroupCommitter::new(
+            self.pool.clone(),
+            self.sql.clone(),
+            config,
+        ));
+        self
+    }
+
+    /// Runs `projection` inside every append of this store (and its clones made afterwards):
+    /// its handlers get the append's transaction (`type Context = sqlx::PgConnection`), so the
+    /// events and the read-model rows commit together or not at all. A handler error fails the
+    /// append with [`StoreError::InlineProjection`] and nothing is written. An idempotent retry of
+    /// stored events does not run it again.
+    ///
+    /// The value is cloned for each append and the clone dropped afterwards: keep the read
+    /// model's state in the database. Appends with inline projections bypass group commit (each
+    /// runs its own transaction), and [`PostgresStore::append_in`] runs them in the caller's
+    /// transaction. Use inline projections for read models that must never lag (uniqueness
+    /// checks, balances shown right after a command); everything else is cheaper asynchronous
+    /// ([`PostgresProjections`](crate::PostgresProjections)).
+    pub fn with_inline<P>(mut self, projection: P) -> Self
+    where
+        P: cqrs_core::Projection<Context = PgConnection> + Clone + Sync,
+    {
+        let mut inline = self.inline.to_vec();
+        inline.push(Arc::new(inline::InlineProjection(projection)));
+        self.inline = inline.into();
+        self
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema this store uses.
+    pub fn schema(&self) -> &str {
+        &self.sql.schema
+    }
+
+    /// The `LISTEN/NOTIFY` channel appends are announced on after they commit: `<schema>_events`,
+    /// with the position of the last appended event (`"<tx>.<sequence>"`) as payload. Announcements
+    /// are coalesced: one notification may cover several appends.
+    pub fn notification_channel(&self) -> &str {
+        &self.sql.channel
+    }
+
+    /// Applies the embedded migrations to this store's schema, creating the schema if needed.
+    /// Idempotent, and safe to run from several processes at once (sqlx's migration lock).
+    ///
+    /// The migrations are plain SQL with unqualified names; they run on a dedicated connection
+    /// whose `search_path` is set to the schema only (so they land there), with the migration
+    /// history in `<schema>._sqlx_migrations`. The connection is closed afterwards, never
+    /// returned to the pool.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(map_error)?.detach();
+        let result = self.migrate_on(&mut conn).await;
+        let _ = sqlx::Connection::close(conn).await;
+        result
+    }
+
+    pub(crate) async fn migrate_on(&self, conn: &mut PgConnection) -> Result<(), StoreError> {
+        let quoted = &self.sql.quoted;
+        conn.execute(sqlx::AssertSqlSafe(format!("SET search_path TO {quoted}")))
+            .await
+            .map_err(map_error)?;
+        let mut migrator =
+            sqlx::migrate::Migrator::with_migrations(MIGRATOR.iter().cloned().collect());
+        migrator.create_schema(quoted.clone());
+        migrator.dangerous_set_table_name(format!("{quoted}._sqlx_migrations"));
+        migrator.run(&mut *conn).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(e) => map_error(e),
+            other => StoreError::Backend(Box::new(other)),
+        })
+    }
+
+    /// Listens for appends on this store's channel (one connection from the pool, held until the
+    /// listener is dropped).
+    pub async fn listen(&self) -> Result<AppendListener, StoreError> {
+        AppendListener::new(&self.pool, &self.sql.channel).await
+    }
+
+    /// Tells listeners (in every process) that an append committed up to `position`.
+    pub(crate) fn announce(&self, position: Position) {
+        if let Some(notifier) = self.notifier.get() {
+            notifier.appended(position);
+        }
+        self.announcer().announce(position);
+    }
+
+    pub(crate) fn announcer(&self) -> &notify::Announcer {
+        self.announcer
+            .get_or_init(|| notify::Announcer::start(&self.pool, self.sql.clone()))
+    }
+
+    pub(crate) fn fail(&self, error: sqlx::Error) -> StoreError {
+        map_error_in(&self.sql.schema, error)
+    }
+}
