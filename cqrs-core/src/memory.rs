@@ -479,5 +479,13 @@ mod conformance {
     async fn fresh_projections() -> crate::subscription::InProcess<super::InMemoryStore> {
         crate::subscription::InProcess::new(super::InMemoryStore::new())
     }
-    crate::projection_conformance_tests!(fresh_projections, context = ());
+    async fn fresh_inline() -> (
+        super::InMemoryStore,
+        crate::conformance::projections::Recorder<()>,
+    ) {
+        let recorder = crate::conformance::projections::Recorder::default();
+        let model = super::InlineReadModel::new(recorder.clone());
+        (super::InMemoryStore::new().with_inline(model), recorder)
+    }
+    crate::projection_conformance_tests!(fresh_projections, context = (), inline = fresh_inline);
 }

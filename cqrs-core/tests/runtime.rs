@@ -739,6 +739,12 @@ impl<P: Projection<Context = ()>> cqrs_core::backend::ProjectionBackend<P> for P
         )
         .await
     }
+    async fn skipped_events(
+        &self,
+        name: &str,
+    ) -> Result<Vec<cqrs_core::subscription::SkippedEvent>, cqrs_core::StoreError> {
+        cqrs_core::backend::ProjectionBackend::<P>::skipped_events(&self.0, name).await
+    }
     async fn acquire_lease(
         &self,
         _name: &str,

@@ -245,6 +245,10 @@ where
         tx.commit().await
     }
 
+    async fn skipped_events(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
+        PostgresProjections::skipped_events(self, name).await
+    }
+
     async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
         // A dedicated connection: the lock lives as long as it does, and it must never go back
         // to the pool still holding the lock.

@@ -98,6 +98,13 @@ pub trait ProjectionBackend<P: Projection>: Send + Sync + 'static {
         reason: &str,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Every event projection `name` skipped on request ([`ProjectionBackend::record_skip`]),
+    /// oldest first.
+    fn skipped_events(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Vec<crate::subscription::SkippedEvent>, StoreError>> + Send;
+
     /// Tries to become the one active runner of `name`; `None` if another runner holds it.
     fn acquire_lease(
         &self,

@@ -6,6 +6,7 @@
 //! returning a fresh backend over an empty store, and the backend's projection context type.
 
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -14,7 +15,7 @@ use serde_json::json;
 use crate::backend::ProjectionBackend;
 use crate::event::{EventId, Metadata, NewEvent, RecordedEvent};
 use crate::projection::{Projection, ProjectionError};
-use crate::store::EventStore;
+use crate::store::{EventStore, StoreError};
 use crate::stream::{ExpectedVersion, Position, StreamId};
 use crate::subscription::{
     FailureCause, ProjectionHandle, ProjectionRunner, ProjectionState, ProjectionStatus, RunError,
@@ -23,6 +24,8 @@ use crate::subscription::{
 
 /// Generates one `#[tokio::test]` per projection conformance case, each with a fresh backend
 /// from `$factory` (an `async fn() -> B` where `B: ProjectionBackend<Recorder<$context>>`).
+/// With `inline = $inline` (an `async fn() -> (S, Recorder<$context>)`: a fresh store running
+/// that recorder as an inline projection), the inline case runs too.
 #[macro_export]
 macro_rules! projection_conformance_tests {
     ($factory:path, context = $context:ty) => {
@@ -31,7 +34,21 @@ macro_rules! projection_conformance_tests {
             catch_up_and_rebuild_hold_the_lease,
             a_standby_waits_on_the_shared_checkpoint,
             catch_up_applies_everything_committed_before_it,
+            one_lease_holder_at_a_time,
+            an_empty_batch_moves_the_checkpoint_without_a_flush,
         );
+    };
+    ($factory:path, context = $context:ty, inline = $inline:path) => {
+        $crate::projection_conformance_tests!($factory, context = $context);
+
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn inline_projections_commit_with_their_append_or_not_at_all() {
+            let (store, recorder) = $inline().await;
+            $crate::conformance::projections::inline_projections_commit_with_their_append_or_not_at_all::<$context, _>(
+                store, recorder,
+            )
+            .await;
+        }
     };
     (@cases $factory:path; $context:ty; $($case:ident),* $(,)?) => {
         $(
@@ -49,6 +66,7 @@ macro_rules! projection_conformance_tests {
 /// `Refused` with a handler error and panics on `Panicking`.
 pub struct Recorder<C> {
     applied: Arc<Mutex<Vec<Position>>>,
+    flushes: Arc<AtomicUsize>,
     pending: Vec<Position>,
     _context: PhantomData<fn() -> C>,
 }
@@ -66,6 +84,7 @@ impl<C> Clone for Recorder<C> {
     fn clone(&self) -> Self {
         Self {
             applied: Arc::clone(&self.applied),
+            flushes: Arc::clone(&self.flushes),
             pending: Vec::new(),
             _context: PhantomData,
         }
@@ -76,6 +95,7 @@ impl<C> Default for Recorder<C> {
     fn default() -> Self {
         Self {
             applied: Arc::default(),
+            flushes: Arc::default(),
             pending: Vec::new(),
             _context: PhantomData,
         }
@@ -83,6 +103,11 @@ impl<C> Default for Recorder<C> {
 }
 
 impl<C> Recorder<C> {
+    /// How many times [`Projection::flush`] ran.
+    pub fn flushes(&self) -> usize {
+        self.flushes.load(Ordering::SeqCst)
+    }
+
     /// The positions applied and committed so far, in order.
     pub fn applied(&self) -> Vec<Position> {
         self.applied
@@ -118,6 +143,7 @@ impl<C: Send + 'static> Projection for Recorder<C> {
     }
 
     async fn flush<'a>(&'a mut self, _context: &'a mut C) -> Result<(), ProjectionError> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
         let pending = std::mem::take(&mut self.pending);
         self.applied
             .lock()
@@ -205,8 +231,9 @@ where
         &["Recorded", "Refused", "Recorded", "Panicking", "Recorded"],
     )
     .await;
+    let backend = Arc::new(backend);
     let recorder = Recorder::<C>::default();
-    let handle = ProjectionRunner::new(recorder.clone(), backend)
+    let handle = ProjectionRunner::with_backend(recorder.clone(), Arc::clone(&backend))
         .with_config(config())
         .spawn();
     for (failing, cause) in [(1, FailureCause::Handler), (3, FailureCause::Panic)] {
@@ -240,10 +267,34 @@ where
         vec![positions[0], positions[2], positions[4]],
         "each good event applied once, the skipped ones not at all"
     );
+    skips_are_recorded::<C, B>(
+        &backend,
+        &[(positions[1], "Refused"), (positions[3], "Panicking")],
+    )
+    .await;
     let status = handle.status();
     assert_eq!(status.state, ProjectionState::Running, "{status:?}");
     assert_eq!(status.last_error, None);
     handle.stop().await;
+}
+
+/// Skips are recorded with the event's position and type, in order, under the projection's name.
+pub async fn skips_are_recorded<C, B>(backend: &B, skipped: &[(Position, &str)])
+where
+    C: Send + 'static,
+    B: ProjectionBackend<Recorder<C>>,
+{
+    let recorded = backend
+        .skipped_events(Recorder::<C>::NAME)
+        .await
+        .expect("skipped events");
+    let recorded: Vec<(Position, Option<&str>)> = recorded
+        .iter()
+        .map(|s| (s.position, s.event_type.as_deref()))
+        .collect();
+    let expected: Vec<(Position, Option<&str>)> =
+        skipped.iter().map(|(p, t)| (*p, Some(*t))).collect();
+    assert_eq!(recorded, expected);
 }
 
 /// A catch-up or rebuild beside a live runner of the same projection is refused (it would apply
@@ -359,4 +410,138 @@ where
         positions.last().copied(),
         "the checkpoint reaches the last event committed before the call"
     );
+}
+
+/// At most one lease holder per projection name; a released lease can be taken again.
+pub async fn one_lease_holder_at_a_time<C, B>(backend: B)
+where
+    C: Send + 'static,
+    B: ProjectionBackend<Recorder<C>>,
+{
+    let name = Recorder::<C>::NAME;
+    let first = backend.acquire_lease(name).await.expect("lease");
+    let mut first = first.expect("a free lease is granted");
+    assert!(first.is_held().await);
+    for _ in 0..3 {
+        let second = backend.acquire_lease(name).await.expect("lease");
+        assert!(second.is_none(), "a second holder while the first holds it");
+    }
+    let other = backend
+        .acquire_lease("another_projection")
+        .await
+        .expect("lease");
+    assert!(
+        other.is_some(),
+        "leases of other projections are independent"
+    );
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match backend.acquire_lease(name).await.expect("lease") {
+            Some(_) => break,
+            None if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            None => panic!("a released lease is never granted again"),
+        }
+    }
+}
+
+/// A batch without events moves the checkpoint (past events the projection does not handle) and
+/// calls no handler and no flush; a batch whose flush would run commits its events once.
+pub async fn an_empty_batch_moves_the_checkpoint_without_a_flush<C, B>(backend: B)
+where
+    C: Send + 'static,
+    B: ProjectionBackend<Recorder<C>>,
+{
+    let positions = append_each(backend.events(), &["Unhandled", "Recorded"]).await;
+    let mut recorder = Recorder::<C>::default();
+    let name = Recorder::<C>::NAME;
+    backend
+        .commit_batch(&mut recorder, name, None, &[], positions[0])
+        .await
+        .expect("an empty batch commits");
+    assert_eq!(
+        backend.load_checkpoint(name).await.expect("checkpoint"),
+        Some(positions[0])
+    );
+    assert_eq!(recorder.flushes(), 0, "no flush for an empty batch");
+    let events = backend
+        .events()
+        .read_all(positions[0], crate::store::EventTypes::All, 10)
+        .await
+        .expect("read");
+    backend
+        .commit_batch(
+            &mut recorder,
+            name,
+            Some(positions[0]),
+            &events,
+            positions[1],
+        )
+        .await
+        .expect("a batch commits");
+    assert_eq!(recorder.flushes(), 1, "one flush per batch");
+    assert_eq!(recorder.applied(), vec![positions[1]]);
+    let stale = backend
+        .commit_batch(
+            &mut recorder,
+            name,
+            Some(positions[0]),
+            &events,
+            positions[1],
+        )
+        .await;
+    assert!(
+        matches!(
+            stale,
+            Err(crate::backend::BatchError::Store(
+                StoreError::CheckpointConflict { .. }
+            ))
+        ),
+        "a batch from a stale checkpoint commits nothing: {stale:?}"
+    );
+    assert_eq!(recorder.applied(), vec![positions[1]], "applied once");
+}
+
+/// An inline projection commits with its append or not at all: a handler failure fails the
+/// append (nothing stored, nothing applied), and a good append is applied once, visible when the
+/// append returns.
+pub async fn inline_projections_commit_with_their_append_or_not_at_all<C, S>(
+    store: S,
+    recorder: Recorder<C>,
+) where
+    C: Send + 'static,
+    S: EventStore,
+{
+    let stream = StreamId::new("conformance", EventId::new().to_string());
+    let event = |event_type: &str| NewEvent {
+        event_id: EventId::new(),
+        event_type: event_type.to_owned(),
+        schema_version: 1,
+        payload: json!({}),
+        metadata: Metadata::default(),
+    };
+    let refused = store
+        .append(
+            &stream,
+            ExpectedVersion::Any,
+            vec![event("Recorded"), event("Refused")],
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::InlineProjection(_))),
+        "a failing inline handler fails the append: {refused:?}"
+    );
+    assert_eq!(
+        store.stream_version(&stream).await.expect("version"),
+        crate::stream::StreamVersion::INITIAL,
+        "nothing of the failed append is stored"
+    );
+    assert!(recorder.applied().is_empty(), "nothing applied");
+    let written = store
+        .append(&stream, ExpectedVersion::Any, vec![event("Recorded")])
+        .await
+        .expect("a good append");
+    assert_eq!(recorder.applied(), vec![written.position]);
 }

@@ -130,6 +130,15 @@ impl<S: EventStore, P: Projection<Context = ()>> ProjectionBackend<P> for InProc
         Ok(())
     }
 
+    async fn skipped_events(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
+        let skipped = lock(&self.skipped);
+        Ok(skipped
+            .iter()
+            .filter(|s| s.projection == name)
+            .cloned()
+            .collect())
+    }
+
     async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
         if !lock(&self.leases).insert(name.to_owned()) {
             return Ok(None);

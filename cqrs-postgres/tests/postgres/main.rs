@@ -165,5 +165,16 @@ mod conformance {
     async fn fresh_projections() -> cqrs_postgres::PostgresProjections {
         cqrs_postgres::PostgresProjections::new(fresh_store().await)
     }
-    cqrs_core::projection_conformance_tests!(fresh_projections, context = sqlx::PgConnection);
+    async fn fresh_inline() -> (
+        cqrs_postgres::PostgresStore,
+        cqrs_core::conformance::projections::Recorder<sqlx::PgConnection>,
+    ) {
+        let recorder = cqrs_core::conformance::projections::Recorder::default();
+        (fresh_store().await.with_inline(recorder.clone()), recorder)
+    }
+    cqrs_core::projection_conformance_tests!(
+        fresh_projections,
+        context = sqlx::PgConnection,
+        inline = fresh_inline
+    );
 }
