@@ -69,6 +69,11 @@ impl fmt::Display for EventId {
 /// assert_eq!(Deposited::decode(1, &json).unwrap().amount, 5);
 /// assert!(Deposited::decode(2, &json).is_err());
 /// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is used as an event but is not an `#[event]`",
+    label = "not an `#[event]`",
+    note = "add `#[event]` to `{Self}`, above its `#[derive(Serialize, Deserialize)]`"
+)]
 pub trait Event: Serialize + serde::de::DeserializeOwned + Send + Sync + 'static {
     /// The name stored with every event of this type. Never derived from module paths: moving the type
     /// must not rename stored data.

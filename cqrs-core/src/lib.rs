@@ -92,6 +92,21 @@ pub mod __private {
         }
     }
 
+    /// Decodes an older payload of `E` as `Prev` (`#[event(upcast_from = Prev)]`), for the caller
+    /// to convert. A version that `Prev`'s chain cannot decode either is reported against `E`, so
+    /// the error names the current version, not `Prev`'s.
+    pub fn decode_older<E: Event, Prev: Event>(
+        schema_version: u32,
+        payload: &serde_json::Value,
+    ) -> Result<Prev, DecodeError> {
+        match Prev::decode(schema_version, payload) {
+            Err(DecodeError::UnsupportedVersion { .. }) => {
+                Err(unsupported_version::<E>(schema_version))
+            }
+            decoded => decoded,
+        }
+    }
+
     /// `event_type` names no event of the set.
     pub fn unknown_event_type(event_type: &str) -> DecodeError {
         DecodeError::UnknownEventType {
@@ -127,6 +142,20 @@ pub mod __private {
         })
     }
 
+    /// What projection `P`'s handler receives: the event `decoded` from `event` (through
+    /// `<E as Event>::decode`, so that a type that is not an event is reported at the handler's
+    /// parameter), or the decoding failure with its position.
+    pub fn decoded<P: Projection, E>(
+        event: &RecordedEvent,
+        decoded: Result<E, DecodeError>,
+    ) -> Result<E, ProjectionError> {
+        decoded.map_err(|source| ProjectionError::Decode {
+            projection: P::NAME,
+            position: event.position,
+            source,
+        })
+    }
+
     /// Normalizes what projection `P`'s `#[flush]` method returned (`()` or `Result<(), E>`).
     pub fn flushed<P: Projection>(output: impl HandlerOutput) -> Result<(), ProjectionError> {
         output
@@ -150,6 +179,20 @@ pub mod __private {
                 position: event.position,
                 source,
             })
+    }
+
+    /// Compile-time check that `names[index]` differs from every name before it; on a clash with
+    /// `names[i]`, fails with `clashes[i]`, at the caller's span (the later event's tokens). One
+    /// call per event keeps the generated check linear in the number of events.
+    #[track_caller]
+    pub const fn assert_unique_name(names: &[&str], index: usize, clashes: &[&str]) {
+        let mut i = 0;
+        while i < index {
+            if str_eq(names[i], names[index]) {
+                panic!("{}", clashes[i]);
+            }
+            i += 1;
+        }
     }
 
     /// String equality usable in constants (compile-time checks of stored names).

@@ -81,7 +81,10 @@ impl ::cqrs_core::Event for MoneyDeposited {
                 )
             }
             1..=1 => {
-                <MoneyDepositedV1 as ::cqrs_core::Event>::decode(schema_version, payload)
+                ::cqrs_core::__private::decode_older::<
+                    Self,
+                    MoneyDepositedV1,
+                >(schema_version, payload)
                     .map(
                         <Self as ::cqrs_core::__private::core::convert::From<
                             MoneyDepositedV1,
@@ -97,8 +100,8 @@ impl ::cqrs_core::Event for MoneyDeposited {
     }
 }
 const _: () = ::cqrs_core::__private::core::assert!(
-    < MoneyDepositedV1 as ::cqrs_core::Event > ::VERSION < 2,
-    "`upcast_from = MoneyDepositedV1` must name the previous version, but `MoneyDepositedV1`'s version is not lower than 2"
+    < MoneyDepositedV1 as ::cqrs_core::Event > ::VERSION == 1,
+    "`upcast_from = MoneyDepositedV1` must name version 1 of this event, the one just before 2, but `MoneyDepositedV1` has another version; upcast from the version-1 type (its own `upcast_from` reaches older ones)"
 );
 const _: () = ::cqrs_core::__private::core::assert!(
     ::cqrs_core::__private::str_eq(< MoneyDepositedV1 as ::cqrs_core::Event > ::NAME,
@@ -222,11 +225,18 @@ const _: () = {
             ::cqrs_core::EncodeError,
         > {
             match self {
-                AccountEvent::AccountOpened(event) => ::cqrs_core::Event::encode(event),
-                AccountEvent::MoneyDeposited(event) => ::cqrs_core::Event::encode(event),
-                AccountEvent::MoneyWithdrawn(event) => ::cqrs_core::Event::encode(event),
+                AccountEvent::AccountOpened(event) => {
+                    <AccountOpened as ::cqrs_core::Event>::encode(event)
+                }
+                AccountEvent::MoneyDeposited(event) => {
+                    <MoneyDeposited as ::cqrs_core::Event>::encode(event)
+                }
+                AccountEvent::MoneyWithdrawn(event) => {
+                    <MoneyWithdrawn as ::cqrs_core::Event>::encode(event)
+                }
             }
         }
+        #[allow(unreachable_patterns)]
         fn decode(
             event_type: &str,
             schema_version: u32,
@@ -281,21 +291,20 @@ const _: () = {
             }
         }
     }
-    const _: () = ::cqrs_core::__private::core::assert!(
-        ! ::cqrs_core::__private::str_eq(< AccountOpened as ::cqrs_core::Event > ::NAME,
-        < MoneyDeposited as ::cqrs_core::Event > ::NAME),
-        "events `AccountOpened` and `MoneyDeposited` of aggregate `Account` are stored under the same name; give one another `#[event(name = \"...\")]`"
-    );
-    const _: () = ::cqrs_core::__private::core::assert!(
-        ! ::cqrs_core::__private::str_eq(< AccountOpened as ::cqrs_core::Event > ::NAME,
-        < MoneyWithdrawn as ::cqrs_core::Event > ::NAME),
-        "events `AccountOpened` and `MoneyWithdrawn` of aggregate `Account` are stored under the same name; give one another `#[event(name = \"...\")]`"
-    );
-    const _: () = ::cqrs_core::__private::core::assert!(
-        ! ::cqrs_core::__private::str_eq(< MoneyDeposited as ::cqrs_core::Event > ::NAME,
-        < MoneyWithdrawn as ::cqrs_core::Event > ::NAME),
-        "events `MoneyDeposited` and `MoneyWithdrawn` of aggregate `Account` are stored under the same name; give one another `#[event(name = \"...\")]`"
-    );
+    /// Compile-time check: no two events stored under one name.
+    const _: () = {
+        const NAMES: &[&str] = &[
+            <AccountOpened as ::cqrs_core::Event>::NAME,
+            <MoneyDeposited as ::cqrs_core::Event>::NAME,
+            <MoneyWithdrawn as ::cqrs_core::Event>::NAME,
+        ];
+        const CLASHES: &[&str] = &[
+            "this event is stored under the same name as `AccountOpened`, listed before it in aggregate `Account`; give one of them its own `#[event(name = \"...\")]`",
+            "this event is stored under the same name as `MoneyDeposited`, listed before it in aggregate `Account`; give one of them its own `#[event(name = \"...\")]`",
+        ];
+        ::cqrs_core::__private::assert_unique_name(NAMES, 1, CLASHES);
+        ::cqrs_core::__private::assert_unique_name(NAMES, 2, CLASHES);
+    };
 };
 #[derive(Default)]
 pub struct Balances {
@@ -322,10 +331,6 @@ impl Balances {
     }
 }
 const _: () = {
-    trait OneHandlerPerEventType<E: ?Sized> {}
-    impl OneHandlerPerEventType<AccountOpened> for Balances {}
-    impl OneHandlerPerEventType<MoneyDeposited> for Balances {}
-    impl OneHandlerPerEventType<MoneyWithdrawn> for Balances {}
     #[automatically_derived]
     impl ::cqrs_core::Projection for Balances {
         const NAME: &'static str = "balances";
@@ -337,7 +342,7 @@ const _: () = {
         type Context = ();
         /// Decodes the event and calls the handler for its type; events of other types
         /// are skipped without being decoded.
-        #[allow(unused_variables)]
+        #[allow(unused_variables, unreachable_patterns)]
         fn handle<'__cqrs>(
             &'__cqrs mut self,
             event: &'__cqrs ::cqrs_core::RecordedEvent,
@@ -348,28 +353,40 @@ const _: () = {
             async move {
                 match event.event_type.as_str() {
                     <AccountOpened as ::cqrs_core::Event>::NAME => {
-                        let decoded = ::cqrs_core::__private::decode_for::<
+                        let decoded = <AccountOpened as ::cqrs_core::Event>::decode(
+                            event.schema_version,
+                            &event.payload,
+                        );
+                        let decoded = ::cqrs_core::__private::decoded::<
                             Self,
-                            AccountOpened,
-                        >(event)?;
+                            _,
+                        >(event, decoded)?;
                         ::cqrs_core::__private::handled::<
                             Self,
                         >(event, self.opened(&decoded, event))
                     }
                     <MoneyDeposited as ::cqrs_core::Event>::NAME => {
-                        let decoded = ::cqrs_core::__private::decode_for::<
+                        let decoded = <MoneyDeposited as ::cqrs_core::Event>::decode(
+                            event.schema_version,
+                            &event.payload,
+                        );
+                        let decoded = ::cqrs_core::__private::decoded::<
                             Self,
-                            MoneyDeposited,
-                        >(event)?;
+                            _,
+                        >(event, decoded)?;
                         ::cqrs_core::__private::handled::<
                             Self,
                         >(event, self.deposited(&decoded, event).await)
                     }
                     <MoneyWithdrawn as ::cqrs_core::Event>::NAME => {
-                        let decoded = ::cqrs_core::__private::decode_for::<
+                        let decoded = <MoneyWithdrawn as ::cqrs_core::Event>::decode(
+                            event.schema_version,
+                            &event.payload,
+                        );
+                        let decoded = ::cqrs_core::__private::decoded::<
                             Self,
-                            MoneyWithdrawn,
-                        >(event)?;
+                            _,
+                        >(event, decoded)?;
                         ::cqrs_core::__private::handled::<
                             Self,
                         >(event, self.withdrawn(&decoded, event))
@@ -379,21 +396,20 @@ const _: () = {
             }
         }
     }
-    const _: () = ::cqrs_core::__private::core::assert!(
-        ! ::cqrs_core::__private::str_eq(< AccountOpened as ::cqrs_core::Event > ::NAME,
-        < MoneyDeposited as ::cqrs_core::Event > ::NAME),
-        "`AccountOpened` and `MoneyDeposited` are stored under the same name, so one handler would never run; handle only the current version (older ones are upcast to it)"
-    );
-    const _: () = ::cqrs_core::__private::core::assert!(
-        ! ::cqrs_core::__private::str_eq(< AccountOpened as ::cqrs_core::Event > ::NAME,
-        < MoneyWithdrawn as ::cqrs_core::Event > ::NAME),
-        "`AccountOpened` and `MoneyWithdrawn` are stored under the same name, so one handler would never run; handle only the current version (older ones are upcast to it)"
-    );
-    const _: () = ::cqrs_core::__private::core::assert!(
-        ! ::cqrs_core::__private::str_eq(< MoneyDeposited as ::cqrs_core::Event > ::NAME,
-        < MoneyWithdrawn as ::cqrs_core::Event > ::NAME),
-        "`MoneyDeposited` and `MoneyWithdrawn` are stored under the same name, so one handler would never run; handle only the current version (older ones are upcast to it)"
-    );
+    /// Compile-time check: no two events stored under one name.
+    const _: () = {
+        const NAMES: &[&str] = &[
+            <AccountOpened as ::cqrs_core::Event>::NAME,
+            <MoneyDeposited as ::cqrs_core::Event>::NAME,
+            <MoneyWithdrawn as ::cqrs_core::Event>::NAME,
+        ];
+        const CLASHES: &[&str] = &[
+            "this event is stored under the same name as `AccountOpened`, which `opened` handles, so only one of the two handlers would run: if they are versions of one event, handle only the current one (older versions are upcast to it); otherwise give one of them its own `#[event(name = \"...\")]`",
+            "this event is stored under the same name as `MoneyDeposited`, which `deposited` handles, so only one of the two handlers would run: if they are versions of one event, handle only the current one (older versions are upcast to it); otherwise give one of them its own `#[event(name = \"...\")]`",
+        ];
+        ::cqrs_core::__private::assert_unique_name(NAMES, 1, CLASHES);
+        ::cqrs_core::__private::assert_unique_name(NAMES, 2, CLASHES);
+    };
 };
 /// Writes one row per deposit, in one statement per batch.
 #[derive(Default)]
@@ -412,8 +428,6 @@ impl Ledger {
     }
 }
 const _: () = {
-    trait OneHandlerPerEventType<E: ?Sized> {}
-    impl OneHandlerPerEventType<MoneyDeposited> for Ledger {}
     #[automatically_derived]
     impl ::cqrs_core::Projection for Ledger {
         const NAME: &'static str = "ledger";
@@ -423,7 +437,7 @@ const _: () = {
         type Context = Db;
         /// Decodes the event and calls the handler for its type; events of other types
         /// are skipped without being decoded.
-        #[allow(unused_variables)]
+        #[allow(unused_variables, unreachable_patterns)]
         fn handle<'__cqrs>(
             &'__cqrs mut self,
             event: &'__cqrs ::cqrs_core::RecordedEvent,
@@ -434,10 +448,14 @@ const _: () = {
             async move {
                 match event.event_type.as_str() {
                     <MoneyDeposited as ::cqrs_core::Event>::NAME => {
-                        let decoded = ::cqrs_core::__private::decode_for::<
+                        let decoded = <MoneyDeposited as ::cqrs_core::Event>::decode(
+                            event.schema_version,
+                            &event.payload,
+                        );
+                        let decoded = ::cqrs_core::__private::decoded::<
                             Self,
-                            MoneyDeposited,
-                        >(event)?;
+                            _,
+                        >(event, decoded)?;
                         ::cqrs_core::__private::handled::<
                             Self,
                         >(event, self.deposited(&decoded, event, &mut *context))

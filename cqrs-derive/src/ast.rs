@@ -8,6 +8,9 @@ pub struct Event {
     pub name: LitStr,
     pub version: u32,
     pub upcast: Upcast,
+    /// `Serialize` and/or `Deserialize` when the item's derives visibly lack them (an error);
+    /// the fallback derives them, so that uses of the type add no errors of their own.
+    pub missing_serde: Vec<&'static str>,
 }
 
 /// How an `#[event]` decodes versions older than its own.

@@ -4,12 +4,11 @@
 //! malformed or unknown key parsing goes on with the next key, so one build reports every mistake.
 
 use proc_macro2::TokenStream;
-use quote::ToTokens;
 use syn::meta::ParseNestedMeta;
 use syn::parse::{Parse, ParseStream};
 use syn::{Ident, LitInt, LitStr, Path, Token, Type};
 
-use crate::ctxt::{unknown_key, Ctxt};
+use crate::ctxt::{suggestion, text, unknown_key, Ctxt};
 use crate::symbol::*;
 
 /// `#[event(name = "...", version = N, upcast_from = Type, upcast_json = path, crate = path)]`
@@ -38,6 +37,9 @@ pub struct AggregateAttr {
     pub event_enum: Option<Ident>,
     pub snapshot_version: Option<u32>,
     pub krate: Option<Path>,
+    /// A key was unknown or a value unparsable: already reported, so `valid` must not add a
+    /// second error (such as a missing `events`) for the same mistake.
+    pub malformed: bool,
 }
 
 /// `#[projection(name = "...", context = Type, crate = path)]`
@@ -93,7 +95,7 @@ pub fn aggregate(cx: &mut Ctxt, attrs: &[syn::Attribute]) -> AggregateAttr {
                 let v = name_value(&meta)?;
                 set(cx, &mut attr.name, v, &path);
             } else if is(&path, EVENTS) {
-                let events = event_list(&meta)?;
+                let events = event_list(cx, &meta)?;
                 set(cx, &mut attr.events, (path.clone(), events), &path);
             } else if is(&path, EVENT_ENUM) {
                 let ident =
@@ -110,11 +112,25 @@ pub fn aggregate(cx: &mut Ctxt, attrs: &[syn::Attribute]) -> AggregateAttr {
                 set(cx, &mut attr.krate, p, &path);
             } else {
                 cx.push(unknown_key(&path, AGGREGATE_KEYS));
-                skip_value(meta.input)?;
+                attr.malformed = true;
+                // `evnets(A, B)`: keep the list, so that the fallback's event enum still has
+                // its variants and the handlers' `.into()` calls add no errors of their own.
+                if suggestion(&text(&path), AGGREGATE_KEYS) == Some(EVENTS)
+                    && meta.input.peek(syn::token::Paren)
+                    && attr.events.is_none()
+                {
+                    let mut muted = Ctxt::default();
+                    let events = event_list(&mut muted, &meta);
+                    let _ = muted.check();
+                    attr.events = events.ok().map(|events| (path, events));
+                } else {
+                    skip_value(meta.input)?;
+                }
             }
             Ok(())
         });
         if let Err(e) = result {
+            attr.malformed = true;
             cx.push(e);
         }
     }
@@ -147,8 +163,9 @@ pub fn projection(cx: &mut Ctxt, args: TokenStream) -> ProjectionAttr {
     attr
 }
 
-/// `events(A, b::B as Bee, ...)`
-fn event_list(meta: &ParseNestedMeta) -> syn::Result<Vec<ListedEvent>> {
+/// `events(A, b::B as Bee, ...)`. A missing comma is reported and parsing goes on, so that the
+/// entries after it still get their variants.
+fn event_list(cx: &mut Ctxt, meta: &ParseNestedMeta) -> syn::Result<Vec<ListedEvent>> {
     if !meta.input.peek(syn::token::Paren) {
         return Err(meta.error("expected a list of event types: `events(Opened, Deposited)`"));
     }
@@ -170,9 +187,15 @@ fn event_list(meta: &ParseNestedMeta) -> syn::Result<Vec<ListedEvent>> {
         } else {
             None
         };
+        let previous = text(&ty);
         events.push(ListedEvent { ty, rename });
-        if !content.is_empty() {
-            content.parse::<Token![,]>()?;
+        if content.is_empty() {
+            break;
+        }
+        if content.parse::<Option<Token![,]>>()?.is_none() {
+            cx.push(content.error(format!(
+                "missing `,` after `{previous}`; separate the events with commas"
+            )));
         }
     }
     Ok(events)
@@ -180,14 +203,13 @@ fn event_list(meta: &ParseNestedMeta) -> syn::Result<Vec<ListedEvent>> {
 
 fn set<T>(cx: &mut Ctxt, slot: &mut Option<T>, value: T, path: &Path) {
     if slot.is_some() {
-        cx.error_spanned_by(path, format!("duplicate key `{}`; give it once", key(path)));
+        cx.error_spanned_by(
+            path,
+            format!("duplicate key `{}`; give it once", text(path)),
+        );
     } else {
         *slot = Some(value);
     }
-}
-
-fn key(path: &Path) -> String {
-    path.to_token_stream().to_string().replace(' ', "")
 }
 
 fn is(path: &Path, symbol: &str) -> bool {

@@ -4,9 +4,12 @@ use std::fmt::Display;
 
 use quote::ToTokens;
 
+/// Collects every user error of one macro call. It must be consumed with [`Ctxt::check`]:
+/// dropping it unchecked would lose errors, so it panics in debug builds (as serde's does).
 #[derive(Default)]
 pub struct Ctxt {
     errors: Option<syn::Error>,
+    checked: bool,
 }
 
 impl Ctxt {
@@ -21,22 +24,44 @@ impl Ctxt {
         self.push(syn::Error::new_spanned(tokens, message));
     }
 
-    pub fn check(self) -> Result<(), syn::Error> {
-        self.errors.map_or(Ok(()), Err)
+    /// Every error reported, combined into one (each keeps its own span).
+    pub fn check(mut self) -> Result<(), syn::Error> {
+        self.checked = true;
+        self.errors.take().map_or(Ok(()), Err)
     }
+}
+
+impl Drop for Ctxt {
+    fn drop(&mut self) {
+        if cfg!(debug_assertions) && !self.checked && !std::thread::panicking() {
+            panic!("a Ctxt was dropped without `check()`: its errors would be lost");
+        }
+    }
+}
+
+/// Tokens as compact text (`a::B<C>`), for messages and syntactic comparisons.
+pub fn text(tokens: impl ToTokens) -> String {
+    tokens.to_token_stream().to_string().replace(' ', "")
 }
 
 /// `unknown key `naem`; did you mean `name`?` (edit distance at most 2), else the list of keys.
 pub fn unknown_key(path: &syn::Path, known: &[&str]) -> syn::Error {
-    let found = path.to_token_stream().to_string().replace(' ', "");
-    let suggestion = known
+    let found = text(path);
+    let hint = suggestion(&found, known).map_or_else(
+        || format!("; expected one of: {}", known.join(", ")),
+        |k| format!("; did you mean `{k}`?"),
+    );
+    syn::Error::new_spanned(path, format!("unknown key `{found}`{hint}"))
+}
+
+/// The known key `found` is most likely a misspelling of, if any (edit distance at most 2).
+pub fn suggestion<'a>(found: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
         .iter()
-        .map(|k| (distance(&found, k), k))
+        .map(|k| (distance(found, k), *k))
         .filter(|(d, _)| *d <= 2)
         .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| format!("; did you mean `{k}`?"))
-        .unwrap_or_else(|| format!("; expected one of: {}", known.join(", ")));
-    syn::Error::new_spanned(path, format!("unknown key `{found}`{suggestion}"))
+        .map(|(_, k)| k)
 }
 
 fn distance(a: &str, b: &str) -> usize {

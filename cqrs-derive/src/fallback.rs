@@ -6,7 +6,7 @@ use proc_macro2::TokenStream;
 use quote::{quote, ToTokens};
 
 use crate::ast::{Aggregate, Projection};
-use crate::expand::event_enum_def;
+use crate::expand::{event_enum_def, from_impls};
 
 /// The errors, then the item unchanged.
 pub fn with_errors(item: impl ToTokens, error: &syn::Error) -> TokenStream {
@@ -15,26 +15,44 @@ pub fn with_errors(item: impl ToTokens, error: &syn::Error) -> TokenStream {
     tokens
 }
 
-/// `#[event]`: the item and `impl Event` with the name and version the user asked for.
+/// `#[event]`: the item and `impl Event` with the name and version the user asked for. If the
+/// item lacks `Serialize` or `Deserialize`, it gets them (through the re-exported serde), so
+/// that every use of the type as an event does not repeat the error.
 pub fn event(
     input: &syn::DeriveInput,
     model: &crate::ast::Event,
     error: &syn::Error,
 ) -> TokenStream {
-    let mut tokens = with_errors(input, error);
-    if matches!(input.data, syn::Data::Union(_)) {
-        return tokens;
-    }
     let crate::ast::Event {
         krate,
         name,
         version,
+        missing_serde,
         ..
     } = model;
+    let mut item = input.clone();
+    if !missing_serde.is_empty() {
+        let serde = quote!(#krate::__private::serde);
+        let derives = missing_serde.iter().map(|t| {
+            let t = syn::Ident::new(t, proc_macro2::Span::call_site());
+            quote!(#serde::#t)
+        });
+        item.attrs.push(syn::parse_quote!(#[derive(#(#derives),*)]));
+        let serde_path =
+            syn::LitStr::new(&crate::ctxt::text(&serde), proc_macro2::Span::call_site());
+        item.attrs
+            .push(syn::parse_quote!(#[serde(crate = #serde_path)]));
+    }
+    let mut tokens = with_errors(&item, error);
+    if matches!(input.data, syn::Data::Union(_)) {
+        return tokens;
+    }
     let ident = &input.ident;
-    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let generics = crate::expand::event_generics(krate, input);
+    let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     let version = proc_macro2::Literal::u32_unsuffixed(*version);
     tokens.extend(quote! {
+        #[automatically_derived]
         impl #impl_generics #krate::Event for #ident #ty_generics #where_clause {
             const NAME: &'static str = #name;
             const VERSION: u32 = #version;
@@ -43,8 +61,9 @@ pub fn event(
     tokens
 }
 
-/// `#[derive(Aggregate)]`: the event enum with the variants that were valid, and impls whose
-/// bodies are unreachable.
+/// `#[derive(Aggregate)]`: the event enum with the variants that were valid, their `From` impls
+/// (so that every handler's `Opened { .. }.into()` does not add an error naming an event that is
+/// fine), and impls whose bodies are unreachable.
 pub fn aggregate(input: &syn::DeriveInput, model: &Aggregate, error: &syn::Error) -> TokenStream {
     let mut tokens = error.to_compile_error();
     if !matches!(input.data, syn::Data::Struct(_)) {
@@ -58,9 +77,13 @@ pub fn aggregate(input: &syn::DeriveInput, model: &Aggregate, error: &syn::Error
     } = model;
     let p = quote!(#krate::__private);
     let ident = &input.ident;
-    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let types: Vec<_> = model.events.iter().map(|e| &e.ty).collect();
+    let generics = crate::expand::aggregate_generics(krate, &types, input);
+    let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     tokens.extend(event_enum_def(model, input));
+    tokens.extend(from_impls(model));
     tokens.extend(quote! {
+        #[automatically_derived]
         impl #krate::EventSet for #event_enum {
             const NAMES: &'static [&'static str] = &[];
             fn event_type(&self) -> &'static str {
@@ -80,6 +103,7 @@ pub fn aggregate(input: &syn::DeriveInput, model: &Aggregate, error: &syn::Error
                 #p::Err(#p::unknown_event_type(event_type))
             }
         }
+        #[automatically_derived]
         impl #impl_generics #krate::Aggregate for #ident #ty_generics #where_clause {
             const TYPE: &'static str = #name;
             type Event = #event_enum;
@@ -107,6 +131,7 @@ pub fn projection(item: &syn::ItemImpl, model: &Projection, error: &syn::Error) 
     let (impl_generics, _, where_clause) = item.generics.split_for_impl();
     let context = context.as_ref().map_or_else(|| quote!(()), |c| quote!(#c));
     tokens.extend(quote! {
+        #[automatically_derived]
         impl #impl_generics #krate::Projection for #self_ty #where_clause {
             const NAME: &'static str = #name;
             const EVENT_TYPES: &'static [&'static str] = &[];

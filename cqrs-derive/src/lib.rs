@@ -56,14 +56,22 @@ use ctxt::Ctxt;
 /// - `name = "..."`: the stored name; defaults to the type's name verbatim (never a module path,
 ///   never a stripped suffix: moving or renaming the type must not rename stored data).
 /// - `version = N`: the schema version, default 1.
-/// - `upcast_from = Type`: the previous version, itself an `#[event]` with the same name and a
-///   lower version, converted with `From<Type>`; chains walk `V1 -> V2 -> ... -> current`.
+/// - `upcast_from = Type`: the previous version, itself an `#[event]` with the same name and
+///   exactly the version before this one (a gap would leave the skipped version's rows
+///   unreadable, so it does not compile), converted with `From<Type>`; chains walk
+///   `V1 -> V2 -> ... -> current`.
 /// - `upcast_json = path::to::f`: `fn(from_version: u32, payload: serde_json::Value) ->
 ///   cqrs_core::upcast::JsonUpcastResult`, rewriting any older payload into the current shape.
 /// - `crate = path`: where `cqrs_core` is, if renamed or re-exported.
 ///
 /// A stored version with no decode path (0, older than the chain reaches, or newer than the code)
-/// decodes to `DecodeError::UnsupportedVersion`.
+/// decodes to `DecodeError::UnsupportedVersion`, naming this type's version as the current one.
+///
+/// A `#[derive(...)]` written below `#[event]` must include `Serialize` and `Deserialize`: a
+/// missing one is one error at the type, not one per use of it. (A type that implements them by
+/// hand writes its derives above `#[event]`, where the macro does not read them.) A generic
+/// event's impl is bounded by what `Event` needs: `Self: Serialize + DeserializeOwned + Send +
+/// Sync + 'static`.
 #[proc_macro_attribute]
 pub fn event(args: TokenStream, input: TokenStream) -> TokenStream {
     expand_event(args.into(), input.into()).into()
@@ -83,8 +91,9 @@ pub fn event(args: TokenStream, input: TokenStream) -> TokenStream {
 ///
 /// Keys: `name = "..."` (the stream type, default: the struct's name verbatim), `events(...)`
 /// (required), `event_enum = Ident`, `snapshot_version = N` (`Aggregate::SNAPSHOT_VERSION`),
-/// `crate = path`. Generic aggregates work (with their where-clauses); the event types must be
-/// concrete.
+/// `crate = path`. Generic aggregates work: their impl is bounded by their where-clauses and by
+/// what it needs (`Self: Default + Send + Sync + 'static + Apply<E>` for each event); the event
+/// types must be concrete. Two listed events stored under one name do not compile.
 #[proc_macro_derive(Aggregate, attributes(aggregate))]
 pub fn derive_aggregate(input: TokenStream) -> TokenStream {
     expand_aggregate(input.into()).into()
@@ -100,6 +109,8 @@ pub fn derive_aggregate(input: TokenStream) -> TokenStream {
 ///
 /// **Every method is a handler unless marked `#[helper]`**: the marker is removed and the method
 /// left as written, so a typo in a handler's signature is an error, not a silently ignored route.
+/// Queries (`fn balance(&self) -> i64`) and constructors belong in another impl block or get
+/// `#[helper]`. Two handled events stored under one name do not compile.
 ///
 /// To batch writes, handlers buffer (e.g. rows in a `Vec`) and a method marked `#[flush]`,
 /// `fn name(&mut self [, context: &mut C])` (sync or async, returning `()` or `Result`), writes

@@ -31,5 +31,11 @@ pub const EVENT_KEYS: &[&str] = &[NAME, VERSION, UPCAST_FROM, UPCAST_JSON, CRATE
 pub const AGGREGATE_KEYS: &[&str] = &[NAME, EVENTS, EVENT_ENUM, SNAPSHOT_VERSION, CRATE];
 pub const PROJECTION_KEYS: &[&str] = &[NAME, CONTEXT, CRATE];
 
+/// `#[derive(...)]`, read by `#[event]` to check for the two below.
+pub const DERIVE: &str = "derive";
+/// The derives `Event` needs (its supertraits), by their last path segment.
+pub const SERIALIZE: &str = "Serialize";
+pub const DESERIALIZE: &str = "Deserialize";
+
 /// The envelope type a handler's optional second parameter must name.
 pub const RECORDED_EVENT: &str = "RecordedEvent";

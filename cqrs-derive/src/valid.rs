@@ -6,20 +6,16 @@
 
 use proc_macro2::{TokenStream, TokenTree};
 use quote::ToTokens;
-use syn::{FnArg, Ident, ImplItem, ItemImpl, LitStr, Path, ReceiverKind, Type};
+use syn::punctuated::Punctuated;
+use syn::{FnArg, Ident, ImplItem, ItemImpl, LitStr, Path, ReceiverKind, Token, Type};
 
 use crate::ast::{Aggregate, AggregateEvent, Event, Flush, Handler, Projection, Upcast};
 use crate::attr::{last_ident, AggregateAttr, EventAttr, ProjectionAttr};
-use crate::ctxt::Ctxt;
-use crate::symbol::{DISCARD, FLUSH, HELPER, RECORDED_EVENT};
+use crate::ctxt::{text, Ctxt};
+use crate::symbol::{DERIVE, DESERIALIZE, DISCARD, FLUSH, HELPER, RECORDED_EVENT, SERIALIZE};
 
 pub fn default_crate() -> Path {
     syn::parse_quote!(::cqrs_core)
-}
-
-/// Tokens as text without spaces, for messages and syntactic comparisons.
-pub fn text(tokens: impl ToTokens) -> String {
-    tokens.to_token_stream().to_string().replace(' ', "")
 }
 
 pub fn event(cx: &mut Ctxt, attr: EventAttr, input: &syn::DeriveInput) -> Event {
@@ -52,12 +48,51 @@ pub fn event(cx: &mut Ctxt, attr: EventAttr, input: &syn::DeriveInput) -> Event 
             "version 1 has nothing to upcast from; set `version = 2` or higher on this event",
         );
     }
+    let missing_serde = missing_serde(input);
+    if !missing_serde.is_empty() {
+        cx.error_spanned_by(
+            &input.ident,
+            format!(
+                "an event is stored as JSON, so `{}` must derive `Serialize` and `Deserialize`: add `#[derive({})]` (from `serde`)",
+                input.ident,
+                missing_serde.join(", ")
+            ),
+        );
+    }
     Event {
         krate: attr.krate.unwrap_or_else(default_crate),
         name: attr.name.unwrap_or_else(|| ident_name(&input.ident)),
         version,
         upcast,
+        missing_serde,
     }
+}
+
+/// Which of `Serialize` and `Deserialize` the item's derives lack. Only judged when the item has
+/// a `#[derive(...)]` below `#[event]`: derives above it are not visible to the macro, and a
+/// type without any derive may implement both by hand.
+fn missing_serde(input: &syn::DeriveInput) -> Vec<&'static str> {
+    let derives: Vec<syn::Path> = input
+        .attrs
+        .iter()
+        .filter(|a| a.path().is_ident(DERIVE))
+        .filter_map(|a| {
+            a.parse_args_with(Punctuated::<syn::Path, Token![,]>::parse_terminated)
+                .ok()
+        })
+        .flatten()
+        .collect();
+    if derives.is_empty() {
+        return Vec::new();
+    }
+    [SERIALIZE, DESERIALIZE]
+        .into_iter()
+        .filter(|t| {
+            !derives
+                .iter()
+                .any(|d| d.segments.last().is_some_and(|s| s.ident == t))
+        })
+        .collect()
 }
 
 /// The stored name when none is given: the type's ident, verbatim.
@@ -86,6 +121,8 @@ pub fn aggregate(cx: &mut Ctxt, attr: AggregateAttr, input: &syn::DeriveInput) -
             Vec::new()
         }
         Some((_, events)) => events,
+        // A misspelled or unparsable key was reported already: it may well be `events`.
+        None if attr.malformed => Vec::new(),
         None => {
             cx.error_spanned_by(
                 &input.ident,
@@ -379,8 +416,36 @@ fn discard(cx: &mut Ctxt, markers: &Markers) -> Option<Ident> {
 
 const HANDLER_SHAPE: &str = "a handler is `fn name(&mut self, event: &SomeEvent)`, optionally followed by `meta: &RecordedEvent` and then `context: &mut Context`; mark other methods `#[helper]`";
 
+/// Whether a method that is not a valid handler was meant as one: it takes a reference (the
+/// event) and returns nothing or a `Result`. Queries (`fn balance(&self) -> i64`) and
+/// constructors (`fn new() -> Self`) were not, and get other advice than "take `&mut self`".
+fn meant_as_handler(sig: &syn::Signature) -> bool {
+    let takes_reference = sig
+        .inputs
+        .iter()
+        .any(|a| matches!(a, FnArg::Typed(t) if matches!(&*t.ty, Type::Reference(_))));
+    let returns_unit_or_result = match &sig.output {
+        syn::ReturnType::Default => true,
+        syn::ReturnType::Type(_, ty) => match &**ty {
+            Type::Tuple(t) => t.elems.is_empty(),
+            other => last_ident(other).is_some_and(|id| id == "Result"),
+        },
+    };
+    takes_reference && returns_unit_or_result
+}
+
 fn handler(cx: &mut Ctxt, sig: &syn::Signature) -> Option<Handler> {
     let ident = &sig.ident;
+    let is_mut_ref = |a: &FnArg| matches!(a, FnArg::Receiver(r) if matches!(r.kind, ReceiverKind::Reference(_, _, Some(_))));
+    if !sig.inputs.first().is_some_and(is_mut_ref) && !meant_as_handler(sig) {
+        cx.error_spanned_by(
+            ident,
+            format!(
+                "`{ident}` is not an event handler, and every method of a `#[projection]` block is one unless marked: mark it `#[helper]`, or move it to another `impl` block"
+            ),
+        );
+        return None;
+    }
     let mut inputs = sig.inputs.iter();
     match inputs.next() {
         Some(FnArg::Receiver(r)) if matches!(r.kind, ReceiverKind::Reference(_, _, Some(_))) => {}

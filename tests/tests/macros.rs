@@ -97,6 +97,46 @@ fn versions_without_a_path_and_bad_payloads_are_typed_errors() {
     ));
 }
 
+mod short_chain {
+    use super::*;
+
+    /// Version 2 never learned to read version 1.
+    #[event(name = "Renamed", version = 2)]
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct RenamedV2 {
+        pub to: String,
+    }
+
+    #[event(name = "Renamed", version = 3, upcast_from = RenamedV2)]
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct Renamed {
+        pub to: String,
+    }
+
+    impl From<RenamedV2> for Renamed {
+        fn from(v2: RenamedV2) -> Self {
+            Renamed { to: v2.to }
+        }
+    }
+}
+
+#[test]
+fn a_version_the_chain_cannot_reach_names_the_current_version() {
+    use short_chain::Renamed;
+    assert_eq!(
+        Renamed::decode(2, &json!({ "to": "x" })).unwrap(),
+        Renamed { to: "x".into() }
+    );
+    match Renamed::decode(1, &json!({ "to": "x" })) {
+        Err(DecodeError::UnsupportedVersion {
+            version: 1,
+            current: 3,
+            event_type,
+        }) => assert_eq!(event_type, "Renamed"),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Renamed field handled by a JSON upcaster.
 fn rename_amt(
     from_version: u32,

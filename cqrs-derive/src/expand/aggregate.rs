@@ -5,9 +5,9 @@ use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 
-use super::{distinct_names, int, private};
+use super::{distinct_names, event_item, int, private};
 use crate::ast::Aggregate;
-use crate::valid::text;
+use crate::ctxt::text;
 
 pub fn aggregate(model: &Aggregate, input: &syn::DeriveInput) -> TokenStream {
     let Aggregate {
@@ -19,11 +19,13 @@ pub fn aggregate(model: &Aggregate, input: &syn::DeriveInput) -> TokenStream {
     } = model;
     let p = private(krate);
     let ident = &input.ident;
-    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
     let types: Vec<_> = events.iter().map(|e| &e.ty).collect();
+    let generics = super::aggregate_generics(krate, &types, input);
+    let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     let variants: Vec<_> = events.iter().map(|e| &e.variant).collect();
 
     let event_enum_def = event_enum_def(model, input);
+    let from_impls = from_impls(model);
     let applies = events.iter().map(|e| {
         let (ty, variant) = (&e.ty, &e.variant);
         // Spanned at the listed event: a missing `Apply` impl is reported there, with the
@@ -35,48 +37,61 @@ pub fn aggregate(model: &Aggregate, input: &syn::DeriveInput) -> TokenStream {
         let v = int(v);
         quote!(const SNAPSHOT_VERSION: u32 = #v;)
     });
-    let distinct_names = distinct_names(krate, &types, |a, b| {
-        format!(
-            "events `{}` and `{}` of aggregate `{ident}` are stored under the same name; give one another `#[event(name = \"...\")]`",
-            text(a),
-            text(b)
-        )
-    });
+    let listed: Vec<_> = types
+        .iter()
+        .map(|ty| {
+            let message = format!(
+                "this event is stored under the same name as `{}`, listed before it in aggregate `{ident}`; give one of them its own `#[event(name = \"...\")]`",
+                text(ty)
+            );
+            (*ty, message)
+        })
+        .collect();
+    let distinct_names = distinct_names(krate, &listed);
+    let names: Vec<_> = types
+        .iter()
+        .map(|ty| event_item(krate, ty, quote!(NAME)))
+        .collect();
+    let versions = types
+        .iter()
+        .map(|ty| event_item(krate, ty, quote!(VERSION)));
+    let encodes = types
+        .iter()
+        .map(|ty| event_item(krate, ty, quote!(encode(event))));
+    let decodes = types
+        .iter()
+        .map(|ty| event_item(krate, ty, quote!(decode(schema_version, payload))));
     quote! {
         #event_enum_def
 
         const _: () = {
-            #(
-                #[automatically_derived]
-                impl #p::core::convert::From<#types> for #event_enum {
-                    fn from(event: #types) -> Self {
-                        #event_enum::#variants(event)
-                    }
-                }
-            )*
+            #from_impls
 
             #[automatically_derived]
             impl #krate::EventSet for #event_enum {
-                const NAMES: &'static [&'static str] = &[#(<#types as #krate::Event>::NAME),*];
+                const NAMES: &'static [&'static str] = &[#(#names),*];
 
                 fn event_type(&self) -> &'static str {
                     match self {
-                        #(#event_enum::#variants(_) => <#types as #krate::Event>::NAME,)*
+                        #(#event_enum::#variants(_) => #names,)*
                     }
                 }
 
                 fn schema_version(&self) -> u32 {
                     match self {
-                        #(#event_enum::#variants(_) => <#types as #krate::Event>::VERSION,)*
+                        #(#event_enum::#variants(_) => #versions,)*
                     }
                 }
 
                 fn encode(&self) -> #p::Result<#p::serde_json::Value, #krate::EncodeError> {
                     match self {
-                        #(#event_enum::#variants(event) => #krate::Event::encode(event),)*
+                        #(#event_enum::#variants(event) => #encodes,)*
                     }
                 }
 
+                // Two arms for one stored name are reported by the name check below; rustc's
+                // lint would point at the same tokens again.
+                #[allow(unreachable_patterns)]
                 fn decode(
                     event_type: &str,
                     schema_version: u32,
@@ -84,9 +99,8 @@ pub fn aggregate(model: &Aggregate, input: &syn::DeriveInput) -> TokenStream {
                 ) -> #p::Result<Self, #krate::DecodeError> {
                     match event_type {
                         #(
-                            <#types as #krate::Event>::NAME => {
-                                <#types as #krate::Event>::decode(schema_version, payload)
-                                    .map(#event_enum::#variants)
+                            #names => {
+                                #decodes.map(#event_enum::#variants)
                             }
                         )*
                         _ => #p::Err(#p::unknown_event_type(event_type)),
@@ -107,9 +121,33 @@ pub fn aggregate(model: &Aggregate, input: &syn::DeriveInput) -> TokenStream {
                 }
             }
 
-            #(#distinct_names)*
+            #distinct_names
         };
     }
+}
+
+/// `impl From<Opened> for AccountEvent`, one per listed event: what lets handlers write
+/// `Opened { .. }.into()`.
+pub fn from_impls(model: &Aggregate) -> TokenStream {
+    let Aggregate {
+        krate,
+        events,
+        event_enum,
+        ..
+    } = model;
+    let p = private(krate);
+    let impls = events.iter().map(|e| {
+        let (ty, variant) = (&e.ty, &e.variant);
+        quote! {
+            #[automatically_derived]
+            impl #p::core::convert::From<#ty> for #event_enum {
+                fn from(event: #ty) -> Self {
+                    #event_enum::#variant(event)
+                }
+            }
+        }
+    });
+    quote!(#(#impls)*)
 }
 
 /// `pub enum AccountEvent { Opened(Opened), ... }`, with the aggregate's visibility.

@@ -4,9 +4,9 @@ use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 
-use super::{const_assert, int, private};
+use super::{const_assert, int, private, respan};
 use crate::ast::{Event, Upcast};
-use crate::valid::text;
+use crate::ctxt::text;
 
 pub fn event(model: &Event, input: &syn::DeriveInput) -> TokenStream {
     let Event {
@@ -14,10 +14,12 @@ pub fn event(model: &Event, input: &syn::DeriveInput) -> TokenStream {
         name,
         version,
         upcast,
+        missing_serde: _,
     } = model;
     let p = private(krate);
     let ident = &input.ident;
-    let (impl_generics, ty_generics, where_clause) = input.generics.split_for_impl();
+    let generics = super::event_generics(krate, input);
+    let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     let current = int(*version);
     let older = int(version.saturating_sub(1));
     let (older_arm, doc) = match upcast {
@@ -26,9 +28,16 @@ pub fn event(model: &Event, input: &syn::DeriveInput) -> TokenStream {
             format!(" Decodes version {version}; any other version is `DecodeError::UnsupportedVersion`."),
         ),
         Upcast::From(prev) => (
-            quote_spanned! {prev.span()=>
-                1..=#older => <#prev as #krate::Event>::decode(schema_version, payload)
-                    .map(<Self as #p::core::convert::From<#prev>>::from),
+            {
+                // Spanned at `prev`, so that a missing `From` impl is reported there, once.
+                let decode = respan(
+                    quote! {
+                        #p::decode_older::<Self, #prev>(schema_version, payload)
+                            .map(<Self as #p::core::convert::From<#prev>>::from)
+                    },
+                    prev.span(),
+                );
+                quote!(1..=#older => #decode,)
             },
             format!(
                 " Decodes version {version} directly, and versions 1 to {} as `{}` converted with `From`.",
@@ -50,12 +59,15 @@ pub fn event(model: &Event, input: &syn::DeriveInput) -> TokenStream {
     let checks = match upcast {
         Upcast::From(prev) => {
             let (span, prev_text) = (prev.span(), text(prev));
-            let lower = const_assert(
+            // Exactly the previous version: a gap (3 upcasting from 1) would compile and then
+            // fail on every stored row of the skipped version.
+            let previous = const_assert(
                 span,
                 krate,
-                quote!(<#prev as #krate::Event>::VERSION < #current),
+                quote!(<#prev as #krate::Event>::VERSION == #older),
                 &format!(
-                    "`upcast_from = {prev_text}` must name the previous version, but `{prev_text}`'s version is not lower than {version}"
+                    "`upcast_from = {prev_text}` must name version {older} of this event, the one just before {version}, but `{prev_text}` has another version; upcast from the version-{older} type (its own `upcast_from` reaches older ones)",
+                    older = version - 1,
                 ),
             );
             let same_name = const_assert(
@@ -67,7 +79,7 @@ pub fn event(model: &Event, input: &syn::DeriveInput) -> TokenStream {
                     name.value()
                 ),
             );
-            quote!(#lower #same_name)
+            quote!(#previous #same_name)
         }
         Upcast::None | Upcast::Json(_) => quote!(),
     };

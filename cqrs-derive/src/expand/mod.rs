@@ -9,12 +9,13 @@ mod event;
 mod projection;
 
 pub use aggregate::aggregate;
-pub(crate) use aggregate::event_enum_def;
+pub(crate) use aggregate::{event_enum_def, from_impls};
 pub use event::event;
 pub use projection::projection;
 
 use proc_macro2::{Group, Literal, Span, TokenStream, TokenTree};
-use quote::{quote, ToTokens};
+use quote::{quote, quote_spanned, ToTokens};
+use syn::spanned::Spanned;
 use syn::Path;
 
 /// `<crate>::__private`, the hidden module generated code names everything through.
@@ -47,29 +48,98 @@ fn respan(tokens: impl ToTokens, span: Span) -> TokenStream {
         .collect()
 }
 
-/// A const assertion whose failure rustc reports at `span` with `message`.
-/// One const assertion per pair of `types` that their stored names differ, spanned at the later
-/// type of the pair; `message(a, b)` explains the clash.
-fn distinct_names(
-    krate: &Path,
-    types: &[&syn::Type],
-    message: impl Fn(&syn::Type, &syn::Type) -> String,
-) -> Vec<TokenStream> {
-    let p = private(krate);
-    let mut assertions = Vec::new();
-    for (i, a) in types.iter().enumerate() {
-        for b in &types[i + 1..] {
-            assertions.push(const_assert(
-                syn::spanned::Spanned::span(b),
-                krate,
-                quote!(!#p::str_eq(<#a as #krate::Event>::NAME, <#b as #krate::Event>::NAME)),
-                &message(a, b),
-            ));
-        }
+/// The generics of a generic type's `impl Event`, with the bounds `Event` needs of it (serde's
+/// derives bound each parameter on its own impls only; rustc would suggest nonsense for them).
+pub(crate) fn event_generics(krate: &Path, input: &syn::DeriveInput) -> syn::Generics {
+    let mut generics = input.generics.clone();
+    if input.generics.type_params().next().is_some() {
+        let p = private(krate);
+        let ident = &input.ident;
+        let (_, ty_generics, _) = input.generics.split_for_impl();
+        generics
+            .make_where_clause()
+            .predicates
+            .push(syn::parse_quote! {
+                #ident #ty_generics: #p::serde::Serialize
+                    + #p::serde::de::DeserializeOwned
+                    + #p::core::marker::Send
+                    + #p::core::marker::Sync
+                    + 'static
+            });
     }
-    assertions
+    generics
 }
 
+/// The generics of a generic aggregate's `impl Aggregate`, with the bounds it needs: the trait's
+/// own, and `Apply<E>` for each listed event (the user's impls may bound the parameters).
+pub(crate) fn aggregate_generics(
+    krate: &Path,
+    events: &[&syn::Type],
+    input: &syn::DeriveInput,
+) -> syn::Generics {
+    let mut generics = input.generics.clone();
+    if input.generics.type_params().next().is_some() {
+        let p = private(krate);
+        let ident = &input.ident;
+        let (_, ty_generics, _) = input.generics.split_for_impl();
+        generics
+            .make_where_clause()
+            .predicates
+            .push(syn::parse_quote! {
+                #ident #ty_generics: #p::core::default::Default
+                    + #p::core::marker::Send
+                    + #p::core::marker::Sync
+                    + 'static
+                    #(+ #krate::Apply<#events>)*
+            });
+    }
+    generics
+}
+
+/// `<E as Event>::item`, every token spanned at the user's `E`: if `E` is not an event, each
+/// use is reported there with `Event`'s `on_unimplemented` message, and rustc shows identical
+/// errors once. (A token left at the macro's span would widen the expression's span to the
+/// whole attribute, and add an error of its own there.)
+fn event_item(krate: &Path, ty: &syn::Type, item: TokenStream) -> TokenStream {
+    let span = ty.span();
+    let event = respan(quote!(#krate::Event), span);
+    let item = respan(item, span);
+    quote_spanned!(span=> <#ty as #event>::#item)
+}
+
+/// The compile-time check that the stored names of `events` (each a type and the message for a
+/// later event clashing with it) differ: one call per event, so the expansion and the compile
+/// time stay linear in the number of events. A clash fails at the later event's tokens.
+fn distinct_names(krate: &Path, events: &[(&syn::Type, String)]) -> TokenStream {
+    if events.len() < 2 {
+        return TokenStream::new();
+    }
+    let p = private(krate);
+    let names = events
+        .iter()
+        .map(|(ty, _)| event_item(krate, ty, quote!(NAME)));
+    // The last event is never the earlier one of a clash.
+    let clashes = events[..events.len() - 1]
+        .iter()
+        .map(|(_, message)| message);
+    let checks = events.iter().enumerate().skip(1).map(|(i, (ty, _))| {
+        let i = Literal::usize_unsuffixed(i);
+        respan(
+            quote!(#p::assert_unique_name(NAMES, #i, CLASHES);),
+            ty.span(),
+        )
+    });
+    quote! {
+        /// Compile-time check: no two events stored under one name.
+        const _: () = {
+            const NAMES: &[&str] = &[#(#names),*];
+            const CLASHES: &[&str] = &[#(#clashes),*];
+            #(#checks)*
+        };
+    }
+}
+
+/// A const assertion whose failure rustc reports at `span` with `message`.
 fn const_assert(span: Span, krate: &Path, condition: TokenStream, message: &str) -> TokenStream {
     let message = message.replace('{', "{{").replace('}', "}}");
     let p = private(krate);

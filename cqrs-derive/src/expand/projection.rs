@@ -5,9 +5,9 @@ use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 
-use super::{distinct_names, private};
+use super::{distinct_names, event_item, private};
 use crate::ast::Projection;
-use crate::valid::text;
+use crate::ctxt::text;
 
 pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
     let Projection {
@@ -22,9 +22,12 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
     let self_ty = &item.self_ty;
     let (impl_generics, _, where_clause) = item.generics.split_for_impl();
     let context = context.as_ref().map_or_else(|| quote!(()), |c| quote!(#c));
-    let types: Vec<_> = handlers.iter().map(|h| &h.event).collect();
-    let routes = handlers.iter().map(|h| {
-        let (method, ty) = (&h.method, &h.event);
+    let names: Vec<_> = handlers
+        .iter()
+        .map(|h| event_item(krate, &h.event, quote!(NAME)))
+        .collect();
+    let routes = handlers.iter().zip(&names).map(|(h, name)| {
+        let method = &h.method;
         // Arguments spanned at the user's parameters, so a type mismatch is reported there.
         let meta = h.meta.as_ref().map(|m| quote_spanned!(m.span()=> , event));
         let ctx = h
@@ -36,30 +39,35 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
         } else {
             quote!(self.#method(&decoded #meta #ctx))
         };
+        // Spanned at the event parameter: a type that is not an event is reported there once.
+        let decode = event_item(
+            krate,
+            &h.event,
+            quote!(decode(event.schema_version, &event.payload)),
+        );
         quote! {
-            <#ty as #krate::Event>::NAME => {
-                let decoded = #p::decode_for::<Self, #ty>(event)?;
+            #name => {
+                let decoded = #decode;
+                let decoded = #p::decoded::<Self, _>(event, decoded)?;
                 #p::handled::<Self>(event, #call)
             }
         }
     });
-    // One marker impl per handler, spanned at its event parameter: two handlers for one event
-    // type, even written through an alias, conflict here and rustc shows both parameters.
-    let one_handler = handlers.iter().map(|h| {
-        let ty = &h.event;
-        quote_spanned! {ty.span()=>
-            impl #impl_generics OneHandlerPerEventType<#ty> for #self_ty #where_clause {}
-        }
-    });
-    // Two event types stored under one name (e.g. two versions of one event) would route to
-    // only the first handler.
-    let distinct_names = distinct_names(krate, &types, |a, b| {
-        format!(
-            "`{}` and `{}` are stored under the same name, so one handler would never run; handle only the current version (older ones are upcast to it)",
-            text(a),
-            text(b)
-        )
-    });
+    // Two event types stored under one name (two versions of one event, unrelated types named
+    // alike, or one type written two ways, e.g. through an alias) would route to only the first
+    // handler.
+    let handled: Vec<_> = handlers
+        .iter()
+        .map(|h| {
+            let message = format!(
+                "this event is stored under the same name as `{}`, which `{}` handles, so only one of the two handlers would run: if they are versions of one event, handle only the current one (older versions are upcast to it); otherwise give one of them its own `#[event(name = \"...\")]`",
+                text(&h.event),
+                h.method
+            );
+            (&h.event, message)
+        })
+        .collect();
+    let distinct_names = distinct_names(krate, &handled);
     // Without `#[flush]`/`#[discard]`, the trait's no-op defaults apply.
     let flush = flush.as_ref().map(|f| {
         let method = &f.method;
@@ -98,18 +106,17 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
         #item
 
         const _: () = {
-            trait OneHandlerPerEventType<E: ?Sized> {}
-            #(#one_handler)*
-
             #[automatically_derived]
             impl #impl_generics #krate::Projection for #self_ty #where_clause {
                 const NAME: &'static str = #name;
-                const EVENT_TYPES: &'static [&'static str] = &[#(<#types as #krate::Event>::NAME),*];
+                const EVENT_TYPES: &'static [&'static str] = &[#(#names),*];
                 type Context = #context;
 
                 /// Decodes the event and calls the handler for its type; events of other types
                 /// are skipped without being decoded.
-                #[allow(unused_variables)]
+                // Two arms for one stored name are reported by the name check below; rustc's
+                // lint would point at the same tokens again.
+                #[allow(unused_variables, unreachable_patterns)]
                 fn handle<'__cqrs>(
                     &'__cqrs mut self,
                     event: &'__cqrs #krate::RecordedEvent,
@@ -129,7 +136,7 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
                 #discard
             }
 
-            #(#distinct_names)*
+            #distinct_names
         };
     }
 }
