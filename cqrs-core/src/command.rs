@@ -113,24 +113,14 @@ pub struct CommandOutcome<E> {
 #[non_exhaustive]
 pub enum ExecuteError<E> {
     /// The aggregate rejected the command.
-    #[error("command rejected: {0}")]
+    #[error("command rejected")]
     Domain(#[source] E),
     /// Another writer appended to the stream first (after any configured retries).
     #[error(transparent)]
     Concurrency(ConcurrencyError),
     /// A stored event of the aggregate could not be decoded.
-    #[error("cannot load `{stream}`: event at version {stream_version} (position {position}) failed to decode: {source}")]
-    Decode {
-        /// The aggregate's stream.
-        stream: StreamId,
-        /// The undecodable event's version.
-        stream_version: StreamVersion,
-        /// Its global position.
-        position: Position,
-        /// Why.
-        #[source]
-        source: DecodeError,
-    },
+    #[error(transparent)]
+    Decode(UndecodableEvent),
     /// A produced event could not be encoded.
     #[error(transparent)]
     Encode(#[from] EncodeError),
@@ -152,17 +142,7 @@ impl<E> From<LoadError> for ExecuteError<E> {
     fn from(error: LoadError) -> Self {
         match error {
             LoadError::Store(e) => e.into(),
-            LoadError::Decode {
-                stream,
-                stream_version,
-                position,
-                source,
-            } => ExecuteError::Decode {
-                stream,
-                stream_version,
-                position,
-                source,
-            },
+            LoadError::Decode(undecodable) => ExecuteError::Decode(undecodable),
         }
     }
 }
@@ -173,21 +153,27 @@ impl<E> ExecuteError<E> {
         match self {
             ExecuteError::Domain(e) => ExecuteError::Domain(f(e)),
             ExecuteError::Concurrency(c) => ExecuteError::Concurrency(c),
-            ExecuteError::Decode {
-                stream,
-                stream_version,
-                position,
-                source,
-            } => ExecuteError::Decode {
-                stream,
-                stream_version,
-                position,
-                source,
-            },
+            ExecuteError::Decode(undecodable) => ExecuteError::Decode(undecodable),
             ExecuteError::Encode(e) => ExecuteError::Encode(e),
             ExecuteError::Store(e) => ExecuteError::Store(e),
         }
     }
+}
+
+/// A stored event of an aggregate that could not be decoded, and where it is.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load `{stream}`: event at version {stream_version} (position {position}) failed to decode")]
+#[non_exhaustive]
+pub struct UndecodableEvent {
+    /// The aggregate's stream.
+    pub stream: StreamId,
+    /// The undecodable event's version.
+    pub stream_version: StreamVersion,
+    /// Its global position.
+    pub position: Position,
+    /// Why.
+    #[source]
+    pub source: DecodeError,
 }
 
 /// Why an aggregate could not be loaded.
@@ -198,18 +184,8 @@ pub enum LoadError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A stored event could not be decoded.
-    #[error("cannot load `{stream}`: event at version {stream_version} (position {position}) failed to decode: {source}")]
-    Decode {
-        /// The aggregate's stream.
-        stream: StreamId,
-        /// The undecodable event's version.
-        stream_version: StreamVersion,
-        /// Its global position.
-        position: Position,
-        /// Why.
-        #[source]
-        source: DecodeError,
-    },
+    #[error(transparent)]
+    Decode(#[from] UndecodableEvent),
 }
 
 /// The pauses before each re-send of a batch whose append outcome is unknown
@@ -745,14 +721,14 @@ impl<A: Aggregate> Repository<A> {
 }
 
 fn decode<S: EventSet>(recorded: &RecordedEvent) -> Result<S, LoadError> {
-    recorded
-        .decode_set::<S>()
-        .map_err(|source| LoadError::Decode {
+    recorded.decode_set::<S>().map_err(|source| {
+        LoadError::Decode(UndecodableEvent {
             stream: recorded.stream.clone(),
             stream_version: recorded.stream_version,
             position: recorded.position,
             source,
         })
+    })
 }
 
 /// A command decision against loaded state, pure or with services.

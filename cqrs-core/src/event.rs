@@ -121,7 +121,7 @@ pub trait EventSet: Sized + Send + Sync + 'static {
 
 /// An event could not be serialized (e.g. a map with non-string keys).
 #[derive(Debug, thiserror::Error)]
-#[error("cannot encode event `{event_type}`: {source}")]
+#[error("cannot encode event `{event_type}`")]
 pub struct EncodeError {
     /// The event type that failed.
     pub event_type: &'static str,

@@ -55,7 +55,7 @@ pub trait Projection: Send + 'static {
 #[non_exhaustive]
 pub enum ProjectionError {
     /// The event could not be decoded.
-    #[error("projection `{projection}` cannot decode event at position {position}: {source}")]
+    #[error("projection `{projection}` cannot decode event at position {position}")]
     Decode {
         /// The projection.
         projection: &'static str,
@@ -66,7 +66,7 @@ pub enum ProjectionError {
         source: DecodeError,
     },
     /// A handler returned an error.
-    #[error("projection `{projection}` failed on `{event_type}` at position {position}: {source}")]
+    #[error("projection `{projection}` failed on `{event_type}` at position {position}")]
     Handler {
         /// The projection.
         projection: &'static str,
@@ -79,7 +79,7 @@ pub enum ProjectionError {
         source: HandlerError,
     },
     /// [`Projection::flush`] failed: the batch it ends was not committed.
-    #[error("projection `{projection}` failed to flush a batch: {source}")]
+    #[error("projection `{projection}` failed to flush a batch")]
     Flush {
         /// The projection.
         projection: &'static str,

@@ -148,11 +148,11 @@ pub enum StoreError {
         held_by: String,
     },
     /// An inline projection rejected the appended events; nothing was written.
-    #[error("inline projection failed, nothing was written: {0}")]
+    #[error("an inline projection failed; nothing was written")]
     InlineProjection(#[source] crate::projection::ProjectionError),
     /// The backend could not be reached or the connection was lost; retrying later may succeed.
     /// Nothing was written if this is returned from an append.
-    #[error("storage connection failed: {0}")]
+    #[error("the storage connection failed; nothing was written")]
     Connection(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// An append was sent but its reply was lost (the connection dropped after the statement or
     /// its commit went out): the events may or may not be stored. Re-send the same batch, with
@@ -162,8 +162,8 @@ pub enum StoreError {
     #[error("the append was sent but its reply was lost: the events may or may not be stored")]
     OutcomeUnknown(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Any other backend failure.
-    #[error("storage backend error: {0}")]
-    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl StoreError {
@@ -174,6 +174,23 @@ impl StoreError {
     /// decides again and makes new event ids).
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Connection(_))
+    }
+}
+
+/// An error and its sources, as one line (`outer: inner: innermost`): for messages the library
+/// writes itself (a projection's status, logs). Every error's `Display` shows only its own level,
+/// and `source()` leads to the next, so nothing is printed twice.
+pub(crate) struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
 }
 

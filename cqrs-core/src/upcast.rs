@@ -38,7 +38,7 @@ pub enum DecodeError {
         found: String,
     },
     /// The payload does not match the schema of its version.
-    #[error("malformed payload for event `{event_type}` version {version}: {source}")]
+    #[error("malformed payload for event `{event_type}` version {version}")]
     Payload {
         /// The stored type name.
         event_type: String,
@@ -49,7 +49,7 @@ pub enum DecodeError {
         source: serde_json::Error,
     },
     /// A user-supplied upcaster rejected the payload.
-    #[error("upcasting event `{event_type}` from version {from_version} failed: {source}")]
+    #[error("upcasting event `{event_type}` from version {from_version} failed")]
     Upcast {
         /// The stored type name.
         event_type: String,

@@ -585,7 +585,8 @@ async fn inline_projection_commits_with_the_append_or_not_at_all() {
     );
 
     let err = repo.execute("i", &Add(13)).await.unwrap_err();
-    assert!(err.to_string().contains("poison amount 13"), "{err}");
+    let message = chain(&err);
+    assert!(message.contains("poison amount 13"), "{message}");
     assert_eq!(
         model.snapshot().by_stream["i"],
         5,
@@ -776,4 +777,15 @@ async fn a_runner_killed_by_a_panic_does_not_say_it_runs() {
     assert!(failure.message.contains("on fire"), "{failure:?}");
     assert!(!failure.skippable());
     assert!(handle.stop().await.is_none());
+}
+
+/// An error and its sources on one line, as `anyhow`'s `{:#}` prints them.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }

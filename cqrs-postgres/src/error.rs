@@ -5,7 +5,7 @@ use cqrs_core::StoreError;
 
 /// The database's tables do not match what this version of the crate expects.
 #[derive(Debug, thiserror::Error)]
-#[error("schema `{schema}` does not match this version of cqrs-postgres (run `PostgresStore::migrate`, or check for a bad migration): {source}")]
+#[error("schema `{schema}` does not match this version of cqrs-postgres (run `PostgresStore::migrate`, or check for a bad migration)")]
 pub struct SchemaMismatch {
     /// The store's schema.
     pub schema: String,

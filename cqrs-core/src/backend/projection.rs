@@ -24,7 +24,7 @@ pub trait Lease: Send + Sync {
 pub enum BatchError {
     /// The event at `index` of the batch failed. The first `committed` events of the batch (and the
     /// checkpoint up to them) are committed; backends that commit atomically report 0.
-    #[error("{error}")]
+    #[error("the event at index {index} of the batch failed ({committed} committed before it)")]
     Projection {
         /// Index of the failing event in the batch.
         index: usize,

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::backend::BatchError;
 use crate::projection::ProjectionError;
-use crate::store::StoreError;
+use crate::store::{Chain, StoreError};
 use crate::stream::Position;
 
 /// What a runner is doing.
@@ -83,7 +83,7 @@ impl ProjectionFailure {
             cause,
             position: error.position(),
             event_type,
-            message: error.to_string(),
+            message: Chain(error).to_string(),
         }
     }
 
@@ -98,7 +98,7 @@ impl ProjectionFailure {
             cause,
             position,
             event_type: None,
-            message: error.to_string(),
+            message: Chain(error).to_string(),
         }
     }
 

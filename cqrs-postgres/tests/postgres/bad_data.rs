@@ -1,6 +1,6 @@
 //! Rows no reader expects: typed errors naming the position, never a panic.
 
-use cqrs_core::command::LoadError;
+use cqrs_core::command::{LoadError, UndecodableEvent};
 use cqrs_core::conformance::Counter;
 use cqrs_core::{
     DecodeError, EventStore, EventTypes, ExpectedVersion, Position, Repository, StoreError,
@@ -45,12 +45,12 @@ async fn undecodable_events_are_typed_errors_naming_their_position() {
         let position =
             insert_raw(&store, "counter", id, 1, event_type, version, payload, "{}").await;
         match repo.load(id).await {
-            Err(LoadError::Decode {
+            Err(LoadError::Decode(UndecodableEvent {
                 position: at,
                 stream_version,
                 source,
                 ..
-            }) => {
+            })) => {
                 assert_eq!(at.sequence, position as u64, "{id}: names the position");
                 assert_eq!(stream_version, StreamVersion::new(1));
                 assert!(expected(&source), "{id}: {source}");
@@ -173,7 +173,8 @@ async fn a_column_lost_to_a_bad_migration_is_a_typed_error() {
                     .is_some(),
                 "{error}"
             );
-            assert!(error.to_string().contains("metadata"), "{error}");
+            let message = crate::chain(&error);
+            assert!(message.contains("metadata"), "{message}");
         }
         other => panic!("{other:?}"),
     };

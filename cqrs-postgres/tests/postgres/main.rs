@@ -110,6 +110,17 @@ async fn janitor(pool: &sqlx::PgPool) {
     .await;
 }
 
+/// An error and its sources on one line, as `anyhow`'s `{:#}` prints them.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
 /// An event of type `event_type` with payload `{"n": n}`.
 pub fn event(event_type: &str, n: i64) -> NewEvent {
     NewEvent {
