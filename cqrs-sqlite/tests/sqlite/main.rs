@@ -83,3 +83,115 @@ mod conformance {
     }
     cqrs_core::projection_conformance_tests!(fresh_projections, context = sqlx::SqliteConnection);
 }
+
+/// A seeded xorshift generator: tests print their seed, and `CQRS_TEST_SEED=<seed>` replays it.
+#[derive(Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn seeded(test: &str) -> Self {
+        let seed = std::env::var("CQRS_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("{test}: seed {seed} (replay with CQRS_TEST_SEED={seed})");
+        Self(seed | 1)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n.max(1)
+    }
+}
+
+/// The environment variable naming a child process's database file.
+pub const CHILD_DB: &str = "CQRS_SQLITE_CHILD_DB";
+
+/// Starts this test binary again as a child process running only the ignored test `entry`
+/// (a child entry point), with its database at `db`. Its stdout lines are collected.
+pub fn start_child(entry: &str, db: &Path, env: &[(&str, String)]) -> Child {
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["--ignored", "--exact", entry, "--nocapture", "--quiet"])
+        .env(CHILD_DB, db)
+        .stdout(std::process::Stdio::piped());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let mut process = command.spawn().unwrap();
+    let stdout = process.stdout.take().unwrap();
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let collected = std::sync::Arc::clone(&lines);
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            collected.lock().unwrap().push(line);
+        }
+    });
+    Child {
+        process,
+        lines,
+        reader: Some(reader),
+    }
+}
+
+/// A child process and what it printed so far.
+#[derive(Debug)]
+pub struct Child {
+    process: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Child {
+    /// The lines printed so far that start with `prefix`.
+    pub fn lines(&self, prefix: &str) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    /// SIGKILL, then waits for it (and for its output to be read to the end).
+    pub fn kill(&mut self) {
+        let _ = self.process.kill();
+        self.process.wait().unwrap();
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+    }
+
+    /// Waits for a normal exit and asserts it succeeded.
+    pub fn wait_success(&mut self) {
+        let status = self.process.wait().unwrap();
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        assert!(status.success(), "child failed: {status}");
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// For child entry points: true while the parent lives, for two minutes at most, so a child
+/// never outlives a test that died.
+pub fn parent_alive(parent: u32, started: std::time::Instant) -> bool {
+    std::os::unix::process::parent_id() == parent
+        && started.elapsed() < std::time::Duration::from_secs(120)
+}
