@@ -86,6 +86,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool, SqlitePoo
 use sqlx::{ConnectOptions, Connection, Row};
 use tokio::sync::{watch, Mutex};
 
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 pub use config::{
     ConfigError, SqliteConfig, SqliteConfigBuilder, Synchronous, DEFAULT_BUSY_TIMEOUT,
     DEFAULT_MAX_GROUP, DEFAULT_POLL_INTERVAL, DEFAULT_QUEUE_SIZE, DEFAULT_READ_CONNECTIONS,
@@ -161,12 +163,18 @@ impl SqliteStore {
             .read_only(config.read_only)
             .busy_timeout(config.busy_timeout)
             .synchronous(config.synchronous.to_sqlx());
-        let mut setup = options.connect().await.map_err(|e| errors.map(e))?;
-        let prepared = if config.read_only {
-            expect_schema(&mut setup, &errors).await
+        // Boxed as `Send` here, where the lifetimes are concrete: the driver's connect and
+        // migration futures are generic over lifetimes the compiler cannot otherwise prove
+        // `Send` for, which would make `open` itself unspawnable.
+        let connect: BoxFuture<'_, Result<SqliteConnection, sqlx::Error>> =
+            Box::pin(options.connect());
+        let mut setup = connect.await.map_err(|e| errors.map(e))?;
+        let prepared: BoxFuture<'_, Result<(), StoreError>> = if config.read_only {
+            Box::pin(expect_schema(&mut setup, &errors))
         } else {
-            prepare(&mut setup, &errors, config.busy_timeout).await
+            Box::pin(prepare(&mut setup, &errors, config.busy_timeout))
         };
+        let prepared = prepared.await;
         let _ = setup.close().await;
         prepared?;
         let pool = SqlitePoolOptions::new()
@@ -209,7 +217,8 @@ impl SqliteStore {
     ///
     /// The value is cloned for each append and the clone dropped afterwards: keep the read
     /// model's state in the database. The handlers run on the writer, so every append of the
-    /// process waits for them: keep them short, and use [`SqliteProjections`] for the rest.
+    /// process waits for them: keep them short, and use [`SqliteProjections`] for the rest. A
+    /// handler must not append to the store itself (the writer would wait for itself).
     pub fn with_inline<P>(mut self, projection: P) -> Self
     where
         P: cqrs_core::Projection<Context = SqliteConnection> + Clone + Sync,
@@ -236,8 +245,9 @@ impl SqliteStore {
         &self.shared.config.path
     }
 
-    /// Closes the connections; appends fail afterwards. Waits for the pool's connections to
-    /// close, so the file can then be copied or deleted.
+    /// Closes the pooled connections (reads, checkpoints, snapshots, projection batches), which
+    /// fail afterwards. The writer's own connection closes when the last clone of the store is
+    /// dropped.
     pub async fn close(&self) {
         self.shared.pool.close().await;
     }
@@ -385,7 +395,10 @@ async fn prepare(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match MIGRATOR.run(&mut *conn).await {
+        // `run` with `skip = false`, on the connection itself: `Migrator::run` takes an
+        // `Acquire` whose future the compiler cannot prove `Send`, which would make `open`
+        // unspawnable (sqlx exposes this entry point for that reason).
+        match MIGRATOR.run_direct(None, &mut *conn, false).await {
             Ok(()) => return Ok(()),
             Err(_) if attempt < MIGRATION_ATTEMPTS => {
                 tokio::time::sleep(Duration::from_millis(20 * attempt as u64)).await;

@@ -34,7 +34,8 @@ use crate::{sql, SqliteStore};
 ///
 /// Keep the read model's state in the database, not in the projection value. Handlers hold the
 /// file's write lock while they run: appends of this process wait for the batch, appends of
-/// other processes wait up to their busy timeout.
+/// other processes wait up to their busy timeout. So a handler writes only through the
+/// connection it is given, and never appends to the store (it would wait for itself).
 #[derive(Debug, Clone)]
 pub struct SqliteProjections {
     store: SqliteStore,

@@ -72,6 +72,22 @@ pub async fn open_fast(path: &Path) -> SqliteStore {
     SqliteStore::open_with(config).await.unwrap()
 }
 
+/// Every public future can be spawned (compile-time check).
+#[allow(dead_code)]
+fn public_futures_are_send(store: SqliteStore, projections: SqliteProjections) {
+    use cqrs_core::{CheckpointStore, EventStore, SnapshotStore};
+    fn send<T: Send>(_: T) {}
+    let stream = cqrs_core::StreamId::new("a", "b");
+    send(SqliteStore::open("x.db"));
+    send(store.append(&stream, cqrs_core::ExpectedVersion::Any, Vec::new()));
+    send(store.read_all(cqrs_core::Position::START, cqrs_core::EventTypes::All, 1));
+    send(store.load_snapshot(&stream));
+    send(store.save_checkpoint("c", None, cqrs_core::Position::START));
+    send(store.wait_for_append(cqrs_core::Position::START, std::time::Duration::ZERO));
+    send(store.close());
+    send(projections.skipped_events("p"));
+}
+
 mod conformance {
     async fn fresh_store() -> cqrs_sqlite::SqliteStore {
         super::open_fast(&super::leaked_dir().db()).await
