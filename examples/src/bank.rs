@@ -213,6 +213,107 @@ impl Balances {
     }
 }
 
+/// The same read model in SQL, in table `bank_balances` of the store's SQLite file: run by
+/// [`cqrs_sqlite::SqliteProjections`], each batch of rows commits with the projection's
+/// checkpoint, so the table survives restarts and a second run continues where the first stopped.
+#[derive(Debug, Default, Clone)]
+pub struct SqlBalances;
+
+impl SqlBalances {
+    /// Creates the table if needed.
+    pub async fn create(store: &cqrs_sqlite::SqliteStore) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS bank_balances \
+             (account TEXT PRIMARY KEY, balance INTEGER NOT NULL, movements INTEGER NOT NULL)",
+        )
+        .execute(store.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// An account's balance as the table shows it.
+    pub async fn balance(
+        store: &cqrs_sqlite::SqliteStore,
+        account: &str,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        sqlx::query_scalar("SELECT balance FROM bank_balances WHERE account = ?1")
+            .bind(account)
+            .fetch_optional(store.pool())
+            .await
+    }
+
+    /// How many accounts the table holds (this run's and earlier runs').
+    pub async fn accounts(store: &cqrs_sqlite::SqliteStore) -> Result<i64, sqlx::Error> {
+        sqlx::query_scalar("SELECT count(*) FROM bank_balances")
+            .fetch_one(store.pool())
+            .await
+    }
+}
+
+#[projection(name = "bank_balances")]
+impl SqlBalances {
+    async fn on_opened(
+        &mut self,
+        _: &AccountOpened,
+        meta: &RecordedEvent,
+        db: &mut sqlx::SqliteConnection,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO bank_balances (account, balance, movements) VALUES (?1, 0, 0) \
+             ON CONFLICT (account) DO NOTHING",
+        )
+        .bind(meta.stream.id())
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    async fn on_deposited(
+        &mut self,
+        event: &MoneyDeposited,
+        meta: &RecordedEvent,
+        db: &mut sqlx::SqliteConnection,
+    ) -> Result<(), sqlx::Error> {
+        Self::change(db, meta, event.amount).await
+    }
+
+    async fn on_withdrawn(
+        &mut self,
+        event: &MoneyWithdrawn,
+        meta: &RecordedEvent,
+        db: &mut sqlx::SqliteConnection,
+    ) -> Result<(), sqlx::Error> {
+        Self::change(db, meta, -event.amount).await
+    }
+
+    #[helper]
+    async fn change(
+        db: &mut sqlx::SqliteConnection,
+        meta: &RecordedEvent,
+        delta: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO bank_balances (account, balance, movements) VALUES (?1, ?2, 1) \
+             ON CONFLICT (account) DO UPDATE SET balance = balance + excluded.balance, \
+             movements = movements + 1",
+        )
+        .bind(meta.stream.id())
+        .bind(delta)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Where the bank demo keeps its balances read model.
+#[derive(Debug, Clone)]
+pub enum ReadModel {
+    /// [`Balances`] in this process's memory, rebuilt from the log on every start.
+    InMemory,
+    /// [`SqlBalances`] in the store's SQLite file, resumed from its checkpoint on every start.
+    Sqlite(cqrs_sqlite::SqliteStore),
+}
+
 /// A teller that looks every withdrawal over asynchronously before it is decided. For the demo it
 /// holds the first two withdrawals until both have loaded the account, so they race for real: both
 /// decide against the same version, one append wins, the other conflicts and is retried.
@@ -262,9 +363,22 @@ pub struct BankReport {
     pub snapshot_version: Option<u64>,
 }
 
-/// Runs the bank story on `store`, printing what happens to `out`.
+/// Runs the bank story on `store` with the in-memory read model, printing what happens to `out`.
 pub async fn demo<S>(
     store: S,
+    account: &str,
+    out: &mut impl std::io::Write,
+) -> Result<BankReport, Box<dyn std::error::Error + Send + Sync>>
+where
+    S: EventStore + SnapshotStore + Clone,
+{
+    demo_with(store, ReadModel::InMemory, account, out).await
+}
+
+/// Runs the bank story on `store`, keeping the balances read model where `read_model` says.
+pub async fn demo_with<S>(
+    store: S,
+    read_model: ReadModel,
     account: &str,
     out: &mut impl std::io::Write,
 ) -> Result<BankReport, Box<dyn std::error::Error + Send + Sync>>
@@ -279,8 +393,29 @@ where
     let accounts = Repository::<Account>::new(store.clone())
         .with_snapshots(store.clone(), SnapshotPolicy::every(5))
         .with_retry(RetryPolicy::retries(3));
-    let projections = Arc::new(InProcess::new(store.clone()));
-    let balances = ProjectionRunner::with_backend(Balances::default(), projections).spawn();
+    enum Running {
+        InMemory(cqrs_core::subscription::ProjectionHandle<Balances>),
+        Sqlite(
+            cqrs_core::subscription::ProjectionHandle<SqlBalances>,
+            cqrs_sqlite::SqliteStore,
+        ),
+    }
+    let balances = match read_model {
+        ReadModel::InMemory => {
+            let projections = Arc::new(InProcess::new(store.clone()));
+            Running::InMemory(
+                ProjectionRunner::with_backend(Balances::default(), projections).spawn(),
+            )
+        }
+        ReadModel::Sqlite(sqlite) => {
+            SqlBalances::create(&sqlite).await?;
+            let projections = cqrs_sqlite::SqliteProjections::new(sqlite.clone());
+            Running::Sqlite(
+                ProjectionRunner::new(SqlBalances, projections).spawn(),
+                sqlite,
+            )
+        }
+    };
 
     let open = OpenAccount {
         account: account.to_owned(),
@@ -364,9 +499,25 @@ where
     )?;
 
     let position = last.position.ok_or("the deposit wrote no event")?;
-    balances.wait_for(position, Duration::from_secs(10)).await?;
-    let projected = balances.stop().await.ok_or("projection runner ended")?;
-    let projected_balance = projected.balances.get(account).copied().unwrap_or_default();
+    let projected_balance = match balances {
+        Running::InMemory(balances) => {
+            balances.wait_for(position, Duration::from_secs(10)).await?;
+            let projected = balances.stop().await.ok_or("projection runner ended")?;
+            projected.balances.get(account).copied().unwrap_or_default()
+        }
+        Running::Sqlite(balances, sqlite) => {
+            balances.wait_for(position, Duration::from_secs(10)).await?;
+            balances.stop().await;
+            let accounts = SqlBalances::accounts(&sqlite).await?;
+            writeln!(
+                out,
+                "the bank_balances table holds {accounts} account(s), this run's and earlier runs'"
+            )?;
+            SqlBalances::balance(&sqlite, account)
+                .await?
+                .unwrap_or_default()
+        }
+    };
     writeln!(out, "balance projection shows {projected_balance}")?;
     let snapshot = store.load_snapshot(&stream).await?;
 

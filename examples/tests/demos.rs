@@ -198,3 +198,29 @@ async fn stories_on_postgres() {
             .unwrap(),
     );
 }
+
+/// The bank on an SQLite file with its read model in the same file, run twice as the binary does:
+/// the second run continues the first one's log, and its projection resumes from its checkpoint
+/// (the table keeps the first run's account).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_story_on_sqlite_twice() {
+    use examples::bank::{ReadModel, SqlBalances};
+    let dir = std::env::temp_dir().join(format!("cqrs-examples-test-{}", examples::run_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bank.db");
+    for (run, account) in ["acc-1", "acc-2"].into_iter().enumerate() {
+        let store = cqrs_sqlite::SqliteStore::open(&path).await.unwrap();
+        let report = bank::demo_with(
+            store.clone(),
+            ReadModel::Sqlite(store.clone()),
+            account,
+            &mut Vec::new(),
+        )
+        .await
+        .unwrap();
+        assert_bank(&report);
+        assert_eq!(SqlBalances::accounts(&store).await.unwrap(), run as i64 + 1);
+        store.close().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

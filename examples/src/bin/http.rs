@@ -1,5 +1,6 @@
 //! `cargo run -p examples --bin http`: the bank as an HTTP service on 127.0.0.1:3000
-//! (override with `BIND`), in memory (or on PostgreSQL when `DATABASE_URL` is set).
+//! (override with `BIND`), on an SQLite file (see `examples::open_store`; `-- --memory` runs in
+//! memory, `DATABASE_URL=postgres://…` on PostgreSQL).
 //!
 //! ```text
 //! curl -si -XPOST localhost:3000/accounts -H 'content-type: application/json' -d '{"id":"a1","owner":"Ada"}'
@@ -9,15 +10,14 @@
 
 use std::time::Duration;
 
-use cqrs_core::InMemoryStore;
-
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let wait = Duration::from_secs(2);
-    let app = match examples::postgres_from_env().await? {
-        Some(store) => examples::http::app(store, wait)?,
-        None => examples::http::app(InMemoryStore::new(), wait)?,
+    let app = match examples::open_store("http", &mut std::io::stdout()).await? {
+        examples::Store::Sqlite(store) => examples::http::app(store, wait)?,
+        examples::Store::Postgres(store) => examples::http::app(store, wait)?,
+        examples::Store::Memory(store) => examples::http::app(store, wait)?,
     };
     let listener = tokio::net::TcpListener::bind(&bind).await?;
     println!("listening on http://{}", listener.local_addr()?);

@@ -1,0 +1,234 @@
+//! Projections whose read models live in the store's file: each batch's read-model writes and its
+//! checkpoint advance commit in one transaction; one runner per projection holds a file lock.
+
+use std::time::Duration;
+
+use cqrs_core::backend::{apply_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
+use cqrs_core::subscription::SkippedEvent;
+use cqrs_core::{
+    CheckpointStore, EventId, EventStore, Position, Projection, ProjectionError, RecordedEvent,
+    StoreError,
+};
+use sqlx::sqlite::SqliteConnection;
+use sqlx::Row;
+
+use crate::error::to_i64;
+use crate::{sql, SqliteStore};
+
+/// A [`ProjectionBackend`] for projections whose read model is in the store's SQLite file
+/// (`type Context = sqlx::SqliteConnection`): run them with
+/// [`ProjectionRunner`](cqrs_core::subscription::ProjectionRunner).
+///
+/// - **Exactly once.** A batch runs in one `BEGIN IMMEDIATE` transaction: the checkpoint's
+///   compare-and-set first, then every handler on that transaction's connection, then the
+///   projection's `#[flush]`, then `COMMIT`. A crash anywhere before the commit leaves neither the
+///   read-model writes nor the checkpoint. A handler error rolls the whole batch back (the runner
+///   then commits the good prefix and stops before the bad event); a storage failure inside a
+///   handler (a lost connection, a lock held past the busy timeout, a full disk) is reported as
+///   one, retried and never offered as a poison event.
+/// - **One active runner per projection** across processes: an exclusive OS lock on
+///   `<database>.lease-<hash of the name>`, released when the runner stops or its process dies; a
+///   standby takes over within its `standby_interval` and continues from the checkpoint.
+/// - **Skips** requested with `ProjectionHandle::skip` are recorded in `projection_skips` in the
+///   transaction that moves the checkpoint past the event ([`SqliteProjections::skipped_events`]).
+///
+/// Keep the read model's state in the database, not in the projection value. Handlers hold the
+/// file's write lock while they run: appends of this process wait for the batch, appends of
+/// other processes wait up to their busy timeout. So a handler writes only through the
+/// connection it is given, and never appends to the store (it would wait for itself).
+#[derive(Debug, Clone)]
+pub struct SqliteProjections {
+    store: SqliteStore,
+}
+
+impl SqliteProjections {
+    /// Projections over `store`'s events, with checkpoints, skips and read models in its file.
+    pub fn new(store: SqliteStore) -> Self {
+        Self { store }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &SqliteStore {
+        &self.store
+    }
+
+    /// Every event projection `name` skipped on request, oldest first.
+    pub async fn skipped_events(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
+        crate::validate_checkpoint_name(name)?;
+        let rows = sqlx::query(sql::SKIPPED)
+            .bind(name)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(|e| self.store.fail(e))?;
+        rows.iter()
+            .map(|row| {
+                let get = |e: sqlx::Error| StoreError::Backend(Box::new(e));
+                let part = |index: usize| -> Result<u64, StoreError> {
+                    let value: i64 = row.try_get(index).map_err(get)?;
+                    u64::try_from(value).map_err(|_| {
+                        StoreError::Backend(format!("negative position {value}").into())
+                    })
+                };
+                Ok(SkippedEvent {
+                    projection: row.try_get(0).map_err(get)?,
+                    position: Position::new(part(1)?, part(2)?),
+                    event_type: Some(row.try_get(3).map_err(get)?),
+                    reason: row.try_get(4).map_err(get)?,
+                })
+            })
+            .collect()
+    }
+
+    /// For handlers with effects outside the file (send an e-mail, call a service): records that
+    /// `consumer` handled `event` on `conn` (the handler's transaction) and returns `true` the
+    /// first time, `false` for a redelivery, which the handler then skips. Such effects are
+    /// at-least-once (the effect can happen and the process die before the commit), so make them
+    /// idempotent downstream where that matters.
+    pub async fn first_delivery(
+        &self,
+        conn: &mut SqliteConnection,
+        consumer: &str,
+        event: EventId,
+    ) -> Result<bool, StoreError> {
+        crate::validate_key_name("consumer name", consumer)?;
+        let done = sqlx::query(sql::FIRST_DELIVERY)
+            .bind(consumer)
+            .bind(&event.as_uuid().as_bytes()[..])
+            .bind(crate::row::now_micros())
+            .execute(conn)
+            .await
+            .map_err(|e| self.store.fail(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+impl<P> ProjectionBackend<P> for SqliteProjections
+where
+    P: Projection<Context = SqliteConnection>,
+{
+    fn events(&self) -> &dyn EventStore {
+        &self.store
+    }
+
+    async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
+        CheckpointStore::load_checkpoint(&self.store, name).await
+    }
+
+    async fn commit_batch(
+        &self,
+        projection: &mut P,
+        name: &str,
+        expected: Option<Position>,
+        events: &[RecordedEvent],
+        to: Position,
+    ) -> Result<(), BatchError> {
+        let mut tx = self.store.begin().await?;
+        if let Err(error) = self
+            .store
+            .save_checkpoint_in(tx.conn(), name, expected, to)
+            .await
+        {
+            let _ = tx.rollback().await;
+            return Err(error.into());
+        }
+        let outcome = apply_batch(projection, events, tx.conn()).await;
+        if let Err((index, error)) = outcome {
+            // Rolling back (or dropping `tx`) undoes the batch: nothing of it is committed (and
+            // `apply_batch` discarded what the handlers buffered).
+            let rolled_back = tx.rollback().await;
+            return Err(match storage_failure(&error, rolled_back) {
+                Some(store) => BatchError::Store(store),
+                None => BatchError::Projection {
+                    index,
+                    committed: 0,
+                    error,
+                },
+            });
+        }
+        if let Err(error) = tx.commit().await {
+            projection.discard();
+            return Err(error.into());
+        }
+        Ok(())
+    }
+
+    async fn reset_checkpoint(&self, name: &str) -> Result<(), StoreError> {
+        CheckpointStore::delete_checkpoint(&self.store, name).await
+    }
+
+    async fn record_skip(
+        &self,
+        name: &str,
+        expected: Option<Position>,
+        event: &SkipTarget,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        // With positions `(k, k)`, the event's row key is either part.
+        let key = to_i64("position", event.position.sequence)?;
+        let mut tx = self.store.begin().await?;
+        let recorded = async {
+            self.store
+                .save_checkpoint_in(tx.conn(), name, expected, event.position)
+                .await?;
+            sqlx::query(sql::RECORD_SKIP)
+                .bind(name)
+                .bind(to_i64("position", event.position.tx)?)
+                .bind(key)
+                .bind(reason)
+                .bind(crate::row::now_micros())
+                .execute(tx.conn())
+                .await
+                .map_err(|e| self.store.fail(e))
+        }
+        .await;
+        match recorded {
+            Ok(done) if done.rows_affected() == 1 => tx.commit().await,
+            Ok(_) => {
+                let _ = tx.rollback().await;
+                Err(StoreError::Backend(
+                    format!("no event at position {} to skip", event.position).into(),
+                ))
+            }
+            Err(error) => {
+                let _ = tx.rollback().await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn skipped_events(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
+        SqliteProjections::skipped_events(self, name).await
+    }
+
+    async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
+        crate::validate_checkpoint_name(name)?;
+        crate::lease::acquire(self.store.path(), name, &self.store.shared.errors).await
+    }
+
+    async fn wait_for_append(&self, after: Position, timeout: Duration) {
+        self.store.wait_for_append(after, timeout).await;
+    }
+}
+
+/// A handler failed: whether the failure is really the storage's (then it is retried with
+/// backoff and never offered as a poison event). It is when the handler's error comes from the
+/// storage (a lost connection, a lock held past the busy timeout, a full disk, an I/O error),
+/// or when the batch's connection can no longer roll back.
+fn storage_failure(
+    error: &ProjectionError,
+    rolled_back: Result<(), StoreError>,
+) -> Option<StoreError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(sqlx) = cause.downcast_ref::<sqlx::Error>() {
+            if crate::error::is_storage_failure(sqlx) {
+                return Some(StoreError::Connection(error.to_string().into()));
+            }
+        }
+        source = cause.source();
+    }
+    match rolled_back {
+        Err(lost @ StoreError::Connection(_)) => Some(lost),
+        _ => None,
+    }
+}

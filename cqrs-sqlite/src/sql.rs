@@ -1,0 +1,117 @@
+//! Every statement the store runs, next to the schema in `migrations/`. All values are bound
+//! parameters; the only statement text built at run time is the number of `VALUES` rows of a
+//! batch insert ([`insert_events`]).
+
+/// The columns of a full read, in the order [`crate::row::recorded`] decodes them.
+macro_rules! columns {
+    () => {
+        "position, stream_type, stream_id, stream_version, event_id, event_type, schema_version, \
+         payload, metadata, recorded_at"
+    };
+}
+
+/// The stream's version: the unique index on `(stream_type, stream_id, stream_version)` answers it.
+pub const STREAM_VERSION: &str = "SELECT coalesce(max(stream_version), 0) FROM events \
+     WHERE stream_type = ?1 AND stream_id = ?2";
+
+/// Rows per insert statement: at 9 parameters a row, well below SQLite's limit of 32,766 bound
+/// parameters.
+pub const MAX_ROWS_PER_INSERT: usize = 500;
+
+/// An insert of `rows` events (each `stream_type, stream_id, stream_version, event_id,
+/// event_type, schema_version, payload, metadata, recorded_at`, in that order).
+pub fn insert_events(rows: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO events (stream_type, stream_id, stream_version, event_id, event_type, \
+         schema_version, payload, metadata, recorded_at) VALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?)");
+    }
+    sql
+}
+
+/// Where stored ids are (for idempotent retries): `?1` is a JSON array of hex-encoded ids.
+pub const FIND_IDS: &str = "SELECT position, event_id, stream_type, stream_id, stream_version \
+     FROM events WHERE event_id IN (SELECT unhex(value) FROM json_each(?1))";
+
+pub const READ_STREAM: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM events WHERE stream_type = ?1 AND stream_id = ?2 AND stream_version >= ?3 \
+     ORDER BY stream_version LIMIT ?4"
+);
+
+/// A stream's events in a version range (inclusive), for inline projections.
+pub const READ_BACK: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM events WHERE stream_type = ?1 AND stream_id = ?2 AND stream_version BETWEEN ?3 AND ?4 \
+     ORDER BY stream_version"
+);
+
+pub const READ_ALL: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM events WHERE position >= ?1 ORDER BY position LIMIT ?2"
+);
+
+/// `?3` is a JSON array of type names.
+pub const READ_ALL_FILTERED: &str = concat!(
+    "SELECT ",
+    columns!(),
+    " FROM events WHERE position >= ?1 \
+     AND event_type IN (SELECT value FROM json_each(?3)) ORDER BY position LIMIT ?2"
+);
+
+pub const HEAD: &str = "SELECT max(position) FROM events";
+
+/// Events with `?1 <= position <= ?2`.
+pub const COUNT: &str = "SELECT count(*) FROM events WHERE position BETWEEN ?1 AND ?2";
+
+/// The same, of the types in the JSON array `?3`.
+pub const COUNT_FILTERED: &str = "SELECT count(*) FROM events WHERE position BETWEEN ?1 AND ?2 \
+     AND event_type IN (SELECT value FROM json_each(?3))";
+
+pub const LOAD_SNAPSHOT: &str = "SELECT stream_version, snapshot_version, payload FROM snapshots \
+     WHERE stream_type = ?1 AND stream_id = ?2";
+
+/// Never replaces a newer snapshot with an older one.
+pub const SAVE_SNAPSHOT: &str = "INSERT INTO snapshots \
+     (stream_type, stream_id, stream_version, snapshot_version, payload, taken_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6) \
+     ON CONFLICT (stream_type, stream_id) DO UPDATE \
+     SET stream_version = excluded.stream_version, snapshot_version = excluded.snapshot_version, \
+         payload = excluded.payload, taken_at = excluded.taken_at \
+     WHERE snapshots.stream_version <= excluded.stream_version";
+
+pub const LOAD_CHECKPOINT: &str = "SELECT tx, position FROM checkpoints WHERE name = ?1";
+
+/// Creates a checkpoint that does not exist yet (0 rows: it does).
+pub const INSERT_CHECKPOINT: &str = "INSERT INTO checkpoints (name, tx, position, updated_at) \
+     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (name) DO NOTHING";
+
+/// Compare-and-set (0 rows: it moved).
+pub const UPDATE_CHECKPOINT: &str =
+    "UPDATE checkpoints SET tx = ?2, position = ?3, updated_at = ?4 \
+     WHERE name = ?1 AND tx = ?5 AND position = ?6";
+
+pub const DELETE_CHECKPOINT: &str = "DELETE FROM checkpoints WHERE name = ?1";
+
+/// The skipped event's id and type come from its row: a row whose payload cannot be decoded
+/// still has them.
+pub const RECORD_SKIP: &str = "INSERT INTO projection_skips \
+     (projection, tx, position, event_id, event_type, reason, skipped_at) \
+     SELECT ?1, ?2, position, event_id, event_type, ?4, ?5 FROM events WHERE position = ?3";
+
+pub const SKIPPED: &str = "SELECT projection, tx, position, event_type, reason \
+     FROM projection_skips WHERE projection = ?1 ORDER BY tx, position";
+
+pub const FIRST_DELIVERY: &str = "INSERT INTO processed_events (consumer, event_id, processed_at) \
+     VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING";
+
+/// Changes whenever another connection (in any process) commits to the file.
+pub const DATA_VERSION: &str = "PRAGMA data_version";

@@ -1,0 +1,262 @@
+//! The process's one writer, and group commit.
+//!
+//! Every append of a process is queued to one task that owns one connection. It takes what is
+//! queued (up to `max_group` appends), writes it in one `BEGIN IMMEDIATE` transaction and one
+//! commit, so one disk flush serves every append in the group. Each append runs in its own
+//! savepoint: a conflict, an idempotency error or a failing inline projection undoes that append
+//! alone, and its caller gets exactly its own result or error. Appends of one group see each
+//! other in queue order, exactly as if they had been committed one by one.
+
+use std::sync::Arc;
+
+use cqrs_core::{AppendResult, ExpectedVersion, NewEvent, StoreError, StreamId};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::ConnectOptions;
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
+
+use crate::append::{self, Appended, Encoded};
+use crate::error::{is_connection_error, Errors, SqliteError};
+use crate::inline::Inline;
+
+/// One append waiting for the writer.
+pub(crate) struct Request {
+    pub stream: StreamId,
+    pub expected: ExpectedVersion,
+    pub events: Vec<NewEvent>,
+    pub batch: Encoded,
+    pub inline: Arc<[Arc<dyn Inline>]>,
+    pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+/// The queue to the writer task.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    queue: mpsc::Sender<Request>,
+}
+
+/// What the writer task needs.
+pub(crate) struct WriterParts {
+    pub options: SqliteConnectOptions,
+    pub errors: Errors,
+    /// Shared with every other write transaction of the process.
+    pub gate: Arc<Mutex<()>>,
+    /// The key of the last event this process committed: wakes its projection runners.
+    pub appended: watch::Sender<i64>,
+    pub queue_size: usize,
+    pub max_group: usize,
+}
+
+impl Writer {
+    /// Starts the writer task on the current runtime; it ends when the last [`Writer`] clone's
+    /// queue is dropped.
+    pub(crate) fn start(parts: WriterParts) -> Self {
+        let (queue, requests) = mpsc::channel(parts.queue_size);
+        tokio::spawn(run(requests, parts));
+        Self { queue }
+    }
+
+    pub(crate) async fn append(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        batch: Encoded,
+        inline: Arc<[Arc<dyn Inline>]>,
+    ) -> Result<AppendResult, StoreError> {
+        let (reply, outcome) = oneshot::channel();
+        let request = Request {
+            stream: stream.clone(),
+            expected,
+            events,
+            batch,
+            inline,
+            reply,
+        };
+        if self.queue.send(request).await.is_err() {
+            return Err(StoreError::Connection(Box::new(SqliteError::WriterStopped)));
+        }
+        // The writer dropped the request without answering: it died during the group, which may
+        // or may not have committed.
+        outcome.await.unwrap_or_else(|_| {
+            Err(StoreError::OutcomeUnknown(Box::new(
+                SqliteError::WriterStopped,
+            )))
+        })
+    }
+}
+
+async fn run(mut requests: mpsc::Receiver<Request>, parts: WriterParts) {
+    let mut conn: Option<SqliteConnection> = None;
+    let mut group = Vec::with_capacity(parts.max_group);
+    while let Some(first) = requests.recv().await {
+        group.push(first);
+        while group.len() < parts.max_group {
+            match requests.try_recv() {
+                Ok(request) => group.push(request),
+                Err(_) => break,
+            }
+        }
+        commit_group(&mut conn, &mut group, &parts).await;
+        group.clear();
+    }
+    if let Some(conn) = conn {
+        let _ = sqlx::Connection::close(conn).await;
+    }
+}
+
+/// Writes `group` in one transaction and answers every caller.
+async fn commit_group(
+    slot: &mut Option<SqliteConnection>,
+    group: &mut Vec<Request>,
+    parts: &WriterParts,
+) {
+    let errors = &parts.errors;
+    // A caller that gave up (its future was dropped) learns nothing either way: skip it.
+    group.retain(|request| !request.reply.is_closed());
+    if group.is_empty() {
+        return;
+    }
+    let _gate = parts.gate.lock().await;
+    if slot.is_none() {
+        match parts.options.connect().await {
+            Ok(conn) => *slot = Some(conn),
+            Err(error) => {
+                answer_all(group, errors.map(error));
+                return;
+            }
+        }
+    }
+    let Some(conn) = slot.as_mut() else { return };
+    if let Err(error) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
+        if is_connection_error(&error) {
+            *slot = None;
+        }
+        answer_all(group, errors.map(error));
+        return;
+    }
+    let mut outcomes = Vec::with_capacity(group.len());
+    for request in group.drain(..) {
+        let outcome = append_one(conn, errors, &request).await;
+        outcomes.push((request.reply, outcome));
+    }
+    match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
+        Ok(_) => {
+            let last = outcomes
+                .iter()
+                .filter_map(|(_, outcome)| match outcome {
+                    Ok(appended) if appended.fresh => Some(appended.result.position.sequence),
+                    _ => None,
+                })
+                .max();
+            if let Some(last) = last.and_then(|key| i64::try_from(key).ok()) {
+                parts.appended.send_if_modified(|known| {
+                    let newer = last > *known;
+                    if newer {
+                        *known = last;
+                    }
+                    newer
+                });
+            }
+            for (reply, outcome) in outcomes {
+                let _ = reply.send(outcome.map(|appended| appended.result));
+            }
+        }
+        Err(error) => {
+            let lost = is_connection_error(&error);
+            let failure = errors.map_commit(error);
+            if lost {
+                *slot = None;
+            } else if let Some(conn) = slot.as_mut() {
+                // The commit did not happen (SQLite says so for a lock or a full disk): end
+                // the transaction so the connection can be used again.
+                if sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.is_err() {
+                    *slot = None;
+                }
+            }
+            // Conflicts and idempotent replays were decided inside the transaction and stay
+            // true; the writes did not commit.
+            for (reply, outcome) in outcomes {
+                let outcome = match outcome {
+                    Ok(appended) if appended.fresh => Err(same_kind(&failure)),
+                    other => other,
+                };
+                let _ = reply.send(outcome.map(|appended| appended.result));
+            }
+        }
+    }
+}
+
+/// One append in its own savepoint, with the inline projections of its store.
+async fn append_one(
+    conn: &mut SqliteConnection,
+    errors: &Errors,
+    request: &Request,
+) -> Result<Appended, StoreError> {
+    sqlx::raw_sql("SAVEPOINT cqrs_request")
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| errors.map(e))?;
+    let outcome = async {
+        let appended = append::append_on(
+            conn,
+            errors,
+            &request.stream,
+            request.expected,
+            &request.events,
+            &request.batch,
+        )
+        .await?;
+        if appended.fresh && !request.inline.is_empty() {
+            let events = append::read_back(
+                conn,
+                errors,
+                &request.stream,
+                &appended.result,
+                request.events.len(),
+            )
+            .await?;
+            for projection in request.inline.iter() {
+                projection
+                    .apply(&events, conn)
+                    .await
+                    .map_err(StoreError::InlineProjection)?;
+            }
+        }
+        Ok(appended)
+    }
+    .await;
+    let end = if outcome.is_ok() {
+        "RELEASE cqrs_request"
+    } else {
+        "ROLLBACK TO cqrs_request; RELEASE cqrs_request"
+    };
+    sqlx::raw_sql(end)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| errors.map(e))?;
+    outcome
+}
+
+fn answer_all(group: &mut Vec<Request>, error: StoreError) {
+    let first = same_kind(&error);
+    let mut error = Some(error);
+    for (i, request) in group.drain(..).enumerate() {
+        let outcome = if i == 0 {
+            error.take().unwrap_or_else(|| same_kind(&first))
+        } else {
+            same_kind(&first)
+        };
+        let _ = request.reply.send(Err(outcome));
+    }
+}
+
+/// A copy of a group-wide failure for one more caller (errors are not `Clone`): the same
+/// variant, so each caller can tell "nothing was written" from "unknown", with the message.
+fn same_kind(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Connection(source) => StoreError::Connection(source.to_string().into()),
+        StoreError::OutcomeUnknown(source) => StoreError::OutcomeUnknown(source.to_string().into()),
+        StoreError::Backend(source) => StoreError::Backend(source.to_string().into()),
+        other => StoreError::Backend(other.to_string().into()),
+    }
+}

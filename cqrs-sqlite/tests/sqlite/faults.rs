@@ -1,0 +1,301 @@
+//! Damaged, foreign and read-only files; a lock held by another connection; the immutability
+//! triggers; conflicts inside one commit group.
+
+use std::time::{Duration, Instant};
+
+use cqrs_core::{
+    CheckpointStore, EventId, EventStore, ExpectedVersion, NewEvent, Position, StoreError, StreamId,
+};
+use cqrs_sqlite::{SqliteConfig, SqliteError, SqliteStore};
+use serde_json::json;
+use sqlx::{ConnectOptions, Connection};
+
+use crate::TempDir;
+
+fn events(n: usize) -> Vec<NewEvent> {
+    (0..n)
+        .map(|i| NewEvent {
+            event_id: EventId::new(),
+            event_type: "Numbered".into(),
+            schema_version: 1,
+            payload: json!({ "i": i, "pad": "p".repeat(500) }),
+            metadata: Default::default(),
+        })
+        .collect()
+}
+
+fn sqlite_error(error: &StoreError) -> Option<&SqliteError> {
+    let source = match error {
+        StoreError::Backend(source) | StoreError::Connection(source) => source,
+        _ => return None,
+    };
+    source.downcast_ref::<SqliteError>()
+}
+
+async fn raw(path: &std::path::Path) -> sqlx::SqliteConnection {
+    sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(path)
+        .connect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_database_is_refused_untouched() {
+    let dir = TempDir::new();
+    let path = dir.db();
+    let text = b"these are my notes, not a database\n".repeat(200);
+    std::fs::write(&path, &text).unwrap();
+    let error = SqliteStore::open(&path).await.unwrap_err();
+    assert!(
+        matches!(sqlite_error(&error), Some(SqliteError::NotADatabase { .. })),
+        "{error:?}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), text, "the file was changed");
+    let created: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(created.len(), 1, "files were created next to it");
+}
+
+#[tokio::test]
+async fn a_truncated_database_is_refused_untouched() {
+    let dir = TempDir::new();
+    let path = dir.db();
+    let store = SqliteStore::open(&path).await.unwrap();
+    let stream = StreamId::new("s", "1");
+    store
+        .append(&stream, ExpectedVersion::NoStream, events(200))
+        .await
+        .unwrap();
+    store.close().await;
+    drop(store);
+    // Move everything from the log into the file, so the file alone holds the data.
+    let mut conn = raw(&path).await;
+    sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let full = std::fs::read(&path).unwrap();
+    assert!(full.len() > 64 * 1024, "{} bytes", full.len());
+    for keep in [full.len() / 2, 4096 + 10, 60] {
+        std::fs::write(&path, &full[..keep]).unwrap();
+        let error = SqliteStore::open(&path).await.unwrap_err();
+        assert!(
+            matches!(sqlite_error(&error), Some(SqliteError::NotADatabase { .. })),
+            "truncated to {keep}: {error:?}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), &full[..keep], "changed");
+    }
+}
+
+#[tokio::test]
+async fn a_read_only_store_reads_and_refuses_every_write() {
+    let dir = TempDir::new();
+    let path = dir.db();
+    let writable = SqliteStore::open(&path).await.unwrap();
+    let stream = StreamId::new("s", "1");
+    let written = writable
+        .append(&stream, ExpectedVersion::NoStream, events(3))
+        .await
+        .unwrap();
+    let config = SqliteConfig::builder(&path)
+        .read_only(true)
+        .build()
+        .unwrap();
+    let reader = SqliteStore::open_with(config).await.unwrap();
+    assert_eq!(reader.head().await.unwrap(), Some(written.position));
+    let refused = reader
+        .append(&stream, ExpectedVersion::Any, events(1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(sqlite_error(&refused), Some(SqliteError::ReadOnly { .. })),
+        "{refused:?}"
+    );
+    let refused = reader
+        .save_checkpoint("c", None, Position::new(1, 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(sqlite_error(&refused), Some(SqliteError::ReadOnly { .. })),
+        "{refused:?}"
+    );
+    assert_eq!(writable.head().await.unwrap(), Some(written.position));
+
+    // A read-only store on a file without an event store is refused, and creates nothing.
+    let empty = dir.path().join("empty.db");
+    let config = SqliteConfig::builder(&empty)
+        .read_only(true)
+        .build()
+        .unwrap();
+    assert!(SqliteStore::open_with(config).await.is_err());
+    assert!(!empty.exists());
+}
+
+/// A file the process may not write (permissions). Root writes anyway, so under root this
+/// checks nothing and says so.
+#[tokio::test]
+async fn a_write_protected_file_fails_writes_with_a_typed_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new();
+    let path = dir.db();
+    let store = SqliteStore::open(&path).await.unwrap();
+    store
+        .append(
+            &StreamId::new("s", "1"),
+            ExpectedVersion::NoStream,
+            events(1),
+        )
+        .await
+        .unwrap();
+    store.close().await;
+    drop(store);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for file in std::fs::read_dir(dir.path()).unwrap() {
+        let file = file.unwrap().path();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o444)).unwrap();
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
+    let privileged = std::fs::OpenOptions::new().append(true).open(&path).is_ok();
+    let outcome = async {
+        if privileged {
+            eprintln!("skipped: this process writes read-only files anyway (root)");
+            return;
+        }
+        match SqliteStore::open(&path).await {
+            Err(error) => assert!(
+                sqlite_error(&error).is_some() || matches!(error, StoreError::Connection(_)),
+                "{error:?}"
+            ),
+            Ok(store) => {
+                let error = store
+                    .append(&StreamId::new("s", "2"), ExpectedVersion::Any, events(1))
+                    .await
+                    .unwrap_err();
+                assert!(
+                    sqlite_error(&error).is_some() || matches!(error, StoreError::Connection(_)),
+                    "{error:?}"
+                );
+            }
+        }
+    }
+    .await;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    outcome
+}
+
+/// Another connection holds the write lock: an append waits for it up to the busy timeout, then
+/// fails with a typed error and writes nothing; once the lock is gone, appends work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_held_past_the_busy_timeout_is_a_typed_error() {
+    let dir = TempDir::new();
+    let config = SqliteConfig::builder(dir.db())
+        .busy_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let store = SqliteStore::open_with(config).await.unwrap();
+    let stream = StreamId::new("s", "1");
+    let mut other = raw(&dir.db()).await;
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let error = store
+        .append(&stream, ExpectedVersion::NoStream, events(1))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(150));
+    assert!(
+        matches!(
+            (&error, sqlite_error(&error)),
+            (StoreError::Connection(_), Some(SqliteError::Busy { .. }))
+        ),
+        "{error:?}"
+    );
+    assert!(error.is_transient());
+    // A lock released within the timeout is waited out.
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+        other
+    });
+    store
+        .append(&stream, ExpectedVersion::NoStream, events(1))
+        .await
+        .unwrap();
+    drop(release.await.unwrap());
+    assert_eq!(store.stream_version(&stream).await.unwrap().get(), 1);
+}
+
+#[tokio::test]
+async fn stored_events_cannot_be_changed_or_deleted() {
+    let dir = TempDir::new();
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    store
+        .append(
+            &StreamId::new("s", "1"),
+            ExpectedVersion::NoStream,
+            events(2),
+        )
+        .await
+        .unwrap();
+    for statement in [
+        "UPDATE events SET payload = '{}'",
+        "DELETE FROM events",
+        "UPDATE events SET position = position + 100",
+    ] {
+        let error = sqlx::query(statement)
+            .execute(store.pool())
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("immutable"),
+            "{statement}: {error}"
+        );
+    }
+    assert_eq!(store.head().await.unwrap(), Some(Position::new(2, 2)));
+}
+
+/// Appends queued together share one transaction, yet a conflict or an idempotency error undoes
+/// only its own append.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_conflict_in_a_group_undoes_only_its_own_append() {
+    let dir = TempDir::new();
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    let contested = StreamId::new("s", "contested");
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let store = store.clone();
+        let contested = contested.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = if i % 4 == 0 {
+                contested
+            } else {
+                StreamId::new("s", format!("own-{i}"))
+            };
+            store
+                .append(&stream, ExpectedVersion::NoStream, events(3))
+                .await
+        }));
+    }
+    let (mut won, mut lost) = (0, 0);
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(_) => won += 1,
+            Err(StoreError::Concurrency(c)) if i % 4 == 0 => {
+                assert_eq!(c.actual.get(), 3);
+                lost += 1;
+            }
+            Err(other) => panic!("append {i}: {other}"),
+        }
+    }
+    assert_eq!((won, lost), (31, 9));
+    assert_eq!(store.stream_version(&contested).await.unwrap().get(), 3);
+    let head = store.head().await.unwrap().unwrap();
+    assert_eq!(
+        head.sequence,
+        31 * 3,
+        "positions of undone appends were not reused"
+    );
+}

@@ -1,0 +1,270 @@
+//! Projections on SQLite: exactly once across SIGKILLs of runner processes, inline projections
+//! all-or-nothing with their append.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use cqrs_core::store::read_all_batched;
+use cqrs_core::subscription::{ProjectionRunner, RunnerConfig};
+use cqrs_core::{
+    CheckpointStore, EventId, EventStore, EventTypes, ExpectedVersion, NewEvent, Position,
+    Projection, ProjectionError, RecordedEvent, StoreError, StreamId,
+};
+use cqrs_sqlite::{SqliteProjections, SqliteStore};
+use futures_util::TryStreamExt;
+use serde_json::json;
+use sqlx::SqliteConnection;
+
+use crate::{parent_alive, start_child, Rng, TempDir, CHILD_DB};
+
+/// Balance and event count per account, in table `balances` of the store's file.
+#[derive(Debug, Clone, Default)]
+struct Balances;
+
+impl Balances {
+    async fn create(store: &SqliteStore) {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS balances \
+             (account TEXT PRIMARY KEY, total INTEGER NOT NULL, events INTEGER NOT NULL)",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+
+    async fn rows(store: &SqliteStore) -> BTreeMap<String, (i64, i64)> {
+        let rows: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT account, total, events FROM balances")
+                .fetch_all(store.pool())
+                .await
+                .unwrap();
+        rows.into_iter().map(|(a, t, e)| (a, (t, e))).collect()
+    }
+}
+
+impl Projection for Balances {
+    const NAME: &'static str = "balances";
+    const EVENT_TYPES: &'static [&'static str] = &["Deposited"];
+    type Context = SqliteConnection;
+
+    async fn handle<'a>(
+        &'a mut self,
+        event: &'a RecordedEvent,
+        db: &'a mut SqliteConnection,
+    ) -> Result<(), ProjectionError> {
+        let amount = event.payload["amount"].as_i64().unwrap_or_default();
+        let failed = |source: sqlx::Error| ProjectionError::Handler {
+            projection: Self::NAME,
+            event_type: event.event_type.clone(),
+            position: event.position,
+            source: source.into(),
+        };
+        if amount < 0 {
+            // Refused: an inline projection's failure must undo the append.
+            return Err(failed(sqlx::Error::Protocol(format!(
+                "negative deposit {amount}"
+            ))));
+        }
+        sqlx::query(
+            "INSERT INTO balances (account, total, events) VALUES (?1, ?2, 1) \
+             ON CONFLICT (account) DO UPDATE SET total = total + excluded.total, \
+             events = events + 1",
+        )
+        .bind(event.stream.id())
+        .bind(amount)
+        .execute(db)
+        .await
+        .map_err(failed)?;
+        Ok(())
+    }
+}
+
+fn deposit(amount: i64) -> NewEvent {
+    NewEvent {
+        event_id: EventId::new(),
+        event_type: "Deposited".into(),
+        schema_version: 1,
+        payload: json!({ "amount": amount }),
+        metadata: Default::default(),
+    }
+}
+
+fn config() -> RunnerConfig {
+    RunnerConfig::builder()
+        .batch_size(7)
+        .poll_interval(Duration::from_millis(50))
+        .initial_backoff(Duration::from_millis(10))
+        .max_backoff(Duration::from_millis(50))
+        .standby_interval(Duration::from_millis(20))
+        .build()
+        .unwrap()
+}
+
+/// The read model a replay of the log gives.
+async fn replay(store: &SqliteStore) -> BTreeMap<String, (i64, i64)> {
+    let all: Vec<RecordedEvent> = read_all_batched(
+        store,
+        Position::START,
+        EventTypes::Only(&["Deposited"]),
+        500,
+    )
+    .try_collect()
+    .await
+    .unwrap();
+    let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for event in all {
+        let row = expected.entry(event.stream.id().to_owned()).or_default();
+        row.0 += event.payload["amount"].as_i64().unwrap();
+        row.1 += 1;
+    }
+    expected
+}
+
+/// Not a test: a projection runner process for `runner_killed_at_random_points_applies_each_event_once`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "entry point of a child process"]
+async fn runner_child() {
+    let db = std::env::var(CHILD_DB).expect("started by a test");
+    let store = SqliteStore::open(db).await.unwrap();
+    let handle = ProjectionRunner::new(Balances, SqliteProjections::new(store))
+        .with_config(config())
+        .spawn();
+    let (parent, started) = (std::os::unix::process::parent_id(), Instant::now());
+    while parent_alive(parent, started) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    handle.abort();
+}
+
+/// Runner processes (one active, one standby) are SIGKILLed at random moments while this process
+/// appends: the read model ends equal to a replay of the log (nothing lost, nothing applied twice,
+/// which the per-account event counts show) and the checkpoint reaches the head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runner_killed_at_random_points_applies_each_event_once() {
+    let mut rng = Rng::seeded("runner_killed_at_random_points_applies_each_event_once");
+    let dir = TempDir::new();
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    Balances::create(&store).await;
+    let writers = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut appended = 0u64;
+            for i in 0..400i64 {
+                let account = StreamId::new("account", format!("acc-{}", i % 7));
+                store
+                    .append(&account, ExpectedVersion::Any, vec![deposit(i)])
+                    .await
+                    .unwrap();
+                appended += 1;
+                // Spread over the kills, so they land while there is work to do.
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            appended
+        })
+    };
+    let mut children = [
+        start_child("projections::runner_child", &dir.db(), &[]),
+        start_child("projections::runner_child", &dir.db(), &[]),
+    ];
+    let mut progress = Vec::new();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(80 + rng.below(200))).await;
+        let victim = rng.below(2) as usize;
+        children[victim].kill();
+        progress.push(store.load_checkpoint(Balances::NAME).await.unwrap());
+        children[victim] = start_child("projections::runner_child", &dir.db(), &[]);
+    }
+    let appended = writers.await.unwrap();
+    for child in &mut children {
+        child.kill();
+    }
+    eprintln!("{appended} events; checkpoints at the kills: {progress:?}");
+    // Whatever the killed runners left, a catch-up here finishes the work exactly once.
+    ProjectionRunner::new(Balances, SqliteProjections::new(store.clone()))
+        .with_config(config())
+        .catch_up(|_| {})
+        .await
+        .unwrap();
+    assert_eq!(Balances::rows(&store).await, replay(&store).await);
+    assert_eq!(
+        store.load_checkpoint(Balances::NAME).await.unwrap(),
+        store.head().await.unwrap()
+    );
+    let total: i64 = Balances::rows(&store).await.values().map(|r| r.1).sum();
+    assert_eq!(total as u64, appended);
+    let distinct: std::collections::HashSet<_> = progress.iter().collect();
+    assert!(
+        distinct.len() > 2,
+        "the kills landed while there was work: {progress:?}"
+    );
+}
+
+/// An inline projection commits with its append, and its failure undoes the append alone: the
+/// other appends queued in the same group commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_projection_is_all_or_nothing_with_its_append() {
+    let dir = TempDir::new();
+    let plain = SqliteStore::open(dir.db()).await.unwrap();
+    Balances::create(&plain).await;
+    let store = plain.clone().with_inline(Balances);
+    let account = StreamId::new("account", "inline");
+    store
+        .append(
+            &account,
+            ExpectedVersion::NoStream,
+            vec![deposit(5), deposit(7)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        Balances::rows(&store).await.get("inline"),
+        Some(&(12, 2)),
+        "visible as soon as the append returns"
+    );
+    // Refused by the projection, in the middle of a batch, while other appends share its group.
+    let mut tasks = Vec::new();
+    for i in 0..10i64 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = StreamId::new("account", format!("other-{i}"));
+            let amount = if i == 3 { -1 } else { i };
+            store
+                .append(
+                    &stream,
+                    ExpectedVersion::NoStream,
+                    vec![deposit(1), deposit(amount)],
+                )
+                .await
+        }));
+    }
+    for (i, task) in tasks.into_iter().enumerate() {
+        let outcome = task.await.unwrap();
+        if i == 3 {
+            assert!(
+                matches!(outcome, Err(StoreError::InlineProjection(_))),
+                "{outcome:?}"
+            );
+        } else {
+            outcome.unwrap();
+        }
+    }
+    let refused = StreamId::new("account", "other-3");
+    assert_eq!(store.stream_version(&refused).await.unwrap().get(), 0);
+    let rows = Balances::rows(&store).await;
+    assert!(!rows.contains_key("other-3"), "the refused append's rows");
+    assert_eq!(rows.len(), 10);
+    assert_eq!(rows, replay(&store).await);
+    // An idempotent retry does not run the projection again.
+    let again = vec![deposit(1)];
+    let stream = StreamId::new("account", "retry");
+    let first = store
+        .append(&stream, ExpectedVersion::NoStream, again.clone())
+        .await
+        .unwrap();
+    let second = store
+        .append(&stream, ExpectedVersion::NoStream, again)
+        .await
+        .unwrap();
+    assert_eq!(first, second);
+    assert_eq!(Balances::rows(&store).await.get("retry"), Some(&(1, 1)));
+}
