@@ -246,6 +246,7 @@ async fn store_read(store: &PostgresStore, filtered: bool) -> Result<u64, BenchE
     Ok(seen)
 }
 
+#[allow(clippy::expect_used)] // `BATCH` is a constant above zero: the only invalid value is 0
 fn runner_config() -> RunnerConfig {
     RunnerConfig::builder()
         .batch_size(BATCH)

@@ -58,10 +58,12 @@ pub trait HandleWith<C, S: ?Sized + Sync>: Aggregate {
     ) -> impl Future<Output = Result<Vec<Self::Event>, Self::Error>> + Send;
 }
 
-/// A command addressed to one aggregate instance; what the [`crate::CommandBus`] routes.
+/// A command the [`crate::CommandBus`] routes to its aggregate's repository.
+///
+/// The aggregate instance is not part of the command: it travels beside it, as the `id` of
+/// [`crate::CommandBus::dispatch`] and [`crate::Repository::execute`], so there is one place that
+/// says which aggregate a command is for and nothing for it to disagree with.
 pub trait Command: Send + Sync + 'static {
     /// The aggregate type that handles it.
     type Aggregate: Aggregate;
-    /// The id of the aggregate instance it targets.
-    fn aggregate_id(&self) -> String;
 }

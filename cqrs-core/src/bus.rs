@@ -79,12 +79,18 @@ pub struct AlreadyRegistered {
     pub command: &'static str,
 }
 
-/// Something that handles command `C`. Implemented by [`Repository`] for every [`Command`] its
-/// aggregate handles, and by async closures `Fn(C, CommandContext) -> Future<Output = Result<Receipt, BusError>>`.
+/// Something that handles command `C` for the aggregate (or other target) `id`. Implemented by
+/// [`Repository`] for every [`Command`] its aggregate handles, and by async closures
+/// `Fn(String, C, CommandContext) -> Future<Output = Result<Receipt, BusError>>`.
 #[async_trait]
 pub trait CommandHandler<C>: Send + Sync + 'static {
     /// Handles one command.
-    async fn handle(&self, command: C, context: CommandContext) -> Result<Receipt, BusError>;
+    async fn handle(
+        &self,
+        id: String,
+        command: C,
+        context: CommandContext,
+    ) -> Result<Receipt, BusError>;
 }
 
 #[async_trait]
@@ -93,8 +99,12 @@ where
     A: Handle<C>,
     C: Command<Aggregate = A>,
 {
-    async fn handle(&self, command: C, context: CommandContext) -> Result<Receipt, BusError> {
-        let id = command.aggregate_id();
+    async fn handle(
+        &self,
+        id: String,
+        command: C,
+        context: CommandContext,
+    ) -> Result<Receipt, BusError> {
         let outcome = self
             .execute_in(&id, &command, &context)
             .await
@@ -112,11 +122,16 @@ where
 impl<C, F, Fut> CommandHandler<C> for F
 where
     C: Send + 'static,
-    F: Fn(C, CommandContext) -> Fut + Send + Sync + 'static,
+    F: Fn(String, C, CommandContext) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Receipt, BusError>> + Send,
 {
-    async fn handle(&self, command: C, context: CommandContext) -> Result<Receipt, BusError> {
-        self(command, context).await
+    async fn handle(
+        &self,
+        id: String,
+        command: C,
+        context: CommandContext,
+    ) -> Result<Receipt, BusError> {
+        self(id, command, context).await
     }
 }
 
@@ -128,7 +143,7 @@ where
 /// # async fn demo() {
 /// struct Ping;
 /// let bus = CommandBus::new();
-/// let err = bus.dispatch(Ping, CommandContext::new()).await.unwrap_err();
+/// let err = bus.dispatch("server-1", Ping, CommandContext::new()).await.unwrap_err();
 /// assert!(matches!(err, BusError::NoHandler { .. }));
 /// # }
 /// ```
@@ -177,9 +192,10 @@ impl CommandBus {
         self.handlers.contains_key(&TypeId::of::<C>())
     }
 
-    /// Dispatches `command` to its handler.
+    /// Dispatches `command`, for the aggregate `id`, to its handler.
     pub async fn dispatch<C: Send + 'static>(
         &self,
+        id: impl Into<String>,
         command: C,
         context: CommandContext,
     ) -> Result<Receipt, BusError> {
@@ -190,7 +206,7 @@ impl CommandBus {
             .ok_or(BusError::NoHandler {
                 command: std::any::type_name::<C>(),
             })?;
-        handler.handle(command, context).await
+        handler.handle(id.into(), command, context).await
     }
 }
 

@@ -282,13 +282,25 @@ impl<A> Clone for Snapshots<A> {
 /// Loads aggregates and executes commands against them.
 ///
 /// Cheap to clone (shares the store). Snapshots and retries are opt-in:
-/// `Repository::new(store).with_snapshots(store, SnapshotPolicy::every(100)).with_retry(RetryPolicy::retries(3))`.
+/// `Repository::snapshotting(store, SnapshotPolicy::every(100)).with_retry(RetryPolicy::retries(3))`.
 pub struct Repository<A: Aggregate> {
     store: Arc<dyn EventStore>,
     snapshots: Option<Snapshots<A>>,
     retry: RetryPolicy,
     batch_size: usize,
     cache: Option<Arc<AggregateCache<A>>>,
+}
+
+impl<A: Aggregate> std::fmt::Debug for Repository<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository")
+            .field("aggregate", &A::TYPE)
+            .field("snapshots", &self.snapshots.as_ref().map(|s| s.policy))
+            .field("retry", &self.retry)
+            .field("batch_size", &self.batch_size)
+            .field("cache", &self.cache.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Aggregate states kept after commands, keyed by stream. A command takes its aggregate's entry out
@@ -341,6 +353,17 @@ impl<A: Aggregate> Repository<A> {
         Self::from_arc(Arc::new(store))
     }
 
+    /// A repository over `store` that keeps its snapshots there too (every backend here stores
+    /// both): loads start from the latest snapshot and `policy` says when to take a new one. For
+    /// snapshots in another store, use [`Repository::with_snapshots`].
+    pub fn snapshotting<S>(store: S, policy: SnapshotPolicy) -> Self
+    where
+        S: EventStore + SnapshotStore + Clone,
+        A: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        Self::new(store.clone()).with_snapshots(store, policy)
+    }
+
     /// A repository over a shared, type-erased store.
     pub fn from_arc(store: Arc<dyn EventStore>) -> Self {
         Self {
@@ -364,8 +387,9 @@ impl<A: Aggregate> Repository<A> {
         self
     }
 
-    /// Loads from the latest snapshot (if its [`Aggregate::SNAPSHOT_VERSION`] matches) and takes a new
-    /// one according to `policy`.
+    /// Loads from the latest snapshot in `store` (if its [`Aggregate::SNAPSHOT_VERSION`] matches)
+    /// and takes a new one according to `policy`. When the event store keeps the snapshots too,
+    /// [`Repository::snapshotting`] says it once.
     pub fn with_snapshots(mut self, store: impl SnapshotStore, policy: SnapshotPolicy) -> Self
     where
         A: serde::Serialize + serde::de::DeserializeOwned,
@@ -523,8 +547,25 @@ impl<A: Aggregate> Repository<A> {
         self.run::<C, _>(id, context, Pure(command)).await
     }
 
-    /// Executes a command whose handler needs `services` (see [`HandleWith`]).
+    /// Executes a command whose handler needs `services` (see [`HandleWith`]), in a new
+    /// conversation.
     pub async fn execute_with<C, S>(
+        &self,
+        id: &str,
+        command: &C,
+        services: &S,
+    ) -> Result<CommandOutcome<A::Event>, ExecuteError<<A as HandleWith<C, S>>::Error>>
+    where
+        A: HandleWith<C, S>,
+        C: Sync,
+        S: ?Sized + Sync,
+    {
+        self.execute_with_in(id, command, services, &CommandContext::new())
+            .await
+    }
+
+    /// Executes a command whose handler needs `services` within `context`.
+    pub async fn execute_with_in<C, S>(
         &self,
         id: &str,
         command: &C,

@@ -10,8 +10,6 @@
 //! [`backend`] is for authors of storage backends. Behind features: `testing` (given/when/then
 //! fixtures, `cqrs_core::testing`) and `conformance` (the test suite every backend runs).
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
-#![warn(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod aggregate;
 pub mod backend;

@@ -27,6 +27,14 @@ pub struct InMemoryStore {
     inner: Arc<Inner>,
 }
 
+impl std::fmt::Debug for InMemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InMemoryStore")
+            .field("head", &*self.inner.head.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner {
     log: tokio::sync::RwLock<Log>,
     inline: RwLock<Vec<Arc<dyn InlineHook>>>,
@@ -403,6 +411,14 @@ impl CheckpointStore for InMemoryStore {
 /// [`InMemoryStore::with_inline`]). Clones share the model.
 pub struct InlineReadModel<P> {
     state: Arc<RwLock<P>>,
+}
+
+impl<P> std::fmt::Debug for InlineReadModel<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InlineReadModel")
+            .field("model", &std::any::type_name::<P>())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<P> Clone for InlineReadModel<P> {

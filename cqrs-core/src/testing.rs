@@ -22,6 +22,14 @@ pub struct AggregateFixture<A: Aggregate> {
     state: A,
 }
 
+impl<A: Aggregate + std::fmt::Debug> std::fmt::Debug for AggregateFixture<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AggregateFixture")
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
 impl<A: Aggregate> AggregateFixture<A> {
     /// An aggregate that has seen `events` (oldest first).
     pub fn given(events: impl IntoIterator<Item = A::Event>) -> Self {
@@ -76,6 +84,20 @@ impl<A: Aggregate> AggregateFixture<A> {
 pub struct Outcome<A: Aggregate, E> {
     result: Result<Vec<A::Event>, E>,
     state: A,
+}
+
+impl<A, E> std::fmt::Debug for Outcome<A, E>
+where
+    A: Aggregate + std::fmt::Debug,
+    A::Event: std::fmt::Debug,
+    E: std::fmt::Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outcome")
+            .field("result", &self.result)
+            .field("state", &self.state)
+            .finish()
+    }
 }
 
 impl<A: Aggregate, E: Debug> Outcome<A, E> {
@@ -171,6 +193,15 @@ pub struct ProjectionFixture<P: Projection<Context = ()>> {
     projection: P,
     store: InMemoryStore,
     given: Vec<(StreamId, NewEvent)>,
+}
+
+impl<P: Projection<Context = ()>> std::fmt::Debug for ProjectionFixture<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProjectionFixture")
+            .field("projection", &P::NAME)
+            .field("given", &self.given.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<P: Projection<Context = ()>> ProjectionFixture<P> {

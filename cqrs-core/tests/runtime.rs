@@ -1,4 +1,6 @@
 //! Repository, bus, fixture and projection-runner behaviour on the in-memory backend.
+// Tests: failing assertions panic by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -136,12 +138,15 @@ async fn bus_routes_rejects_unknown_and_double_registration() {
         .unwrap_err();
     assert!(again.to_string().contains("Add"), "{again}");
 
-    let receipt: Receipt = bus.dispatch(Add(3), CommandContext::new()).await.unwrap();
+    let receipt: Receipt = bus
+        .dispatch("bus", Add(3), CommandContext::new())
+        .await
+        .unwrap();
     assert_eq!(receipt.stream, StreamId::new("counter", "bus"));
     assert_eq!(receipt.events, 1);
     assert!(receipt.position.is_some());
 
-    match bus.dispatch(Add(-2), CommandContext::new()).await {
+    match bus.dispatch("bus", Add(-2), CommandContext::new()).await {
         Err(BusError::Execute(ExecuteError::Domain(e))) => {
             assert_eq!(e.downcast_ref::<Negative>(), Some(&Negative(-2)));
         }
@@ -149,23 +154,31 @@ async fn bus_routes_rejects_unknown_and_double_registration() {
     }
 
     struct Unrouted;
-    match bus.dispatch(Unrouted, CommandContext::new()).await {
+    match bus.dispatch("u", Unrouted, CommandContext::new()).await {
         Err(BusError::NoHandler { command }) => assert!(command.ends_with("Unrouted"), "{command}"),
         other => panic!("{other:?}"),
     }
 
     // Closures are handlers too.
     struct Ping;
-    bus.register::<Ping>(|_: Ping, _ctx: CommandContext| async {
+    bus.register::<Ping>(|id: String, _: Ping, _ctx: CommandContext| async move {
         Ok(Receipt {
-            stream: StreamId::new("ping", "p"),
+            stream: StreamId::new("ping", id),
             stream_version: StreamVersion::INITIAL,
             position: None,
             events: 0,
         })
     })
     .unwrap();
-    assert!(bus.dispatch(Ping, CommandContext::new()).await.is_ok());
+    let pinged = bus
+        .dispatch("p", Ping, CommandContext::new())
+        .await
+        .unwrap();
+    assert_eq!(
+        pinged.stream,
+        StreamId::new("ping", "p"),
+        "the id reaches the handler"
+    );
 }
 
 #[test]
@@ -296,7 +309,7 @@ async fn wait_for_times_out_cleanly_when_stopped() {
     let store = InMemoryStore::new();
     let repo = Repository::<Counter>::new(store.clone());
     let backend = Arc::new(InProcess::new(store.clone()));
-    let handle = ProjectionRunner::with_backend(Totals::default(), backend.clone())
+    let handle = ProjectionRunner::shared(Totals::default(), backend.clone())
         .with_config(fast())
         .spawn();
     let first = repo.execute("a", &Add(1)).await.unwrap().position.unwrap();
@@ -339,7 +352,7 @@ async fn failure_stops_at_last_good_event_and_skip_is_recorded() {
         poison: Some(13),
         ..Totals::default()
     };
-    let handle = ProjectionRunner::with_backend(totals, backend.clone())
+    let handle = ProjectionRunner::shared(totals, backend.clone())
         .with_config(fast())
         .spawn();
     let mut status = handle.watch_status();
@@ -384,7 +397,7 @@ async fn one_active_runner_and_handover() {
     let repo = Repository::<Counter>::new(store.clone());
     let backend = Arc::new(InProcess::new(store.clone()));
     repo.execute("h", &Add(1)).await.unwrap();
-    let first = ProjectionRunner::with_backend(Totals::default(), backend.clone())
+    let first = ProjectionRunner::shared(Totals::default(), backend.clone())
         .with_config(fast())
         .spawn();
     let mut first_status = first.watch_status();
@@ -392,7 +405,7 @@ async fn one_active_runner_and_handover() {
         .wait_for(|s| s.state == ProjectionState::Running)
         .await
         .unwrap();
-    let second = ProjectionRunner::with_backend(Totals::default(), backend.clone())
+    let second = ProjectionRunner::shared(Totals::default(), backend.clone())
         .with_config(fast())
         .spawn();
     let mut second_status = second.watch_status();
@@ -417,13 +430,13 @@ async fn rebuild_reports_progress_and_equals_replay() {
     for i in 0..50 {
         repo.execute(&format!("r{}", i % 5), &Add(i)).await.unwrap();
     }
-    let first = ProjectionRunner::with_backend(Totals::default(), backend.clone())
+    let first = ProjectionRunner::shared(Totals::default(), backend.clone())
         .with_config(fast())
         .catch_up(|_| {})
         .await
         .unwrap();
     let mut reports = Vec::new();
-    let rebuilt = ProjectionRunner::with_backend(Totals::default(), backend.clone())
+    let rebuilt = ProjectionRunner::shared(Totals::default(), backend.clone())
         .with_config(fast())
         .rebuild(Totals::default(), || async { Ok(()) }, |p| reports.push(p))
         .await
@@ -556,7 +569,7 @@ fn public_futures_are_send(repo: Repository<Counter>, store: InMemoryStore, bus:
         let _ = store
             .read_all(Position::START, cqrs_core::EventTypes::All, 1)
             .await;
-        let _ = bus.dispatch(Add(1), CommandContext::new()).await;
+        let _ = bus.dispatch("x", Add(1), CommandContext::new()).await;
         let handle =
             ProjectionRunner::new(Totals::default(), InProcess::new(store.clone())).spawn();
         let _ = handle

@@ -74,7 +74,6 @@
 //! can be turned off where connections are trusted, `PgPoolOptions::test_before_acquire(false)`;
 //! the one on return cannot.
 #![forbid(unsafe_code)]
-#![warn(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 mod append;
 mod checkpoints;

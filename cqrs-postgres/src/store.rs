@@ -50,6 +50,17 @@ impl PostgresStore {
         Ok(Self::new(pool))
     }
 
+    /// The short path: connects (as [`PostgresStore::connect`]) and applies the migrations (as
+    /// [`PostgresStore::migrate`]), schema `public`. For another schema, a pool of your own or
+    /// migrations run by a deployment step, use the parts.
+    ///
+    /// Needs PostgreSQL 13 or later (the log uses the `xid8` type).
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let store = Self::connect(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
     /// A store on an existing pool, using schema `public`.
     pub fn new(pool: PgPool) -> Self {
         Self {
@@ -180,10 +191,15 @@ impl PostgresStore {
             sqlx::migrate::Migrator::with_migrations(MIGRATOR.iter().cloned().collect());
         migrator.create_schema(quoted.clone());
         migrator.dangerous_set_table_name(format!("{quoted}._sqlx_migrations"));
-        migrator.run(&mut *conn).await.map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(e) => map_error(e),
-            other => StoreError::Backend(Box::new(other)),
-        })
+        // `run_direct` on the connection itself rather than `run` (which takes an `Acquire`
+        // whose future the compiler cannot prove `Send`): `migrate` must be spawnable.
+        migrator
+            .run_direct(None, conn, false)
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(e) => map_error(e),
+                other => StoreError::Backend(Box::new(other)),
+            })
     }
 
     /// Listens for appends on this store's channel (one connection from the pool, held until the

@@ -57,7 +57,6 @@
 //!   each batch with its checkpoint in one transaction: exactly once. One runner per projection
 //!   across processes, by an OS file lock released when its process dies.
 #![forbid(unsafe_code)]
-#![warn(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 mod append;
 mod config;

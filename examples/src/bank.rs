@@ -88,8 +88,6 @@ pub enum BankError {
 /// Open an account.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpenAccount {
-    /// Account id.
-    pub account: String,
     /// Owner's name.
     pub owner: String,
 }
@@ -97,8 +95,6 @@ pub struct OpenAccount {
 /// Deposit money.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Deposit {
-    /// Account id.
-    pub account: String,
     /// Amount in cents.
     pub amount: i64,
     /// Statement text.
@@ -108,8 +104,6 @@ pub struct Deposit {
 /// Withdraw money.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Withdraw {
-    /// Account id.
-    pub account: String,
     /// Amount in cents.
     pub amount: i64,
 }
@@ -174,9 +168,6 @@ macro_rules! routed_by_account {
     ($($command:ty),*) => {$(
         impl Command for $command {
             type Aggregate = Account;
-            fn aggregate_id(&self) -> String {
-                self.account.clone()
-            }
         }
     )*};
 }
@@ -390,8 +381,7 @@ where
 
     use cqrs_core::subscription::{InProcess, ProjectionRunner};
 
-    let accounts = Repository::<Account>::new(store.clone())
-        .with_snapshots(store.clone(), SnapshotPolicy::every(5))
+    let accounts = Repository::<Account>::snapshotting(store.clone(), SnapshotPolicy::every(5))
         .with_retry(RetryPolicy::retries(3));
     enum Running {
         InMemory(cqrs_core::subscription::ProjectionHandle<Balances>),
@@ -403,9 +393,7 @@ where
     let balances = match read_model {
         ReadModel::InMemory => {
             let projections = Arc::new(InProcess::new(store.clone()));
-            Running::InMemory(
-                ProjectionRunner::with_backend(Balances::default(), projections).spawn(),
-            )
+            Running::InMemory(ProjectionRunner::shared(Balances::default(), projections).spawn())
         }
         ReadModel::Sqlite(sqlite) => {
             SqlBalances::create(&sqlite).await?;
@@ -418,14 +406,12 @@ where
     };
 
     let open = OpenAccount {
-        account: account.to_owned(),
         owner: "Ada".to_owned(),
     };
     accounts.execute(account, &open).await?;
     writeln!(out, "opened {account}")?;
     for i in 1..=6 {
         let deposit = Deposit {
-            account: account.to_owned(),
             amount: 100,
             memo: format!("salary part {i}"),
         };
@@ -440,13 +426,7 @@ where
         .ok_or("first deposit missing")?;
 
     let rejected = match accounts
-        .execute(
-            account,
-            &Withdraw {
-                account: account.to_owned(),
-                amount: 10_000,
-            },
-        )
+        .execute(account, &Withdraw { amount: 10_000 })
         .await
     {
         Err(cqrs_core::ExecuteError::Domain(error)) => error,
@@ -460,13 +440,8 @@ where
         let teller = Arc::clone(&teller);
         let account = account.to_owned();
         tokio::spawn(async move {
-            let command = Withdraw {
-                account: account.clone(),
-                amount,
-            };
-            accounts
-                .execute_with(&account, &command, &*teller, &CommandContext::new())
-                .await
+            let command = Withdraw { amount };
+            accounts.execute_with(&account, &command, &*teller).await
         })
     };
     let (a, b) = (race(200), race(150));
@@ -481,7 +456,6 @@ where
         .execute(
             account,
             &Deposit {
-                account: account.to_owned(),
                 amount: 1,
                 memo: "interest".into(),
             },

@@ -247,6 +247,7 @@ impl Handle<Discontinue> for Product {
 /// conversation and caused by that event. Runs as a projection, so it is checkpointed like one;
 /// its effect (a command) is outside the checkpoint's transaction, so delivery is at-least-once and
 /// the reaction is idempotent (discontinuing twice is answered by the aggregate and ignored here).
+#[derive(Debug)]
 pub struct DiscontinueWhenSoldOut {
     /// Where the reaction's command goes.
     pub products: Repository<Product>,

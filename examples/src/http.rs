@@ -69,7 +69,7 @@ impl SharedBalances {
 }
 
 /// Everything the handlers share.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct AppState {
     bus: Arc<CommandBus>,
     balances: SharedBalances,
@@ -201,10 +201,14 @@ fn valid_id(id: &str) -> Result<(), ApiError> {
 
 async fn accepted(
     state: &AppState,
+    account: String,
     command: impl Send + 'static,
     status: StatusCode,
 ) -> Result<Response, ApiError> {
-    let receipt = state.bus.dispatch(command, CommandContext::new()).await?;
+    let receipt = state
+        .bus
+        .dispatch(account, command, CommandContext::new())
+        .await?;
     let mut headers = HeaderMap::new();
     if let Some(position) = receipt.position {
         if let Ok(value) = HeaderValue::from_str(&position.to_string()) {
@@ -232,10 +236,8 @@ async fn open_account(
     valid_id(&body.id)?;
     accepted(
         &state,
-        OpenAccount {
-            account: body.id,
-            owner: body.owner,
-        },
+        body.id,
+        OpenAccount { owner: body.owner },
         StatusCode::CREATED,
     )
     .await
@@ -257,8 +259,8 @@ async fn deposit(
     valid_id(&id)?;
     accepted(
         &state,
+        id,
         Deposit {
-            account: id,
             amount: body.amount,
             memo: body.memo,
         },
@@ -281,8 +283,8 @@ async fn withdraw(
     valid_id(&id)?;
     accepted(
         &state,
+        id,
         Withdraw {
-            account: id,
             amount: body.amount,
         },
         StatusCode::OK,

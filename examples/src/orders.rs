@@ -228,9 +228,6 @@ macro_rules! routed_by_order {
     ($($command:ty),*) => {$(
         impl Command for $command {
             type Aggregate = Order;
-            fn aggregate_id(&self) -> String {
-                self.order.clone()
-            }
         }
     )*};
 }
@@ -367,9 +364,9 @@ where
 
     let orders = Repository::<Order>::new(store.clone());
     let backend = Arc::new(InProcess::new(store.clone()));
-    let lookup = ProjectionRunner::with_backend(OrderLookup::default(), backend.clone()).spawn();
-    let search = ProjectionRunner::with_backend(CustomerSearch::default(), backend.clone()).spawn();
-    let revenue = ProjectionRunner::with_backend(DailyRevenue::default(), backend).spawn();
+    let lookup = ProjectionRunner::shared(OrderLookup::default(), backend.clone()).spawn();
+    let search = ProjectionRunner::shared(CustomerSearch::default(), backend.clone()).spawn();
+    let revenue = ProjectionRunner::shared(DailyRevenue::default(), backend).spawn();
 
     let (first, second) = (format!("{run}-o1"), format!("{run}-o2"));
     let create = |order: &str, name: &str| CreateOrder {

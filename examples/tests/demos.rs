@@ -1,4 +1,6 @@
 //! The example stories, asserted on, in memory and on PostgreSQL (`DATABASE_URL`, own schema).
+// Tests: failing assertions panic by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use cqrs_core::InMemoryStore;
 use cqrs_postgres::PostgresStore;
@@ -94,7 +96,6 @@ fn bank_fixture_given_when_then() {
     };
     AggregateFixture::<Account>::given([opened.clone().into()])
         .when(&Deposit {
-            account: "a".into(),
             amount: 10,
             memo: "m".into(),
         })
@@ -111,23 +112,16 @@ fn bank_fixture_given_when_then() {
         }
         .into(),
     ])
-    .when(&Withdraw {
-        account: "a".into(),
-        amount: 10,
-    })
+    .when(&Withdraw { amount: 10 })
     .expect_events([MoneyWithdrawn { amount: 10 }.into()]);
     AggregateFixture::<Account>::given([opened.into()])
-        .when(&Withdraw {
-            account: "a".into(),
-            amount: 1,
-        })
+        .when(&Withdraw { amount: 1 })
         .expect_error(BankError::InsufficientFunds {
             balance: 0,
             requested: 1,
         });
     AggregateFixture::<Account>::given_no_previous_events()
         .when(&Deposit {
-            account: "a".into(),
             amount: 1,
             memo: String::new(),
         })

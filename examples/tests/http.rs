@@ -1,4 +1,6 @@
 //! The HTTP example end to end over a real socket.
+// Tests: failing assertions panic by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 

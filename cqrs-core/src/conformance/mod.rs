@@ -748,8 +748,7 @@ pub async fn snapshots_latest_wins(store: impl Backend) {
 /// A snapshot of another schema version, or an undecodable one, is ignored: the state comes from
 /// a full replay and equals the replay without snapshots.
 pub async fn stale_and_broken_snapshots_replay(store: impl Backend) {
-    let with = Repository::<Counter>::new(store.clone())
-        .with_snapshots(store.clone(), SnapshotPolicy::every(4));
+    let with = Repository::<Counter>::snapshotting(store.clone(), SnapshotPolicy::every(4));
     let without = Repository::<Counter>::new(store.clone());
     for n in 1..=10 {
         with.execute("c", &Add(n)).await.expect("execute");
@@ -924,12 +923,9 @@ impl Aggregate for Counter {
     }
 }
 
-/// Routed to the counter `"bus"` (for command-bus tests).
+/// Routed by the command bus to the counters' repository.
 impl crate::aggregate::Command for Add {
     type Aggregate = Counter;
-    fn aggregate_id(&self) -> String {
-        "bus".to_owned()
-    }
 }
 
 /// Rejection of a negative [`Add`].

@@ -233,7 +233,7 @@ where
     .await;
     let backend = Arc::new(backend);
     let recorder = Recorder::<C>::default();
-    let handle = ProjectionRunner::with_backend(recorder.clone(), Arc::clone(&backend))
+    let handle = ProjectionRunner::shared(recorder.clone(), Arc::clone(&backend))
         .with_config(config())
         .spawn();
     for (failing, cause) in [(1, FailureCause::Handler), (3, FailureCause::Panic)] {
@@ -307,7 +307,7 @@ where
     let backend = Arc::new(backend);
     let positions = append_each(backend.events(), &["Recorded", "Recorded", "Recorded"]).await;
     let live = Recorder::<C>::default();
-    let handle = ProjectionRunner::with_backend(live.clone(), Arc::clone(&backend))
+    let handle = ProjectionRunner::shared(live.clone(), Arc::clone(&backend))
         .with_config(config())
         .spawn();
     handle
@@ -315,14 +315,14 @@ where
         .await
         .expect("the live runner catches up");
     let rebuilt = Recorder::<C>::default();
-    let refused = ProjectionRunner::with_backend(rebuilt.clone(), Arc::clone(&backend))
+    let refused = ProjectionRunner::shared(rebuilt.clone(), Arc::clone(&backend))
         .rebuild(rebuilt.clone(), || async { Ok(()) }, |_| {})
         .await;
     assert!(
         matches!(refused, Err(RunError::LeaseHeld { .. })),
         "a rebuild beside a live runner: {refused:?}"
     );
-    let refused = ProjectionRunner::with_backend(rebuilt.clone(), Arc::clone(&backend))
+    let refused = ProjectionRunner::shared(rebuilt.clone(), Arc::clone(&backend))
         .catch_up(|_| {})
         .await;
     assert!(
@@ -338,7 +338,7 @@ where
     );
 
     until_lease_is_free(|| {
-        let runner = ProjectionRunner::with_backend(rebuilt.clone(), Arc::clone(&backend));
+        let runner = ProjectionRunner::shared(rebuilt.clone(), Arc::clone(&backend));
         let fresh = rebuilt.clone();
         Box::pin(async move { runner.rebuild(fresh, || async { Ok(()) }, |_| {}).await })
     })
@@ -358,14 +358,14 @@ where
     B: ProjectionBackend<Recorder<C>>,
 {
     let backend = Arc::new(backend);
-    let active = ProjectionRunner::with_backend(Recorder::<C>::default(), Arc::clone(&backend))
+    let active = ProjectionRunner::shared(Recorder::<C>::default(), Arc::clone(&backend))
         .with_config(config())
         .spawn();
     wait_status(&active, "the first runner takes the lease", |s| {
         s.state == ProjectionState::Running
     })
     .await;
-    let standby = ProjectionRunner::with_backend(Recorder::<C>::default(), Arc::clone(&backend))
+    let standby = ProjectionRunner::shared(Recorder::<C>::default(), Arc::clone(&backend))
         .with_config(config())
         .spawn();
     wait_status(&standby, "the second runner waits as standby", |s| {
@@ -394,7 +394,7 @@ where
         positions.extend(append_each(backend.events(), &["Recorded", "Unhandled"]).await);
     }
     let recorder = Recorder::<C>::default();
-    ProjectionRunner::with_backend(recorder.clone(), Arc::clone(&backend))
+    ProjectionRunner::shared(recorder.clone(), Arc::clone(&backend))
         .with_config(config())
         .catch_up(|_| {})
         .await

@@ -17,13 +17,21 @@ use crate::stream::Position;
 ///
 /// Handlers apply one event at a time; after a failure the checkpoint is moved to the last applied
 /// event, so the read model and its checkpoint never disagree. One lease per projection name: share
-/// one `InProcess` (in an `Arc`, see [`ProjectionRunner::with_backend`](crate::subscription::ProjectionRunner::with_backend)) between runners that must
+/// one `InProcess` (in an `Arc`, see [`ProjectionRunner::shared`](crate::subscription::ProjectionRunner::shared)) between runners that must
 /// exclude each other.
 pub struct InProcess<S> {
     store: S,
     checkpoints: crate::memory::InMemoryStore,
     leases: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     skipped: Arc<std::sync::Mutex<Vec<SkippedEvent>>>,
+}
+
+impl<S> std::fmt::Debug for InProcess<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcess")
+            .field("leases", &*lock(&self.leases))
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S: EventStore> InProcess<S> {

@@ -190,11 +190,12 @@ impl<P: Projection, B> std::fmt::Debug for ProjectionRunner<P, B> {
 impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     /// A runner for `projection` on `backend`, checkpointed under [`Projection::NAME`].
     pub fn new(projection: P, backend: B) -> Self {
-        Self::with_backend(projection, Arc::new(backend))
+        Self::shared(projection, Arc::new(backend))
     }
 
-    /// A runner sharing a backend with other runners.
-    pub fn with_backend(projection: P, backend: Arc<B>) -> Self {
+    /// A runner on a backend shared with other runners (whose leases then exclude each other in
+    /// this process too, for backends that keep leases in memory).
+    pub fn shared(projection: P, backend: Arc<B>) -> Self {
         Self {
             projection,
             backend,

@@ -189,3 +189,35 @@ mod conformance {
         inline = fresh_inline
     );
 }
+
+/// Every public future of the crate can be spawned (`Send`): a compile-time check.
+#[allow(dead_code, clippy::let_underscore_future)]
+fn public_futures_are_send(
+    store: PostgresStore,
+    projections: cqrs_postgres::PostgresProjections,
+    mut conn: sqlx::PgConnection,
+    mut listener: cqrs_postgres::AppendListener,
+) {
+    fn send<T: Send>(_: T) {}
+    send(PostgresStore::connect("postgres://"));
+    send(PostgresStore::open("postgres://"));
+    send(async move {
+        let _ = store.migrate().await;
+        let _ = store.horizon().await;
+        let _ = store.listen().await;
+        let _ = store.load_checkpoint_in(&mut conn, "n").await;
+        let _ = store
+            .save_checkpoint_in(&mut conn, "n", None, cqrs_core::Position::START)
+            .await;
+        let stream = cqrs_core::StreamId::new("a", "b");
+        let _ = store
+            .append_in(&mut conn, &stream, cqrs_core::ExpectedVersion::Any, vec![])
+            .await;
+        let _ = projections.skipped_events("n").await;
+        let _ = projections
+            .first_delivery(&mut conn, "c", EventId::new())
+            .await;
+        let _ = projections.switch_view("v", "t").await;
+        let _ = listener.recv().await;
+    });
+}
