@@ -33,8 +33,10 @@ use crate::error::is_connection_error;
 use crate::row::parse_tx;
 use crate::sql::Statements;
 
-/// Group-commit settings for [`crate::PostgresStore::with_group_commit`].
+/// Group-commit settings for [`crate::PostgresStore::with_group_commit`]: start from
+/// `GroupCommit::default()` and change what you need with the `with_*` methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct GroupCommit {
     /// The most appends written together (at least 1).
     pub max_batch: usize,
@@ -49,9 +51,7 @@ pub struct GroupCommit {
     /// more slots keep more of the pool busy.
     ///
     /// 1 (the default) writes one group at a time while the next one forms, as PostgreSQL
-    /// flushes its WAL: the largest groups and the least CPU per append (W1 at 8 clients,
-    /// BENCHMARKS.md: 1.07-1.13x the throughput of 2 slots, and no slower anywhere else). Its
-    /// cost: the appends queued behind a write that waits, for instance on the row lock of a
+    /// flushes its WAL: the largest groups and the least CPU per append. Its cost: the appends queued behind a write that waits, for instance on the row lock of a
     /// concurrent, not yet committed append of the same stream version in another transaction,
     /// wait with it. An append still queued after 50 ms leads the queue from an extra slot (at
     /// most `max_in_flight` extra), so a stuck write delays the others by that much, and an
@@ -80,9 +80,35 @@ impl Default for GroupCommit {
     }
 }
 
+impl GroupCommit {
+    /// The most appends written together; values below 1 count as 1.
+    pub fn with_max_batch(mut self, appends: usize) -> Self {
+        self.max_batch = appends;
+        self
+    }
+
+    /// How long a leader waits for more appends before writing its group.
+    pub fn with_max_wait(mut self, wait: Duration) -> Self {
+        self.max_wait = wait;
+        self
+    }
+
+    /// The most writes in flight at once; values below 1 count as 1.
+    pub fn with_max_in_flight(mut self, writes: usize) -> Self {
+        self.max_in_flight = writes;
+        self
+    }
+
+    /// How long a slot keeps its connection after its last write.
+    pub fn with_keep_connection(mut self, keep: Duration) -> Self {
+        self.keep_connection = keep;
+        self
+    }
+}
+
 /// At most this many yields before a leader takes its group (with `max_wait` zero): see
 /// [`GroupCommitter::let_runnable_tasks_join`]. One yield already takes in most of the
-/// runnable appends; W1 at 8 clients measured the same with 1, 4 and 16 (BENCHMARKS.md).
+/// runnable appends; the bound only keeps a leader from yielding forever under a steady stream.
 const JOIN_YIELDS: usize = 4;
 
 /// How long an append waits in the queue before it may lead from an extra slot (see

@@ -1,8 +1,8 @@
 //! `LISTEN/NOTIFY` on `<schema>_events`, with the position of the last appended event as payload.
 //!
 //! Appends do not all notify: PostgreSQL serializes the commits of every notifying transaction on
-//! one lock, which measured here cut concurrent commits to about a third (pgbench, 8 clients:
-//! 7,400 plain INSERTs/s, 2,800 with `pg_notify`). The [`Announcer`] lets at most one append per
+//! one lock, so notifying from every append would serialize concurrent commits (BENCHMARKS.md has
+//! the measurement). The [`Announcer`] lets at most one append per
 //! [`ANNOUNCE_INTERVAL`] notify in its own statement, carrying its position; appends that commit
 //! meanwhile are covered by the next one, and after the last append of a burst a background
 //! `NOTIFY` covers the rest. Waiters in the appending process are woken directly. `append_in`

@@ -130,8 +130,8 @@ const APPENDED: &str = "RETURNING position, tx::text AS tx_text, stream_version"
 /// One statement, one implicit transaction: read the stream's version, check the expectation,
 /// insert the events with consecutive versions, return one row per event (none if the guard
 /// refused). A racer that slips in between fails on the unique version index (23505), never
-/// silently. No CTE: the plain `INSERT … SELECT` executes in about half the time of the CTE form
-/// it replaced (single-event append, server log: 0.12 ms against 0.27 ms; BENCHMARKS.md).
+/// silently. A plain `INSERT … SELECT`, no CTE: a CTE costs PostgreSQL a materialization step per
+/// append.
 ///
 /// `tx` is this transaction's id, or the stream's previous event's `tx` if that is larger:
 /// possible only when the caller's transaction (`append_in`) got its id before the previous
@@ -201,8 +201,7 @@ impl Statements {
             // The arrays go through a subquery the planner cannot flatten (`OFFSET 0`) so that no
             // plan knows their lengths: custom plans then cost what the generic plan costs,
             // PostgreSQL settles on the generic plan after five executions, and a group is not
-            // planned afresh each time (measured: 0.7 ms of planning per group under load, more
-            // than its execution).
+            // planned afresh each time (planning a group costs more than executing it).
             append_many: sql(format!(
                 "INSERT INTO {events}
                     (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)

@@ -114,12 +114,10 @@ impl PostgresStore {
     /// `max_in_flight` connections of the pool are the store's while commands flow, and
     /// `PgPool::close` waits for them until the store is dropped or the keep time runs out.
     ///
-    /// It trades parallelism for fewer statements, commits and round trips. In our benchmark
-    /// (BENCHMARKS.md, W1; PostgreSQL on the same two cores) it made the aggregate-cached command
-    /// path about 1.3x faster at 1 client (the kept connection) and 2x at 8 clients (groups on
-    /// kept connections), level with one raw INSERT per command on kept connections. Appends of
-    /// one stream are never grouped together: a hot single stream gains only the kept
-    /// connection.
+    /// It trades parallelism for fewer statements, commits and round trips: concurrent commands
+    /// on different streams share one statement and one commit, and every write skips the pool's
+    /// round trips (BENCHMARKS.md, W1, has the figures). Appends of one stream are never grouped
+    /// together: a hot single stream gains only the kept connection.
     pub fn with_group_commit(mut self, config: GroupCommit) -> Self {
         self.group = Some(group::GroupCommitter::new(
             self.pool.clone(),

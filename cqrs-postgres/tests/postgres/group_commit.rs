@@ -17,11 +17,11 @@ use crate::{batch, drop_schema, fresh_store_with};
 async fn grouped_appends_give_every_caller_its_own_result_and_its_own_conflict() {
     const TASKS: usize = 24;
     const APPENDS: usize = 40;
-    let store = fresh_store_with(6).await.with_group_commit(GroupCommit {
-        max_batch: 16,
-        max_wait: Duration::from_millis(2),
-        ..GroupCommit::default()
-    });
+    let store = fresh_store_with(6).await.with_group_commit(
+        GroupCommit::default()
+            .with_max_batch(16)
+            .with_max_wait(Duration::from_millis(2)),
+    );
     // Each task owns a stream. Every fifth append expects a wrong version (a conflict that must
     // stay its own), every seventh re-sends its previous batch (a retry, that must return the
     // original result, without failing the others in its group).
@@ -255,10 +255,7 @@ async fn the_default_settings_group_concurrent_appends() {
 #[tokio::test(flavor = "current_thread")]
 async fn appends_already_runnable_join_the_leaders_group() {
     for slots in [1, 2] {
-        let config = GroupCommit {
-            max_in_flight: slots,
-            ..GroupCommit::default()
-        };
+        let config = GroupCommit::default().with_max_in_flight(slots);
         let transactions = commits_of_runnable_appends(config).await;
         assert_eq!(
             transactions, 1,
@@ -579,10 +576,9 @@ async fn a_load_after_an_append_uses_the_kept_connection() {
 /// A store whose group commit keeps connections for 30 s (longer than any test), on a pool with
 /// three connections open.
 async fn keeping_store() -> (cqrs_postgres::PostgresStore, sqlx::PgPool) {
-    let store = fresh_store_with(4).await.with_group_commit(GroupCommit {
-        keep_connection: Duration::from_secs(30),
-        ..GroupCommit::default()
-    });
+    let store = fresh_store_with(4)
+        .await
+        .with_group_commit(GroupCommit::default().with_keep_connection(Duration::from_secs(30)));
     let pool = store.pool().clone();
     open_connections(&pool, 3).await;
     (store, pool)
