@@ -12,7 +12,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, Handle, HandleWith};
-use crate::event::{EncodeError, EventSet, Metadata, NewEvent, RecordedEvent};
+use crate::event::{EncodeError, EventId, EventSet, Metadata, NewEvent, RecordedEvent};
 use crate::snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 use crate::store::{
     read_stream_batched, AppendResult, ConcurrencyError, EventStore, StoreError, DEFAULT_BATCH_SIZE,
@@ -36,6 +36,9 @@ pub struct CommandContext {
     pub correlation_id: Option<Uuid>,
     /// Copied into every produced event's [`Metadata::custom`] (user id, tenant, ...).
     pub custom: BTreeMap<String, Value>,
+    /// Whether `command_id` is stable across retries of the same command (see
+    /// [`CommandContext::with_command_id`]).
+    idempotent: bool,
 }
 
 impl Default for CommandContext {
@@ -52,14 +55,39 @@ impl CommandContext {
             causation_id: None,
             correlation_id: None,
             custom: BTreeMap::new(),
+            idempotent: false,
         }
     }
 
-    /// A context for a command issued in reaction to `event` (a process manager or saga): the
-    /// event is the cause and its conversation continues.
-    pub fn caused_by(event: &RecordedEvent) -> Self {
+    /// Gives the command a stable id (an idempotency key, e.g. from a client's request header):
+    /// executing a command with an id that was already applied to its aggregate appends nothing
+    /// and returns the original outcome ([`CommandOutcome::replayed`]), also after a restart,
+    /// from another process, and when the two executions run concurrently. Its events get ids
+    /// derived from the command id ([`EventId::derived`](crate::EventId::derived)), which the
+    /// store recognises.
+    pub fn with_command_id(mut self, command_id: Uuid) -> Self {
+        self.command_id = command_id;
+        self.idempotent = true;
+        self
+    }
+
+    /// Whether the command id is stable across retries (set by
+    /// [`CommandContext::with_command_id`] and [`CommandContext::caused_by`]).
+    pub fn is_idempotent(&self) -> bool {
+        self.idempotent
+    }
+
+    /// A context for a command issued in reaction to `event` by `reaction` (a process manager or
+    /// saga, named so that two reactions to one event are two commands): the event is the cause,
+    /// its conversation continues, and the command id is derived from the event's id and the
+    /// reaction, so a redelivered event yields the same command id and the command is applied
+    /// once (see [`CommandContext::with_command_id`]).
+    pub fn caused_by(event: &RecordedEvent, reaction: &str) -> Self {
+        let mut name = event.event_id.as_uuid().as_bytes().to_vec();
+        name.extend_from_slice(reaction.as_bytes());
         Self {
-            command_id: Uuid::now_v7(),
+            command_id: Uuid::new_v5(&REACTIONS, &name),
+            idempotent: true,
             causation_id: Some(*event.event_id.as_uuid()),
             correlation_id: Some(
                 event
@@ -92,6 +120,10 @@ impl CommandContext {
     }
 }
 
+/// The UUID v5 namespace of the command ids [`CommandContext::caused_by`] derives. Fixed forever:
+/// redelivered events must keep yielding the same command ids.
+const REACTIONS: Uuid = Uuid::from_u128(0x0d3f_62a8_41c7_4e5b_9a0e_7b18_c2f9_5e64);
+
 /// What a successful command did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandOutcome<E> {
@@ -104,8 +136,13 @@ pub struct CommandOutcome<E> {
     /// The global position of the last event written, the read-your-own-writes token; `None` if no
     /// event was written.
     pub position: Option<Position>,
-    /// How many times the command was decided (more than 1 after concurrency retries).
+    /// How many times the command was decided (more than 1 after concurrency retries; 0 when
+    /// replayed).
     pub attempts: u32,
+    /// `true`: the command's id had already been applied ([`CommandContext::with_command_id`]);
+    /// nothing was written, and `events`, `stream_version` and `position` are the original
+    /// outcome's.
+    pub replayed: bool,
 }
 
 /// Why a command failed.
@@ -599,6 +636,11 @@ impl<A: Aggregate> Repository<A> {
             command_id = %context.command_id,
         );
         async move {
+            if context.idempotent {
+                if let Some(outcome) = self.replayed(&stream, context).await? {
+                    return Ok(outcome);
+                }
+            }
             let mut attempt = 0;
             let mut retries_left = self.retry.max_retries;
             loop {
@@ -620,6 +662,19 @@ impl<A: Aggregate> Repository<A> {
                     }
                 };
                 match self.commit(&stream, loaded, events, context, attempt).await {
+                    // The same command applied concurrently, with events other than these: the
+                    // original outcome stands.
+                    Err(ExecuteError::Store(StoreError::IdempotencyConflict { .. }))
+                        if context.idempotent =>
+                    {
+                        if let Some(outcome) = self.replayed(&stream, context).await? {
+                            return Ok(outcome);
+                        }
+                        return Err(ExecuteError::Store(StoreError::IdempotencyConflict {
+                            event_id: EventId::derived(context.command_id, 0),
+                            detail: "part of the command's events are stored".to_owned(),
+                        }));
+                    }
                     // A stale cache entry is not the caller's conflict: it is evicted; retry from the store.
                     Err(ExecuteError::Concurrency(_)) if from_cache => {}
                     Err(ExecuteError::Concurrency(conflict)) if retries_left > 0 => {
@@ -650,13 +705,24 @@ impl<A: Aggregate> Repository<A> {
                 stream_version: loaded.version,
                 position: None,
                 attempts,
+                replayed: false,
             });
         }
         let metadata = context.metadata();
-        let encoded = events
-            .iter()
-            .map(|e| NewEvent::from_set(e).map(|n| n.with_metadata(metadata.clone())))
-            .collect::<Result<Vec<_>, _>>()?;
+        let encoded = (0u32..)
+            .zip(&events)
+            .map(|(index, e)| {
+                let event = NewEvent::from_set(e)?.with_metadata(metadata.clone());
+                Ok(if context.idempotent {
+                    NewEvent {
+                        event_id: EventId::derived(context.command_id, index),
+                        ..event
+                    }
+                } else {
+                    event
+                })
+            })
+            .collect::<Result<Vec<_>, EncodeError>>()?;
         let expected = ExpectedVersion::Exact(loaded.version);
         let appended = match self.append_resending(stream, expected, encoded).await {
             Ok(appended) => appended,
@@ -678,7 +744,55 @@ impl<A: Aggregate> Repository<A> {
             stream_version: appended.stream_version,
             position: Some(appended.position),
             attempts,
+            replayed: false,
         })
+    }
+
+    /// If the idempotent command `context` was already applied to `stream`, its original
+    /// outcome: its events are the ones with the ids derived from its command id, consecutive
+    /// in the stream from the first.
+    async fn replayed(
+        &self,
+        stream: &StreamId,
+        context: &CommandContext,
+    ) -> Result<Option<CommandOutcome<A::Event>>, LoadError> {
+        let first = EventId::derived(context.command_id, 0);
+        let Some(found) = self.store.find_event(first).await? else {
+            return Ok(None);
+        };
+        if found.stream != *stream {
+            return Err(LoadError::Store(StoreError::IdempotencyConflict {
+                event_id: first,
+                detail: format!(
+                    "command {} was already applied to stream `{}`",
+                    context.command_id, found.stream
+                ),
+            }));
+        }
+        let mut events = Vec::new();
+        let mut last = (found.stream_version, found.position);
+        let mut ids = (0u32..).map(|index| EventId::derived(context.command_id, index));
+        let mut stored = std::pin::pin!(read_stream_batched(
+            &*self.store,
+            stream,
+            found.stream_version,
+            self.batch_size
+        ));
+        while let Some(event) = stored.try_next().await? {
+            if ids.next() != Some(event.event_id) {
+                break;
+            }
+            events.push(decode::<A::Event>(&event)?);
+            last = (event.stream_version, event.position);
+        }
+        Ok(Some(CommandOutcome {
+            stream: stream.clone(),
+            events,
+            stream_version: last.0,
+            position: Some(last.1),
+            attempts: 0,
+            replayed: true,
+        }))
     }
 
     /// Appends, and while the outcome is unknown (the reply was lost) re-sends the very same batch,

@@ -18,10 +18,23 @@ use crate::upcast::DecodeError;
 #[serde(transparent)]
 pub struct EventId(Uuid);
 
+/// The UUID v5 namespace of [`EventId::derived`]. Fixed forever: stored ids depend on it.
+const DERIVED_EVENT_IDS: Uuid = Uuid::from_u128(0x5c0e_7d1e_9b2a_4f3c_8e61_0c2d_a7f4_1b93);
+
 impl EventId {
     /// A fresh time-ordered id.
     pub fn new() -> Self {
         Self(Uuid::now_v7())
+    }
+
+    /// The id of event number `index` (from 0) of the command `command_id`: the same inputs give
+    /// the same id, so executing an idempotent command again re-sends the same ids and the
+    /// store's idempotent append recognises them (see [`crate::CommandContext::with_command_id`]).
+    pub fn derived(command_id: Uuid, index: u32) -> Self {
+        let mut name = [0u8; 20];
+        name[..16].copy_from_slice(command_id.as_bytes());
+        name[16..].copy_from_slice(&index.to_be_bytes());
+        Self(Uuid::new_v5(&DERIVED_EVENT_IDS, &name))
     }
 
     /// Wraps an existing UUID.

@@ -282,6 +282,11 @@ impl EventStore for InMemoryStore {
             .collect())
     }
 
+    async fn find_event(&self, id: EventId) -> Result<Option<RecordedEvent>, StoreError> {
+        let log = self.inner.log.read().await;
+        Ok(log.ids.get(&id).map(|&index| log.events[index].clone()))
+    }
+
     async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, StoreError> {
         stream.validate()?;
         let log = self.inner.log.read().await;

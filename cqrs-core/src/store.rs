@@ -233,6 +233,10 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// The stored event with id `id`, if any (one lookup by the unique event-id index): what an
+    /// idempotent command checks before deciding again.
+    async fn find_event(&self, id: EventId) -> Result<Option<RecordedEvent>, StoreError>;
+
     /// The current version of `stream` ([`StreamVersion::INITIAL`] if it has no events).
     async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, StoreError>;
 

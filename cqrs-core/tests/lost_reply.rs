@@ -70,6 +70,12 @@ impl EventStore for LosingStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         self.inner.read_all(after, types, limit).await
     }
+    async fn find_event(
+        &self,
+        id: cqrs_core::EventId,
+    ) -> Result<Option<cqrs_core::RecordedEvent>, StoreError> {
+        self.inner.find_event(id).await
+    }
     async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, StoreError> {
         self.inner.stream_version(stream).await
     }

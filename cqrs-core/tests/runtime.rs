@@ -38,7 +38,7 @@ async fn execute_appends_with_causation_and_correlation() {
     assert_eq!(Some(stored[0].position), outcome.position);
 
     // A command caused by that event continues the conversation.
-    let follow_up = CommandContext::caused_by(&stored[0]);
+    let follow_up = CommandContext::caused_by(&stored[0], "follow_up");
     assert_eq!(follow_up.correlation_id, Some(conversation));
     let next = repo.execute_in("c", &Add(1), &follow_up).await.unwrap();
     let reaction = store
@@ -498,6 +498,13 @@ impl EventStore for CountingStore {
             .push(types == cqrs_core::EventTypes::All);
         self.inner.read_all(after, types, limit).await
     }
+    async fn find_event(
+        &self,
+        id: cqrs_core::EventId,
+    ) -> Result<Option<RecordedEvent>, cqrs_core::StoreError> {
+        self.inner.find_event(id).await
+    }
+
     async fn stream_version(
         &self,
         stream: &StreamId,

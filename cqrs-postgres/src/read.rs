@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cqrs_core::backend::validate_types;
 use cqrs_core::{
-    AppendResult, EventStore, EventTypes, ExpectedVersion, NewEvent, Position, RecordedEvent,
-    StoreError, StreamId, StreamVersion,
+    AppendResult, EventId, EventStore, EventTypes, ExpectedVersion, NewEvent, Position,
+    RecordedEvent, StoreError, StreamId, StreamVersion,
 };
 use futures_util::TryStreamExt;
 use sqlx::postgres::PgRow;
@@ -192,6 +192,15 @@ impl EventStore for PostgresStore {
             events.extend(more);
         }
         Ok(events)
+    }
+
+    async fn find_event(&self, id: EventId) -> Result<Option<RecordedEvent>, StoreError> {
+        let row = sqlx::query(self.sql.find_event.clone())
+            .bind(*id.as_uuid())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| self.fail(e))?;
+        row.as_ref().map(row::recorded).transpose()
     }
 
     async fn stream_version(&self, stream: &StreamId) -> Result<StreamVersion, StoreError> {

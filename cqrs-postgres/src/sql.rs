@@ -72,6 +72,7 @@ pub struct Statements {
     pub append_many: SqlStr,
     pub find_ids: SqlStr,
     pub read_stream: SqlStr,
+    pub find_event: SqlStr,
     pub read_all: SqlStr,
     pub read_all_filtered: SqlStr,
     pub pending: SqlStr,
@@ -225,6 +226,7 @@ impl Statements {
                 "SELECT position, tx::text AS tx_text, event_id, stream_type, stream_id, stream_version
                  FROM {events} WHERE event_id = ANY($1)"
             )),
+            find_event: sql(format!("SELECT {COLUMNS} FROM {events} WHERE event_id = $1")),
             read_stream: sql(format!(
                 "SELECT {COLUMNS} FROM {events}
                  WHERE stream_type = $1 AND stream_id = $2 AND stream_version >= $3

@@ -78,8 +78,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cqrs_core::backend::validate_types;
 use cqrs_core::{
-    AppendResult, CheckpointStore, EventStore, EventTypes, ExpectedVersion, NewEvent, Position,
-    RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId, StreamVersion,
+    AppendResult, CheckpointStore, EventId, EventStore, EventTypes, ExpectedVersion, NewEvent,
+    Position, RecordedEvent, Snapshot, SnapshotStore, StoreError, StreamId, StreamVersion,
 };
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool, SqlitePoolOptions};
 use sqlx::{ConnectOptions, Connection, Row};
@@ -487,6 +487,11 @@ impl EventStore for SqliteStore {
             .bind(i64::try_from(from.get()).unwrap_or(i64::MAX))
             .bind(i64::try_from(limit).unwrap_or(i64::MAX));
         self.fetch_events(query).await
+    }
+
+    async fn find_event(&self, id: EventId) -> Result<Option<RecordedEvent>, StoreError> {
+        let query = sqlx::query(sql::FIND_EVENT).bind(id.as_uuid().as_bytes().as_slice());
+        Ok(self.fetch_events(query).await?.into_iter().next())
     }
 
     async fn read_all(

@@ -38,6 +38,9 @@ pub fn insert_events(rows: usize) -> String {
 pub const FIND_IDS: &str = "SELECT position, event_id, stream_type, stream_id, stream_version \
      FROM events WHERE event_id IN (SELECT unhex(value) FROM json_each(?1))";
 
+/// One event by its id (the unique event-id index).
+pub const FIND_EVENT: &str = concat!("SELECT ", columns!(), " FROM events WHERE event_id = ?1");
+
 pub const READ_STREAM: &str = concat!(
     "SELECT ",
     columns!(),

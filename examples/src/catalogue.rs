@@ -264,7 +264,7 @@ impl DiscontinueWhenSoldOut {
             product: meta.stream.id().to_owned(),
             reason: "sold out".to_owned(),
         };
-        let context = CommandContext::caused_by(meta);
+        let context = CommandContext::caused_by(meta, "discontinue_when_sold_out");
         match self
             .products
             .execute_in(&command.product, &command, &context)

@@ -58,6 +58,7 @@ macro_rules! backend_conformance_tests {
             invalid_input_is_rejected,
             invalid_names_are_rejected_on_read_paths,
             payloads_every_backend_reads_back,
+            idempotent_commands_apply_once,
             hostile_ids_round_trip,
             read_all_order_filter_and_paging,
             snapshots_latest_wins,
@@ -533,6 +534,75 @@ pub async fn payloads_every_backend_reads_back(store: impl Backend) {
         .expect("a payload within the limits");
     let read = read_everything(&store, EventTypes::All).await;
     assert_eq!(read[0].payload, accepted);
+}
+
+/// A command executed with a command id that was already applied appends nothing and returns the
+/// original outcome: executed again, from another repository (as another process would), and by
+/// several tasks at once. A reaction to one event by one reaction name is one command.
+pub async fn idempotent_commands_apply_once(store: impl Backend) {
+    use crate::command::CommandContext;
+    let context = CommandContext::new().with_command_id(uuid::Uuid::now_v7());
+    let repo = Repository::<Counter>::new(store.clone());
+    let first = repo.execute_in("once", &Add(5), &context).await.unwrap();
+    assert!(!first.replayed);
+    for again in [
+        repo.execute_in("once", &Add(5), &context).await.unwrap(),
+        Repository::<Counter>::new(store.clone())
+            .execute_in("once", &Add(5), &context)
+            .await
+            .unwrap(),
+    ] {
+        assert!(again.replayed, "{again:?}");
+        assert_eq!(
+            (&again.events, again.stream_version, again.position),
+            (&first.events, first.stream_version, first.position)
+        );
+    }
+    assert_eq!(repo.load("once").await.unwrap().state.total, 5);
+    let elsewhere = repo.execute_in("elsewhere", &Add(5), &context).await;
+    assert!(
+        matches!(
+            elsewhere,
+            Err(crate::command::ExecuteError::Store(
+                StoreError::IdempotencyConflict { .. }
+            ))
+        ),
+        "one command id on two aggregates: {elsewhere:?}"
+    );
+
+    let context = CommandContext::new().with_command_id(uuid::Uuid::now_v7());
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let repo = Repository::<Counter>::new(store.clone());
+            let context = context.clone();
+            tokio::spawn(async move { repo.execute_in("racing", &Add(1), &context).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let raced = repo.load("racing").await.unwrap();
+    assert_eq!(
+        (raced.state.total, raced.version),
+        (1, StreamVersion::new(1)),
+        "eight concurrent executions of one command apply it once"
+    );
+
+    let cause = store
+        .read_stream(&StreamId::new("counter", "once"), StreamVersion::new(1), 1)
+        .await
+        .unwrap()
+        .remove(0);
+    let reaction = CommandContext::caused_by(&cause, "audit");
+    assert!(reaction.is_idempotent());
+    assert_eq!(
+        reaction.command_id,
+        CommandContext::caused_by(&cause, "audit").command_id
+    );
+    assert_ne!(
+        reaction.command_id,
+        CommandContext::caused_by(&cause, "billing").command_id
+    );
 }
 
 /// The same names are rejected on every read path, with [`StoreError::InvalidId`], never a raw
