@@ -67,11 +67,7 @@ pub fn decode(value: &str) -> Option<String> {
 }
 
 /// The headers of the message for `event`, published as `message_type` at `schema_version`.
-pub(crate) fn for_event(
-    event: &RecordedEvent,
-    message_type: &str,
-    schema_version: u32,
-) -> HeaderMap {
+pub fn for_event(event: &RecordedEvent, message_type: &str, schema_version: u32) -> HeaderMap {
     let mut headers = HeaderMap::new();
     let id = event.event_id.to_string();
     headers.insert(MSG_ID, id.as_str());
