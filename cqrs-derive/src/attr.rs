@@ -44,7 +44,7 @@ pub struct AggregateAttr {
 
 /// One entry of `streams(...)`: an aggregate type (its `Aggregate::TYPE`) or a stream type name.
 pub enum StreamType {
-    Aggregate(Type),
+    Aggregate(Box<Type>),
     Name(LitStr),
 }
 
@@ -232,7 +232,7 @@ fn stream_list(meta: &ParseNestedMeta) -> syn::Result<Vec<StreamType>> {
                 }
                 Ok(StreamType::Name(lit))
             } else {
-                input.parse().map(StreamType::Aggregate)
+                input.parse().map(|ty| StreamType::Aggregate(Box::new(ty)))
             }
         },
         Token![,],

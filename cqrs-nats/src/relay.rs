@@ -258,16 +258,11 @@ impl<M: IntegrationMap, C: Send + 'static> Projection for Relay<M, C> {
         std::future::ready(outcome)
     }
 
-    fn flush<'a>(
-        &'a mut self,
-        _: &'a mut C,
-    ) -> impl Future<Output = Result<(), ProjectionError>> + Send + 'a {
-        async move {
-            self.publish().await.map_err(|e| ProjectionError::Flush {
-                projection: Self::NAME,
-                source: e.into(),
-            })
-        }
+    async fn flush(&mut self, _: &mut C) -> Result<(), ProjectionError> {
+        self.publish().await.map_err(|e| ProjectionError::Flush {
+            projection: Self::NAME,
+            source: e.into(),
+        })
     }
 
     fn discard(&mut self) {
