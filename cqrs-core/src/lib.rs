@@ -38,7 +38,7 @@ pub use command::{
 };
 pub use event::{EncodeError, Event, EventId, EventSet, Metadata, NewEvent, RecordedEvent};
 pub use memory::InMemoryStore;
-pub use projection::{HandlerError, Projection, ProjectionError};
+pub use projection::{HandlerError, Projection, ProjectionError, Subscription};
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 pub use store::{AppendResult, ConcurrencyError, EventStore, EventTypes, StoreError};
 pub use stream::{ExpectedVersion, Position, StreamId, StreamVersion};

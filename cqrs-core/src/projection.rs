@@ -2,12 +2,15 @@
 //!
 //! `#[projection]` on an impl block implements [`Projection`]: it routes each stored event to the
 //! handler method whose event parameter has that type, and lists the handled types so the store
-//! reads only those.
+//! reads only those. A handler taking the envelope itself (`event: &RecordedEvent`, payload not
+//! decoded) handles every event the others do not: a catch-all. `streams(...)` narrows a
+//! projection to some stream types (categories). Both are a [`Subscription`].
 
 use std::error::Error as StdError;
 use std::future::Future;
 
 use crate::event::RecordedEvent;
+use crate::store::EventTypes;
 use crate::stream::Position;
 use crate::upcast::DecodeError;
 
@@ -18,13 +21,18 @@ pub type HandlerError = Box<dyn StdError + Send + Sync>;
 pub trait Projection: Send + 'static {
     /// Unique name; the key of its checkpoint.
     const NAME: &'static str;
-    /// The stored type names this projection handles; every other event is skipped unread.
+    /// The stored type names this projection's typed handlers handle.
     const EVENT_TYPES: &'static [&'static str];
+    /// The events the runner feeds this projection; every other event is skipped undecoded
+    /// (and, when the filter is by event type, unread). The default is exactly
+    /// [`Projection::EVENT_TYPES`] from every stream. `#[projection]` sets it for a catch-all
+    /// handler ([`EventTypes::All`]) and for `streams(...)`.
+    const SUBSCRIPTION: Subscription = Subscription::types(Self::EVENT_TYPES);
     /// What handlers get besides the event: `()` for in-memory read models, a database connection
     /// (e.g. `sqlx::PgConnection`) for read models that commit together with the checkpoint.
     type Context: Send;
 
-    /// Applies one event. Events of types not in [`Projection::EVENT_TYPES`] are ignored.
+    /// Applies one event. Events [`Projection::SUBSCRIPTION`] does not match are ignored.
     fn handle<'a>(
         &'a mut self,
         event: &'a RecordedEvent,
@@ -132,5 +140,54 @@ impl HandlerOutput for () {
 impl<E: Into<HandlerError>> HandlerOutput for Result<(), E> {
     fn into_result(self) -> Result<(), HandlerError> {
         self.map_err(Into::into)
+    }
+}
+
+/// Which events a projection is fed: a filter on the stored event type and one on the stream
+/// type (the category: for aggregates, [`Aggregate::TYPE`](crate::Aggregate::TYPE)). An event must
+/// pass both.
+///
+/// The store reads by event type only ([`EventTypes`]); the stream-type filter is applied by the
+/// runner to what it read. A projection of a few stream types over a log of many therefore reads
+/// (and moves its checkpoint over) the others' events too: correct, at the cost of reading them.
+/// Its lag and progress count every event of its event types, an upper bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Subscription {
+    /// The stored event types fed to the projection.
+    pub event_types: EventTypes<'static>,
+    /// The stream types (categories) whose events are fed; `None`: every stream.
+    pub stream_types: Option<&'static [&'static str]>,
+}
+
+impl Subscription {
+    /// Every event of every stream.
+    pub const ALL: Subscription = Subscription {
+        event_types: EventTypes::All,
+        stream_types: None,
+    };
+
+    /// Events of these stored types, from every stream.
+    pub const fn types(types: &'static [&'static str]) -> Self {
+        Subscription {
+            event_types: EventTypes::Only(types),
+            stream_types: None,
+        }
+    }
+
+    /// Only the events of streams of these types (categories) that pass this filter.
+    pub const fn in_streams(self, stream_types: &'static [&'static str]) -> Self {
+        Subscription {
+            event_types: self.event_types,
+            stream_types: Some(stream_types),
+        }
+    }
+
+    /// Whether `event` is fed to the projection.
+    pub fn matches(&self, event: &RecordedEvent) -> bool {
+        self.event_types.matches(&event.event_type)
+            && self
+                .stream_types
+                .is_none_or(|types| types.contains(&event.stream.stream_type()))
     }
 }

@@ -14,7 +14,7 @@ use crate::aggregate::{Aggregate, Handle, HandleWith};
 use crate::event::{NewEvent, RecordedEvent};
 use crate::memory::InMemoryStore;
 use crate::projection::{Projection, ProjectionError};
-use crate::store::{read_all_batched, EventStore, EventTypes, DEFAULT_BATCH_SIZE};
+use crate::store::{read_all_batched, EventStore, DEFAULT_BATCH_SIZE};
 use crate::stream::StreamId;
 
 /// An aggregate in a known state, built from past events.
@@ -242,7 +242,7 @@ impl<P: Projection<Context = ()>> ProjectionFixture<P> {
         let events = read_all_batched(
             &self.store,
             crate::stream::Position::START,
-            EventTypes::Only(P::EVENT_TYPES),
+            P::SUBSCRIPTION.event_types,
             DEFAULT_BATCH_SIZE,
         );
         futures_util::pin_mut!(events);
@@ -255,7 +255,9 @@ impl<P: Projection<Context = ()>> ProjectionFixture<P> {
                 source: Box::new(e),
             })?
         {
-            apply(&mut self.projection, &event).await?;
+            if P::SUBSCRIPTION.matches(&event) {
+                apply(&mut self.projection, &event).await?;
+            }
         }
         self.projection.flush(&mut ()).await?;
         Ok(self.projection)

@@ -809,3 +809,104 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     }
     text
 }
+
+/// Every event, undecoded: a catch-all handler subscribes to the whole log.
+#[derive(Default)]
+struct Everything {
+    seen: Vec<(String, String)>,
+}
+
+#[cqrs_core::projection(name = "everything")]
+impl Everything {
+    fn any(&mut self, event: &RecordedEvent) {
+        self.seen.push((
+            event.stream.stream_type().to_owned(),
+            event.event_type.clone(),
+        ));
+    }
+}
+
+/// Every event of the `counter` streams (the category of an aggregate).
+#[derive(Default)]
+struct CounterCategory {
+    seen: Vec<String>,
+}
+
+#[cqrs_core::projection(name = "counter-category", streams(Counter))]
+impl CounterCategory {
+    fn any(&mut self, event: &RecordedEvent) {
+        self.seen.push(event.stream.stream_type().to_owned());
+    }
+}
+
+/// `Added` from `other` streams only (typed handlers narrowed to a stream type by name), and
+/// every other event of those streams through the catch-all.
+#[derive(Default)]
+struct OtherAdded {
+    added: i64,
+    rest: u64,
+}
+
+#[cqrs_core::projection(name = "other-added", streams("other"))]
+impl OtherAdded {
+    fn added(&mut self, event: &Added) {
+        self.added += event.n;
+    }
+
+    fn rest(&mut self, _: &RecordedEvent) {
+        self.rest += 1;
+    }
+}
+
+/// Catch-all and category subscriptions run on the same runner and checkpoints as typed ones:
+/// the runner feeds exactly the subscribed events, and moves the checkpoint past the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_all_and_category_projections_get_exactly_their_events() {
+    let store = InMemoryStore::new();
+    let repo = Repository::<Counter>::new(store.clone());
+    for i in 1..=10 {
+        repo.execute(&format!("c{}", i % 3), &Add(i)).await.unwrap();
+    }
+    noise(&store, 8).await;
+    for n in [5, 7] {
+        let added = NewEvent::from_event(&Added { n }).unwrap();
+        store
+            .append(
+                &StreamId::new("other", "y"),
+                ExpectedVersion::Any,
+                vec![added],
+            )
+            .await
+            .unwrap();
+    }
+    let head = store.head().await.unwrap().unwrap();
+
+    assert_eq!(
+        <Everything as Projection>::SUBSCRIPTION,
+        cqrs_core::Subscription::ALL
+    );
+    let everything = ProjectionRunner::new(Everything::default(), InProcess::new(store.clone()))
+        .with_config(fast())
+        .catch_up(|_| {})
+        .await
+        .unwrap();
+    assert_eq!(everything.seen.len(), 20, "{:?}", everything.seen);
+    assert_eq!(everything.seen[10], ("other".into(), "Unrelated".into()));
+
+    let handle = ProjectionRunner::new(CounterCategory::default(), InProcess::new(store.clone()))
+        .with_config(fast())
+        .spawn();
+    handle
+        .wait_for(head, Duration::from_secs(5))
+        .await
+        .expect("the checkpoint passes other streams' events");
+    let category = handle.stop().await.unwrap();
+    assert_eq!(category.seen, vec!["counter".to_owned(); 10]);
+
+    let other = ProjectionRunner::new(OtherAdded::default(), InProcess::new(store.clone()))
+        .with_config(fast())
+        .catch_up(|_| {})
+        .await
+        .unwrap();
+    assert_eq!((other.added, other.rest), (12, 8));
+}

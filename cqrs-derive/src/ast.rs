@@ -2,6 +2,8 @@
 
 use syn::{Ident, LitStr, Path, Type};
 
+pub use crate::attr::StreamType;
+
 /// A validated `#[event]`.
 pub struct Event {
     pub krate: Path,
@@ -44,7 +46,10 @@ pub struct Projection {
     pub name: LitStr,
     /// `Projection::Context`: `context = Type`, else the handlers' `&mut C`, else `()`.
     pub context: Option<Type>,
+    /// Every handler, the catch-all included (at most one, `Handler::catch_all`).
     pub handlers: Vec<Handler>,
+    /// `streams(...)`: the stream types fed to the projection; empty for every stream.
+    pub streams: Vec<StreamType>,
     /// The `#[flush]` method, if any.
     pub flush: Option<Flush>,
     /// The `#[discard]` method, if any.
@@ -62,8 +67,12 @@ pub struct Flush {
 pub struct Handler {
     pub method: Ident,
     pub is_async: bool,
-    /// `E`, as written by the user (routing goes through `<E as Event>::NAME`).
+    /// `E`, as written by the user (routing goes through `<E as Event>::NAME`); for the
+    /// catch-all, the envelope type.
     pub event: Type,
+    /// It takes `&RecordedEvent` as its event: it gets every event no other handler routes,
+    /// undecoded.
+    pub catch_all: bool,
     /// The `&RecordedEvent` parameter's type, if taken.
     pub meta: Option<Type>,
     /// The `&mut C` parameter's type, if taken.

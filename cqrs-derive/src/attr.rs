@@ -42,11 +42,18 @@ pub struct AggregateAttr {
     pub malformed: bool,
 }
 
-/// `#[projection(name = "...", context = Type, crate = path)]`
+/// One entry of `streams(...)`: an aggregate type (its `Aggregate::TYPE`) or a stream type name.
+pub enum StreamType {
+    Aggregate(Box<Type>),
+    Name(LitStr),
+}
+
+/// `#[projection(name = "...", context = Type, streams(Account, "ledger"), crate = path)]`
 #[derive(Default)]
 pub struct ProjectionAttr {
     pub name: Option<LitStr>,
     pub context: Option<Type>,
+    pub streams: Option<Vec<StreamType>>,
     pub krate: Option<Path>,
 }
 
@@ -148,6 +155,9 @@ pub fn projection(cx: &mut Ctxt, args: TokenStream) -> ProjectionAttr {
         } else if is(&path, CONTEXT) {
             let ty = code_value::<Type>(&meta, CONTEXT, "a type", "sqlx::PgConnection")?;
             set(cx, &mut attr.context, ty, &path);
+        } else if is(&path, STREAMS) {
+            let streams = stream_list(&meta)?;
+            set(cx, &mut attr.streams, streams, &path);
         } else if is(&path, CRATE) {
             let p = code_value::<Path>(&meta, CRATE, "a path", "::my_framework::cqrs")?;
             set(cx, &mut attr.krate, p, &path);
@@ -199,6 +209,38 @@ fn event_list(cx: &mut Ctxt, meta: &ParseNestedMeta) -> syn::Result<Vec<ListedEv
         }
     }
     Ok(events)
+}
+
+/// `streams(Account, "ledger", ...)`: aggregate types or stream type names, at least one.
+fn stream_list(meta: &ParseNestedMeta) -> syn::Result<Vec<StreamType>> {
+    const SHAPE: &str =
+        "expected a list of aggregate types or stream type names: `streams(Account, \"ledger\")`";
+    if !meta.input.peek(syn::token::Paren) {
+        return Err(meta.error(SHAPE));
+    }
+    let content;
+    syn::parenthesized!(content in meta.input);
+    let entries = content.parse_terminated(
+        |input: ParseStream| {
+            if input.peek(LitStr) {
+                let lit: LitStr = input.parse()?;
+                if lit.value().is_empty() {
+                    return Err(syn::Error::new_spanned(
+                        &lit,
+                        "a stream type name cannot be empty: name one, e.g. `\"ledger\"`",
+                    ));
+                }
+                Ok(StreamType::Name(lit))
+            } else {
+                input.parse().map(|ty| StreamType::Aggregate(Box::new(ty)))
+            }
+        },
+        Token![,],
+    )?;
+    if entries.is_empty() {
+        return Err(meta.error(SHAPE));
+    }
+    Ok(entries.into_iter().collect())
 }
 
 fn set<T>(cx: &mut Ctxt, slot: &mut Option<T>, value: T, path: &Path) {

@@ -118,8 +118,14 @@ pub fn derive_aggregate(input: TokenStream) -> TokenStream {
 /// marked `#[discard]`, `fn name(&mut self)`, that drops the buffer when a batch is abandoned
 /// (`Projection::discard`), so a retried batch is not written twice.
 ///
+/// A handler whose event parameter is the envelope itself, `fn name(&mut self, event:
+/// &RecordedEvent [, context: &mut C])`, is the **catch-all**: it gets every event no typed handler
+/// routes, payload undecoded, and makes the projection subscribe to the whole log
+/// (`Projection::SUBSCRIPTION`). At most one per projection.
+///
 /// Keys: `name = "..."` (the checkpoint name, default: the type's name verbatim), `context =
-/// Type`, `crate = path`. The generated `EVENT_TYPES` lists each handler's `<E as Event>::NAME`,
+/// Type`, `streams(Account, "ledger")` (only events of these stream types, the categories: an
+/// aggregate type stands for its `Aggregate::TYPE`, a string for itself), `crate = path`. The generated `EVENT_TYPES` lists each handler's `<E as Event>::NAME`,
 /// so the store reads only those; `handle` decodes (upcasting) only events it has a handler for.
 #[proc_macro_attribute]
 pub fn projection(args: TokenStream, input: TokenStream) -> TokenStream {

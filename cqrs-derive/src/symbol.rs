@@ -4,8 +4,9 @@
 //! ```text
 //! #[event(name = "MoneyDeposited", version = 2, upcast_from = DepositedV1 | upcast_json = path::to::f, crate = path)]
 //! #[aggregate(name = "account", events(A, b::B as BeeVariant), event_enum = Name, snapshot_version = 2, crate = path)]
-//! #[projection(name = "balances", context = Type, crate = path)]   // methods: #[helper] to opt out,
-//!                                                                   // #[flush] + #[discard] to batch writes
+//! #[projection(name = "balances", context = Type, streams(Account, "ledger"), crate = path)]
+//!     // methods: handlers (`event: &E`, or `event: &RecordedEvent` for every other event),
+//!     // #[helper] to opt out, #[flush] + #[discard] to batch writes
 //! ```
 
 /// The derive's helper attribute: `#[aggregate(...)]`.
@@ -26,10 +27,11 @@ pub const EVENTS: &str = "events";
 pub const EVENT_ENUM: &str = "event_enum";
 pub const SNAPSHOT_VERSION: &str = "snapshot_version";
 pub const CONTEXT: &str = "context";
+pub const STREAMS: &str = "streams";
 
 pub const EVENT_KEYS: &[&str] = &[NAME, VERSION, UPCAST_FROM, UPCAST_JSON, CRATE];
 pub const AGGREGATE_KEYS: &[&str] = &[NAME, EVENTS, EVENT_ENUM, SNAPSHOT_VERSION, CRATE];
-pub const PROJECTION_KEYS: &[&str] = &[NAME, CONTEXT, CRATE];
+pub const PROJECTION_KEYS: &[&str] = &[NAME, CONTEXT, STREAMS, CRATE];
 
 /// `#[derive(...)]`, read by `#[event]` to check for the two below.
 pub const DERIVE: &str = "derive";
@@ -37,5 +39,6 @@ pub const DERIVE: &str = "derive";
 pub const SERIALIZE: &str = "Serialize";
 pub const DESERIALIZE: &str = "Deserialize";
 
-/// The envelope type a handler's optional second parameter must name.
+/// The envelope type a handler's optional second parameter must name; as the first (event)
+/// parameter it makes the handler a catch-all.
 pub const RECORDED_EVENT: &str = "RecordedEvent";

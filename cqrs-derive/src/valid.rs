@@ -227,6 +227,7 @@ pub fn projection(cx: &mut Ctxt, attr: ProjectionAttr, item: &mut ItemImpl) -> P
         name,
         context: attr.context,
         handlers: Vec::new(),
+        streams: attr.streams.unwrap_or_default(),
         flush: None,
         discard: None,
     };
@@ -258,6 +259,18 @@ pub fn projection(cx: &mut Ctxt, attr: ProjectionAttr, item: &mut ItemImpl) -> P
         );
     }
     for (i, h) in model.handlers.iter().enumerate() {
+        if h.catch_all {
+            if let Some(earlier) = model.handlers[..i].iter().find(|e| e.catch_all) {
+                cx.error_spanned_by(
+                    &h.event,
+                    format!(
+                        "`{}` and `{}` both take every event (`&RecordedEvent`); a projection has at most one catch-all handler: merge them",
+                        earlier.method, h.method
+                    ),
+                );
+            }
+            continue;
+        }
         if let Some(earlier) = model.handlers[..i]
             .iter()
             .find(|e| text(&e.event) == text(&h.event))
@@ -493,6 +506,13 @@ fn handler(cx: &mut Ctxt, sig: &syn::Signature) -> Option<Handler> {
     };
     let event = match &*first.ty {
         Type::Reference(r) if r.mutability.is_none() => (*r.elem).clone(),
+        Type::Reference(r) if last_ident(&r.elem).is_some_and(|id| id == RECORDED_EVENT) => {
+            cx.error_spanned_by(
+                &first.ty,
+                "take the envelope by shared reference (`&RecordedEvent`): events are immutable facts",
+            );
+            return None;
+        }
         Type::Reference(_) => {
             cx.error_spanned_by(
                 &first.ty,
@@ -508,10 +528,19 @@ fn handler(cx: &mut Ctxt, sig: &syn::Signature) -> Option<Handler> {
             return None;
         }
     };
+    // `event: &RecordedEvent`: every event no typed handler takes, undecoded.
+    let catch_all = last_ident(&event).is_some_and(|id| id == RECORDED_EVENT);
     let mut meta = None;
     let mut context = None;
     for (i, arg) in typed.iter().enumerate().skip(1) {
         match &*arg.ty {
+            Type::Reference(r) if r.mutability.is_none() && i == 1 && catch_all => {
+                cx.error_spanned_by(
+                    &arg.ty,
+                    format!("handler `{ident}` already takes the envelope as its event; drop this parameter"),
+                );
+                return None;
+            }
             Type::Reference(r) if r.mutability.is_none() && i == 1 => {
                 if last_ident(&r.elem).is_some_and(|id| id != RECORDED_EVENT) {
                     cx.error_spanned_by(
@@ -535,6 +564,7 @@ fn handler(cx: &mut Ctxt, sig: &syn::Signature) -> Option<Handler> {
         method: ident.clone(),
         is_async: sig.asyncness.is_some(),
         event,
+        catch_all,
         meta,
         context,
     })

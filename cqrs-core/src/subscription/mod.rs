@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::backend::{BatchError, Lease, ProjectionBackend, SkipTarget};
 use crate::event::RecordedEvent;
-use crate::projection::Projection;
+use crate::projection::{Projection, Subscription};
 use crate::store::{EventStore, EventTypes, StoreError};
 use crate::stream::Position;
 
@@ -50,17 +50,18 @@ pub(crate) enum Control {
 /// the whole log and dropping the rest here is cheaper than the store's type-filtered read (one
 /// index range per type, merged); once a batch shows that fewer than half are handled, the runner
 /// switches to the filtered read for good. Both reads return the same handled events in the same
-/// order, so the choice only changes speed.
+/// order, so the choice only changes speed. The stream-type filter of a [`Subscription`] is
+/// always applied here: the store filters by event type only.
 #[derive(Debug, Clone, Copy)]
 struct LogReader {
-    handled: &'static [&'static str],
+    subscription: Subscription,
     whole_log: bool,
 }
 
 impl LogReader {
-    fn new(handled: &'static [&'static str]) -> Self {
+    fn new(subscription: Subscription) -> Self {
         Self {
-            handled,
+            subscription,
             whole_log: true,
         }
     }
@@ -70,20 +71,18 @@ impl LogReader {
         if self.whole_log {
             EventTypes::All
         } else {
-            EventTypes::Only(self.handled)
+            self.subscription.event_types
         }
     }
 
     /// Keeps the handled events of a batch read with [`LogReader::types`], and picks the read for
     /// the next batches.
     fn keep_handled(&mut self, events: &mut Vec<RecordedEvent>) {
-        if !self.whole_log {
-            return;
-        }
         let read = events.len();
-        let handled = EventTypes::Only(self.handled);
-        events.retain(|e| handled.matches(&e.event_type));
-        if events.len() * 2 < read {
+        events.retain(|e| self.subscription.matches(e));
+        // Only a filter by event type can be pushed down to the store.
+        let narrower = matches!(self.subscription.event_types, EventTypes::Only(_));
+        if self.whole_log && narrower && events.len() * 2 < read {
             self.whole_log = false;
         }
     }
@@ -281,7 +280,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         };
         store.wait_until_readable(target).await?;
         let mut checkpoint = self.backend.load_checkpoint(&self.name).await?;
-        let types = EventTypes::Only(P::EVENT_TYPES);
+        let types = P::SUBSCRIPTION.event_types;
         let after = checkpoint.unwrap_or(Position::START);
         if after >= target {
             return Ok(());
@@ -291,7 +290,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         let started = Instant::now();
         let mut done = 0u64;
         let limit = self.config.batch_size();
-        let mut reader = LogReader::new(P::EVENT_TYPES);
+        let mut reader = LogReader::new(P::SUBSCRIPTION);
         let mut next = Some(read_page(store, after, reader.types(), limit).await?);
         while let Some(Page {
             mut events,
@@ -400,7 +399,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         status: &watch::Sender<ProjectionStatus>,
         mut control: mpsc::Receiver<Control>,
     ) -> P {
-        let mut reader = LogReader::new(P::EVENT_TYPES);
+        let mut reader = LogReader::new(P::SUBSCRIPTION);
         let limit = self.config.batch_size();
         // The next batch, read while the previous one committed: (its cursor, what was read).
         let mut ahead: Option<(Position, BatchRead)> = None;
@@ -652,7 +651,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         let after = checkpoint.unwrap_or(Position::START);
         match backend
             .events()
-            .count_after(after, EventTypes::Only(P::EVENT_TYPES))
+            .count_after(after, P::SUBSCRIPTION.event_types)
             .await
         {
             Ok(lag) => Some(lag),

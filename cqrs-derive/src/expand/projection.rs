@@ -1,12 +1,13 @@
 //! `#[projection]`: the impl block as written (minus `#[helper]` markers), plus `impl Projection`
-//! whose `handle` is one `match` on the stored type name.
+//! whose `handle` is one `match` on the stored type name (the catch-all handler, if any, in the
+//! last arm).
 
 use proc_macro2::TokenStream;
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
 
 use super::{distinct_names, event_item, private};
-use crate::ast::Projection;
+use crate::ast::{Handler, Projection, StreamType};
 use crate::ctxt::text;
 
 pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
@@ -15,9 +16,12 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
         name,
         context,
         handlers,
+        streams,
         flush,
         discard,
     } = model;
+    let (catch_all, handlers): (Vec<&Handler>, Vec<&Handler>) =
+        handlers.iter().partition(|h| h.catch_all);
     let p = private(krate);
     let self_ty = &item.self_ty;
     let (impl_generics, _, where_clause) = item.generics.split_for_impl();
@@ -26,19 +30,22 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
         .iter()
         .map(|h| event_item(krate, &h.event, quote!(NAME)))
         .collect();
-    let routes = handlers.iter().zip(&names).map(|(h, name)| {
+    // Arguments spanned at the user's parameters, so a type mismatch is reported there.
+    let call = |h: &Handler, event: TokenStream| {
         let method = &h.method;
-        // Arguments spanned at the user's parameters, so a type mismatch is reported there.
         let meta = h.meta.as_ref().map(|m| quote_spanned!(m.span()=> , event));
         let ctx = h
             .context
             .as_ref()
             .map(|c| quote_spanned!(c.span()=> , &mut *context));
-        let call = if h.is_async {
-            quote!(self.#method(&decoded #meta #ctx).await)
+        if h.is_async {
+            quote!(self.#method(#event #meta #ctx).await)
         } else {
-            quote!(self.#method(&decoded #meta #ctx))
-        };
+            quote!(self.#method(#event #meta #ctx))
+        }
+    };
+    let routes = handlers.iter().zip(&names).map(|(h, name)| {
+        let call = call(h, quote!(&decoded));
         // Spanned at the event parameter: a type that is not an event is reported there once.
         let decode = event_item(
             krate,
@@ -56,6 +63,36 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
     // Two event types stored under one name (two versions of one event, unrelated types named
     // alike, or one type written two ways, e.g. through an alias) would route to only the first
     // handler.
+    let fallback = match catch_all.first() {
+        Some(h) => {
+            let call = call(h, quote!(event));
+            quote!(_ => #p::handled::<Self>(event, #call),)
+        }
+        None => quote!(_ => #p::Ok(()),),
+    };
+    // The default (exactly `EVENT_TYPES`, every stream) is left to the trait.
+    let subscription = (!catch_all.is_empty() || !streams.is_empty()).then(|| {
+        let base = if catch_all.is_empty() {
+            quote!(#krate::Subscription::types(Self::EVENT_TYPES))
+        } else {
+            quote!(#krate::Subscription::ALL)
+        };
+        let filtered = if streams.is_empty() {
+            base
+        } else {
+            let streams = streams.iter().map(|s| match s {
+                StreamType::Name(name) => quote!(#name),
+                StreamType::Aggregate(ty) => {
+                    // Spanned at the user's type: one that is not an aggregate is reported there.
+                    quote_spanned!(ty.span()=> <#ty as #krate::Aggregate>::TYPE)
+                }
+            });
+            quote!(#base.in_streams(&[#(#streams),*]))
+        };
+        quote! {
+            const SUBSCRIPTION: #krate::Subscription = #filtered;
+        }
+    });
     let handled: Vec<_> = handlers
         .iter()
         .map(|h| {
@@ -110,6 +147,7 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
             impl #impl_generics #krate::Projection for #self_ty #where_clause {
                 const NAME: &'static str = #name;
                 const EVENT_TYPES: &'static [&'static str] = &[#(#names),*];
+                #subscription
                 type Context = #context;
 
                 /// Decodes the event and calls the handler for its type; events of other types
@@ -127,7 +165,7 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
                     async move {
                         match event.event_type.as_str() {
                             #(#routes)*
-                            _ => #p::Ok(()),
+                            #fallback
                         }
                     }
                 }

@@ -1,0 +1,96 @@
+//! Integration events through NATS JetStream: an outbox [`Relay`] that publishes the event log,
+//! and a durable [`Consumer`] that feeds a projection or process manager in another service.
+//!
+//! The event store stays the source of truth; JetStream is the transport, not an event store
+//! (its acknowledgement carries the JetStream stream's sequence, not a per-stream version).
+//!
+//! # The relay
+//!
+//! [`Relay`] is a [`Projection`](cqrs_core::Projection) run by the ordinary
+//! [`ProjectionRunner`](cqrs_core::subscription::ProjectionRunner) on the event store's own
+//! projection backend, so it has the runner's lease (one active relay per name), status, failure
+//! policy and skips, and its checkpoint lives beside the events.
+//!
+//! - **Subjects**: `<prefix>.<stream type>.<message type>` (each percent-encoded into one token),
+//!   or whatever [`IntegrationMessage::on_subject`] says. All subjects of one relay belong to one
+//!   JetStream stream, which the relay publishes to alone (see the ordering guard).
+//! - **Headers** ([`headers`]): `Nats-Msg-Id` = the event id, and `Cqrs-Event-Id`,
+//!   `Cqrs-Event-Type` / `Cqrs-Schema-Version` (the public message's), `Cqrs-Stream-Type`,
+//!   `Cqrs-Stream-Id`, `Cqrs-Stream-Version`, `Cqrs-Position`, `Cqrs-Recorded-At`,
+//!   `Cqrs-Correlation-Id`, `Cqrs-Causation-Id`.
+//! - **Contract, not payload**: an [`IntegrationMap`] turns an event into its public
+//!   [`IntegrationMessage`] or into nothing (the relay's filter); [`PublishStored`] publishes the
+//!   stored payload as is.
+//! - **Checkpoint after the acks**: a batch's messages are published (pipelined, in log order) in
+//!   the projection's flush, every acknowledgement is awaited, and only then does the backend
+//!   commit the checkpoint. A publish failure (broker down, ack timeout) fails the flush: the
+//!   checkpoint stays, the runner logs the typed [`RelayError`] in its status (not skippable) and
+//!   retries the batch with backoff, so the relay resumes by itself when the broker is back.
+//! - **Per-stream order, with an ordering guard**: every message after the first of an attempt
+//!   carries `Nats-Expected-Last-Msg-Id` = the previous message's event id, so JetStream stores a
+//!   message only right after its predecessor: a message lost on a dropped connection cannot be
+//!   overtaken by the next one (which is rejected, and the batch is retried from its start).
+//! - **Crash between publish and checkpoint**: the batch is published again after a restart.
+//!   JetStream checks `Nats-Msg-Id` against its duplicate window (the stream's
+//!   `duplicate_window`, 2 minutes by default) before anything else and drops the repeat. Beyond
+//!   the window (the relay was down longer than it after a crash mid-batch), the repeat is stored
+//!   a second time at a new sequence; consumers still see each event once because they
+//!   de-duplicate by event id ([`Inbox`]). Size the window above the longest expected restart.
+//! - **Broker crashes**: nats-server 2.9 fsyncs its file store on an interval (`sync_interval`),
+//!   so a broker (not process) crash can lose acknowledged messages of the last interval; the
+//!   relay will not republish them (its checkpoint moved). Use a replicated stream (R3) where
+//!   that matters.
+//!
+//! # The consumer
+//!
+//! [`Consumer`] pulls from a durable JetStream consumer and commits each batch through a
+//! [`ProjectionBackend`](cqrs_core::backend::ProjectionBackend) of the consuming service (e.g.
+//! `PostgresProjections`): the handlers' writes, the de-duplication rows and the checkpoint (the
+//! JetStream stream sequence, stored as `Position { tx: 0, sequence }`) commit in one
+//! transaction, and messages are acknowledged only after it. Exactly-once in effect:
+//!
+//! - a message redelivered after its batch committed (a lost ack, a crash before the ack) has a
+//!   sequence at or below the checkpoint: acknowledged again, applied never;
+//! - a second copy of an event at a new sequence (a republish beyond the duplicate window) is
+//!   dropped by its event id in the same transaction ([`Inbox::first_delivery`]);
+//! - the durable consumer is (re)created at the checkpoint's next sequence on start and after
+//!   every reconnect, so a message lost in delivery is never passed by a later one.
+//!
+//! A message that cannot be read (missing headers, a payload that is not JSON) or that its handler
+//! cannot decode or handle stops the consumer right before it, with its sequence in
+//! [`ConsumerStatus::last_error`]; [`ConsumerHandle::skip`] moves past it and records it
+//! ([`Inbox::record_skip`]).
+
+mod consumer;
+pub mod headers;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+mod relay;
+
+pub use consumer::{
+    Consumer, ConsumerConfig, ConsumerFailure, ConsumerHandle, ConsumerState, ConsumerStatus,
+    Deduped, Inbox, UndecodableMessage,
+};
+pub use headers::MessageError;
+pub use relay::{
+    IntegrationMap, IntegrationMessage, PublishStored, Relay, RelayConfig, RelayError,
+};
+
+/// Creates the JetStream stream `name` for `subjects` with the given duplicate window, or returns
+/// the existing one (file storage).
+pub async fn ensure_stream(
+    jetstream: &async_nats::jetstream::Context,
+    name: &str,
+    subjects: Vec<String>,
+    duplicate_window: std::time::Duration,
+) -> Result<async_nats::jetstream::stream::Stream, async_nats::Error> {
+    let stream = jetstream
+        .get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: name.to_owned(),
+            subjects,
+            duplicate_window,
+            ..Default::default()
+        })
+        .await?;
+    Ok(stream)
+}

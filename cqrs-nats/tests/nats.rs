@@ -1,0 +1,249 @@
+//! The relay and the consumer against a real nats-server (the shared one at 127.0.0.1:4222, or
+//! a private one for tests that stop the broker) and PostgreSQL (`DATABASE_URL`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use cqrs_core::prelude::*;
+use cqrs_core::subscription::{ProjectionRunner, RunnerConfig};
+use cqrs_core::{EventStore, NewEvent, Projection};
+use cqrs_nats::{
+    ensure_stream, Consumer, ConsumerConfig, ConsumerState, PublishStored, Relay, RelayConfig,
+};
+use cqrs_postgres::{PostgresProjections, PostgresStore};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+
+#[event(name = "Pinged")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Pinged {
+    n: i64,
+}
+
+fn unique() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+async fn fresh_store() -> PostgresStore {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let store = PostgresStore::connect(&url)
+        .await
+        .expect("PostgreSQL at DATABASE_URL")
+        .with_schema(&format!("nats_{}", unique()))
+        .unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+async fn drop_schema(store: &PostgresStore) {
+    let statement = format!("DROP SCHEMA \"{}\" CASCADE", store.schema());
+    sqlx::query(sqlx::AssertSqlSafe(statement))
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
+
+async fn append(store: &PostgresStore, from: i64, to: i64) {
+    for n in from..to {
+        let event = NewEvent::from_event(&Pinged { n }).unwrap();
+        store
+            .append(
+                &StreamId::new("pinger", format!("p{}", n % 5)),
+                ExpectedVersion::Any,
+                vec![event],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn fast() -> RunnerConfig {
+    RunnerConfig::builder()
+        .batch_size(50)
+        .poll_interval(Duration::from_millis(50))
+        .initial_backoff(Duration::from_millis(50))
+        .max_backoff(Duration::from_millis(300))
+        .standby_interval(Duration::from_millis(50))
+        .build()
+        .unwrap()
+}
+
+type PgRelay = Relay<PublishStored, PgConnection>;
+
+fn relay(client: &async_nats::Client, prefix: &str) -> PgRelay {
+    let jetstream = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(client.clone());
+    Relay::new(jetstream, PublishStored, RelayConfig::new(prefix))
+}
+
+/// The consumer's read model: one row per applied event.
+#[derive(Default)]
+struct Received;
+
+#[cqrs_core::projection(name = "received")]
+impl Received {
+    async fn any(
+        &mut self,
+        event: &RecordedEvent,
+        db: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        let _: Pinged = event.decode().map_err(|e| sqlx::Error::Decode(e.into()))?;
+        sqlx::query("INSERT INTO received (event_id) VALUES ($1)")
+            .bind(*event.event_id.as_uuid())
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+}
+
+async fn received(store: &PostgresStore) -> (i64, i64) {
+    sqlx::query_as("SELECT count(*), count(DISTINCT event_id) FROM received")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+}
+
+fn consumer(
+    client: &async_nats::Client,
+    backend: &Arc<PostgresProjections>,
+    stream: &str,
+) -> Consumer<Received, PostgresProjections, PostgresProjections> {
+    let config = ConsumerConfig::new(stream, format!("c{}", unique()))
+        .batch_size(40)
+        .backoff(Duration::from_millis(50), Duration::from_millis(300));
+    Consumer::new(
+        client.clone(),
+        Received,
+        Arc::clone(backend),
+        Arc::clone(backend),
+        config,
+    )
+}
+
+async fn consumer_schema(store: &PostgresStore) -> Arc<PostgresProjections> {
+    let statement = format!(
+        "CREATE TABLE \"{}\".received (event_id uuid NOT NULL)",
+        store.schema()
+    );
+    sqlx::query(sqlx::AssertSqlSafe(statement))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    // Unqualified `received` in the handler resolves to the test's schema.
+    let projections = PostgresProjections::new(store.clone());
+    cqrs_nats::postgres::migrate(&projections).await.unwrap();
+    Arc::new(projections)
+}
+
+/// A store whose connections search the test's schema first (for the handler's `received`).
+async fn store_with_search_path() -> PostgresStore {
+    let store = fresh_store().await;
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let options = options.options([("search_path", store.schema())]);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .unwrap();
+    PostgresStore::new(pool)
+        .with_schema(store.schema())
+        .unwrap()
+}
+
+/// A crash after a batch was published but before its checkpoint committed, then a relay killed
+/// at a random moment: the restarted relay republishes, JetStream's duplicate window drops the
+/// repeats (no message stored twice), and the consumer applies every event exactly once, also a
+/// copy republished under a new message id (beyond the window), dropped by its event id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_mid_batch_loses_and_duplicates_nothing() {
+    let seed: u64 = std::env::var("SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| u64::from(uuid::Uuid::now_v7().as_fields().1) % 200);
+    println!("seed (kill delay in ms): {seed}");
+    let store = store_with_search_path().await;
+    let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
+    let js = jetstream::new(client.clone());
+    let (name, prefix) = (format!("T{}", unique()), format!("t{}", unique()));
+    ensure_stream(
+        &js,
+        &name,
+        vec![format!("{prefix}.>")],
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap();
+    append(&store, 0, 300).await;
+    let backend = Arc::new(PostgresProjections::new(store.clone()));
+
+    // Crash between publish and checkpoint: the first 80 events published, nothing committed.
+    let first: Vec<RecordedEvent> = store
+        .read_all(Position::START, cqrs_core::EventTypes::All, 80)
+        .await
+        .unwrap();
+    let mut crashed = relay(&client, &prefix);
+    let mut conn = store.pool().acquire().await.unwrap();
+    for event in &first {
+        crashed.handle(event, &mut conn).await.unwrap();
+    }
+    crashed.flush(&mut conn).await.unwrap();
+    drop(crashed);
+
+    // Killed at a random moment.
+    let killed = ProjectionRunner::with_backend(relay(&client, &prefix), Arc::clone(&backend))
+        .with_config(fast())
+        .spawn();
+    tokio::time::sleep(Duration::from_millis(seed)).await;
+    killed.abort();
+
+    let head = store.head().await.unwrap().unwrap();
+    let running = ProjectionRunner::with_backend(relay(&client, &prefix), Arc::clone(&backend))
+        .with_config(fast())
+        .spawn();
+    running
+        .wait_for(head, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let mut stream = js.get_stream(&name).await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, 300, "no event stored twice");
+
+    let projections = consumer_schema(&store).await;
+    let handle = consumer(&client, &projections, &name).spawn();
+    handle
+        .wait_for(info.state.last_sequence, Duration::from_secs(20))
+        .await
+        .expect("the consumer reaches the end");
+    assert_eq!(received(&store).await, (300, 300));
+
+    // A copy beyond the duplicate window: stored again under another message id.
+    let copy = jetstream::message::PublishMessage::build()
+        .headers({
+            let mut h = cqrs_nats::headers::for_event(&first[0], "Pinged", 1);
+            h.insert(cqrs_nats::headers::MSG_ID, "another-id");
+            h
+        })
+        .payload(serde_json::to_vec(&first[0].payload).unwrap().into());
+    let ack = js
+        .send_publish(format!("{prefix}.copy"), copy)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    handle
+        .wait_for(ack.sequence, Duration::from_secs(20))
+        .await
+        .expect("the copy is consumed");
+    assert_eq!(received(&store).await, (300, 300), "the copy is dropped");
+    assert_eq!(handle.status().state, ConsumerState::Running);
+
+    handle.stop().await;
+    running.stop().await;
+    js.delete_stream(&name).await.unwrap();
+    drop_schema(&store).await;
+}
