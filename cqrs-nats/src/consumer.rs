@@ -48,6 +48,15 @@ pub struct Deduped<P, I> {
     name: Arc<str>,
 }
 
+impl<P: Projection, I> std::fmt::Debug for Deduped<P, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Deduped")
+            .field("projection", &P::NAME)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
 impl<P: Projection, I: Inbox<P::Context>> Projection for Deduped<P, I> {
     const NAME: &'static str = P::NAME;
     const EVENT_TYPES: &'static [&'static str] = P::EVENT_TYPES;
@@ -258,6 +267,14 @@ pub struct Consumer<P, B, I> {
     client: async_nats::Client,
     jetstream: jetstream::Context,
     config: ConsumerConfig,
+}
+
+impl<P: Projection, B, I> std::fmt::Debug for Consumer<P, B, I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("projection", &P::NAME)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<P, B, I> Consumer<P, B, I>

@@ -160,6 +160,15 @@ pub struct Relay<M, C = ()> {
     context: PhantomData<fn() -> C>,
 }
 
+impl<M, C> std::fmt::Debug for Relay<M, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("config", &self.config)
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<M: IntegrationMap, C> Relay<M, C> {
     /// A relay publishing through `jetstream` what `map` makes of each event.
     pub fn new(jetstream: Context, map: M, config: RelayConfig) -> Self {

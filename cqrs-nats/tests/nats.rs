@@ -1,5 +1,7 @@
 //! The relay and the consumer against a real nats-server (the shared one at 127.0.0.1:4222, or
 //! a private one for tests that stop the broker) and PostgreSQL (`DATABASE_URL`).
+// Tests: failing assertions panic by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -195,14 +197,14 @@ async fn relay_killed_mid_batch_loses_and_duplicates_nothing() {
     drop(crashed);
 
     // Killed at a random moment.
-    let killed = ProjectionRunner::with_backend(relay(&client, &prefix), Arc::clone(&backend))
+    let killed = ProjectionRunner::shared(relay(&client, &prefix), Arc::clone(&backend))
         .with_config(fast())
         .spawn();
     tokio::time::sleep(Duration::from_millis(seed)).await;
     killed.abort();
 
     let head = store.head().await.unwrap().unwrap();
-    let running = ProjectionRunner::with_backend(relay(&client, &prefix), Arc::clone(&backend))
+    let running = ProjectionRunner::shared(relay(&client, &prefix), Arc::clone(&backend))
         .with_config(fast())
         .spawn();
     running
