@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod kill;
+mod race;
 mod rebuild;
 
 use std::collections::BTreeMap;
