@@ -232,7 +232,9 @@ impl RedisProjections {
             None => self.connections.connect().await?,
         };
         let outcome = self.watched(&mut conn, name, expected, to, queue).await;
-        if !matches!(outcome, Err(StoreError::Connection(_))) {
+        // Kept only where no `WATCH` can be left armed on it: after an `EXEC` or an `UNWATCH`.
+        // Any other failure drops it, and the next batch connects afresh.
+        if matches!(outcome, Ok(_) | Err(StoreError::CheckpointConflict { .. })) {
             *slot = Some(conn);
         }
         outcome
