@@ -106,5 +106,9 @@ pub use store::PostgresStore;
 /// The embedded migrations (`cqrs-postgres/migrations/`), applied by [`PostgresStore::migrate`].
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// The read-database migrations (`cqrs-postgres/read-migrations/`), applied by
+/// [`PostgresProjections::migrate`] to a read database fed from another event store.
+static READ_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./read-migrations");
+
 /// Default for [`PostgresStore::with_horizon_wait`].
 pub const DEFAULT_HORIZON_WAIT: Duration = Duration::from_secs(5);

@@ -1,6 +1,8 @@
-//! Projections whose read models live in PostgreSQL: each batch's read-model writes and its
-//! checkpoint advance commit in one transaction, one runner per projection holds an advisory lock.
+//! Projections whose read models live in PostgreSQL (the event store's database or a read database
+//! of their own): each batch's read-model writes and its checkpoint advance commit in one
+//! transaction of the read database, one runner per projection holds an advisory lock there.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cqrs_core::backend::{apply_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
@@ -21,8 +23,10 @@ const LEASE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// A lease check that takes longer than this counts as a lost connection.
 const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A [`ProjectionBackend`] for projections whose read model is in the store's PostgreSQL database
-/// (`type Context = sqlx::PgConnection`): run them with
+/// A [`ProjectionBackend`] for projections whose read model is in a PostgreSQL database
+/// (`type Context = sqlx::PgConnection`): the event store's own
+/// ([`PostgresProjections::new`]) or a read database of its own, fed from any event store
+/// ([`PostgresProjections::with_event_source`]). Run them with
 /// [`ProjectionRunner`](cqrs_core::subscription::ProjectionRunner).
 ///
 /// - **Exactly once.** A batch runs in one transaction: first the checkpoint's compare-and-set
@@ -85,35 +89,99 @@ const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// let handle = ProjectionRunner::new(Balances, PostgresProjections::new(store)).spawn();
 /// # }
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PostgresProjections {
-    store: PostgresStore,
+    /// The log the projections read (only read).
+    events: Arc<dyn EventStore>,
+    /// The read database: read models, checkpoints, skips, processed events and the lease.
+    read: PostgresStore,
+    /// Whether `events` is `read` itself, so a skip can copy the event's id and type from its row.
+    events_in_read_database: bool,
+}
+
+impl std::fmt::Debug for PostgresProjections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresProjections")
+            .field("read_database", &self.read)
+            .field("events_in_read_database", &self.events_in_read_database)
+            .finish_non_exhaustive()
+    }
 }
 
 impl PostgresProjections {
     /// Projections over `store`'s events, with checkpoints, skips and leases in its schema.
     pub fn new(store: PostgresStore) -> Self {
-        Self { store }
+        Self {
+            events: Arc::new(store.clone()),
+            read: store,
+            events_in_read_database: true,
+        }
     }
 
-    /// The store.
+    /// Projections that read `events` (any [`EventStore`]: another PostgreSQL database or server,
+    /// SQLite, in memory; it is only read) and keep their read models, checkpoints, skips and
+    /// leases in `read_database` (a pool and schema; its events table, if any, is not used).
+    /// Run [`PostgresProjections::migrate`] once to create the read database's tables.
+    ///
+    /// - **The checkpoint lives with the read model.** Each batch's read-model writes and the
+    ///   checkpoint's compare-and-set commit in one transaction of the read database, so they are
+    ///   exactly once whatever the event store is. A read database that loses its data (restored
+    ///   empty, dropped) loses the checkpoints with it, and the projections rebuild from the start
+    ///   instead of resuming on nothing.
+    /// - **The lease lives in the read database too** (a session advisory lock keyed by the read
+    ///   schema and the projection name): the runners it must keep apart are the ones writing this
+    ///   read model, whichever copy of the log they read, and the event store may be one that
+    ///   has no locks (SQLite elsewhere, in memory) or a read-only replica. Exactness never rests
+    ///   on the lease: a second runner fails the checkpoint's compare-and-set.
+    /// - **Wake-ups** come from the event store's
+    ///   [`wait_for_append`](EventStore::wait_for_append) (PostgreSQL's `LISTEN` on its own
+    ///   database).
+    /// - **Skips** are recorded with the event's id and type as the runner read them.
+    pub fn with_event_source(events: Arc<dyn EventStore>, read_database: PostgresStore) -> Self {
+        Self {
+            events,
+            read: read_database,
+            events_in_read_database: false,
+        }
+    }
+
+    /// The store whose pool and schema hold the read models, checkpoints and skips (with
+    /// [`PostgresProjections::new`], also the event store).
     pub fn store(&self) -> &PostgresStore {
-        &self.store
+        &self.read
+    }
+
+    /// The event store the projections read.
+    pub fn event_source(&self) -> &Arc<dyn EventStore> {
+        &self.events
+    }
+
+    /// Creates or upgrades the tables projections need in the read database: with
+    /// [`PostgresProjections::new`] the store's own migrations ([`PostgresStore::migrate`]); with
+    /// [`PostgresProjections::with_event_source`] only `checkpoints`, `projection_skips` and
+    /// `processed_events` (`read-migrations/`, history in `<schema>._cqrs_read_migrations`).
+    /// Idempotent, and safe to run from several processes at once.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        if self.events_in_read_database {
+            self.read.migrate().await
+        } else {
+            self.read.migrate_read_database().await
+        }
     }
 
     /// Every event projection `name` skipped on request, oldest first.
     pub async fn skipped_events(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
-        let rows = sqlx::query(self.store.sql.skipped.clone())
+        let rows = sqlx::query(self.read.sql.skipped.clone())
             .bind(name)
-            .fetch_all(self.store.pool())
+            .fetch_all(self.read.pool())
             .await
-            .map_err(|e| self.store.fail(e))?;
+            .map_err(|e| self.read.fail(e))?;
         rows.iter()
             .map(|row| {
                 Ok(SkippedEvent {
                     projection: row.try_get("projection").map_err(map_error)?,
                     position: crate::checkpoints::checkpoint_position(row)?,
-                    event_type: Some(row.try_get("event_type").map_err(map_error)?),
+                    event_type: row.try_get("event_type").map_err(map_error)?,
                     reason: row.try_get("reason").map_err(map_error)?,
                 })
             })
@@ -134,12 +202,12 @@ impl PostgresProjections {
         event: EventId,
     ) -> Result<bool, StoreError> {
         crate::checkpoints::validate_key_name("consumer name", consumer)?;
-        let done = sqlx::query(self.store.sql.first_delivery.clone())
+        let done = sqlx::query(self.read.sql.first_delivery.clone())
             .bind(consumer)
             .bind(*event.as_uuid())
             .execute(conn)
             .await
-            .map_err(|e| self.store.fail(e))?;
+            .map_err(|e| self.read.fail(e))?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -152,13 +220,13 @@ impl PostgresProjections {
     pub async fn switch_view(&self, view: &str, table: &str) -> Result<(), StoreError> {
         crate::sql::validate_identifier("view name", view)?;
         crate::sql::validate_identifier("table name", table)?;
-        let schema = &self.store.sql.quoted;
+        let schema = &self.read.sql.quoted;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "CREATE OR REPLACE VIEW {schema}.\"{view}\" AS SELECT * FROM {schema}.\"{table}\""
         )))
-        .execute(self.store.pool())
+        .execute(self.read.pool())
         .await
-        .map_err(|e| self.store.fail(e))?;
+        .map_err(|e| self.read.fail(e))?;
         Ok(())
     }
 }
@@ -168,11 +236,11 @@ where
     P: Projection<Context = PgConnection>,
 {
     fn events(&self) -> &dyn EventStore {
-        &self.store
+        &*self.events
     }
 
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
-        CheckpointStore::load_checkpoint(&self.store, name).await
+        CheckpointStore::load_checkpoint(&self.read, name).await
     }
 
     async fn commit_batch(
@@ -183,10 +251,10 @@ where
         events: &[RecordedEvent],
         to: Position,
     ) -> Result<(), BatchError> {
-        let mut tx = Tx::begin(self.store.pool()).await?;
+        let mut tx = Tx::begin(self.read.pool()).await?;
         // The compare-and-set first: it locks the checkpoint row, so a second runner waits here
         // instead of doing the batch's work only to fail at the end.
-        self.store
+        self.read
             .save_checkpoint_in(tx.conn(), name, expected, to)
             .await?;
         let outcome = apply_batch(projection, events, tx.conn()).await;
@@ -211,7 +279,7 @@ where
     }
 
     async fn reset_checkpoint(&self, name: &str) -> Result<(), StoreError> {
-        CheckpointStore::delete_checkpoint(&self.store, name).await
+        CheckpointStore::delete_checkpoint(&self.read, name).await
     }
 
     async fn record_skip(
@@ -223,20 +291,32 @@ where
     ) -> Result<(), StoreError> {
         let sequence = i64::try_from(event.position.sequence)
             .map_err(|_| out_of_range("position sequence", event.position.sequence))?;
-        let mut tx = Tx::begin(self.store.pool()).await?;
-        self.store
+        let mut tx = Tx::begin(self.read.pool()).await?;
+        self.read
             .save_checkpoint_in(tx.conn(), name, expected, event.position)
             .await?;
-        // The event's id and type come from its row: a row whose payload cannot be decoded
-        // still has them.
-        let recorded = sqlx::query(self.store.sql.record_skip.clone())
-            .bind(name)
-            .bind(event.position.tx.to_string())
-            .bind(sequence)
-            .bind(reason)
-            .execute(tx.conn())
-            .await
-            .map_err(|e| self.store.fail(e))?;
+        let recorded = if self.events_in_read_database {
+            // The event's id and type come from its row: a row whose payload cannot be decoded
+            // still has them.
+            sqlx::query(self.read.sql.record_skip.clone())
+                .bind(name)
+                .bind(event.position.tx.to_string())
+                .bind(sequence)
+                .bind(reason)
+                .execute(tx.conn())
+                .await
+        } else {
+            sqlx::query(self.read.sql.record_skip_given.clone())
+                .bind(name)
+                .bind(event.position.tx.to_string())
+                .bind(sequence)
+                .bind(reason)
+                .bind(event.event_id.map(|id| *id.as_uuid()))
+                .bind(event.event_type.as_deref())
+                .execute(tx.conn())
+                .await
+        }
+        .map_err(|e| self.read.fail(e))?;
         if recorded.rows_affected() != 1 {
             return Err(StoreError::Backend(
                 format!("no event at position {} to skip", event.position).into(),
@@ -252,16 +332,16 @@ where
     async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
         // A dedicated connection: the lock lives as long as it does, and it must never go back
         // to the pool still holding the lock.
-        let options = self.store.pool().connect_options();
+        let options = self.read.pool().connect_options();
         let mut conn = PgConnection::connect_with(&options)
             .await
             .map_err(map_error)?;
-        let held: bool = sqlx::query_scalar(self.store.sql.try_lease.clone())
-            .bind(self.store.schema())
+        let held: bool = sqlx::query_scalar(self.read.sql.try_lease.clone())
+            .bind(self.read.schema())
             .bind(name)
             .fetch_one(&mut conn)
             .await
-            .map_err(|e| self.store.fail(e))?;
+            .map_err(|e| self.read.fail(e))?;
         if !held {
             let _ = conn.close().await;
             return Ok(None);
@@ -273,7 +353,7 @@ where
     }
 
     async fn wait_for_append(&self, after: Position, timeout: Duration) {
-        self.store.wait_for_append(after, timeout).await;
+        self.events.wait_for_append(after, timeout).await;
     }
 }
 

@@ -93,6 +93,7 @@ pub struct Statements {
     pub update_checkpoint: SqlStr,
     pub delete_checkpoint: SqlStr,
     pub record_skip: SqlStr,
+    pub record_skip_given: SqlStr,
     pub skipped: SqlStr,
     pub first_delivery: SqlStr,
     pub try_lease: SqlStr,
@@ -336,6 +337,11 @@ impl Statements {
                 "INSERT INTO {s}.projection_skips (projection, tx, position, event_id, event_type, reason)
                  SELECT $1, tx, position, event_id, event_type, $4 FROM {events}
                  WHERE tx = $2::text::xid8 AND position = $3"
+            )),
+            // A read database without the events: the event's id and type come from the runner.
+            record_skip_given: sql(format!(
+                "INSERT INTO {s}.projection_skips (projection, tx, position, event_id, event_type, reason)
+                 VALUES ($1, $2::text::xid8, $3, $5, $6, $4)"
             )),
             skipped: sql(format!(
                 "SELECT projection, tx::text AS tx_text, position, event_type, reason

@@ -181,14 +181,35 @@ impl PostgresStore {
     }
 
     pub(crate) async fn migrate_on(&self, conn: &mut PgConnection) -> Result<(), StoreError> {
+        self.run_migrations(conn, &MIGRATOR, "_sqlx_migrations")
+            .await
+    }
+
+    /// Applies the read-database migrations (`read-migrations/`: checkpoints, skips, processed
+    /// events; no events table) to this schema, history in `<schema>._cqrs_read_migrations`.
+    pub(crate) async fn migrate_read_database(&self) -> Result<(), StoreError> {
+        let mut conn = self.pool.acquire().await.map_err(map_error)?.detach();
+        let result = self
+            .run_migrations(&mut conn, &crate::READ_MIGRATOR, "_cqrs_read_migrations")
+            .await;
+        let _ = sqlx::Connection::close(conn).await;
+        result
+    }
+
+    async fn run_migrations(
+        &self,
+        conn: &mut PgConnection,
+        migrations: &sqlx::migrate::Migrator,
+        history: &str,
+    ) -> Result<(), StoreError> {
         let quoted = &self.sql.quoted;
         conn.execute(sqlx::AssertSqlSafe(format!("SET search_path TO {quoted}")))
             .await
             .map_err(map_error)?;
         let mut migrator =
-            sqlx::migrate::Migrator::with_migrations(MIGRATOR.iter().cloned().collect());
+            sqlx::migrate::Migrator::with_migrations(migrations.iter().cloned().collect());
         migrator.create_schema(quoted.clone());
-        migrator.dangerous_set_table_name(format!("{quoted}._sqlx_migrations"));
+        migrator.dangerous_set_table_name(format!("{quoted}.{history}"));
         // `run_direct` on the connection itself rather than `run` (which takes an `Acquire`
         // whose future the compiler cannot prove `Send`): `migrate` must be spawnable.
         migrator

@@ -1,6 +1,7 @@
 //! Projections whose read models live in the store's file: each batch's read-model writes and its
 //! checkpoint advance commit in one transaction; one runner per projection holds a file lock.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_core::backend::{apply_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
@@ -36,20 +37,58 @@ use crate::{sql, SqliteStore};
 /// file's write lock while they run: appends of this process wait for the batch, appends of
 /// other processes wait up to their busy timeout. So a handler writes only through the
 /// connection it is given, and never appends to the store (it would wait for itself).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SqliteProjections {
+    /// The log the projections read (only read).
+    events: Arc<dyn EventStore>,
+    /// The file holding the read models, checkpoints and skips (and, beside it, the lease files).
     store: SqliteStore,
+    /// Whether `events` is `store` itself, so a skip can copy the event's id and type from its row.
+    events_in_file: bool,
+}
+
+impl std::fmt::Debug for SqliteProjections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteProjections")
+            .field("store", &self.store)
+            .field("events_in_file", &self.events_in_file)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SqliteProjections {
     /// Projections over `store`'s events, with checkpoints, skips and read models in its file.
     pub fn new(store: SqliteStore) -> Self {
-        Self { store }
+        Self {
+            events: Arc::new(store.clone()),
+            store,
+            events_in_file: true,
+        }
     }
 
-    /// The store.
+    /// Projections that read `events` (any [`EventStore`], e.g. a PostgreSQL one: a local read
+    /// replica; it is only read) with their read models, checkpoints and skips in `read_file`'s
+    /// SQLite file, and the lease beside that file. The batch and its checkpoint commit in one
+    /// transaction of the file, so a lost or replaced file loses the checkpoints with the read
+    /// models and the projections rebuild from the start. The file's own events table is not
+    /// used. Wake-ups come from `events`' [`wait_for_append`](EventStore::wait_for_append).
+    pub fn with_event_source(events: Arc<dyn EventStore>, read_file: SqliteStore) -> Self {
+        Self {
+            events,
+            store: read_file,
+            events_in_file: false,
+        }
+    }
+
+    /// The store whose file holds the read models (with [`SqliteProjections::new`], also the
+    /// events).
     pub fn store(&self) -> &SqliteStore {
         &self.store
+    }
+
+    /// The event store the projections read.
+    pub fn event_source(&self) -> &Arc<dyn EventStore> {
+        &self.events
     }
 
     /// Every event projection `name` skipped on request, oldest first.
@@ -69,10 +108,12 @@ impl SqliteProjections {
                         StoreError::Backend(format!("negative position {value}").into())
                     })
                 };
+                let event_type: String = row.try_get(3).map_err(get)?;
                 Ok(SkippedEvent {
                     projection: row.try_get(0).map_err(get)?,
                     position: Position::new(part(1)?, part(2)?),
-                    event_type: Some(row.try_get(3).map_err(get)?),
+                    // Empty: recorded from another event store that could not read the row.
+                    event_type: (!event_type.is_empty()).then_some(event_type),
                     reason: row.try_get(4).map_err(get)?,
                 })
             })
@@ -107,7 +148,7 @@ where
     P: Projection<Context = SqliteConnection>,
 {
     fn events(&self) -> &dyn EventStore {
-        &self.store
+        &*self.events
     }
 
     async fn load_checkpoint(&self, name: &str) -> Result<Option<Position>, StoreError> {
@@ -170,12 +211,25 @@ where
             self.store
                 .save_checkpoint_in(tx.conn(), name, expected, event.position)
                 .await?;
-            sqlx::query(sql::RECORD_SKIP)
-                .bind(name)
-                .bind(to_i64("position", event.position.tx)?)
-                .bind(key)
-                .bind(reason)
-                .bind(crate::row::now_micros())
+            let statement = sqlx::query(if self.events_in_file {
+                sql::RECORD_SKIP
+            } else {
+                sql::RECORD_SKIP_GIVEN
+            })
+            .bind(name)
+            .bind(to_i64("position", event.position.tx)?)
+            .bind(key)
+            .bind(reason)
+            .bind(crate::row::now_micros());
+            let statement = if self.events_in_file {
+                statement
+            } else {
+                let id = event.event_id.map(|id| id.as_uuid().as_bytes().to_vec());
+                statement
+                    .bind(id.unwrap_or_default())
+                    .bind(event.event_type.clone().unwrap_or_default())
+            };
+            statement
                 .execute(tx.conn())
                 .await
                 .map_err(|e| self.store.fail(e))
@@ -206,7 +260,7 @@ where
     }
 
     async fn wait_for_append(&self, after: Position, timeout: Duration) {
-        self.store.wait_for_append(after, timeout).await;
+        self.events.wait_for_append(after, timeout).await;
     }
 }
 

@@ -110,6 +110,12 @@ pub const RECORD_SKIP: &str = "INSERT INTO projection_skips \
      (projection, tx, position, event_id, event_type, reason, skipped_at) \
      SELECT ?1, ?2, position, event_id, event_type, ?4, ?5 FROM events WHERE position = ?3";
 
+/// A read file fed from another event store: the event's id and type come from the runner. An
+/// unknown id is stored as an empty blob and an unknown type as `''` (no event type is empty).
+pub const RECORD_SKIP_GIVEN: &str = "INSERT INTO projection_skips \
+     (projection, tx, position, event_id, event_type, reason, skipped_at) \
+     VALUES (?1, ?2, ?3, ?6, ?7, ?4, ?5)";
+
 pub const SKIPPED: &str = "SELECT projection, tx, position, event_type, reason \
      FROM projection_skips WHERE projection = ?1 ORDER BY tx, position";
 

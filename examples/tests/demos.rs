@@ -193,6 +193,80 @@ async fn stories_on_postgres() {
     );
 }
 
+/// The orders' read models in their own stores, fed from one PostgreSQL event store: a lookup
+/// and a full-text search in a read database (another schema standing in for one), a dashboard
+/// in Redis; each read model applies every order event once, from its own checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_read_models_in_their_own_stores() {
+    let store = postgres().await;
+    orders::demo(store.clone(), "run", &mut Vec::new())
+        .await
+        .unwrap();
+    let read = PostgresStore::new(store.pool().clone())
+        .with_schema(&format!("ex_read_{}", uuid::Uuid::now_v7().simple()))
+        .unwrap();
+    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned());
+    let prefix = format!("cqrs-examples-test:{}:", uuid::Uuid::now_v7().simple());
+    let report = examples::orders_read_models::demo(
+        store.clone(),
+        read.clone(),
+        &redis,
+        &prefix,
+        "run",
+        &mut Vec::new(),
+    )
+    .await
+    .unwrap();
+    // Grace's order: a keyboard and three cables, submitted.
+    assert_eq!(
+        report.lookup,
+        Some((
+            "cust-Grace Hopper".to_owned(),
+            4,
+            6_600,
+            "submitted".to_owned()
+        ))
+    );
+    assert_eq!(report.search_hits, vec!["run-o1".to_owned()]);
+    let expected: std::collections::BTreeMap<String, i64> = [
+        ("orders".to_owned(), 1),
+        ("submitted".to_owned(), 1),
+        ("revenue_cents".to_owned(), 6_600),
+    ]
+    .into();
+    assert_eq!(report.dashboard, expected);
+    // The event store holds none of their checkpoints.
+    use cqrs_core::CheckpointStore;
+    assert_eq!(
+        store.load_checkpoint("customer_dashboard").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.load_checkpoint("order_lookup_table").await.unwrap(),
+        None
+    );
+    let client = redis::Client::open(redis.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(keys)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for schema in [read.schema(), store.schema()] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA \"{schema}\" CASCADE"
+        )))
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+}
+
 /// The bank on an SQLite file with its read model in the same file, run twice as the binary does:
 /// the second run continues the first one's log, and its projection resumes from its checkpoint
 /// (the table keeps the first run's account).

@@ -16,6 +16,7 @@ mod group_commit;
 mod hostile;
 mod lost_reply;
 mod projections;
+mod read_database;
 mod runner;
 mod schema;
 mod transactions;
@@ -63,6 +64,63 @@ pub async fn fresh_store_with(connections: u32) -> PostgresStore {
     store
 }
 
+/// The database standing in for a read database on another server: `<DATABASE_URL's database>_read`
+/// on the same server, created on first use. Each test uses its own schema in it.
+pub async fn read_database_pool(connections: u32) -> sqlx::PgPool {
+    let url = url();
+    let options = PgConnectOptions::from_str(&url)
+        .unwrap_or_else(|e| panic!("DATABASE_URL `{url}` is not a PostgreSQL URL: {e}"));
+    let database = format!("{}_read", options.get_database().unwrap_or("postgres"));
+    static CREATED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    CREATED
+        .get_or_init(|| async {
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(options.clone())
+                .await
+                .unwrap();
+            let exists: bool =
+                sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                    .bind(&database)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            if !exists {
+                // Another test binary may create it at the same moment: a duplicate is fine.
+                let created = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "CREATE DATABASE \"{database}\""
+                )))
+                .execute(&pool)
+                .await;
+                if let Err(sqlx::Error::Database(e)) = &created {
+                    assert!(
+                        matches!(e.code().as_deref(), Some("42P04" | "23505")),
+                        "creating the read database: {e}"
+                    );
+                }
+            }
+            pool.close().await;
+        })
+        .await;
+    let pool = PgPoolOptions::new()
+        .max_connections(connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options.database(&database))
+        .await
+        .unwrap();
+    static CLEANED: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    CLEANED.get_or_init(|| drop_old_schemas(&pool)).await;
+    pool
+}
+
+/// A new, empty schema in the read database (not migrated: `PostgresProjections::migrate` does).
+pub async fn fresh_read_store(connections: u32) -> PostgresStore {
+    let schema = format!("{PREFIX}{}", uuid::Uuid::now_v7().simple());
+    PostgresStore::new(read_database_pool(connections).await)
+        .with_schema(&schema)
+        .unwrap()
+}
+
 /// Drops the test's schema (called at the end of tests that own their store; on failure the schema
 /// stays for inspection, and the janitor removes it later).
 pub async fn drop_schema(store: &PostgresStore) {
@@ -78,36 +136,37 @@ pub async fn drop_schema(store: &PostgresStore) {
 /// Drops test schemas older than an hour (the conformance macro gives no hook to drop each one).
 async fn janitor(pool: &sqlx::PgPool) {
     static ONCE: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
-    ONCE.get_or_init(|| async {
-        let names: Vec<String> = sqlx::query_scalar(
-            "SELECT nspname::text FROM pg_namespace WHERE starts_with(nspname, $1)",
-        )
-        .bind(PREFIX)
-        .fetch_all(pool)
-        .await
-        .unwrap_or_default();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
+    ONCE.get_or_init(|| drop_old_schemas(pool)).await;
+}
+
+/// Drops this binary's test schemas older than an hour in `pool`'s database.
+pub async fn drop_old_schemas(pool: &sqlx::PgPool) {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE starts_with(nspname, $1)")
+            .bind(PREFIX)
+            .fetch_all(pool)
+            .await
             .unwrap_or_default();
-        for name in names {
-            let old = name
-                .strip_prefix(PREFIX)
-                .and_then(|id| uuid::Uuid::parse_str(id).ok())
-                .and_then(|id| id.get_timestamp())
-                .is_some_and(|ts| {
-                    let (secs, _) = ts.to_unix();
-                    now.as_secs().saturating_sub(secs) > 3600
-                });
-            if old {
-                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
-                )))
-                .execute(pool)
-                .await;
-            }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    for name in names {
+        let old = name
+            .strip_prefix(PREFIX)
+            .and_then(|id| uuid::Uuid::parse_str(id).ok())
+            .and_then(|id| id.get_timestamp())
+            .is_some_and(|ts| {
+                let (secs, _) = ts.to_unix();
+                now.as_secs().saturating_sub(secs) > 3600
+            });
+        if old {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
+            )))
+            .execute(pool)
+            .await;
         }
-    })
-    .await;
+    }
 }
 
 /// An error and its sources on one line, as `anyhow`'s `{:#}` prints them.

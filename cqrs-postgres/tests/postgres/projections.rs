@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::AssertSqlSafe;
 
-use crate::{drop_schema, fresh_store, fresh_store_with, url};
+use crate::{
+    drop_schema, fresh_read_store, fresh_store, fresh_store_with, read_database_pool, url,
+};
 
 #[event(name = "Deposited")]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,6 +157,20 @@ fn config_with(batch_size: usize) -> RunnerConfig {
         .unwrap()
 }
 
+/// A runner reading `events` with its read model, checkpoint and lease in `read`.
+fn spawn_reading(
+    events: &PostgresStore,
+    read: &PostgresStore,
+    projection: Balances,
+    name: &str,
+) -> ProjectionHandle<Balances> {
+    let backend = PostgresProjections::with_event_source(Arc::new(events.clone()), read.clone());
+    ProjectionRunner::new(projection, backend)
+        .named(name)
+        .with_config(config())
+        .spawn()
+}
+
 fn spawn(store: &PostgresStore, projection: Balances, name: &str) -> ProjectionHandle<Balances> {
     ProjectionRunner::new(projection, PostgresProjections::new(store.clone()))
         .named(name)
@@ -232,6 +248,8 @@ async fn assert_exact(store: &PostgresStore, name: &str, relation: &str) -> Rows
 // ---- Exactly once under SIGKILL ---------------------------------------------------------------
 
 const CHILD_SCHEMA: &str = "CQRS_CRASH_CHILD_SCHEMA";
+/// Set: the child keeps the read model and its checkpoint in this schema of the read database.
+const CHILD_READ_SCHEMA: &str = "CQRS_CRASH_CHILD_READ_SCHEMA";
 
 /// Not a test: the body of the child processes `exactly_once_across_sigkills` starts (this
 /// binary, re-run with `--ignored --exact`). Runs the projection until killed.
@@ -246,7 +264,15 @@ async fn crash_child() {
         .await
         .unwrap();
     let store = PostgresStore::new(pool).with_schema(&schema).unwrap();
-    let handle = spawn(&store, Balances::on(&store, "balances"), "balances");
+    let handle = match std::env::var(CHILD_READ_SCHEMA) {
+        Ok(read) => {
+            let read = PostgresStore::new(read_database_pool(2).await)
+                .with_schema(&read)
+                .unwrap();
+            spawn_reading(&store, &read, Balances::on(&read, "balances"), "balances")
+        }
+        Err(_) => spawn(&store, Balances::on(&store, "balances"), "balances"),
+    };
     // Runs until SIGKILL. Should the test die first, exit rather than linger: when the parent is
     // gone (reparented) or after two minutes at most.
     let parent = std::os::unix::process::parent_id();
@@ -260,7 +286,16 @@ async fn crash_child() {
 }
 
 fn start_child(schema: &str) -> std::process::Child {
-    std::process::Command::new(std::env::current_exe().unwrap())
+    start_child_reading(schema, None)
+}
+
+/// A child whose read model is in `read` (a schema of the read database), if given.
+fn start_child_reading(schema: &str, read: Option<&str>) -> std::process::Child {
+    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    if let Some(read) = read {
+        command.env(CHILD_READ_SCHEMA, read);
+    }
+    command
         .args([
             "--ignored",
             "--exact",
@@ -324,6 +359,112 @@ async fn exactly_once_across_sigkills() {
         distinct.len() > kills / 2,
         "checkpoints at kills: {progress:?}"
     );
+    drop_schema(&store).await;
+}
+
+// ---- A read database fed from another database's event store ------------------------------
+
+/// The read database's checkpoint of `name`, polled until it reaches `last`.
+async fn wait_in_read_database(read: &PostgresStore, name: &str, last: Position) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let at = read.load_checkpoint(name).await.unwrap();
+        if at >= Some(last) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "checkpoint stuck at {at:?}, not {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runner processes that keep their read model in another database are SIGKILLed at random
+/// moments while writers append: the read model equals a replay of the log (nothing applied twice,
+/// nothing lost), because the batch and its checkpoint commit in one transaction there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_in_a_read_database_across_sigkills() {
+    let store = fresh_store_with(6).await;
+    let read = fresh_read_store(2).await;
+    PostgresProjections::with_event_source(Arc::new(store.clone()), read.clone())
+        .migrate()
+        .await
+        .unwrap();
+    Balances::create(&read, "balances").await;
+    let before = writers(&store, 2, 500, 20, Duration::ZERO).await.unwrap();
+    let during = writers(&store, 2, 400, 20, Duration::from_millis(2));
+    let start = || start_child_reading(store.schema(), Some(read.schema()));
+    let mut children = [start(), start()];
+    let mut progress = Vec::new();
+    let kills = 6;
+    for _ in 0..kills {
+        let pause = 150 + random() % 350;
+        let victim = (random() % 2) as usize;
+        eprintln!("kill child {victim} after {pause} ms");
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        children[victim].kill().unwrap(); // SIGKILL
+        children[victim].wait().unwrap();
+        progress.push(read.load_checkpoint("balances").await.unwrap());
+        children[victim] = start();
+    }
+    let during = during.await.unwrap();
+    let (expected, last) = replay(&store).await;
+    wait_in_read_database(&read, "balances", last).await;
+    for mut child in children {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    assert_eq!(read_model(&read, "balances").await, expected);
+    assert_eq!(
+        expected.values().map(|r| r.1).sum::<i64>() as u64,
+        before + during
+    );
+    eprintln!("checkpoints at the kills: {progress:?}");
+    let distinct: std::collections::HashSet<_> = progress.iter().collect();
+    assert!(
+        distinct.len() > kills / 2,
+        "checkpoints at kills: {progress:?}"
+    );
+    assert_eq!(
+        store.load_checkpoint("balances").await.unwrap(),
+        None,
+        "the event store is only read: no checkpoint there"
+    );
+    drop_schema(&read).await;
+    drop_schema(&store).await;
+}
+
+/// A read database that loses its data loses its checkpoint with it: the projection rebuilds from
+/// the start on the new, empty database instead of resuming on nothing. The event store holds no
+/// checkpoint that could make it resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_database_that_loses_its_data_rebuilds_from_the_start() {
+    let store = fresh_store().await;
+    let read = fresh_read_store(2).await;
+    let backend = PostgresProjections::with_event_source(Arc::new(store.clone()), read.clone());
+    backend.migrate().await.unwrap();
+    writers(&store, 2, 50, 5, Duration::ZERO).await.unwrap();
+    let (expected, last) = replay(&store).await;
+    for attempt in 0..2 {
+        let projection = Balances::create(&read, "balances").await;
+        ProjectionRunner::new(projection, backend.clone())
+            .with_config(config())
+            .catch_up(|_| {})
+            .await
+            .unwrap();
+        assert_eq!(read.load_checkpoint("balances").await.unwrap(), Some(last));
+        assert_eq!(
+            read_model(&read, "balances").await,
+            expected,
+            "attempt {attempt}"
+        );
+        assert_eq!(store.load_checkpoint("balances").await.unwrap(), None);
+        // The read database is lost and comes back empty.
+        drop_schema(&read).await;
+        backend.migrate().await.unwrap();
+    }
+    drop_schema(&read).await;
     drop_schema(&store).await;
 }
 

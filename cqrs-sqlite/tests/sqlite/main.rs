@@ -104,6 +104,22 @@ mod conformance {
         let recorder = cqrs_core::conformance::projections::Recorder::default();
         (fresh_store().await.with_inline(recorder.clone()), recorder)
     }
+    /// A read file fed from an independent event store (in memory).
+    mod other_event_source {
+        use std::sync::Arc;
+
+        async fn fresh_projections() -> super::super::SqliteProjections {
+            super::super::SqliteProjections::with_event_source(
+                Arc::new(cqrs_core::InMemoryStore::new()),
+                super::fresh_store().await,
+            )
+        }
+        cqrs_core::projection_conformance_tests!(
+            fresh_projections,
+            context = sqlx::SqliteConnection
+        );
+    }
+
     cqrs_core::projection_conformance_tests!(
         fresh_projections,
         context = sqlx::SqliteConnection,

@@ -10,10 +10,12 @@ use cqrs_core::{
     CheckpointStore, EventId, EventStore, EventTypes, ExpectedVersion, NewEvent, Position,
     Projection, ProjectionError, RecordedEvent, StoreError, StreamId,
 };
+use cqrs_postgres::PostgresStore;
 use cqrs_sqlite::{SqliteProjections, SqliteStore};
 use futures_util::TryStreamExt;
 use serde_json::json;
 use sqlx::SqliteConnection;
+use std::sync::Arc;
 
 use crate::{parent_alive, start_child, Rng, TempDir, CHILD_DB};
 
@@ -120,13 +122,37 @@ async fn replay(store: &SqliteStore) -> BTreeMap<String, (i64, i64)> {
     expected
 }
 
-/// Not a test: a projection runner process for `runner_killed_at_random_points_applies_each_event_once`.
+/// Set: the child reads the events from this schema of the PostgreSQL at `DATABASE_URL`, and keeps
+/// only the read model (and its checkpoint) in the file.
+const CHILD_EVENTS_SCHEMA: &str = "CQRS_CHILD_EVENTS_SCHEMA";
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+async fn postgres_events(schema: &str) -> PostgresStore {
+    PostgresStore::connect(&database_url())
+        .await
+        .unwrap_or_else(|e| panic!("this test needs PostgreSQL at {}: {e}", database_url()))
+        .with_schema(schema)
+        .unwrap()
+}
+
+/// Not a test: a projection runner process for `runner_killed_at_random_points_applies_each_event_once`
+/// and `a_read_file_fed_from_postgres_is_exact_across_sigkills`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "entry point of a child process"]
 async fn runner_child() {
     let db = std::env::var(CHILD_DB).expect("started by a test");
     let store = SqliteStore::open(db).await.unwrap();
-    let handle = ProjectionRunner::new(Balances, SqliteProjections::new(store))
+    let backend = match std::env::var(CHILD_EVENTS_SCHEMA) {
+        Ok(schema) => {
+            SqliteProjections::with_event_source(Arc::new(postgres_events(&schema).await), store)
+        }
+        Err(_) => SqliteProjections::new(store),
+    };
+    let handle = ProjectionRunner::new(Balances, backend)
         .with_config(config())
         .spawn();
     let (parent, started) = (std::os::unix::process::parent_id(), Instant::now());
@@ -197,6 +223,89 @@ async fn runner_killed_at_random_points_applies_each_event_once() {
         distinct.len() > 2,
         "the kills landed while there was work: {progress:?}"
     );
+}
+
+/// A local read replica: runner processes keep the read model and its checkpoint in a SQLite file
+/// and read the events from PostgreSQL; they are SIGKILLed at random moments while this process
+/// appends. The file's read model ends equal to a replay of the PostgreSQL log, each event applied
+/// once, and PostgreSQL holds no checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_file_fed_from_postgres_is_exact_across_sigkills() {
+    let mut rng = Rng::seeded("a_read_file_fed_from_postgres_is_exact_across_sigkills");
+    let dir = TempDir::new();
+    let read = SqliteStore::open(dir.db()).await.unwrap();
+    Balances::create(&read).await;
+    let schema = format!("sqlite_replica_{}", uuid::Uuid::now_v7().simple());
+    let events = postgres_events(&schema).await;
+    events.migrate().await.unwrap();
+    let writers = {
+        let events = events.clone();
+        tokio::spawn(async move {
+            for i in 0..400i64 {
+                let account = StreamId::new("account", format!("acc-{}", i % 7));
+                events
+                    .append(&account, ExpectedVersion::Any, vec![deposit(i)])
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    let env = [(CHILD_EVENTS_SCHEMA, schema.clone())];
+    let start = || start_child("projections::runner_child", &dir.db(), &env);
+    let mut children = [start(), start()];
+    let mut progress = Vec::new();
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(80 + rng.below(200))).await;
+        let victim = rng.below(2) as usize;
+        children[victim].kill();
+        progress.push(read.load_checkpoint(Balances::NAME).await.unwrap());
+        children[victim] = start();
+    }
+    writers.await.unwrap();
+    for child in &mut children {
+        child.kill();
+    }
+    eprintln!("checkpoints at the kills: {progress:?}");
+    let backend = SqliteProjections::with_event_source(Arc::new(events.clone()), read.clone());
+    ProjectionRunner::new(Balances, backend)
+        .with_config(config())
+        .catch_up(|_| {})
+        .await
+        .unwrap();
+    let all: Vec<RecordedEvent> = read_all_batched(
+        &events,
+        Position::START,
+        EventTypes::Only(&["Deposited"]),
+        500,
+    )
+    .try_collect()
+    .await
+    .unwrap();
+    let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+    for event in &all {
+        let row = expected.entry(event.stream.id().to_owned()).or_default();
+        row.0 += event.payload["amount"].as_i64().unwrap();
+        row.1 += 1;
+    }
+    assert_eq!(Balances::rows(&read).await, expected);
+    assert_eq!(all.len(), 400);
+    assert_eq!(
+        read.load_checkpoint(Balances::NAME).await.unwrap(),
+        events.head().await.unwrap()
+    );
+    assert_eq!(events.load_checkpoint(Balances::NAME).await.unwrap(), None);
+    let distinct: std::collections::HashSet<_> = progress.iter().collect();
+    assert!(
+        distinct.len() > 2,
+        "the kills landed while there was work: {progress:?}"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA \"{schema}\" CASCADE"
+    )))
+    .execute(events.pool())
+    .await
+    .unwrap();
 }
 
 /// An inline projection commits with its append, and its failure undoes the append alone: the
