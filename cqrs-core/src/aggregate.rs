@@ -35,7 +35,7 @@ pub trait Apply<E> {
 /// Handling command `C`: validate it against the current state and decide which events happen,
 /// or reject it with a typed domain error. Pure: no I/O (see [`HandleWith`] for that).
 ///
-/// See the crate documentation for a complete example.
+/// The [crate documentation](crate#example) has a complete example.
 pub trait Handle<C>: Aggregate {
     /// The domain error this command can be rejected with.
     type Error: std::error::Error + Send + Sync + 'static;

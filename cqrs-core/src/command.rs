@@ -318,8 +318,46 @@ impl<A> Clone for Snapshots<A> {
 
 /// Loads aggregates and executes commands against them.
 ///
-/// Cheap to clone (shares the store). Snapshots and retries are opt-in:
-/// `Repository::snapshotting(store, SnapshotPolicy::every(100)).with_retry(RetryPolicy::retries(3))`.
+/// [`Repository::execute`] loads the aggregate (the latest snapshot, then the events after it),
+/// asks [its `Handle` impl](crate::Handle) for a decision, and appends the events with
+/// [the version it loaded](crate::ExpectedVersion::Exact): if another writer got there first,
+/// nothing is written and the command fails with a conflict, or, with
+/// [a retry policy](crate::RetryPolicy), is decided again on fresh state. An append whose
+/// outcome is unknown (a reply lost after the write was sent) is re-sent as the same batch, never
+/// decided again.
+///
+/// Cheap to clone (shares the store). Snapshots, retries and the aggregate cache are opt-in.
+///
+/// ```
+/// # use cqrs_core::prelude::*;
+/// # use serde::{Deserialize, Serialize};
+/// # #[event(name = "Added")]
+/// # #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// # pub struct Added { n: i64 }
+/// # #[derive(Debug, Default, Clone, Serialize, Deserialize, Aggregate)]
+/// # #[aggregate(name = "counter", events(Added))]
+/// # pub struct Counter { total: i64 }
+/// # impl Apply<Added> for Counter { fn apply(&mut self, e: &Added) { self.total += e.n } }
+/// # pub struct Add(i64);
+/// # impl Handle<Add> for Counter {
+/// #     type Error = std::convert::Infallible;
+/// #     fn handle(&self, c: &Add) -> Result<Vec<CounterEvent>, Self::Error> { Ok(vec![Added { n: c.0 }.into()]) }
+/// # }
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = InMemoryStore::new();
+/// // A snapshot every 100 events (kept in the same store), conflicts retried up to 3 times.
+/// let counters = Repository::<Counter>::snapshotting(store, SnapshotPolicy::every(100))
+///     .with_retry(RetryPolicy::retries(3));
+///
+/// let outcome = counters.execute("c-1", &Add(5)).await?;
+/// assert_eq!(outcome.stream_version, StreamVersion::new(1));
+/// // `outcome.position` is the read-your-own-writes token for `ProjectionHandle::wait_for`.
+///
+/// let loaded = counters.load("c-1").await?;
+/// assert_eq!(loaded.state.total, 5);
+/// # Ok(()) }
+/// ```
 pub struct Repository<A: Aggregate> {
     store: Arc<dyn EventStore>,
     snapshots: Option<Snapshots<A>>,

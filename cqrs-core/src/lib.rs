@@ -1,14 +1,148 @@
 //! # cqrs-core
 //!
-//! Event sourcing and CQRS for Rust. Annotate plain domain types; the macros generate the plumbing.
+//! Event sourcing and CQRS for Rust. Annotate plain domain types; the macros generate the
+//! plumbing. This crate holds the model (events, aggregates, commands, projections), the runtime
+//! that executes commands and runs projections, the storage traits every backend implements, and
+//! an in-memory backend. Durable storage comes from a backend crate: `cqrs-sqlite` (embedded, one
+//! file) or `cqrs-postgres` (a server).
 //!
-//! The journey of an event, module by module:
-//! [`aggregate`] (state + decisions) → [`command`] (load, decide, append) → [`store`] (the log)
-//! → [`projection`](mod@projection) (read models) → queries. [`event`](mod@event) and [`upcast`] define what is stored and how
-//! old versions are read; [`snapshot`] and [`checkpoint`] shorten loads and track projections;
-//! [`subscription`] runs projections over the log; [`memory`] is the in-memory backend;
-//! [`backend`] is for authors of storage backends. Behind features: `testing` (given/when/then
-//! fixtures, `cqrs_core::testing`) and `conformance` (the test suite every backend runs).
+//! # The journey of an event
+//!
+//! 1. A **command** names an aggregate instance by its id. [`Repository::execute`] loads the
+//!    aggregate's state by folding its stream's events (after the latest snapshot, if any) through
+//!    your [`Apply`] impls.
+//! 2. The aggregate **decides**: its [`Handle<C>`](Handle) impl returns the events the command
+//!    produces, or a typed domain error ([`ExecuteError::Domain`]). Deciding is pure; a decision
+//!    that needs services (a clock, a uniqueness check) implements [`HandleWith`].
+//! 3. The events are **appended** with the version the state was loaded at
+//!    ([`ExpectedVersion::Exact`]): a concurrent writer makes the append fail with a conflict,
+//!    which a [`RetryPolicy`] can retry with a fresh decision. Each event gets a version in its
+//!    stream and a [`Position`] in the global log; inline projections commit in the same
+//!    transaction.
+//! 4. **Projections** build read models from the global log: a [`ProjectionRunner`] reads it
+//!    after the projection's checkpoint ([`EventStore::read_all`] never skips an event), calls the
+//!    `#[projection]` handlers, and moves the checkpoint with each batch.
+//! 5. **Queries** read read models, never aggregates. A client that just wrote waits for the read
+//!    model to reach its write's position ([`ProjectionHandle::wait_for`]).
+//!
+//! Old events are upcast on read ([`upcast`]); snapshots shorten loads ([`snapshot`]).
+//!
+//! # Example
+//!
+//! An account that refuses to go negative, and a read model of balances, in memory:
+//!
+//! ```
+//! use std::collections::BTreeMap;
+//! use std::time::Duration;
+//!
+//! use cqrs_core::prelude::*;
+//! use cqrs_core::subscription::InProcess;
+//! use cqrs_core::ExecuteError;
+//! use serde::{Deserialize, Serialize};
+//!
+//! // Events: plain structs with a stable stored name.
+//! #[event(name = "MoneyDeposited")]
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+//! pub struct MoneyDeposited { pub amount: i64 }
+//!
+//! #[event(name = "MoneyWithdrawn")]
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+//! pub struct MoneyWithdrawn { pub amount: i64 }
+//!
+//! // The aggregate: only the state decisions need. The derive generates `AccountEvent`.
+//! #[derive(Debug, Default, Aggregate)]
+//! #[aggregate(name = "account", events(MoneyDeposited, MoneyWithdrawn))]
+//! pub struct Account { balance: i64 }
+//!
+//! impl Apply<MoneyDeposited> for Account {
+//!     fn apply(&mut self, e: &MoneyDeposited) { self.balance += e.amount }
+//! }
+//! impl Apply<MoneyWithdrawn> for Account {
+//!     fn apply(&mut self, e: &MoneyWithdrawn) { self.balance -= e.amount }
+//! }
+//!
+//! // Commands, and the decisions they make.
+//! pub struct Deposit { pub amount: i64 }
+//! pub struct Withdraw { pub amount: i64 }
+//!
+//! #[derive(Debug, PartialEq, thiserror::Error)]
+//! #[error("insufficient funds: balance {balance}, requested {requested}")]
+//! pub struct InsufficientFunds { balance: i64, requested: i64 }
+//!
+//! impl Handle<Deposit> for Account {
+//!     type Error = std::convert::Infallible;
+//!     fn handle(&self, cmd: &Deposit) -> Result<Vec<AccountEvent>, Self::Error> {
+//!         Ok(vec![MoneyDeposited { amount: cmd.amount }.into()])
+//!     }
+//! }
+//!
+//! impl Handle<Withdraw> for Account {
+//!     type Error = InsufficientFunds;
+//!     fn handle(&self, cmd: &Withdraw) -> Result<Vec<AccountEvent>, InsufficientFunds> {
+//!         if cmd.amount > self.balance {
+//!             return Err(InsufficientFunds { balance: self.balance, requested: cmd.amount });
+//!         }
+//!         Ok(vec![MoneyWithdrawn { amount: cmd.amount }.into()])
+//!     }
+//! }
+//!
+//! // A read model: handlers are routed by their event parameter's type.
+//! #[derive(Debug, Default)]
+//! pub struct Balances { by_account: BTreeMap<String, i64> }
+//!
+//! #[projection(name = "balances")]
+//! impl Balances {
+//!     fn deposited(&mut self, e: &MoneyDeposited, meta: &RecordedEvent) {
+//!         *self.by_account.entry(meta.stream.id().to_owned()).or_default() += e.amount;
+//!     }
+//!     fn withdrawn(&mut self, e: &MoneyWithdrawn, meta: &RecordedEvent) {
+//!         *self.by_account.entry(meta.stream.id().to_owned()).or_default() -= e.amount;
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let store = InMemoryStore::new();
+//!     let accounts = Repository::<Account>::new(store.clone()).with_retry(RetryPolicy::retries(3));
+//!
+//!     // The runner catches up, then follows new appends until stopped.
+//!     let balances = ProjectionRunner::new(Balances::default(), InProcess::new(store.clone())).spawn();
+//!
+//!     accounts.execute("acc-1", &Deposit { amount: 100 }).await?;
+//!     let written = accounts.execute("acc-1", &Withdraw { amount: 30 }).await?;
+//!     let refused = accounts.execute("acc-1", &Withdraw { amount: 500 }).await;
+//!     assert!(matches!(refused, Err(ExecuteError::Domain(InsufficientFunds { balance: 70, .. }))));
+//!
+//!     // Read-your-own-writes: wait until the read model has applied the withdrawal.
+//!     let position = written.position.expect("the withdrawal wrote an event");
+//!     balances.wait_for(position, Duration::from_secs(5)).await?;
+//!
+//!     let read_model = balances.stop().await.expect("the runner did not panic");
+//!     assert_eq!(read_model.by_account["acc-1"], 70);
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Swap [`InMemoryStore`] for `cqrs_sqlite::SqliteStore` or `cqrs_postgres::PostgresStore` and
+//! [`InProcess`](subscription::InProcess) for their projection backends to keep everything.
+//!
+//! # Modules
+//!
+//! In the order of the journey: [`aggregate`] (state + decisions) → [`command`] (load, decide,
+//! append) → [`store`] (the log) → [`projection`](mod@projection) (read models) →
+//! [`subscription`] (runs projections over the log). [`event`](mod@event) and [`upcast`] define
+//! what is stored and how old versions are read; [`snapshot`] and [`checkpoint`] shorten loads and
+//! track projections; [`bus`] routes commands by type; [`stream`] holds ids, versions and
+//! positions; [`memory`] is the in-memory backend; [`backend`] is for authors of storage backends
+//! only. [`prelude`] has the names most programs need.
+//!
+//! # Features
+//!
+//! - `derive` (default): re-exports the macros `#[event]`, `#[derive(Aggregate)]` and
+//!   `#[projection]`.
+//! - `testing`: given/when/then fixtures (`cqrs_core::testing`); enable it in your
+//!   `[dev-dependencies]`.
+//! - `conformance`: the test suite every storage backend runs (`cqrs_core::conformance`).
 #![forbid(unsafe_code)]
 
 pub mod aggregate;

@@ -197,8 +197,53 @@ impl std::fmt::Display for Chain<'_> {
 /// An append-only log of events, partitioned into streams. Object-safe: hold it as
 /// `Arc<dyn EventStore>` to pick the backend at run time.
 ///
+/// Most programs never call it directly: [`Repository`](crate::Repository) appends and loads, and
+/// a [`ProjectionRunner`](crate::ProjectionRunner) reads the global log. Use it for tools,
+/// migrations and integrations that work on raw events.
+///
 /// Every backend runs the conformance suite (`cqrs_core::conformance`, behind the `conformance`
-/// feature).
+/// feature), so the rules stated here hold for all of them.
+///
+/// ```
+/// use cqrs_core::{
+///     EventId, EventStore, EventTypes, ExpectedVersion, InMemoryStore, NewEvent, Position,
+///     StoreError, StreamId, StreamVersion,
+/// };
+///
+/// fn opened(owner: &str) -> NewEvent {
+///     NewEvent {
+///         event_id: EventId::new(),
+///         event_type: "Opened".into(),
+///         schema_version: 1,
+///         payload: serde_json::json!({ "owner": owner }),
+///         metadata: Default::default(),
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), StoreError> {
+/// let store = InMemoryStore::new();
+/// let account = StreamId::new("account", "acc-42");
+///
+/// // Optimistic concurrency: the append states what it expects the stream to be.
+/// let first = opened("ada");
+/// let written = store.append(&account, ExpectedVersion::NoStream, vec![first.clone()]).await?;
+/// assert_eq!(written.stream_version, StreamVersion::new(1));
+///
+/// // Re-sending the same batch (same event ids) is an idempotent retry: the original result.
+/// let again = store.append(&account, ExpectedVersion::NoStream, vec![first]).await?;
+/// assert_eq!(again, written);
+///
+/// // A stale expectation writes nothing.
+/// let stale = store.append(&account, ExpectedVersion::NoStream, vec![opened("bob")]).await;
+/// assert!(matches!(stale, Err(StoreError::Concurrency(_))));
+///
+/// // The global log, gap-free, from the start.
+/// let log = store.read_all(Position::START, EventTypes::All, 100).await?;
+/// assert_eq!(log.len(), 1);
+/// assert_eq!(log[0].position, written.position);
+/// # Ok(()) }
+/// ```
 #[async_trait]
 pub trait EventStore: Send + Sync + 'static {
     /// Appends `events` to `stream` atomically if it satisfies `expected`; all or nothing.

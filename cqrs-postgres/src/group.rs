@@ -35,6 +35,16 @@ use crate::sql::Statements;
 
 /// Group-commit settings for [`crate::PostgresStore::with_group_commit`]: start from
 /// `GroupCommit::default()` and change what you need with the `with_*` methods.
+///
+/// ```
+/// use std::time::Duration;
+/// use cqrs_postgres::GroupCommit;
+///
+/// let config = GroupCommit::default()
+///     .with_max_in_flight(2)
+///     .with_keep_connection(Duration::from_millis(50));
+/// assert_eq!(config.max_batch, GroupCommit::default().max_batch);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct GroupCommit {
@@ -51,10 +61,11 @@ pub struct GroupCommit {
     /// more slots keep more of the pool busy.
     ///
     /// 1 (the default) writes one group at a time while the next one forms, as PostgreSQL
-    /// flushes its WAL: the largest groups and the least CPU per append. Its cost: the appends queued behind a write that waits, for instance on the row lock of a
-    /// concurrent, not yet committed append of the same stream version in another transaction,
-    /// wait with it. An append still queued after 50 ms leads the queue from an extra slot (at
-    /// most `max_in_flight` extra), so a stuck write delays the others by that much, and an
+    /// flushes its WAL: the largest groups and the least CPU per append. Its cost: the appends
+    /// queued behind a write that waits, for instance on the row lock of a concurrent, not yet
+    /// committed append of the same stream version in another transaction, wait with it. An
+    /// append still queued after 50 ms leads the queue from an extra slot (at most
+    /// `max_in_flight` extra), so a stuck write delays the others by that much, and an
     /// application whose open transaction waits for one of them does not deadlock. 2 keeps a
     /// second write going from the start.
     pub max_in_flight: usize,

@@ -11,7 +11,8 @@ use sqlx::{AssertSqlSafe, SqlSafeStr, SqlStr};
 pub const MAX_SCHEMA_LEN: usize = 56;
 
 /// The columns of a read, in the shape [`crate::row`] decodes. `tx` is aliased `tx_text`: an alias
-/// named `tx` would capture `ORDER BY tx` and lose the index (DESIGN.md).
+/// named `tx` would capture `ORDER BY tx` (ordering by the text, not the column), and the read
+/// would no longer use the `(tx, position)` primary key's order.
 const COLUMNS: &str = "position, tx::text AS tx_text, stream_type, stream_id, stream_version, event_id, \
      event_type, schema_version, payload::text AS payload_text, metadata::text AS metadata_text, recorded_at";
 

@@ -14,6 +14,27 @@ use crate::{
 
 /// The events, snapshots and checkpoints of one schema. Cheap to clone: clones share the pool (and
 /// the group-commit writer, if any).
+///
+/// Needs PostgreSQL 13 or later. [`PostgresStore::open`] connects and migrates schema `public`;
+/// the builder methods configure the rest, each returning the store:
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use cqrs_postgres::{GroupCommit, PostgresStore};
+/// use sqlx::postgres::PgPoolOptions;
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = PgPoolOptions::new()
+///     .max_connections(20)
+///     .connect("postgres://postgres@127.0.0.1:5432/app")
+///     .await?;
+/// let store = PostgresStore::new(pool)
+///     .with_schema("bank")? // validated, then quoted into every statement
+///     .with_horizon_wait(Duration::from_secs(2))
+///     .with_group_commit(GroupCommit::default().with_max_batch(32));
+/// store.migrate().await?; // or in a deployment step
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct PostgresStore {
     pub(crate) pool: PgPool,

@@ -1,25 +1,98 @@
 //! SQLite backend for `cqrs-core`: the embedded, durable store. Events, snapshots, checkpoints
-//! and projection read models in one file.
+//! and projection read models in one file, no server.
 //!
-//! ```no_run
-//! use cqrs_core::{EventId, EventStore, ExpectedVersion, NewEvent, StreamId};
-//! use cqrs_sqlite::SqliteStore;
+//! [`SqliteStore`] implements the storage traits ([`EventStore`], [`SnapshotStore`],
+//! [`CheckpointStore`]), so a [`Repository`](cqrs_core::Repository) runs on it unchanged.
+//! [`SqliteProjections`] runs projections whose read models are tables in the same file, each
+//! batch committed with its checkpoint; [`SqliteStore::with_inline`] updates read models inside
+//! the append itself. SQLite is compiled in (`sqlite-bundled`): nothing to install.
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! // Creates the file (and its tables) if needed; a second run continues where the first ended.
-//! let store = SqliteStore::open("bank.db").await?;
-//! let account = StreamId::new("account", "acc-42");
-//! let opened = NewEvent {
-//!     event_id: EventId::new(),
-//!     event_type: "Opened".into(),
-//!     schema_version: 1,
-//!     payload: serde_json::json!({ "owner": "ada" }),
-//!     metadata: Default::default(),
-//! };
-//! let written = store.append(&account, ExpectedVersion::NoStream, vec![opened]).await?;
-//! println!("at version {} and position {}", written.stream_version, written.position);
-//! # Ok(()) }
+//! # Example
+//!
 //! ```
+//! use std::time::Duration;
+//!
+//! use cqrs_core::prelude::*;
+//! use cqrs_sqlite::{SqliteProjections, SqliteStore};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[event(name = "MoneyDeposited")]
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+//! pub struct MoneyDeposited { pub amount: i64 }
+//!
+//! #[derive(Debug, Default, Aggregate)]
+//! #[aggregate(name = "account", events(MoneyDeposited))]
+//! pub struct Account { balance: i64 }
+//!
+//! impl Apply<MoneyDeposited> for Account {
+//!     fn apply(&mut self, e: &MoneyDeposited) { self.balance += e.amount }
+//! }
+//!
+//! pub struct Deposit { pub amount: i64 }
+//!
+//! impl Handle<Deposit> for Account {
+//!     type Error = std::convert::Infallible;
+//!     fn handle(&self, cmd: &Deposit) -> Result<Vec<AccountEvent>, Self::Error> {
+//!         Ok(vec![MoneyDeposited { amount: cmd.amount }.into()])
+//!     }
+//! }
+//!
+//! /// Balances in table `balances` of the store's file.
+//! #[derive(Debug, Default)]
+//! pub struct Balances;
+//!
+//! #[projection(name = "balances")]
+//! impl Balances {
+//!     async fn deposited(
+//!         &mut self,
+//!         e: &MoneyDeposited,
+//!         meta: &RecordedEvent,
+//!         db: &mut sqlx::SqliteConnection,
+//!     ) -> Result<(), sqlx::Error> {
+//!         sqlx::query(
+//!             "INSERT INTO balances (account, balance) VALUES (?1, ?2)
+//!              ON CONFLICT (account) DO UPDATE SET balance = balance + excluded.balance",
+//!         )
+//!         .bind(meta.stream.id())
+//!         .bind(e.amount)
+//!         .execute(db)
+//!         .await?;
+//!         Ok(())
+//!     }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let dir = std::env::temp_dir().join(format!("cqrs-sqlite-doc-{}", std::process::id()));
+//!     std::fs::create_dir_all(&dir)?;
+//!
+//!     // Creates the file and its tables if needed; a second run continues where the first ended.
+//!     let store = SqliteStore::open(dir.join("bank.db")).await?;
+//!     sqlx::query("CREATE TABLE IF NOT EXISTS balances (account TEXT PRIMARY KEY, balance INTEGER)")
+//!         .execute(store.pool())
+//!         .await?;
+//!
+//!     let accounts = Repository::<Account>::new(store.clone());
+//!     let balances = ProjectionRunner::new(Balances, SqliteProjections::new(store.clone())).spawn();
+//!
+//!     let written = accounts.execute("acc-42", &Deposit { amount: 100 }).await?;
+//!     let position = written.position.expect("the deposit wrote an event");
+//!     balances.wait_for(position, Duration::from_secs(5)).await?;
+//!     let balance: i64 = sqlx::query_scalar("SELECT balance FROM balances WHERE account = ?1")
+//!         .bind("acc-42")
+//!         .fetch_one(store.pool())
+//!         .await?;
+//!     assert_eq!(balance, 100);
+//!
+//!     balances.stop().await;
+//!     store.close().await;
+//!     std::fs::remove_dir_all(&dir)?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! [`SqliteStore::open`] uses the defaults; [`SqliteStore::open_with`] takes a [`SqliteConfig`]
+//! (durability, busy timeout, group size, read-only).
 //!
 //! # How it works
 //!
@@ -105,6 +178,23 @@ const MIGRATION_ATTEMPTS: usize = 5;
 
 /// The events, snapshots, checkpoints and read models of one SQLite file. Cheap to clone: clones
 /// share the connections and the writer.
+///
+/// [`SqliteStore::open`] opens a file with the defaults; [`SqliteStore::open_with`] takes a
+/// [`SqliteConfig`]. Either needs a Tokio runtime, which must keep running while the store is
+/// used (the writer is a task on it).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use cqrs_sqlite::{SqliteConfig, SqliteStore, Synchronous};
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = SqliteConfig::builder("/var/lib/app/events.db")
+///     .busy_timeout(Duration::from_secs(10)) // other processes writing to the same file
+///     .synchronous(Synchronous::Full) // the default: an acknowledged append survives a power cut
+///     .build()?;
+/// let store = SqliteStore::open_with(config).await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct SqliteStore {
     shared: Arc<Shared>,

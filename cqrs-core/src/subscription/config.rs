@@ -3,7 +3,23 @@
 use std::num::NonZeroUsize;
 use std::time::Duration;
 
-/// Tuning for a [`ProjectionRunner`](crate::subscription::ProjectionRunner), built (and checked) by [`RunnerConfig::builder`].
+/// Tuning for a [`ProjectionRunner`](crate::subscription::ProjectionRunner), built (and checked)
+/// by [`RunnerConfig::builder`].
+///
+/// ```
+/// use std::time::Duration;
+/// use cqrs_core::RunnerConfig;
+///
+/// let config = RunnerConfig::builder()
+///     .batch_size(1_000)
+///     .poll_interval(Duration::from_millis(250))
+///     .build()?;
+/// assert_eq!(config.batch_size(), 1_000);
+///
+/// // A batch of 0 would move the checkpoint over events never applied: refused when built.
+/// assert!(RunnerConfig::builder().batch_size(0).build().is_err());
+/// # Ok::<(), cqrs_core::subscription::InvalidConfig>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RunnerConfig {
     batch_size: NonZeroUsize,

@@ -167,7 +167,68 @@ async fn commit_guarded<P: Projection, B: ProjectionBackend<P>>(
     })
 }
 
-/// Runs one projection; see the module docs.
+/// Runs one projection over the global log: catches up from its checkpoint, then follows new
+/// appends. See the [module documentation](self) for the failure policy.
+///
+/// A runner needs a projection (usually a `#[projection]` impl) and a
+/// [`ProjectionBackend`] for where its read model lives: [`InProcess`] for a read model in this
+/// process's memory, `cqrs_postgres::PostgresProjections` or `cqrs_sqlite::SqliteProjections` for
+/// one in the database. Then either:
+///
+/// - [`ProjectionRunner::spawn`] it: it runs until stopped and a [`ProjectionHandle`] reports its
+///   status, waits for positions ([`ProjectionHandle::wait_for`]) and skips poison events; or
+/// - run it once: [`ProjectionRunner::catch_up`] applies everything committed before the call
+///   and returns the projection; [`ProjectionRunner::rebuild`] does the same from scratch.
+///
+/// One runner per projection name holds the lease at a time; others wait as standbys (spawned)
+/// or fail with [`RunError::LeaseHeld`] (`catch_up`, `rebuild`).
+///
+/// ```
+/// use std::time::Duration;
+/// use cqrs_core::prelude::*;
+/// use cqrs_core::subscription::InProcess;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[event(name = "Registered")]
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// pub struct Registered { pub email: String }
+///
+/// /// How many users registered.
+/// #[derive(Debug, Default)]
+/// pub struct Registrations { count: u64 }
+///
+/// #[projection(name = "registrations")]
+/// impl Registrations {
+///     fn registered(&mut self, _: &Registered) {
+///         self.count += 1;
+///     }
+/// }
+///
+/// # #[tokio::main]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = InMemoryStore::new();
+/// # use cqrs_core::{NewEvent, StreamId};
+/// # let event = NewEvent::from_event(&Registered { email: "ada@example.com".into() })?;
+/// # store.append(&StreamId::new("user", "ada"), ExpectedVersion::NoStream, vec![event]).await?;
+/// let config = RunnerConfig::builder().batch_size(100).build()?;
+///
+/// // Once: everything committed so far, then the projection back.
+/// let runner = ProjectionRunner::new(Registrations::default(), InProcess::new(store.clone()))
+///     .with_config(config);
+/// let caught_up = runner.catch_up(|progress| println!("{}/{}", progress.done, progress.total)).await?;
+/// assert_eq!(caught_up.count, 1);
+///
+/// // Or for as long as the application runs.
+/// let handle = ProjectionRunner::new(Registrations::default(), InProcess::new(store.clone()))
+///     .with_config(config)
+///     .spawn();
+/// let head = store.head().await?.expect("one event");
+/// handle.wait_for(head, Duration::from_secs(5)).await?;
+/// println!("{:?}", handle.status());
+/// let registrations = handle.stop().await.expect("the runner did not panic");
+/// assert_eq!(registrations.count, 1);
+/// # Ok(()) }
+/// ```
 pub struct ProjectionRunner<P: Projection, B> {
     projection: P,
     backend: Arc<B>,
