@@ -90,8 +90,11 @@ async fn concurrent_commands_conflict_then_retry() {
         "{err}"
     );
 
-    // Many concurrent commands with retries: all land, none lost.
-    let retrying = Repository::<Counter>::new(store.clone()).with_retry(RetryPolicy::retries(50));
+    // Many concurrent commands with retries: all land, none lost, and every conflict costs
+    // exactly one more decision.
+    let counting = CountingStore::over(store.clone());
+    let retrying =
+        Repository::<Counter>::new(counting.clone()).with_retry(RetryPolicy::retries(50));
     let tasks: Vec<_> = (0..20)
         .map(|_| {
             let repo = retrying.clone();
@@ -105,27 +108,26 @@ async fn concurrent_commands_conflict_then_retry() {
     let loaded = retrying.load("hot").await.unwrap();
     assert_eq!(loaded.state.total, 20);
     assert_eq!(loaded.version, StreamVersion::new(20));
-    assert!(attempts >= 20);
+    assert_eq!(attempts, 20 + counting.conflicts());
 
-    // Without retries a conflict surfaces as ExecuteError::Concurrency.
-    let mut saw_conflict = false;
-    for _ in 0..20 {
+    // Without retries, of two commands that loaded the same version one lands and the other
+    // gets ExecuteError::Concurrency (the loads meet at a gate, so they always overlap).
+    let duelling = Repository::<Counter>::new(CountingStore::gated(store.clone(), 2));
+    for round in 1..=5u64 {
         let (a, b) = tokio::join!(
-            no_retry.execute("duel", &Add(1)),
-            no_retry.execute("duel", &Add(1))
+            duelling.execute("duel", &Add(1)),
+            duelling.execute("duel", &Add(1))
         );
-        for r in [a, b] {
-            match r {
-                Ok(_) => {}
-                Err(ExecuteError::Concurrency(c)) => {
-                    assert_eq!(c.stream, StreamId::new("counter", "duel"));
-                    saw_conflict = true;
-                }
-                Err(other) => panic!("{other}"),
+        let (landed, conflicted): (Vec<_>, Vec<_>) = [a, b].into_iter().partition(Result::is_ok);
+        assert_eq!((landed.len(), conflicted.len()), (1, 1), "round {round}");
+        match conflicted.into_iter().next() {
+            Some(Err(ExecuteError::Concurrency(c))) => {
+                assert_eq!(c.stream, StreamId::new("counter", "duel"));
+                assert_eq!(c.actual, StreamVersion::new(round));
             }
+            other => panic!("round {round}: {other:?}"),
         }
     }
-    let _ = saw_conflict; // racing is probabilistic; the deterministic case is asserted above
 }
 
 #[tokio::test]
@@ -464,6 +466,36 @@ struct CountingStore {
     stream_reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     /// Per global read, in call order: `true` for the whole log, `false` for a type-filtered one.
     whole_log_reads: std::sync::Arc<std::sync::Mutex<Vec<bool>>>,
+    /// Appends refused with a concurrency conflict.
+    conflicts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// When set, every stream read waits here after reading: loads that must see the same
+    /// version meet at it before any of them goes on to decide and append.
+    load_gate: Option<std::sync::Arc<tokio::sync::Barrier>>,
+}
+
+impl CountingStore {
+    fn over(inner: InMemoryStore) -> Self {
+        Self {
+            inner,
+            stream_reads: std::sync::Arc::default(),
+            whole_log_reads: std::sync::Arc::default(),
+            conflicts: std::sync::Arc::default(),
+            load_gate: None,
+        }
+    }
+
+    /// Stream reads go in groups of `loads`, so that many loads see the same version.
+    fn gated(inner: InMemoryStore, loads: usize) -> Self {
+        Self {
+            load_gate: Some(std::sync::Arc::new(tokio::sync::Barrier::new(loads))),
+            ..Self::over(inner)
+        }
+    }
+
+    fn conflicts(&self) -> u32 {
+        let n = self.conflicts.load(std::sync::atomic::Ordering::SeqCst);
+        u32::try_from(n).unwrap()
+    }
 }
 
 #[async_trait::async_trait]
@@ -474,7 +506,12 @@ impl EventStore for CountingStore {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<cqrs_core::AppendResult, cqrs_core::StoreError> {
-        self.inner.append(stream, expected, events).await
+        let appended = self.inner.append(stream, expected, events).await;
+        if let Err(cqrs_core::StoreError::Concurrency(_)) = &appended {
+            self.conflicts
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        appended
     }
     async fn read_stream(
         &self,
@@ -484,7 +521,11 @@ impl EventStore for CountingStore {
     ) -> Result<Vec<RecordedEvent>, cqrs_core::StoreError> {
         self.stream_reads
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.inner.read_stream(stream, from, limit).await
+        let read = self.inner.read_stream(stream, from, limit).await;
+        if let Some(gate) = &self.load_gate {
+            gate.wait().await;
+        }
+        read
     }
     async fn read_all(
         &self,
@@ -528,9 +569,9 @@ async fn cache_skips_loads_and_recovers_from_stale_entries() {
     let inner = InMemoryStore::new();
     let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let store = CountingStore {
-        inner: inner.clone(),
         stream_reads: reads.clone(),
         whole_log_reads: std::sync::Arc::default(),
+        ..CountingStore::over(inner.clone())
     };
     let repo = Repository::<Counter>::new(store).with_cache(100);
     for n in 1..=10 {
@@ -637,9 +678,9 @@ async fn inline_projection_commits_with_the_append_or_not_at_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runners_read_the_whole_log_while_it_is_mostly_theirs() {
     let store = CountingStore {
-        inner: InMemoryStore::new(),
         stream_reads: std::sync::Arc::default(),
         whole_log_reads: std::sync::Arc::default(),
+        ..CountingStore::over(InMemoryStore::new())
     };
     let repo = Repository::<Counter>::new(store.inner.clone());
     for i in 1..=30 {

@@ -138,8 +138,26 @@ fn deposit(amount: i64) -> NewEvent {
     NewEvent::from_event(&Deposited { amount }).unwrap()
 }
 
+/// A seeded xorshift generator shared by this module's tests: the seed is printed once, and
+/// `CQRS_TEST_SEED=<seed>` replays a failing run's random choices.
 fn random() -> u64 {
-    RandomState::new().hash_one(Instant::now())
+    static STATE: std::sync::OnceLock<std::sync::Mutex<u64>> = std::sync::OnceLock::new();
+    let state = STATE.get_or_init(|| {
+        let seed = std::env::var("CQRS_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| RandomState::new().hash_one(Instant::now()))
+            | 1;
+        eprintln!("projection tests: random seed {seed} (replay with CQRS_TEST_SEED={seed})");
+        std::sync::Mutex::new(seed)
+    });
+    let mut x = state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
 }
 
 fn config() -> RunnerConfig {
