@@ -15,6 +15,7 @@ mod gaps;
 mod group_commit;
 mod hostile;
 mod lost_reply;
+mod process_manager;
 mod projections;
 mod read_database;
 mod runner;

@@ -140,7 +140,7 @@ fn deposit(amount: i64) -> NewEvent {
 
 /// A seeded xorshift generator shared by this module's tests: the seed is printed once, and
 /// `CQRS_TEST_SEED=<seed>` replays a failing run's random choices.
-fn random() -> u64 {
+pub fn random() -> u64 {
     static STATE: std::sync::OnceLock<std::sync::Mutex<u64>> = std::sync::OnceLock::new();
     let state = STATE.get_or_init(|| {
         let seed = std::env::var("CQRS_TEST_SEED")
