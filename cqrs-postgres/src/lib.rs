@@ -174,7 +174,6 @@ mod checkpoints;
 mod error;
 mod group;
 mod horizon;
-mod inline;
 mod notify;
 mod projections;
 mod read;

@@ -8,9 +8,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use sqlx::Executor;
 
 use crate::error::{map_error, map_error_in};
-use crate::{
-    group, inline, notify, sql, AppendListener, GroupCommit, DEFAULT_HORIZON_WAIT, MIGRATOR,
-};
+use crate::{group, notify, sql, AppendListener, GroupCommit, DEFAULT_HORIZON_WAIT, MIGRATOR};
 
 /// The events, snapshots and checkpoints of one schema. Cheap to clone: clones share the pool (and
 /// the group-commit writer, if any).
@@ -43,7 +41,7 @@ pub struct PostgresStore {
     pub(crate) notifier: Arc<OnceLock<Arc<notify::Notifier>>>,
     pub(crate) announcer: Arc<OnceLock<Arc<notify::Announcer>>>,
     pub(crate) group: Option<Arc<group::GroupCommitter>>,
-    pub(crate) inline: Arc<[Arc<dyn inline::Inline>]>,
+    pub(crate) inline: cqrs_core::backend::InlineProjections<PgConnection>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -52,10 +50,7 @@ impl std::fmt::Debug for PostgresStore {
             .field("schema", &self.sql.schema)
             .field("horizon_wait", &self.horizon_wait)
             .field("group_commit", &self.group.as_ref().map(|g| g.config()))
-            .field(
-                "inline",
-                &self.inline.iter().map(|p| p.name()).collect::<Vec<_>>(),
-            )
+            .field("inline", &self.inline.names())
             .finish_non_exhaustive()
     }
 }
@@ -91,7 +86,7 @@ impl PostgresStore {
             notifier: Arc::default(),
             announcer: Arc::default(),
             group: None,
-            inline: Arc::new([]),
+            inline: cqrs_core::backend::InlineProjections::default(),
         }
     }
 
@@ -164,9 +159,7 @@ impl PostgresStore {
     where
         P: cqrs_core::Projection<Context = PgConnection> + Clone + Sync,
     {
-        let mut inline = self.inline.to_vec();
-        inline.push(Arc::new(inline::InlineProjection(projection)));
-        self.inline = inline.into();
+        self.inline = self.inline.with(projection);
         self
     }
 

@@ -139,13 +139,7 @@ impl PostgresStore {
             .iter()
             .map(row::recorded)
             .collect::<Result<Vec<_>, _>>()?;
-        for projection in self.inline.iter() {
-            projection
-                .apply(&events, conn)
-                .await
-                .map_err(StoreError::InlineProjection)?;
-        }
-        Ok(())
+        self.inline.apply(&events, conn).await
     }
 
     pub(crate) async fn individual_append(

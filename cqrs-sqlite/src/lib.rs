@@ -135,7 +135,6 @@ mod append;
 mod config;
 mod error;
 mod file;
-mod inline;
 mod lease;
 mod notify;
 mod projections;
@@ -198,7 +197,7 @@ const MIGRATION_ATTEMPTS: usize = 5;
 #[derive(Clone)]
 pub struct SqliteStore {
     shared: Arc<Shared>,
-    inline: Arc<[Arc<dyn inline::Inline>]>,
+    inline: cqrs_core::backend::InlineProjections<SqliteConnection>,
 }
 
 struct Shared {
@@ -218,10 +217,7 @@ impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteStore")
             .field("config", &self.shared.config)
-            .field(
-                "inline",
-                &self.inline.iter().map(|p| p.name()).collect::<Vec<_>>(),
-            )
+            .field("inline", &self.inline.names())
             .finish_non_exhaustive()
     }
 }
@@ -293,7 +289,7 @@ impl SqliteStore {
                 errors,
                 appended,
             }),
-            inline: Arc::new([]),
+            inline: cqrs_core::backend::InlineProjections::default(),
         })
     }
 
@@ -312,9 +308,7 @@ impl SqliteStore {
     where
         P: cqrs_core::Projection<Context = SqliteConnection> + Clone + Sync,
     {
-        let mut inline = self.inline.to_vec();
-        inline.push(Arc::new(inline::InlineProjection(projection)));
-        self.inline = inline.into();
+        self.inline = self.inline.with(projection);
         self
     }
 
@@ -560,7 +554,7 @@ impl EventStore for SqliteStore {
             return Err(self.read_only());
         };
         writer
-            .append(stream, expected, events, batch, Arc::clone(&self.inline))
+            .append(stream, expected, events, batch, self.inline.clone())
             .await
     }
 

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use crate::append::{self, Appended, Encoded};
 use crate::error::{is_connection_error, Errors, SqliteError};
-use crate::inline::Inline;
+use cqrs_core::backend::InlineProjections;
 
 /// One append waiting for the writer.
 pub(crate) struct Request {
@@ -24,7 +24,7 @@ pub(crate) struct Request {
     pub expected: ExpectedVersion,
     pub events: Vec<NewEvent>,
     pub batch: Encoded,
-    pub inline: Arc<[Arc<dyn Inline>]>,
+    pub inline: InlineProjections<SqliteConnection>,
     pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
 }
 
@@ -61,7 +61,7 @@ impl Writer {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
         batch: Encoded,
-        inline: Arc<[Arc<dyn Inline>]>,
+        inline: InlineProjections<SqliteConnection>,
     ) -> Result<AppendResult, StoreError> {
         let (reply, outcome) = oneshot::channel();
         let request = Request {
@@ -215,12 +215,7 @@ async fn append_one(
                 request.events.len(),
             )
             .await?;
-            for projection in request.inline.iter() {
-                projection
-                    .apply(&events, conn)
-                    .await
-                    .map_err(StoreError::InlineProjection)?;
-            }
+            request.inline.apply(&events, conn).await?;
         }
         Ok(appended)
     }

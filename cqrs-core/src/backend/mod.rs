@@ -28,10 +28,12 @@
 //!   feature): `backend_conformance_tests!` for the storage traits and
 //!   `projection_conformance_tests!` for the projection backend.
 
+mod inline;
 mod projection;
 mod retry;
 mod validate;
 
+pub use inline::InlineProjections;
 pub(crate) use projection::panic_message;
 pub use projection::{
     apply_batch, flush_batch, handle_event, BatchError, Lease, ProjectionBackend, SkipTarget,
