@@ -5,11 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs_core::backend::{apply_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
+use cqrs_core::backend::{
+    apply_batch, handler_failure, BatchError, Lease, ProjectionBackend, SkipTarget,
+};
 use cqrs_core::subscription::SkippedEvent;
 use cqrs_core::{
-    CheckpointStore, EventId, EventStore, Position, Projection, ProjectionError, RecordedEvent,
-    StoreError,
+    CheckpointStore, EventId, EventStore, Position, Projection, RecordedEvent, StoreError,
 };
 use sqlx::postgres::PgConnection;
 use sqlx::{Connection, Row};
@@ -262,14 +263,12 @@ where
             // Rolling back (or dropping `tx`) undoes the batch: nothing of it is committed (and
             // `apply_batch` discarded what the handlers buffered).
             let rolled_back = tx.rollback().await;
-            return Err(match storage_failure(&error, rolled_back) {
-                Some(store) => BatchError::Store(store),
-                None => BatchError::Projection {
-                    index,
-                    committed: 0,
-                    error,
-                },
-            });
+            return Err(handler_failure(
+                index,
+                error,
+                rolled_back,
+                is_storage_failure,
+            ));
         }
         if let Err(error) = tx.commit().await {
             projection.discard();
@@ -357,33 +356,18 @@ where
     }
 }
 
-/// A handler failed: whether the failure is really the storage's (then it is retried with
-/// backoff and never offered as a poison event). It is when the handler's error comes from a
-/// lost connection or a transient conflict of the database (a serialization failure or a
-/// deadlock, which a retry resolves), or when the batch's connection can no longer roll back.
-fn storage_failure(
-    error: &ProjectionError,
-    rolled_back: Result<(), StoreError>,
-) -> Option<StoreError> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(sqlx) = cause.downcast_ref::<sqlx::Error>() {
-            let transient = match sqlx {
-                sqlx::Error::Database(db) => {
-                    matches!(db.code().as_deref(), Some("40001" | "40P01"))
-                }
-                _ => false,
-            };
-            if transient || crate::error::is_connection_error(sqlx) {
-                return Some(StoreError::Connection(error.to_string().into()));
-            }
-        }
-        source = cause.source();
-    }
-    match rolled_back {
-        Err(lost @ StoreError::Connection(_)) => Some(lost),
-        _ => None,
-    }
+/// Whether a cause of a handler's error is the database's failure rather than the handler's: a
+/// lost connection, or a transient conflict (a serialization failure or a deadlock) that a retry
+/// resolves.
+fn is_storage_failure(cause: &(dyn std::error::Error + 'static)) -> bool {
+    let Some(error) = cause.downcast_ref::<sqlx::Error>() else {
+        return false;
+    };
+    let transient = matches!(
+        error,
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01"))
+    );
+    transient || crate::error::is_connection_error(error)
 }
 
 /// A session advisory lock on its own connection; released when the connection closes (dropped

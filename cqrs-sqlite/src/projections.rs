@@ -4,11 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::backend::{apply_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
+use cqrs_core::backend::{
+    apply_batch, handler_failure, BatchError, Lease, ProjectionBackend, SkipTarget,
+};
 use cqrs_core::subscription::SkippedEvent;
 use cqrs_core::{
-    CheckpointStore, EventId, EventStore, Position, Projection, ProjectionError, RecordedEvent,
-    StoreError,
+    CheckpointStore, EventId, EventStore, Position, Projection, RecordedEvent, StoreError,
 };
 use sqlx::sqlite::SqliteConnection;
 use sqlx::Row;
@@ -177,14 +178,12 @@ where
             // Rolling back (or dropping `tx`) undoes the batch: nothing of it is committed (and
             // `apply_batch` discarded what the handlers buffered).
             let rolled_back = tx.rollback().await;
-            return Err(match storage_failure(&error, rolled_back) {
-                Some(store) => BatchError::Store(store),
-                None => BatchError::Projection {
-                    index,
-                    committed: 0,
-                    error,
-                },
-            });
+            return Err(handler_failure(
+                index,
+                error,
+                rolled_back,
+                is_storage_failure,
+            ));
         }
         if let Err(error) = tx.commit().await {
             projection.discard();
@@ -264,25 +263,10 @@ where
     }
 }
 
-/// A handler failed: whether the failure is really the storage's (then it is retried with
-/// backoff and never offered as a poison event). It is when the handler's error comes from the
-/// storage (a lost connection, a lock held past the busy timeout, a full disk, an I/O error),
-/// or when the batch's connection can no longer roll back.
-fn storage_failure(
-    error: &ProjectionError,
-    rolled_back: Result<(), StoreError>,
-) -> Option<StoreError> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(sqlx) = cause.downcast_ref::<sqlx::Error>() {
-            if crate::error::is_storage_failure(sqlx) {
-                return Some(StoreError::Connection(error.to_string().into()));
-            }
-        }
-        source = cause.source();
-    }
-    match rolled_back {
-        Err(lost @ StoreError::Connection(_)) => Some(lost),
-        _ => None,
-    }
+/// Whether a cause of a handler's error is the storage's failure rather than the handler's: a
+/// lost connection, a lock held past the busy timeout, a full disk, an I/O error.
+fn is_storage_failure(cause: &(dyn std::error::Error + 'static)) -> bool {
+    cause
+        .downcast_ref::<sqlx::Error>()
+        .is_some_and(crate::error::is_storage_failure)
 }

@@ -193,3 +193,33 @@ pub async fn apply_batch<P: Projection>(
     }
     Ok(())
 }
+
+/// What a failed batch reports, once the backend has undone it (`rolled_back` is how the undo
+/// went): a handler's failure that is really the storage's is a [`BatchError::Store`] (retried
+/// with backoff, never offered as a poison event), anything else the projection's own failure
+/// at `index`. It is the storage's when a cause in the error's source chain is a storage failure
+/// by `is_storage` (the backend's driver errors: a lost connection, a lock or a transient
+/// conflict a retry resolves), or when the undo itself lost the connection.
+pub fn handler_failure(
+    index: usize,
+    error: ProjectionError,
+    rolled_back: Result<(), StoreError>,
+    is_storage: impl Fn(&(dyn std::error::Error + 'static)) -> bool,
+) -> BatchError {
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        if is_storage(cause) {
+            let chain = crate::store::Chain(&error).to_string();
+            return BatchError::Store(StoreError::Connection(chain.into()));
+        }
+        source = cause.source();
+    }
+    match rolled_back {
+        Err(lost @ StoreError::Connection(_)) => BatchError::Store(lost),
+        _ => BatchError::Projection {
+            index,
+            committed: 0,
+            error,
+        },
+    }
+}
