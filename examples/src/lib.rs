@@ -9,6 +9,7 @@ pub mod catalogue;
 pub mod http;
 pub mod orders;
 pub mod orders_read_models;
+pub mod restart;
 
 /// The PostgreSQL store (schema `cqrs_examples`, migrated) when `DATABASE_URL` is a PostgreSQL
 /// URL (`postgres://` or `postgresql://`); `None` otherwise.

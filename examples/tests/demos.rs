@@ -193,6 +193,19 @@ async fn stories_on_postgres() {
     );
 }
 
+/// The headline guarantee: a PostgreSQL read model whose runner dies part-way through ends up,
+/// after a restart, with every event applied exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_model_restarted_mid_way_applies_every_event_once() {
+    let store = postgres().await;
+    let report = examples::restart::demo(store, 600, &mut Vec::new())
+        .await
+        .unwrap();
+    assert!(report.died_at.is_some(), "{report:?}");
+    assert_eq!(report.applied, report.appended, "{report:?}");
+    assert_eq!(report.total, report.expected_total, "{report:?}");
+}
+
 /// The orders' read models in their own stores, fed from one PostgreSQL event store: a lookup
 /// and a full-text search in a read database (another schema standing in for one), a dashboard
 /// in Redis; each read model applies every order event once, from its own checkpoint.
