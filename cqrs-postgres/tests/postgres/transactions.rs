@@ -347,7 +347,13 @@ async fn wait_for_append_wakes_on_notify() {
         })
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let written = store
+    // Appended through another store (as another process would): only the notification, not
+    // the appending store's in-process shortcut, can wake the waiter.
+    let other =
+        cqrs_postgres::PostgresStore::new(sqlx::PgPool::connect(&crate::url()).await.unwrap())
+            .with_schema(store.schema())
+            .unwrap();
+    let written = other
         .append(&stream, ExpectedVersion::NoStream, batch(1))
         .await
         .unwrap();
