@@ -167,6 +167,37 @@ async fn commit_guarded<P: Projection, B: ProjectionBackend<P>>(
     })
 }
 
+/// A committed batch, or the message of a panic that escaped the backend.
+type Committed = Result<Result<(), BatchError>, String>;
+
+/// What the live loop does after a step.
+enum Next {
+    /// Step again at once.
+    Go,
+    /// Caught up at this position: wait for an append (or the polling interval).
+    Wait(Position),
+    /// Another runner holds the lease: try again after the standby interval.
+    Standby,
+    /// A failure: wait for the current backoff, which then doubles.
+    Backoff,
+}
+
+/// A live runner's state between steps.
+struct Live {
+    /// Whole-log or filtered reads (see [`LogReader`]).
+    reader: LogReader,
+    /// The next batch, read while the previous one committed: its cursor, and what was read.
+    ahead: Option<(Position, BatchRead)>,
+    /// Held while this runner is the active one.
+    lease: Option<Box<dyn Lease>>,
+    /// The last committed position.
+    checkpoint: Option<Position>,
+    /// The next backoff.
+    backoff: Duration,
+    /// The event the runner is failing on, while the failure is skippable.
+    failed_at: Option<SkipTarget>,
+}
+
 /// Runs one projection over the global log: catches up from its checkpoint, then follows new
 /// appends. See the [module documentation](self) for the failure policy.
 ///
@@ -335,7 +366,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         &mut self,
         mut progress: impl FnMut(Progress) + Send,
     ) -> Result<(), RunError> {
-        let store = self.backend.events();
+        // Reads (ahead of commits) go through their own handle on the backend.
+        let backend = Arc::clone(&self.backend);
+        let store = backend.events();
         let Some(target) = store.committed_head().await? else {
             return Ok(());
         };
@@ -367,32 +400,18 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 _ => target,
             };
             reader.keep_handled(&mut events);
-            let commit = commit_guarded(
-                &*self.backend,
-                &mut self.projection,
-                &self.name,
-                checkpoint,
-                &events,
-                to,
-            );
-            let committed = if to < target {
-                // Read the next batch while this one commits: the read depends only on `to`, and
-                // is dropped unused if the commit fails.
-                let read = read_page(store, to, reader.types(), limit);
-                let (committed, read) = futures_util::future::join(commit, read).await;
-                if matches!(committed, Ok(Ok(()))) {
-                    next = Some(read?);
-                }
-                committed
-            } else {
-                commit.await
-            };
+            // Read the next batch while this one commits: the read depends only on `to`.
+            let read_next = (to < target).then(|| read_page(store, to, reader.types(), limit));
+            let (committed, read) = self
+                .commit_reading_ahead(checkpoint, &events, to, read_next)
+                .await;
             committed
                 .map_err(|message| RunError::Panicked {
                     name: self.name.clone(),
                     message,
                 })?
                 .map_err(RunError::from)?;
+            next = read.transpose()?;
             checkpoint = Some(to);
             done += events.len() as u64;
             progress(Progress {
@@ -460,15 +479,14 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         status: &watch::Sender<ProjectionStatus>,
         mut control: mpsc::Receiver<Control>,
     ) -> P {
-        let mut reader = LogReader::new(P::SUBSCRIPTION);
-        let limit = self.config.batch_size();
-        // The next batch, read while the previous one committed: (its cursor, what was read).
-        let mut ahead: Option<(Position, BatchRead)> = None;
-        let mut lease: Option<Box<dyn Lease>> = None;
-        let mut checkpoint: Option<Position> = None;
-        let mut backoff = self.config.initial_backoff();
-        // The event the runner is failing on, while the failure is skippable.
-        let mut failed_at: Option<SkipTarget> = None;
+        let mut live = Live {
+            reader: LogReader::new(P::SUBSCRIPTION),
+            ahead: None,
+            lease: None,
+            checkpoint: None,
+            backoff: self.config.initial_backoff(),
+            failed_at: None,
+        };
         loop {
             while let Ok(message) = control.try_recv() {
                 match message {
@@ -477,231 +495,281 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 }
             }
             if let Some(position) = self.pending_skip.take() {
-                if let Some(target) = failed_at.take_if(|t| t.position == position) {
-                    let reason = status
-                        .borrow()
-                        .last_error
-                        .as_ref()
-                        .map_or_else(String::new, |e| e.message.clone());
-                    match self
-                        .backend
-                        .record_skip(&self.name, checkpoint, &target, &reason)
-                        .await
-                    {
-                        Ok(()) => {
-                            tracing::warn!(%position, event_type = ?target.event_type, %reason,
-                                "event skipped on request");
-                            checkpoint = Some(position);
-                            backoff = self.config.initial_backoff();
-                            status.send_modify(|s| {
-                                s.checkpoint = checkpoint;
-                                s.state = ProjectionState::Running;
-                                s.last_error = None;
-                            });
-                        }
-                        Err(error) => {
-                            failed_at = Some(target);
-                            tracing::error!(%error, "recording a skip failed");
-                        }
-                    }
-                } else {
-                    tracing::warn!(%position, "skip requested for an event that is not failing; ignored");
-                }
+                self.skip(&mut live, status, position).await;
             }
+            let stop = match self.step(&mut live, status).await {
+                Next::Go => false,
+                Next::Wait(after) => self.wait_or_stop(&mut control, after).await,
+                Next::Standby => {
+                    let interval = self.config.standby_interval();
+                    self.sleep_or_stop(&mut control, interval).await
+                }
+                Next::Backoff => {
+                    let delay = live.backoff;
+                    live.backoff = (delay * 2).min(self.config.max_backoff());
+                    self.sleep_or_stop(&mut control, delay).await
+                }
+            };
+            if stop {
+                return self.stopped(status);
+            }
+        }
+    }
 
-            let held = match lease.as_mut() {
-                Some(l) => l.is_held().await,
-                None => false,
-            };
-            if !held {
-                lease = None;
-                match self.backend.acquire_lease(&self.name).await {
-                    Ok(Some(acquired)) => {
-                        lease = Some(acquired);
-                        match self.backend.load_checkpoint(&self.name).await {
-                            Ok(c) => checkpoint = c,
-                            Err(error) => {
-                                lease = None;
-                                self.failed(status, ProjectionFailure::of_store(&error));
-                                if self.pause(&mut control, &mut backoff).await {
-                                    return self.stopped(status);
-                                }
-                                continue;
-                            }
-                        }
-                        tracing::info!(checkpoint = ?checkpoint, "lease acquired");
-                        let lag = Self::count_lag(&self.backend, checkpoint).await;
-                        status.send_modify(|s| {
-                            s.state = ProjectionState::Running;
-                            s.checkpoint = checkpoint;
-                            s.lag = lag;
-                        });
-                    }
-                    Ok(None) => {
-                        status.send_modify(|s| s.state = ProjectionState::Standby);
-                        if self
-                            .sleep_or_stop(&mut control, self.config.standby_interval())
-                            .await
-                        {
-                            return self.stopped(status);
-                        }
-                        continue;
-                    }
-                    Err(error) => {
-                        self.failed(status, ProjectionFailure::of_store(&error));
-                        if self.pause(&mut control, &mut backoff).await {
-                            return self.stopped(status);
-                        }
-                        continue;
-                    }
-                }
+    /// One step of the live runner: make sure it holds the lease, read the next batch (or take
+    /// the one read ahead), commit it, and say what to do next.
+    async fn step(&mut self, live: &mut Live, status: &watch::Sender<ProjectionStatus>) -> Next {
+        if let Some(next) = self.hold_lease(live, status).await {
+            return next;
+        }
+        let limit = self.config.batch_size();
+        let after = live.checkpoint.unwrap_or(Position::START);
+        // The read ahead runs while `self` commits: it reads through its own handle.
+        let backend = Arc::clone(&self.backend);
+        let store = backend.events();
+        let batch = match live.ahead.take().filter(|(cursor, _)| *cursor == after) {
+            Some((_, read)) => read,
+            None => read_batch(store, after, live.reader.types(), limit).await,
+        };
+        let (head, page) = match batch {
+            Ok(batch) => batch,
+            Err(error) => {
+                let failure = ProjectionFailure::of_store(&error);
+                // An unreadable row right after the checkpoint is this projection's poison
+                // event: skippable at its position like a failing handler.
+                live.failed_at = failure.position.map(|position| SkipTarget {
+                    position,
+                    event_id: None,
+                    event_type: None,
+                });
+                self.failed(status, failure);
+                return Next::Backoff;
             }
+        };
+        let Page {
+            mut events,
+            complete,
+        } = page;
+        // A short, complete batch read after `head` was taken means every event up to `head` has
+        // been seen. A batch cut short before an unreadable row has not.
+        let caught_up = complete && events.len() < limit;
+        let last = events.last().map(|e| e.position);
+        let to = if caught_up { last.max(head) } else { last }.unwrap_or(after);
+        live.reader.keep_handled(&mut events);
+        if events.is_empty() && to <= after {
+            return Next::Wait(after);
+        }
+        // Behind: read the next batch while this one commits.
+        let reader = live.reader;
+        let read_next = (!caught_up).then(|| read_batch(store, to, reader.types(), limit));
+        let (outcome, ahead) = self
+            .commit_reading_ahead(live.checkpoint, &events, to, read_next)
+            .await;
+        live.ahead = ahead.map(|read| (to, read));
+        self.settle(live, status, outcome, &events, to, caught_up)
+            .await
+    }
 
-            let after = checkpoint.unwrap_or(Position::START);
-            let store = self.backend.events();
-            let batch = match ahead.take().filter(|(cursor, _)| *cursor == after) {
-                Some((_, read)) => read,
-                None => read_batch(store, after, reader.types(), limit).await,
-            };
-            let batch = match batch {
-                Ok(batch) => batch,
-                Err(error) => {
-                    let failure = ProjectionFailure::of_store(&error);
-                    // An unreadable row right after the checkpoint is this projection's poison
-                    // event: skippable at its position like a failing handler.
-                    failed_at = failure.position.map(|position| SkipTarget {
-                        position,
-                        event_id: None,
-                        event_type: None,
-                    });
-                    self.failed(status, failure);
-                    if self.pause(&mut control, &mut backoff).await {
-                        return self.stopped(status);
-                    }
-                    continue;
-                }
-            };
-            let (
-                head,
-                Page {
-                    mut events,
-                    complete,
-                },
-            ) = batch;
-            // A short, complete batch read after `head` was taken means every event up to `head`
-            // has been seen. A batch cut short before an unreadable row has not.
-            let caught_up = complete && events.len() < limit;
-            let last = events.last().map(|e| e.position);
-            let to = if caught_up { last.max(head) } else { last }.unwrap_or(after);
-            reader.keep_handled(&mut events);
-            if events.is_empty() && to <= after {
-                if self.wait_or_stop(&mut control, after).await {
-                    return self.stopped(status);
-                }
-                continue;
+    /// Takes (or checks) the lease; `None` while this runner holds it, else what to do.
+    async fn hold_lease(
+        &mut self,
+        live: &mut Live,
+        status: &watch::Sender<ProjectionStatus>,
+    ) -> Option<Next> {
+        if let Some(lease) = live.lease.as_mut() {
+            if lease.is_held().await {
+                return None;
             }
-            let commit = commit_guarded(
-                &*self.backend,
-                &mut self.projection,
-                &self.name,
-                checkpoint,
-                &events,
-                to,
-            );
-            let outcome = if caught_up {
-                commit.await
-            } else {
-                // Behind: read the next batch while this one commits.
-                let read = read_batch(store, to, reader.types(), limit);
-                let (outcome, read) = futures_util::future::join(commit, read).await;
-                if matches!(outcome, Ok(Ok(()))) {
-                    ahead = Some((to, read));
-                }
-                outcome
-            };
-            let outcome = match outcome {
-                Ok(outcome) => outcome,
-                Err(message) => {
-                    // Not attributable to one event: retried with backoff, not skippable.
-                    failed_at = None;
-                    self.failed(status, ProjectionFailure::panic(&message));
-                    if self.pause(&mut control, &mut backoff).await {
-                        return self.stopped(status);
-                    }
-                    continue;
-                }
-            };
-            match outcome {
-                Ok(()) => {
-                    checkpoint = Some(to);
-                    backoff = self.config.initial_backoff();
-                    failed_at = None;
-                    let previous = status.borrow().lag;
-                    let lag = match previous {
-                        _ if caught_up => Some(0),
-                        // Was caught up, now a full batch: a burst; count how far behind.
-                        Some(0) | None => Self::count_lag(&self.backend, checkpoint).await,
-                        Some(lag) => Some(lag.saturating_sub(events.len() as u64)),
-                    };
+        }
+        live.lease = None;
+        match self.backend.acquire_lease(&self.name).await {
+            Ok(Some(acquired)) => match self.backend.load_checkpoint(&self.name).await {
+                Ok(checkpoint) => {
+                    live.lease = Some(acquired);
+                    live.checkpoint = checkpoint;
+                    tracing::info!(checkpoint = ?checkpoint, "lease acquired");
+                    let lag = Self::count_lag(&self.backend, checkpoint).await;
                     status.send_modify(|s| {
                         s.state = ProjectionState::Running;
                         s.checkpoint = checkpoint;
-                        s.processed += events.len() as u64;
                         s.lag = lag;
-                        s.last_error = None;
                     });
+                    None
                 }
-                Err(BatchError::Projection {
-                    index,
-                    committed,
-                    error,
-                }) => {
-                    // Commit the good prefix, so the projection stops right before the bad event.
-                    let mut good = committed;
-                    if committed > 0 {
-                        checkpoint = Some(events[committed - 1].position);
-                    }
-                    if index > committed {
-                        let prefix = &events[committed..index];
-                        let to = prefix[prefix.len() - 1].position;
-                        let prefix_committed = commit_guarded(
-                            &*self.backend,
-                            &mut self.projection,
-                            &self.name,
-                            checkpoint,
+                Err(error) => {
+                    self.failed(status, ProjectionFailure::of_store(&error));
+                    Some(Next::Backoff)
+                }
+            },
+            Ok(None) => {
+                status.send_modify(|s| s.state = ProjectionState::Standby);
+                Some(Next::Standby)
+            }
+            Err(error) => {
+                self.failed(status, ProjectionFailure::of_store(&error));
+                Some(Next::Backoff)
+            }
+        }
+    }
+
+    /// Commits `events` up to `to` from `expected`, and meanwhile runs `read_next` (the read
+    /// after `to`), whose result is kept only if the commit succeeded. Shared by the live loop and
+    /// `catch_up`: the next read never waits for the commit.
+    async fn commit_reading_ahead<R>(
+        &mut self,
+        expected: Option<Position>,
+        events: &[RecordedEvent],
+        to: Position,
+        read_next: Option<impl Future<Output = R>>,
+    ) -> (Committed, Option<R>) {
+        let commit = commit_guarded(
+            &*self.backend,
+            &mut self.projection,
+            &self.name,
+            expected,
+            events,
+            to,
+        );
+        match read_next {
+            Some(read) => {
+                let (committed, read) = futures_util::future::join(commit, read).await;
+                let read = matches!(committed, Ok(Ok(()))).then_some(read);
+                (committed, read)
+            }
+            None => (commit.await, None),
+        }
+    }
+
+    /// Takes in a batch's outcome: moves the checkpoint and the status, or records the failure
+    /// (after committing the events before a failing one) and says to back off.
+    async fn settle(
+        &mut self,
+        live: &mut Live,
+        status: &watch::Sender<ProjectionStatus>,
+        outcome: Committed,
+        events: &[RecordedEvent],
+        to: Position,
+        caught_up: bool,
+    ) -> Next {
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(message) => {
+                // Not attributable to one event: retried with backoff, not skippable.
+                live.failed_at = None;
+                self.failed(status, ProjectionFailure::panic(&message));
+                return Next::Backoff;
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                live.checkpoint = Some(to);
+                live.backoff = self.config.initial_backoff();
+                live.failed_at = None;
+                let previous = status.borrow().lag;
+                let lag = match previous {
+                    _ if caught_up => Some(0),
+                    // Was caught up, now a full batch: a burst; count how far behind.
+                    Some(0) | None => Self::count_lag(&self.backend, live.checkpoint).await,
+                    Some(lag) => Some(lag.saturating_sub(events.len() as u64)),
+                };
+                let checkpoint = live.checkpoint;
+                status.send_modify(|s| {
+                    s.state = ProjectionState::Running;
+                    s.checkpoint = checkpoint;
+                    s.processed += events.len() as u64;
+                    s.lag = lag;
+                    s.last_error = None;
+                });
+                Next::Go
+            }
+            Err(BatchError::Projection {
+                index,
+                committed,
+                error,
+            }) => {
+                // Commit the good prefix, so the projection stops right before the bad event.
+                let mut good = committed;
+                if committed > 0 {
+                    live.checkpoint = Some(events[committed - 1].position);
+                }
+                if index > committed {
+                    let prefix = &events[committed..index];
+                    let to = prefix[prefix.len() - 1].position;
+                    let (prefix_committed, _) = self
+                        .commit_reading_ahead(
+                            live.checkpoint,
                             prefix,
                             to,
+                            None::<std::future::Ready<()>>,
                         )
                         .await;
-                        if matches!(prefix_committed, Ok(Ok(()))) {
-                            checkpoint = Some(to);
-                            good = index;
-                        }
-                    }
-                    status.send_modify(|s| {
-                        s.checkpoint = checkpoint;
-                        s.processed += good as u64;
-                        s.lag = s.lag.map(|lag| lag.saturating_sub(good as u64));
-                    });
-                    let failure = ProjectionFailure::of_projection(&error);
-                    failed_at = failure.skippable().then(|| SkipTarget::of(&events[index]));
-                    self.failed(status, failure);
-                    if self.pause(&mut control, &mut backoff).await {
-                        return self.stopped(status);
+                    if matches!(prefix_committed, Ok(Ok(()))) {
+                        live.checkpoint = Some(to);
+                        good = index;
                     }
                 }
-                Err(BatchError::Store(StoreError::CheckpointConflict { actual, .. })) => {
-                    tracing::warn!(?actual, "checkpoint moved by another runner; re-reading");
-                    checkpoint = actual;
-                    lease = None;
-                }
-                Err(BatchError::Store(error)) => {
-                    failed_at = None;
-                    self.failed(status, ProjectionFailure::of_store(&error));
-                    if self.pause(&mut control, &mut backoff).await {
-                        return self.stopped(status);
-                    }
-                }
+                let checkpoint = live.checkpoint;
+                status.send_modify(|s| {
+                    s.checkpoint = checkpoint;
+                    s.processed += good as u64;
+                    s.lag = s.lag.map(|lag| lag.saturating_sub(good as u64));
+                });
+                let failure = ProjectionFailure::of_projection(&error);
+                live.failed_at = failure.skippable().then(|| SkipTarget::of(&events[index]));
+                self.failed(status, failure);
+                Next::Backoff
+            }
+            Err(BatchError::Store(StoreError::CheckpointConflict { actual, .. })) => {
+                tracing::warn!(?actual, "checkpoint moved by another runner; re-reading");
+                live.checkpoint = actual;
+                live.lease = None;
+                Next::Go
+            }
+            Err(BatchError::Store(error)) => {
+                live.failed_at = None;
+                self.failed(status, ProjectionFailure::of_store(&error));
+                Next::Backoff
+            }
+        }
+    }
+
+    /// A skip requested for `position`: recorded by the backend (moving the checkpoint past it)
+    /// when it is the event the runner is failing on with a skippable failure; ignored otherwise.
+    async fn skip(
+        &mut self,
+        live: &mut Live,
+        status: &watch::Sender<ProjectionStatus>,
+        position: Position,
+    ) {
+        let Some(target) = live.failed_at.take_if(|t| t.position == position) else {
+            tracing::warn!(%position, "skip requested for an event that is not failing; ignored");
+            return;
+        };
+        let reason = status
+            .borrow()
+            .last_error
+            .as_ref()
+            .map_or_else(String::new, |e| e.message.clone());
+        match self
+            .backend
+            .record_skip(&self.name, live.checkpoint, &target, &reason)
+            .await
+        {
+            Ok(()) => {
+                tracing::warn!(%position, event_type = ?target.event_type, %reason,
+                    "event skipped on request");
+                live.checkpoint = Some(position);
+                live.backoff = self.config.initial_backoff();
+                let checkpoint = live.checkpoint;
+                status.send_modify(|s| {
+                    s.checkpoint = checkpoint;
+                    s.state = ProjectionState::Running;
+                    s.last_error = None;
+                });
+            }
+            Err(error) => {
+                live.failed_at = Some(target);
+                tracing::error!(%error, "recording a skip failed");
             }
         }
     }
@@ -735,17 +803,6 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     fn stopped(self, status: &watch::Sender<ProjectionStatus>) -> P {
         status.send_modify(|s| s.state = ProjectionState::Stopped);
         self.projection
-    }
-
-    /// Sleeps for the current backoff (doubling it); true if a stop was requested meanwhile.
-    async fn pause(
-        &mut self,
-        control: &mut mpsc::Receiver<Control>,
-        backoff: &mut Duration,
-    ) -> bool {
-        let delay = *backoff;
-        *backoff = (*backoff * 2).min(self.config.max_backoff());
-        self.until_stop(control, tokio::time::sleep(delay)).await
     }
 
     async fn sleep_or_stop(
