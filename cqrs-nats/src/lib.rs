@@ -21,15 +21,14 @@
 //! - **Contract, not payload**: an [`IntegrationMap`] turns an event into its public
 //!   [`IntegrationMessage`] or into nothing (the relay's filter); [`PublishStored`] publishes the
 //!   stored payload as is.
-//! - **Checkpoint after the acks**: a batch's messages are published (pipelined, in log order) in
-//!   the projection's flush, every acknowledgement is awaited, and only then does the backend
+//! - **Checkpoint after the acks**: a batch's messages are published in log order in the
+//!   projection's flush, each acknowledged before the next is sent, and only then does the backend
 //!   commit the checkpoint. A publish failure (broker down, ack timeout) fails the flush: the
 //!   checkpoint stays, the runner logs the typed [`RelayError`] in its status (not skippable) and
 //!   retries the batch with backoff, so the relay resumes by itself when the broker is back.
-//! - **Per-stream order, with an ordering guard**: every message after the first of an attempt
-//!   carries `Nats-Expected-Last-Msg-Id` = the previous message's event id, so JetStream stores a
-//!   message only right after its predecessor: a message lost on a dropped connection cannot be
-//!   overtaken by the next one (which is rejected, and the batch is retried from its start).
+//! - **Per-stream order**: a message is sent only once its predecessor is acknowledged, so a
+//!   message lost on a dropped connection fails the batch before anything after it is stored; the
+//!   batch is retried from its start, and its stored messages come back as duplicates.
 //! - **Crash between publish and checkpoint**: the batch is published again after a restart.
 //!   JetStream checks `Nats-Msg-Id` against its duplicate window (the stream's
 //!   `duplicate_window`, 2 minutes by default) before anything else and drops the repeat. Beyond

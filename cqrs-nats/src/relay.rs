@@ -3,7 +3,6 @@
 use std::future::Future;
 use std::marker::PhantomData;
 
-use async_nats::jetstream::context::PublishAckFuture;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::Context;
 use cqrs_core::{
@@ -147,16 +146,13 @@ struct Outgoing {
 /// A batch is mapped event by event (handlers), then published in [`Projection::flush`], before
 /// the backend commits the checkpoint: every message is sent (pipelined, in log order, on one
 /// connection), then every acknowledgement awaited; any failure fails the flush, so the
-/// checkpoint moves only past acknowledged messages. See the crate docs for the ordering guard
-/// and the duplicate window.
+/// checkpoint moves only past acknowledged messages. See the crate docs for the order and the
+/// duplicate window.
 pub struct Relay<M, C = ()> {
     jetstream: Context,
     map: M,
     config: RelayConfig,
     pending: Vec<Outgoing>,
-    /// The id of the last message this relay had acknowledged, while every publish since it
-    /// was acknowledged in order: the next message must follow it in the JetStream stream.
-    last_acked: Option<EventId>,
     context: PhantomData<fn() -> C>,
 }
 
@@ -177,42 +173,30 @@ impl<M: IntegrationMap, C> Relay<M, C> {
             map,
             config,
             pending: Vec::new(),
-            last_acked: None,
             context: PhantomData,
         }
     }
 
     async fn publish(&mut self) -> Result<(), RelayError> {
         let outgoing = std::mem::take(&mut self.pending);
-        let mut acks: Vec<(Outgoing, PublishAckFuture)> = Vec::with_capacity(outgoing.len());
-        let mut previous = self.last_acked.take();
         let failed = |o: &Outgoing, source| RelayError::Publish {
             event_id: o.event_id,
             position: o.position,
             subject: o.subject.clone(),
             source,
         };
+        // One message at a time, each acknowledged before the next is sent: a message lost on a
+        // dropped connection fails the batch before anything after it is stored, so the
+        // stream keeps the log's order without an ordering header.
         for mut o in outgoing {
-            let mut message = std::mem::replace(&mut o.message, Publish::build());
-            // The ordering guard: JetStream stores this message only right after the previous
-            // one, so a message lost on a dropped connection cannot be overtaken by the next.
-            if let Some(previous) = previous {
-                message = message.expected_last_message_id(previous.to_string());
-            }
-            previous = Some(o.event_id);
+            let message = std::mem::replace(&mut o.message, Publish::build());
             let ack = self
                 .jetstream
                 .send_publish(o.subject.clone(), message)
                 .await
                 .map_err(|e| failed(&o, e))?;
-            acks.push((o, ack));
-        }
-        let mut last = None;
-        for (o, ack) in acks {
             ack.await.map_err(|e| failed(&o, e))?;
-            last = Some(o.event_id);
         }
-        self.last_acked = last;
         Ok(())
     }
 }
@@ -276,7 +260,5 @@ impl<M: IntegrationMap, C: Send + 'static> Projection for Relay<M, C> {
 
     fn discard(&mut self) {
         self.pending.clear();
-        // What was sent of an abandoned batch is unknown: the next message carries no guard.
-        self.last_acked = None;
     }
 }
