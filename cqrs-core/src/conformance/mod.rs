@@ -36,21 +36,12 @@ impl<T: EventStore + SnapshotStore + CheckpointStore + Clone> Backend for T {}
 
 /// Generates one `#[tokio::test]` per conformance case, each with a fresh store from `$factory`
 /// (an `async fn() -> impl Backend`). The calling crate needs `tokio` with `macros` and
-/// `rt-multi-thread`.
-///
-/// Backends whose tests must not overlap (e.g. PostgreSQL, whose gap-free read horizon is
-/// cluster-wide) pass a `tokio::sync::Mutex<()>` static: `backend_conformance_tests!(fresh, serialized_by = TURN);`
-/// makes every case hold it while it runs.
+/// `rt-multi-thread`. Cases of one backend run in parallel, each on its own store: a backend's
+/// stores must be isolated (their own schema, file or key prefix).
 #[macro_export]
 macro_rules! backend_conformance_tests {
-    ($factory:path, serialized_by = $lock:path) => {
-        $crate::backend_conformance_tests!(@all $factory; $lock.lock().await);
-    };
     ($factory:path) => {
-        $crate::backend_conformance_tests!(@all $factory; ());
-    };
-    (@all $factory:path; $guard:expr) => {
-        $crate::backend_conformance_tests!(@cases $factory; $guard;
+        $crate::backend_conformance_tests!(@cases $factory;
             append_and_read_round_trip,
             expected_version_cases,
             concurrent_appends_lose_and_duplicate_nothing,
@@ -67,11 +58,10 @@ macro_rules! backend_conformance_tests {
             checkpoints_compare_and_set,
         );
     };
-    (@cases $factory:path; $guard:expr; $($case:ident),* $(,)?) => {
+    (@cases $factory:path; $($case:ident),* $(,)?) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
-                let _turn = $guard;
                 $crate::conformance::$case($factory().await).await;
             }
         )*
