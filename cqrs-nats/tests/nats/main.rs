@@ -3,6 +3,9 @@
 // Tests: failing assertions panic by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod broker;
+mod faults;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -203,7 +206,7 @@ async fn relay_killed_mid_batch_loses_and_duplicates_nothing() {
     tokio::time::sleep(Duration::from_millis(seed)).await;
     killed.abort();
 
-    let head = store.head().await.unwrap().unwrap();
+    let head = store.committed_head().await.unwrap().unwrap();
     let running = ProjectionRunner::shared(relay(&client, &prefix), Arc::clone(&backend))
         .with_config(fast())
         .spawn();
