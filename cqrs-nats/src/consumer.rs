@@ -493,6 +493,18 @@ where
             }
 
             if held.is_empty() {
+                // A fetch without a connection would wait for an answer that never comes while
+                // the status says it runs: report the broker's failure and retry instead.
+                let state = self.client.connection_state();
+                if state != async_nats::connection::State::Connected {
+                    cursor = None;
+                    Self::failed(&status, None, &BrokerUnreachable(state));
+                    let delay = wait(&mut backoff);
+                    if sleep_or_stop(&mut control, &mut skip, delay).await {
+                        break;
+                    }
+                    continue;
+                }
                 // A reconnect may have lost messages delivered meanwhile (JetStream redelivers
                 // them only after the ack wait, behind later ones): re-create the cursor at the
                 // checkpoint instead of reading past them.
@@ -673,6 +685,11 @@ pub struct UndecodableMessage {
     pub source: MessageError,
 }
 
+/// The client has no connection to the broker (it reconnects by itself).
+#[derive(Debug, thiserror::Error)]
+#[error("the broker is unreachable (the client is {0})")]
+struct BrokerUnreachable(async_nats::connection::State);
+
 async fn fetch(
     consumer: &PullConsumer,
     config: &ConsumerConfig,
@@ -684,8 +701,19 @@ async fn fetch(
         .messages()
         .await?;
     let mut messages = Vec::new();
-    while let Some(message) = batch.next().await {
-        messages.push(message?);
+    // The server ends the batch after `fetch_wait`; a request (or its end) lost with the
+    // connection is never answered, so the wait ends at twice that. The messages so far are
+    // kept: a reconnect re-creates the cursor at the checkpoint anyway.
+    let deadline = tokio::time::sleep(config.fetch_wait * 2);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            message = batch.next() => match message {
+                Some(message) => messages.push(message?),
+                None => break,
+            },
+            () = &mut deadline => break,
+        }
     }
     Ok(messages)
 }

@@ -55,6 +55,17 @@
 //! - the durable consumer is (re)created at the checkpoint's next sequence on start and after
 //!   every reconnect, so a message lost in delivery is never passed by a later one.
 //!
+//! Without a connection to the broker (a restart, a crash, no broker yet at start), the consumer
+//! fetches nothing: it reports the broker's failure in its status (no sequence: nothing to skip)
+//! and retries with backoff until the client has reconnected; a fetch whose connection drops
+//! ends after twice [`ConsumerConfig::fetch_wait`] instead of waiting for an answer that never
+//! comes.
+//!
+//! A client for a broker that may be down when the service starts is built with
+//! `async_nats::ConnectOptions::retry_on_initial_connect` (a plain `connect` fails with a
+//! `ConnectError`): the relay and the consumer then start, report the broker's failure and
+//! deliver once it is up.
+//!
 //! A message that cannot be read (missing headers, a payload that is not JSON) or that its handler
 //! cannot decode or handle stops the consumer right before it, with its sequence in
 //! [`ConsumerStatus::last_error`]; [`ConsumerHandle::skip`] moves past it and records it

@@ -2,8 +2,9 @@
 //! stock runs out, and the stored metadata shows why (causation) and in which conversation
 //! (correlation).
 
+use cqrs_core::backend::ProjectionBackend;
 use cqrs_core::prelude::*;
-use cqrs_core::{event, projection, ExecuteError};
+use cqrs_core::{event, projection, ExecuteError, Projection};
 use serde::{Deserialize, Serialize};
 
 /// A product was added to the catalogue.
@@ -246,15 +247,39 @@ impl Handle<Discontinue> for Product {
 /// The process manager: reacts to `StockDepleted` by issuing `Discontinue`, in the same
 /// conversation and caused by that event. Runs as a projection, so it is checkpointed like one;
 /// its effect (a command) is outside the checkpoint's transaction, so delivery is at-least-once and
-/// the reaction is idempotent (discontinuing twice is answered by the aggregate and ignored here).
-#[derive(Debug)]
-pub struct DiscontinueWhenSoldOut {
+/// the reaction is idempotent (its command id is derived from the event, and discontinuing twice is
+/// answered by the aggregate and ignored here).
+///
+/// `C` is the context of the projection backend it runs on: `()` for the volatile
+/// [`InProcess`](cqrs_core::subscription::InProcess), the backend's connection for a durable one
+/// (e.g. `sqlx::SqliteConnection` for `SqliteProjections`), whose checkpoint survives restarts.
+/// The handler does not use the connection: only the checkpoint lives there.
+pub struct DiscontinueWhenSoldOut<C = ()> {
     /// Where the reaction's command goes.
     pub products: Repository<Product>,
+    context: std::marker::PhantomData<fn() -> C>,
 }
 
-#[projection(name = "discontinue_when_sold_out")]
-impl DiscontinueWhenSoldOut {
+impl<C> std::fmt::Debug for DiscontinueWhenSoldOut<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiscontinueWhenSoldOut")
+            .field("products", &self.products)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> DiscontinueWhenSoldOut<C> {
+    /// The process manager sending its commands to `products`.
+    pub fn new(products: Repository<Product>) -> Self {
+        Self {
+            products,
+            context: std::marker::PhantomData,
+        }
+    }
+}
+
+#[projection(name = "discontinue_when_sold_out", context = C)]
+impl<C: Send + 'static> DiscontinueWhenSoldOut<C> {
     async fn on_depleted(
         &mut self,
         _: &StockDepleted,
@@ -276,6 +301,22 @@ impl DiscontinueWhenSoldOut {
     }
 }
 
+/// The durable backend for the process manager of a catalogue on SQLite file `store`: it reads
+/// the log from `store`, and keeps its checkpoint in a file of its own beside it
+/// (`<file>.process-manager.db`). A batch on `SqliteProjections` holds its file's write lock
+/// while the handlers run, and this handler appends to the log (its command): with the
+/// checkpoint in the log's file, the append would wait for the batch that waits for it.
+pub async fn sqlite_manager_backend(
+    store: &cqrs_sqlite::SqliteStore,
+) -> Result<cqrs_sqlite::SqliteProjections, cqrs_core::StoreError> {
+    let checkpoints =
+        cqrs_sqlite::SqliteStore::open(store.path().with_extension("process-manager.db")).await?;
+    Ok(cqrs_sqlite::SqliteProjections::with_event_source(
+        std::sync::Arc::new(store.clone()),
+        checkpoints,
+    ))
+}
+
 /// What the catalogue demo did, for printing and for tests.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CatalogueReport {
@@ -287,9 +328,13 @@ pub struct CatalogueReport {
     pub depleted: (uuid::Uuid, Option<uuid::Uuid>),
     /// The `ProductDiscontinued` event's causation and correlation ids.
     pub discontinued_metadata: (Option<uuid::Uuid>, Option<uuid::Uuid>),
+    /// The process manager's checkpoint when it started: `None` on a fresh log or a volatile
+    /// backend, else where an earlier run left it.
+    pub manager_resumed_from: Option<Position>,
 }
 
-/// Runs the catalogue story on `store` for product `product`, printing to `out`.
+/// Runs the catalogue story on `store` for product `product`, printing to `out`, with the
+/// process manager on the volatile [`InProcess`](cqrs_core::subscription::InProcess) backend.
 pub async fn demo<S>(
     store: S,
     product: &str,
@@ -298,15 +343,44 @@ pub async fn demo<S>(
 where
     S: EventStore + Clone,
 {
+    let manager = cqrs_core::subscription::InProcess::new(store.clone());
+    demo_on(store, manager, product, out).await
+}
+
+/// Runs the catalogue story on `store` for product `product`, printing to `out`, with the
+/// process manager on projection backend `manager` (e.g. `SqliteProjections` for the store's
+/// SQLite file): on a durable backend it continues after its checkpoint from earlier runs.
+pub async fn demo_on<S, B, C>(
+    store: S,
+    manager: B,
+    product: &str,
+    out: &mut impl std::io::Write,
+) -> Result<CatalogueReport, Box<dyn std::error::Error + Send + Sync>>
+where
+    S: EventStore + Clone,
+    B: ProjectionBackend<DiscontinueWhenSoldOut<C>>,
+    C: Send + 'static,
+{
     use std::time::Duration;
 
-    use cqrs_core::subscription::{InProcess, ProjectionRunner};
+    use cqrs_core::subscription::ProjectionRunner;
 
     let products = Repository::<Product>::new(store.clone());
-    let manager = DiscontinueWhenSoldOut {
-        products: products.clone(),
-    };
-    let manager = ProjectionRunner::new(manager, InProcess::new(store.clone())).spawn();
+    let name = <DiscontinueWhenSoldOut<C> as Projection>::NAME;
+    let manager_resumed_from = manager.load_checkpoint(name).await?;
+    match manager_resumed_from {
+        None => writeln!(
+            out,
+            "process manager {name}: no checkpoint, reads the log from its start"
+        )?,
+        Some(checkpoint) => writeln!(
+            out,
+            "process manager {name}: continues after its checkpoint {checkpoint} from earlier \
+             runs (their events are not reacted to again)"
+        )?,
+    }
+    let manager =
+        ProjectionRunner::new(DiscontinueWhenSoldOut::new(products.clone()), manager).spawn();
 
     let create = CreateProduct {
         product: product.to_owned(),
@@ -397,5 +471,6 @@ where
         discontinued_metadata: discontinued
             .map(|e| (e.metadata.causation_id, e.metadata.correlation_id))
             .unwrap_or_default(),
+        manager_resumed_from,
     })
 }

@@ -186,8 +186,9 @@ async fn stories_on_postgres() {
             .await
             .unwrap(),
     );
+    let manager = cqrs_postgres::PostgresProjections::new(store.clone());
     assert_catalogue(
-        &catalogue::demo(store, "mug", &mut Vec::new())
+        &catalogue::demo_on(store, manager, "mug", &mut Vec::new())
             .await
             .unwrap(),
     );
@@ -301,6 +302,42 @@ async fn bank_story_on_sqlite_twice() {
         .unwrap();
         assert_bank(&report);
         assert_eq!(SqlBalances::accounts(&store).await.unwrap(), run as i64 + 1);
+        store.close().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The catalogue on an SQLite file with its process manager on a durable SQLite backend,
+/// run twice as the binary does: the first run starts the manager without a checkpoint, the
+/// second continues after the checkpoint the first one left, and both stories hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalogue_story_on_sqlite_twice() {
+    let dir = std::env::temp_dir().join(format!("cqrs-examples-test-{}", examples::run_id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("catalogue.db");
+    let mut first_head = None;
+    for product in ["mug-1", "mug-2"] {
+        let store = cqrs_sqlite::SqliteStore::open(&path).await.unwrap();
+        let manager = catalogue::sqlite_manager_backend(&store).await.unwrap();
+        let mut out = Vec::new();
+        let report = catalogue::demo_on(store.clone(), manager, product, &mut out)
+            .await
+            .unwrap();
+        assert_catalogue(&report);
+        let out = String::from_utf8(out).unwrap();
+        match first_head {
+            None => {
+                assert_eq!(report.manager_resumed_from, None, "a fresh file");
+                first_head = cqrs_core::EventStore::head(&store).await.unwrap();
+            }
+            Some(head) => {
+                let resumed = report
+                    .manager_resumed_from
+                    .expect("the first run's checkpoint");
+                assert!(resumed <= head, "{resumed} is within the first run's log");
+                assert!(out.contains("continues after its checkpoint"), "{out}");
+            }
+        }
         store.close().await;
     }
     let _ = std::fs::remove_dir_all(&dir);

@@ -3,6 +3,9 @@
 // Tests: failing assertions panic by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod broker;
+mod faults;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -203,7 +206,7 @@ async fn relay_killed_mid_batch_loses_and_duplicates_nothing() {
     tokio::time::sleep(Duration::from_millis(seed)).await;
     killed.abort();
 
-    let head = store.head().await.unwrap().unwrap();
+    let head = store.committed_head().await.unwrap().unwrap();
     let running = ProjectionRunner::shared(relay(&client, &prefix), Arc::clone(&backend))
         .with_config(fast())
         .spawn();
@@ -248,4 +251,31 @@ async fn relay_killed_mid_batch_loses_and_duplicates_nothing() {
     running.stop().await;
     js.delete_stream(&name).await.unwrap();
     drop_schema(&store).await;
+}
+
+/// Every public future of the crate can be spawned (`Send`): a compile-time check.
+#[allow(dead_code, clippy::let_underscore_future)]
+fn public_futures_are_send(
+    js: jetstream::Context,
+    handle: cqrs_nats::ConsumerHandle,
+    projections: PostgresProjections,
+    mut relay: PgRelay,
+    mut conn: PgConnection,
+    event: RecordedEvent,
+) {
+    use cqrs_nats::Inbox;
+    fn send<T: Send>(_: T) {}
+    send(async move {
+        let _ = ensure_stream(&js, "s", vec![], Duration::from_secs(1)).await;
+        let _ = handle.wait_for(1, Duration::from_secs(1)).await;
+        let _ = handle.wait_until(|_| true, Duration::from_secs(1)).await;
+        handle.skip(1).await;
+        handle.stop().await;
+        let _ = cqrs_nats::postgres::migrate(&projections).await;
+        let _ = cqrs_nats::postgres::skipped_messages(&projections, "c").await;
+        let _ = Inbox::first_delivery(&projections, &mut conn, "c", event.event_id).await;
+        let _ = Inbox::record_skip(&projections, "c", 1, None, "r").await;
+        let _ = relay.handle(&event, &mut conn).await;
+        let _ = relay.flush(&mut conn).await;
+    });
 }
