@@ -13,7 +13,7 @@
 //!
 //! - **Subjects**: `<prefix>.<stream type>.<message type>` (each percent-encoded into one token),
 //!   or whatever [`IntegrationMessage::on_subject`] says. All subjects of one relay belong to one
-//!   JetStream stream, which the relay publishes to alone (see the ordering guard).
+//!   JetStream stream, which the relay publishes to alone (its order is the log's, see below).
 //! - **Headers** ([`headers`]): `Nats-Msg-Id` = the event id, and `Cqrs-Event-Id`,
 //!   `Cqrs-Event-Type` / `Cqrs-Schema-Version` (the public message's), `Cqrs-Stream-Type`,
 //!   `Cqrs-Stream-Id`, `Cqrs-Stream-Version`, `Cqrs-Position`, `Cqrs-Recorded-At`,
