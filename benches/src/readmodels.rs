@@ -50,7 +50,8 @@ fn amount(event_type: &str, payload: &str) -> Result<i64, BenchError> {
 }
 
 /// One page of the raw keyset read of the event store (by its primary key `(tx, position)`, not
-/// gap-free): `(position, tx, stream_id, event_id, event_type, payload)`, the columns the job needs.
+/// gap-free; `tx` is selected as `tx_text`, for `ORDER BY tx` to mean the column, not the text):
+/// `(position, tx, stream_id, event_id, event_type, payload)`, the columns the job needs.
 type RawEvent = (i64, String, String, uuid::Uuid, String, String);
 
 /// Reads the whole log in pages of [`BATCH`], calling `write` with each page's rows
@@ -61,7 +62,7 @@ where
     Fut: std::future::Future<Output = Result<(), BenchError>>,
 {
     let sql = format!(
-        "SELECT position, tx::text, stream_id, event_id, event_type, payload::text
+        "SELECT position, tx::text AS tx_text, stream_id, event_id, event_type, payload::text
          FROM \"{}\".events WHERE (tx, position) > ($1::text::xid8, $2) ORDER BY tx, position LIMIT $3",
         events.schema()
     );
