@@ -19,16 +19,20 @@ pub const BATCH: usize = 100;
 /// Batches per stream (streams grow to 1,000 events).
 const BATCHES_PER_STREAM: usize = 10;
 
+/// One batch of one client: `events` appended to `stream` after version `base`.
 #[derive(Clone)]
-struct Batch {
-    stream: StreamId,
-    base: u64,
-    events: Vec<NewEvent>,
+pub struct Batch {
+    /// The stream.
+    pub stream: StreamId,
+    /// The stream's version before the batch.
+    pub base: u64,
+    /// The events.
+    pub events: Vec<NewEvent>,
 }
 
 /// `total` events as 100-event batches, split round-robin over `clients`, on streams of their own
 /// for `round`.
-fn workload(total: usize, clients: usize, round: usize) -> Vec<Vec<Batch>> {
+pub fn workload(total: usize, clients: usize, round: usize) -> Vec<Vec<Batch>> {
     let mut per_client: Vec<Vec<Batch>> = (0..clients).map(|_| Vec::new()).collect();
     for i in 0..total / BATCH {
         let client = i % clients;

@@ -25,7 +25,8 @@ use crate::{db, BenchError, Config};
 pub const EVENTS: usize = 100_000;
 /// Events per read (the runner's default batch).
 pub const BATCH: usize = 500;
-const STREAMS: usize = 100;
+/// Streams the events are spread over.
+pub const STREAMS: usize = 100;
 
 /// Does nothing with each event: measures the runner and the store's read path.
 #[derive(Default)]
@@ -141,7 +142,8 @@ impl PgRows {
     }
 }
 
-async fn seed(store: &PostgresStore) -> Result<(), BenchError> {
+/// Seeds [`EVENTS`] events ([`STREAMS`] streams) and waits until all are visible.
+pub async fn seed(store: &PostgresStore) -> Result<(), BenchError> {
     let per_stream = EVENTS / STREAMS;
     let mut tasks = JoinSet::new();
     for client in 0..8 {

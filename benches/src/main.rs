@@ -5,6 +5,8 @@
 //! cargo run -p benches --release --features peers -- --quick     # < 2 minutes
 //! cargo run -p benches --release --features peers                # the full set
 //! cargo run -p benches --release --features peers -- --only w1,dispatch
+//! cargo run -p benches --release --features peers -- --only sqlite       # not in the default run
+//! cargo run -p benches --release --features peers -- --only readmodels   # needs Redis too
 //! ```
 //!
 //! Every figure is measured in the same run as its baseline and printed with the ratio to it. Each
@@ -19,7 +21,9 @@ mod latency;
 mod memory;
 #[cfg(feature = "peers")]
 mod peers;
+mod readmodels;
 mod report;
+mod sqlite;
 mod w1;
 mod w2;
 
@@ -42,11 +46,19 @@ const BENCHMARKS: &[&str] = &[
     "w1", "latency", "w2", "append", "catchup", "dispatch", "memory",
 ];
 
+/// Run only when named in `--only`: the default run stays the PostgreSQL set above. `sqlite`:
+/// cqrs-sqlite against raw sqlx on SQLite and sqlite-es (W1, batch append, catch-up, memory);
+/// `readmodels`: catch-up of read models in Redis and in another PostgreSQL database.
+const OPT_IN: &[&str] = &["sqlite", "readmodels"];
+
 fn usage() -> ! {
     eprintln!(
-        "usage: benches [--quick] [--rounds N] [--only {}]\n\
-         DATABASE_URL defaults to postgres://postgres@127.0.0.1:5432/test",
-        BENCHMARKS.join(",")
+        "usage: benches [--quick] [--rounds N] [--only {},{}]\n\
+         (the last {} run only when named)\n\
+         DATABASE_URL defaults to postgres://postgres@127.0.0.1:5432/test, REDIS_URL to redis://127.0.0.1:6379/",
+        BENCHMARKS.join(","),
+        OPT_IN.join(","),
+        OPT_IN.len()
     );
     std::process::exit(2)
 }
@@ -77,7 +89,10 @@ fn main() {
         }
     }
     if let Some(only) = &only {
-        if let Some(bad) = only.iter().find(|b| !BENCHMARKS.contains(&b.as_str())) {
+        if let Some(bad) = only
+            .iter()
+            .find(|b| !BENCHMARKS.contains(&b.as_str()) && !OPT_IN.contains(&b.as_str()))
+        {
             eprintln!("unknown benchmark `{bad}`");
             usage();
         }
@@ -101,7 +116,13 @@ fn main() {
         if let Err(e) = db::check(&config.url).await {
             fail(&format!("cannot reach PostgreSQL at {}: {e}", config.url));
         }
-        for name in BENCHMARKS.iter().copied().filter(|b| selected(b)) {
+        let opt_in = |name: &str| only.as_ref().is_some_and(|o| o.iter().any(|b| b == name));
+        let names = BENCHMARKS
+            .iter()
+            .copied()
+            .filter(|b| selected(b))
+            .chain(OPT_IN.iter().copied().filter(|b| opt_in(b)));
+        for name in names {
             let t = Instant::now();
             eprintln!("== {name}");
             let result = match name {
@@ -112,6 +133,8 @@ fn main() {
                 "catchup" => catchup::run(&config).await,
                 "dispatch" => Ok(dispatch::run(&config)),
                 "memory" => memory::run(&config).await,
+                "sqlite" => sqlite::run(&config).await,
+                "readmodels" => readmodels::run(&config).await,
                 _ => unreachable!("checked above"),
             };
             match result {

@@ -231,3 +231,84 @@ impl Contender for CqrsEs {
         Ok(())
     }
 }
+
+type SqliteEsStore = PersistedEventStore<sqlite_es::SqliteEventRepository, PeerAccount>;
+
+/// cqrs-es on SQLite with sqlite-es 0.5, on a file of its own: WAL, `synchronous = FULL` (the
+/// durability every SQLite contender gets; sqlite-es's own `default_sqlite_pool` would use
+/// `NORMAL`), the tables of its `migrations/`, a pool of [`db::POOL_SIZE`] connections.
+pub struct SqliteEs {
+    cqrs: CqrsFramework<PeerAccount, SqliteEsStore>,
+    pool: sqlx08::sqlite::SqlitePool,
+    path: std::path::PathBuf,
+}
+
+impl SqliteEs {
+    /// A fresh database at `path`.
+    pub async fn new(path: &std::path::Path) -> Result<Self, BenchError> {
+        use sqlx08::sqlite::{
+            SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
+        };
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(db::POOL_SIZE)
+            .connect_with(options)
+            .await?;
+        let mut held = Vec::new();
+        for _ in 0..db::POOL_SIZE {
+            held.push(pool.acquire().await?);
+        }
+        drop(held);
+        // sqlite-es 0.5 migrations/20221114171845_init.sql (without its test view and test row).
+        for sql in [
+            "CREATE TABLE events (
+                aggregate_type text NOT NULL, aggregate_id text NOT NULL,
+                sequence integer CHECK (sequence >= 0) NOT NULL,
+                event_type text NOT NULL, event_version text NOT NULL,
+                payload text NOT NULL, metadata text NOT NULL,
+                PRIMARY KEY (aggregate_type, aggregate_id, sequence)) STRICT",
+            "CREATE TABLE snapshots (
+                aggregate_type text NOT NULL, aggregate_id text NOT NULL,
+                last_sequence integer CHECK (last_sequence >= 0) NOT NULL,
+                current_snapshot integer CHECK (current_snapshot >= 0) NOT NULL,
+                payload text NOT NULL,
+                PRIMARY KEY (aggregate_type, aggregate_id, last_sequence)) STRICT",
+        ] {
+            sqlx08::query(sql).execute(&pool).await?;
+        }
+        let repo = sqlite_es::SqliteEventRepository::new(pool.clone());
+        let cqrs = CqrsFramework::new(PersistedEventStore::new_event_store(repo), vec![], ());
+        Ok(Self {
+            cqrs,
+            pool,
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Contender for SqliteEs {
+    async fn execute(&self, id: &str, cmd: &Cmd) -> Result<(), BenchError> {
+        self.cqrs
+            .execute(id, cmd.clone())
+            .await
+            .map_err(|e| e.to_string().into())
+    }
+
+    async fn stored_events(&self) -> Result<i64, BenchError> {
+        Ok(sqlx08::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    async fn finish(self) -> Result<(), BenchError> {
+        drop(self.cqrs);
+        self.pool.close().await;
+        crate::sqlite::remove_db(&self.path);
+        Ok(())
+    }
+}

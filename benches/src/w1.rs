@@ -480,12 +480,93 @@ impl Contender for Live {
 }
 
 /// The median of `values` in whole microseconds, `n/a` if none.
-fn micros(values: &[f64]) -> String {
+pub fn micros(values: &[f64]) -> String {
     if values.is_empty() {
         "n/a".to_owned()
     } else {
         format!("{:.0}", median(values))
     }
+}
+
+/// What [`interleave`] measured: per `(contender, clients)`, the rate of each round (commands/s)
+/// and the machine CPU microseconds per command of each round.
+pub struct Interleaved<K> {
+    /// Commands per second, one value per round.
+    pub rates: HashMap<(K, usize), Vec<f64>>,
+    /// Machine CPU µs per command, one value per round (none where `/proc/stat` is unreadable).
+    pub cpu: HashMap<(K, usize), Vec<f64>>,
+}
+
+/// The W1 protocol for any set of contenders: for each client count, every kind is started with
+/// `start(kind, clients)` and warmed up, then they take turns of one account per client, the
+/// order rotating every turn, for `rounds` rounds of [`ACCOUNTS`] accounts; at the end each one's
+/// stored event count is checked and it is finished.
+pub async fn interleave<K, C, F, Fut>(
+    kinds: &[K],
+    clients: &[usize],
+    rounds: usize,
+    start: F,
+    label: fn(K) -> &'static str,
+) -> Result<Interleaved<K>, BenchError>
+where
+    K: Copy + Eq + std::hash::Hash,
+    C: Contender,
+    F: Fn(K, usize) -> Fut,
+    Fut: Future<Output = Result<C, BenchError>>,
+{
+    let mut results: HashMap<(K, usize), Vec<f64>> = HashMap::new();
+    // Machine CPU microseconds per command, per round.
+    let mut cpu: HashMap<(K, usize), Vec<f64>> = HashMap::new();
+    for &c in clients {
+        let mut live = Vec::with_capacity(kinds.len());
+        for &kind in kinds {
+            let contender = Arc::new(start(kind, c).await?);
+            warm_up(&contender, c).await?;
+            live.push((kind, contender));
+        }
+        let turns = ACCOUNTS / c;
+        for round in 0..rounds {
+            let mut sums: HashMap<K, Timed> = HashMap::new();
+            for turn in 0..turns {
+                let first = round * ACCOUNTS + turn * c;
+                let mut order: Vec<usize> = (0..live.len()).collect();
+                order.rotate_left((round * turns + turn) % live.len());
+                for i in order {
+                    let (kind, contender) = &live[i];
+                    let timed = timed_turn(contender, c, first..first + c).await?;
+                    let sum = sums.entry(*kind).or_insert(Timed {
+                        busy: Some(0.0),
+                        ..Timed::default()
+                    });
+                    sum.seconds += timed.seconds;
+                    sum.commands += timed.commands;
+                    sum.busy = sum.busy.zip(timed.busy).map(|(a, b)| a + b);
+                }
+            }
+            for &kind in kinds {
+                let Some(sum) = sums.get(&kind) else { continue };
+                let rate = sum.commands as f64 / sum.seconds;
+                let per_command = sum.busy.map(|busy| busy * 1e6 / sum.commands as f64);
+                if let Some(per_command) = per_command {
+                    cpu.entry((kind, c)).or_default().push(per_command);
+                }
+                eprintln!(
+                    "   round {round}: {} @ {c} clients: {rate:.0} cmd/s, machine CPU {} µs/cmd",
+                    label(kind),
+                    micros(per_command.as_slice())
+                );
+                results.entry((kind, c)).or_default().push(rate);
+            }
+        }
+        let expected = (WARM_UP_ACCOUNTS + rounds * turns * c) * COMMANDS_PER_ACCOUNT;
+        for (_, contender) in live {
+            check_and_finish(contender, expected).await?;
+        }
+    }
+    Ok(Interleaved {
+        rates: results,
+        cpu,
+    })
 }
 
 /// Runs W1 for every contender, `config.rounds` times each.
@@ -509,54 +590,17 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         Kind::OursGroupCache,
     ];
     let clients = [1_usize, 8];
-    let mut results: HashMap<(Kind, usize), Vec<f64>> = HashMap::new();
-    // Machine CPU microseconds per command, per round.
-    let mut cpu: HashMap<(Kind, usize), Vec<f64>> = HashMap::new();
-    for &c in &clients {
-        let mut live = Vec::with_capacity(kinds.len());
-        for kind in kinds {
-            let contender = Arc::new(kind.start(&config.url, c).await?);
-            warm_up(&contender, c).await?;
-            live.push((kind, contender));
-        }
-        let turns = ACCOUNTS / c;
-        for round in 0..config.rounds {
-            let mut sums: HashMap<Kind, Timed> = HashMap::new();
-            for turn in 0..turns {
-                let first = round * ACCOUNTS + turn * c;
-                let mut order: Vec<usize> = (0..live.len()).collect();
-                order.rotate_left((round * turns + turn) % live.len());
-                for i in order {
-                    let (kind, contender) = &live[i];
-                    let timed = timed_turn(contender, c, first..first + c).await?;
-                    let sum = sums.entry(*kind).or_insert(Timed {
-                        busy: Some(0.0),
-                        ..Timed::default()
-                    });
-                    sum.seconds += timed.seconds;
-                    sum.commands += timed.commands;
-                    sum.busy = sum.busy.zip(timed.busy).map(|(a, b)| a + b);
-                }
-            }
-            for (&kind, sum) in &sums {
-                let rate = sum.commands as f64 / sum.seconds;
-                let per_command = sum.busy.map(|busy| busy * 1e6 / sum.commands as f64);
-                if let Some(per_command) = per_command {
-                    cpu.entry((kind, c)).or_default().push(per_command);
-                }
-                eprintln!(
-                    "   round {round}: {} @ {c} clients: {rate:.0} cmd/s, machine CPU {} µs/cmd",
-                    kind.label(),
-                    micros(per_command.as_slice())
-                );
-                results.entry((kind, c)).or_default().push(rate);
-            }
-        }
-        let expected = (WARM_UP_ACCOUNTS + config.rounds * turns * c) * COMMANDS_PER_ACCOUNT;
-        for (_, contender) in live {
-            check_and_finish(contender, expected).await?;
-        }
-    }
+    let Interleaved {
+        rates: results,
+        cpu,
+    } = interleave(
+        &kinds,
+        &clients,
+        config.rounds,
+        |kind, c| kind.start(&config.url, c),
+        Kind::label,
+    )
+    .await?;
     let get = |kind: Kind, c: usize| results.get(&(kind, c)).map(|v| median(v));
     #[cfg(feature = "peers")]
     let cqrs_es = |c| get(Kind::CqrsEs, c);
