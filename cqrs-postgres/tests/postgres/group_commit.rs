@@ -402,12 +402,29 @@ fn a_runtime_shut_down_with_an_append_queued_behind_a_write_does_not_crash() {
         });
         // An append queued behind the stuck write.
         let queued = store.clone();
+        let state = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(0));
+        let seen = std::sync::Arc::clone(&state);
         tokio::spawn(async move {
             let y = StreamId::new("account", "y");
+            seen.store(1, std::sync::atomic::Ordering::SeqCst);
             let _ = queued.append(&y, ExpectedVersion::NoStream, batch(1)).await;
+            seen.store(2, std::sync::atomic::Ordering::SeqCst);
         });
+        let started = std::time::Instant::now();
+        while state.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the append never started"
+            );
+            tokio::task::yield_now().await;
+        }
         // Well within the wait before a queued append may take an extra slot.
         tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            state.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the precondition: the append has started and is still waiting behind the stuck write"
+        );
         store.schema().to_owned()
     });
     drop(runtime);
