@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cqrs_core::backend::{
-    apply_batch, handler_failure, BatchError, Lease, ProjectionBackend, SkipTarget,
-};
+use cqrs_core::backend::{finish_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
 use cqrs_core::subscription::SkippedEvent;
 use cqrs_core::{
     CheckpointStore, EventId, EventStore, Position, Projection, RecordedEvent, StoreError,
@@ -258,23 +256,7 @@ where
         self.read
             .save_checkpoint_in(tx.conn(), name, expected, to)
             .await?;
-        let outcome = apply_batch(projection, events, tx.conn()).await;
-        if let Err((index, error)) = outcome {
-            // Rolling back (or dropping `tx`) undoes the batch: nothing of it is committed (and
-            // `apply_batch` discarded what the handlers buffered).
-            let rolled_back = tx.rollback().await;
-            return Err(handler_failure(
-                index,
-                error,
-                rolled_back,
-                is_storage_failure,
-            ));
-        }
-        if let Err(error) = tx.commit().await {
-            projection.discard();
-            return Err(error.into());
-        }
-        Ok(())
+        finish_batch(projection, events, tx, is_storage_failure).await
     }
 
     async fn reset_checkpoint(&self, name: &str) -> Result<(), StoreError> {

@@ -74,6 +74,23 @@ impl Tx {
     }
 }
 
+#[async_trait::async_trait]
+impl cqrs_core::backend::BatchTransaction for Tx {
+    type Conn = SqliteConnection;
+
+    fn conn(&mut self) -> &mut SqliteConnection {
+        Tx::conn(self)
+    }
+
+    async fn commit(self) -> Result<(), StoreError> {
+        Tx::commit(self).await
+    }
+
+    async fn rollback(self) -> Result<(), StoreError> {
+        Tx::rollback(self).await
+    }
+}
+
 impl Drop for Tx {
     fn drop(&mut self) {
         if !self.ended {

@@ -223,3 +223,46 @@ pub fn handler_failure(
         },
     }
 }
+
+/// A projection batch's database transaction, opened by a backend (and its checkpoint
+/// compare-and-set done) before [`finish_batch`] runs the handlers on it.
+#[async_trait::async_trait]
+pub trait BatchTransaction: Send + Sized {
+    /// The connection handlers get (`Projection::Context`).
+    type Conn: Send;
+
+    /// The transaction's connection.
+    fn conn(&mut self) -> &mut Self::Conn;
+
+    /// Commits; an error means the batch may or may not be committed, and is reported as is.
+    async fn commit(self) -> Result<(), StoreError>;
+
+    /// Rolls back; an error means the connection is gone (the server rolled back with it).
+    async fn rollback(self) -> Result<(), StoreError>;
+}
+
+/// The rest of a transactional backend's `commit_batch`, the same for every such backend: runs
+/// the batch through [`apply_batch`] on `tx`; on a failure rolls back and reports it through
+/// [`handler_failure`] (with the backend's `is_storage`), else commits. `projection`'s buffers
+/// are discarded whenever the batch is not committed.
+pub async fn finish_batch<P, T>(
+    projection: &mut P,
+    events: &[RecordedEvent],
+    mut tx: T,
+    is_storage: impl Fn(&(dyn std::error::Error + 'static)) -> bool,
+) -> Result<(), BatchError>
+where
+    P: Projection,
+    T: BatchTransaction<Conn = P::Context>,
+{
+    if let Err((index, error)) = apply_batch(projection, events, tx.conn()).await {
+        // `apply_batch` discarded what the handlers buffered; the rollback undoes their writes.
+        let rolled_back = tx.rollback().await;
+        return Err(handler_failure(index, error, rolled_back, is_storage));
+    }
+    if let Err(error) = tx.commit().await {
+        projection.discard();
+        return Err(error.into());
+    }
+    Ok(())
+}
