@@ -326,7 +326,8 @@ impl<A> Clone for Snapshots<A> {
 /// outcome is unknown (a reply lost after the write was sent) is re-sent as the same batch, never
 /// decided again.
 ///
-/// Cheap to clone (shares the store). Snapshots, retries and the aggregate cache are opt-in.
+/// Cheap to clone (shares the store and the aggregate cache). The aggregate cache is on by
+/// default ([`Repository::with_cache`]); snapshots and retries are opt-in.
 ///
 /// ```
 /// # use cqrs_core::prelude::*;
@@ -373,37 +374,44 @@ impl<A: Aggregate> std::fmt::Debug for Repository<A> {
             .field("snapshots", &self.snapshots.as_ref().map(|s| s.policy))
             .field("retry", &self.retry)
             .field("batch_size", &self.batch_size)
-            .field("cache", &self.cache.is_some())
+            .field("cache", &self.cache.as_ref().map(|c| c.capacity()))
             .finish_non_exhaustive()
     }
 }
 
-/// Aggregate states kept after commands, keyed by stream. A command takes its aggregate's entry out
-/// (so a concurrent command on the same stream loads from the store instead) and puts the new state
-/// back after a successful append. The append's expected-version check still guards every write: a
-/// stale entry ends in a conflict, which evicts it and re-executes once from the store.
+/// How many aggregates [`Repository::new`]'s cache holds (see [`Repository::with_cache`]).
+pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+
+/// Aggregate states kept after commands, keyed by stream, least recently used evicted first. A
+/// command takes its aggregate's entry out (so a concurrent command on the same stream loads from
+/// the store instead) and puts the new state back after a successful append. The append's
+/// expected-version check still guards every write: a stale entry ends in a conflict, which evicts
+/// it and re-executes once from the store.
 struct AggregateCache<A> {
-    entries: std::sync::Mutex<std::collections::HashMap<StreamId, Loaded<A>>>,
-    capacity: usize,
+    entries: std::sync::Mutex<hashlink::LruCache<StreamId, Loaded<A>>>,
 }
 
 impl<A> AggregateCache<A> {
+    fn new(capacity: usize) -> Self {
+        Self {
+            entries: std::sync::Mutex::new(hashlink::LruCache::new(capacity)),
+        }
+    }
+
     fn take(&self, stream: &StreamId) -> Option<Loaded<A>> {
         self.lock().remove(stream)
     }
 
     fn put(&self, stream: StreamId, loaded: Loaded<A>) {
-        let mut entries = self.lock();
-        if entries.len() >= self.capacity && !entries.contains_key(&stream) {
-            // Bounded, not LRU: dropping an arbitrary entry only costs one reload.
-            if let Some(victim) = entries.keys().next().cloned() {
-                entries.remove(&victim);
-            }
-        }
-        entries.insert(stream, loaded);
+        // Inserting makes the entry the most recently used and, at capacity, drops the least.
+        self.lock().insert(stream, loaded);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<StreamId, Loaded<A>>> {
+    fn capacity(&self) -> usize {
+        self.lock().capacity()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, hashlink::LruCache<StreamId, Loaded<A>>> {
         self.entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -423,7 +431,9 @@ impl<A: Aggregate> Clone for Repository<A> {
 }
 
 impl<A: Aggregate> Repository<A> {
-    /// A repository over `store`, without snapshots or retries.
+    /// A repository over `store` with the defaults: the aggregate cache on, holding up to
+    /// [`DEFAULT_CACHE_CAPACITY`] aggregates (see [`Repository::with_cache`]), no snapshots, no
+    /// retries.
     pub fn new(store: impl EventStore) -> Self {
         Self::from_arc(Arc::new(store))
     }
@@ -446,20 +456,34 @@ impl<A: Aggregate> Repository<A> {
             snapshots: None,
             retry: RetryPolicy::none(),
             batch_size: DEFAULT_BATCH_SIZE,
-            cache: None,
+            cache: Some(Arc::new(AggregateCache::new(DEFAULT_CACHE_CAPACITY))),
         }
     }
 
-    /// Keeps up to `capacity` aggregate states in memory between commands, so a command on a cached
-    /// aggregate skips the load (one round trip instead of two). Correct with several processes or
-    /// writers: appends still check the expected version, and a conflict evicts and re-executes.
+    /// Keeps up to `capacity` aggregate states in memory between commands (the least recently
+    /// used is dropped first), so a command on a cached aggregate skips the load: one round trip
+    /// instead of two, and a cost per command that does not grow with the stream. On by default
+    /// with [`DEFAULT_CACHE_CAPACITY`]; `capacity` 0 turns it off ([`Repository::without_cache`]).
+    ///
+    /// Memory: each entry is the aggregate's state (its size plus what it owns on the heap), its
+    /// stream id and a few words of bookkeeping; size `capacity` by how many aggregates are
+    /// commanded repeatedly and how large their states are.
+    ///
+    /// Correct with several processes or writers: the cache is only a hint. Every append still
+    /// checks the version the state was loaded at; a stale entry ends in a conflict, which evicts it
+    /// and decides again on the state read from the store. The state after a command is the cached
+    /// state with the new events applied as decided, not as re-read, so events must read back as
+    /// they were written (a field that serde skips on write would differ).
+    ///
     /// Clones of this repository share the cache.
     pub fn with_cache(mut self, capacity: usize) -> Self {
-        self.cache = Some(Arc::new(AggregateCache {
-            entries: std::sync::Mutex::default(),
-            capacity: capacity.max(1),
-        }));
+        self.cache = (capacity > 0).then(|| Arc::new(AggregateCache::new(capacity)));
         self
+    }
+
+    /// Loads every aggregate from the store (or its snapshot) for every command.
+    pub fn without_cache(self) -> Self {
+        self.with_cache(0)
     }
 
     /// Loads from the latest snapshot in `store` (if its [`Aggregate::SNAPSHOT_VERSION`] matches)

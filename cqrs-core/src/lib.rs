@@ -168,7 +168,7 @@ pub use bus::{BusError, CommandBus, CommandHandler, DomainError, Receipt};
 pub use checkpoint::CheckpointStore;
 pub use command::{
     CommandContext, CommandOutcome, ExecuteError, LoadError, Loaded, Repository, RetryPolicy,
-    UndecodableEvent,
+    UndecodableEvent, DEFAULT_CACHE_CAPACITY,
 };
 pub use event::{EncodeError, Event, EventId, EventSet, Metadata, NewEvent, RecordedEvent};
 pub use memory::InMemoryStore;

@@ -111,8 +111,10 @@ async fn concurrent_commands_conflict_then_retry() {
     assert_eq!(attempts, 20 + counting.conflicts());
 
     // Without retries, of two commands that loaded the same version one lands and the other
-    // gets ExecuteError::Concurrency (the loads meet at a gate, so they always overlap).
-    let duelling = Repository::<Counter>::new(CountingStore::gated(store.clone(), 2));
+    // gets ExecuteError::Concurrency (the loads meet at a gate, so they always overlap; without the
+    // cache, so that both commands load).
+    let duelling =
+        Repository::<Counter>::new(CountingStore::gated(store.clone(), 2)).without_cache();
     for round in 1..=5u64 {
         let (a, b) = tokio::join!(
             duelling.execute("duel", &Add(1)),
@@ -565,7 +567,7 @@ impl EventStore for CountingStore {
 }
 
 #[tokio::test]
-async fn cache_skips_loads_and_recovers_from_stale_entries() {
+async fn the_default_cache_skips_loads_and_recovers_from_stale_entries() {
     let inner = InMemoryStore::new();
     let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let store = CountingStore {
@@ -573,7 +575,8 @@ async fn cache_skips_loads_and_recovers_from_stale_entries() {
         whole_log_reads: std::sync::Arc::default(),
         ..CountingStore::over(inner.clone())
     };
-    let repo = Repository::<Counter>::new(store).with_cache(100);
+    // The cache is on by default.
+    let repo = Repository::<Counter>::new(store);
     for n in 1..=10 {
         repo.execute("k", &Add(n)).await.unwrap();
     }
@@ -601,6 +604,33 @@ async fn cache_skips_loads_and_recovers_from_stale_entries() {
     let before = reads.load(std::sync::atomic::Ordering::SeqCst);
     repo.execute("k", &Add(1)).await.unwrap();
     assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), before);
+}
+
+#[tokio::test]
+async fn the_cache_drops_the_least_recently_used_and_can_be_turned_off() {
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let store = CountingStore {
+        stream_reads: reads.clone(),
+        whole_log_reads: std::sync::Arc::default(),
+        ..CountingStore::over(InMemoryStore::new())
+    };
+    let loads = || reads.load(std::sync::atomic::Ordering::SeqCst);
+    let repo = Repository::<Counter>::new(store.clone()).with_cache(2);
+    for id in ["a", "b", "a", "c"] {
+        repo.execute(id, &Add(1)).await.unwrap();
+    }
+    assert_eq!(loads(), 3, "a, b and c loaded once each");
+    // "b" was used least recently when "c" came in: it was dropped, "a" was kept.
+    repo.execute("a", &Add(1)).await.unwrap();
+    assert_eq!(loads(), 3, "a is still cached");
+    repo.execute("b", &Add(1)).await.unwrap();
+    assert_eq!(loads(), 4, "b was evicted and loads again");
+
+    let uncached = Repository::<Counter>::new(store).without_cache();
+    for _ in 0..3 {
+        uncached.execute("d", &Add(1)).await.unwrap();
+    }
+    assert_eq!(loads(), 4 + 3, "without the cache every command loads");
 }
 
 /// Every public future can be spawned: a compile-time proof.

@@ -157,7 +157,8 @@
 //!   (up to [`PostgresStore::with_horizon_wait`]) for the in-flight transactions below them to
 //!   finish, so a reader sees what was committed before it asked.
 //! - **Immutability.** A trigger rejects `UPDATE`, `DELETE` and `TRUNCATE` on the events table.
-//! - **Group commit** (opt-in, [`PostgresStore::with_group_commit`]): concurrent appends to
+//! - **Group commit** (on by default; [`PostgresStore::with_group_commit`] configures it,
+//!   [`PostgresStore::without_group_commit`] turns it off): concurrent appends to
 //!   different streams are written in one statement and one commit by whichever caller finds a
 //!   free slot; each caller still gets its own result or concurrency error. The slots keep their
 //!   connections between writes, so appends skip the pool's checkout round trips.

@@ -10,8 +10,11 @@ use sqlx::Executor;
 use crate::error::{map_error, map_error_in};
 use crate::{group, notify, sql, AppendListener, GroupCommit, DEFAULT_HORIZON_WAIT, MIGRATOR};
 
-/// The events, snapshots and checkpoints of one schema. Cheap to clone: clones share the pool (and
-/// the group-commit writer, if any).
+/// The events, snapshots and checkpoints of one schema. Cheap to clone: clones share the pool and
+/// the group-commit writer.
+///
+/// Defaults: schema `public`, group commit on with [`GroupCommit::default`] (turn it off with
+/// [`PostgresStore::without_group_commit`]), horizon wait [`DEFAULT_HORIZON_WAIT`].
 ///
 /// Needs PostgreSQL 13 or later. [`PostgresStore::open`] connects and migrates schema `public`;
 /// the builder methods configure the rest, each returning the store:
@@ -77,15 +80,20 @@ impl PostgresStore {
         Ok(store)
     }
 
-    /// A store on an existing pool, using schema `public`.
+    /// A store on an existing pool, using schema `public`, with group commit on.
     pub fn new(pool: PgPool) -> Self {
+        let sql = Arc::new(sql::Statements::new("public"));
         Self {
+            group: Some(group::GroupCommitter::new(
+                pool.clone(),
+                sql.clone(),
+                GroupCommit::default(),
+            )),
             pool,
-            sql: Arc::new(sql::Statements::new("public")),
+            sql,
             horizon_wait: DEFAULT_HORIZON_WAIT,
             notifier: Arc::default(),
             announcer: Arc::default(),
-            group: None,
             inline: cqrs_core::backend::InlineProjections::default(),
         }
     }
@@ -117,7 +125,9 @@ impl PostgresStore {
         self
     }
 
-    /// Routes [`EventStore::append`](cqrs_core::EventStore::append) through group commit: concurrent appends to different
+    /// Group commit with `config` instead of [`GroupCommit::default`] (it is on by default).
+    ///
+    /// Group commit routes [`EventStore::append`](cqrs_core::EventStore::append): concurrent appends to different
     /// streams are written in one statement and one transaction, by whichever caller leads the
     /// group (see [`GroupCommit`]); each caller still gets its own result or error. A lone append
     /// is written as usual. [`PostgresStore::append_in`] is unaffected (it uses the caller's
@@ -140,6 +150,13 @@ impl PostgresStore {
             self.sql.clone(),
             config,
         ));
+        self
+    }
+
+    /// Writes every append in its own transaction on a connection checked out of the pool for
+    /// it, with no grouping and no kept connections.
+    pub fn without_group_commit(mut self) -> Self {
+        self.group = None;
         self
     }
 

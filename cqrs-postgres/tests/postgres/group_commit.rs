@@ -145,8 +145,8 @@ async fn grouped_appends_give_every_caller_its_own_result_and_its_own_conflict()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grouped_and_individual_writers_race_on_one_stream_without_loss() {
-    let store = fresh_store_with(6).await;
-    let grouped = store.clone().with_group_commit(GroupCommit::default());
+    let grouped = fresh_store_with(6).await;
+    let store = grouped.clone().without_group_commit();
     let stream = StreamId::new("hot", "1");
     let mut tasks = Vec::new();
     for t in 0..8 {
