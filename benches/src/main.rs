@@ -14,6 +14,7 @@
 
 mod append;
 mod catchup;
+mod contention;
 mod db;
 mod dispatch;
 mod domain;
@@ -43,7 +44,7 @@ pub struct Config {
 }
 
 const BENCHMARKS: &[&str] = &[
-    "w1", "latency", "w2", "append", "catchup", "dispatch", "memory",
+    "w1", "latency", "w2", "w3", "w4", "append", "catchup", "dispatch", "memory",
 ];
 
 /// Run only when named in `--only`: the default run stays the PostgreSQL set above. `sqlite`:
@@ -129,6 +130,8 @@ fn main() {
                 "w1" => w1::run(&config).await,
                 "latency" => latency::run(&config).await,
                 "w2" => w2::run(&config).await,
+                "w3" => contention::run_w3(&config).await,
+                "w4" => contention::run_w4(&config).await,
                 "append" => append::run(&config).await,
                 "catchup" => catchup::run(&config).await,
                 "dispatch" => Ok(dispatch::run(&config)),

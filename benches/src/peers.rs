@@ -312,3 +312,15 @@ impl Contender for SqliteEs {
         Ok(())
     }
 }
+
+impl crate::contention::Attempting for CqrsEs {
+    async fn attempt(&self, id: &str, cmd: &Cmd) -> Result<crate::contention::Attempt, BenchError> {
+        match self.cqrs.execute(id, cmd.clone()).await {
+            Ok(()) => Ok(crate::contention::Attempt::Done),
+            Err(cqrs_es::AggregateError::AggregateConflict) => {
+                Ok(crate::contention::Attempt::Conflict)
+            }
+            Err(e) => Err(e.to_string().into()),
+        }
+    }
+}

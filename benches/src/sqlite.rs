@@ -106,8 +106,8 @@ impl OursSqlite {
         let path = temp_db(name)?;
         let store = our_store(&path).await?;
         let mut repo = Repository::new(store.clone());
-        if cache {
-            repo = repo.with_cache(10_000);
+        if !cache {
+            repo = repo.without_cache();
         }
         Ok(Self { repo, store, path })
     }
@@ -231,8 +231,8 @@ impl W1Kind {
             #[cfg(feature = "peers")]
             W1Kind::SqliteEs => "cqrs-es 0.5 + sqlite-es 0.5",
             W1Kind::Raw => "raw sqlx (SQLite): read stream, then one INSERT",
-            W1Kind::Ours => "ours: Repository over SqliteStore (group commit built in)",
-            W1Kind::OursCache => "ours + aggregate cache (`with_cache`)",
+            W1Kind::Ours => "ours, no aggregate cache (`without_cache`)",
+            W1Kind::OursCache => "ours, defaults (group commit built in + aggregate cache)",
         }
     }
 

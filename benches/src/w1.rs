@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use cqrs_core::{EventSet, Repository};
-use cqrs_postgres::GroupCommit;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, Postgres};
 use tokio::task::JoinSet;
@@ -156,29 +155,26 @@ async fn run_clients<C: Contender>(
     Ok(())
 }
 
-/// Ours: `Repository<Account>` over `PostgresStore`, optionally with the aggregate cache.
+/// Ours: `Repository<Account>` over `PostgresStore`, with its defaults or with the aggregate
+/// cache and/or group commit turned off.
 pub struct Ours {
-    repo: Repository<Account>,
+    pub(crate) repo: Repository<Account>,
     place: Place,
 }
 
 impl Ours {
-    /// A fresh schema; `cache` enables `Repository::with_cache`, `group` group commit.
-    pub async fn new(
-        url: &str,
-        name: &str,
-        cache: bool,
-        group: Option<GroupCommit>,
-    ) -> Result<Self, BenchError> {
+    /// A fresh schema; the defaults when `cache` and `group` are both true, else the one(s)
+    /// false turned off (`Repository::without_cache`, `PostgresStore::without_group_commit`).
+    pub async fn new(url: &str, name: &str, cache: bool, group: bool) -> Result<Self, BenchError> {
         let schema = db::schema_name(name);
         let mut store = db::our_store(url, &schema).await?;
-        if let Some(group) = group {
-            store = store.with_group_commit(group);
+        if !group {
+            store = store.without_group_commit();
         }
         let pool = store.pool().clone();
         let mut repo = Repository::new(store);
-        if cache {
-            repo = repo.with_cache(10_000);
+        if !cache {
+            repo = repo.without_cache();
         }
         Ok(Self {
             repo,
@@ -392,16 +388,14 @@ enum Kind {
     RawReadInsert,
     RawInsert,
     RawInsertHeld,
-    Ours,
+    /// Neither the aggregate cache nor group commit.
+    OursPlain,
+    /// The aggregate cache without group commit.
     OursCache,
+    /// Group commit without the aggregate cache.
     OursGroup,
-    OursGroupCache,
-}
-
-/// The group-commit setting measured: `GroupCommit::default()` (no waiting, up to 64 appends per
-/// group, 1 write in flight).
-fn group() -> Option<GroupCommit> {
-    Some(GroupCommit::default())
+    /// The defaults: `Repository::new(PostgresStore::new(pool))` (cache and group commit on).
+    Ours,
 }
 
 impl Kind {
@@ -412,10 +406,10 @@ impl Kind {
             Kind::RawReadInsert => "raw sqlx: read stream, then one INSERT",
             Kind::RawInsert => "raw sqlx: one INSERT (state in memory)",
             Kind::RawInsertHeld => "raw sqlx: one INSERT, on kept connections (no pool pings)",
-            Kind::Ours => "ours: Repository over PostgresStore",
-            Kind::OursCache => "ours + aggregate cache (`with_cache`)",
-            Kind::OursGroup => "ours + group commit (`GroupCommit::default()`)",
-            Kind::OursGroupCache => "ours + group commit + aggregate cache",
+            Kind::OursPlain => "ours, no cache, no group commit",
+            Kind::OursCache => "ours, aggregate cache only (`without_group_commit`)",
+            Kind::OursGroup => "ours, group commit only (`without_cache`)",
+            Kind::Ours => "ours, defaults (group commit + aggregate cache)",
         }
     }
 
@@ -430,10 +424,10 @@ impl Kind {
             Kind::RawReadInsert => Live::RawReadInsert(RawReadInsert::new(url, &name).await?),
             Kind::RawInsert => Live::RawInsert(RawInsert::new(url, &name, false).await?),
             Kind::RawInsertHeld => Live::RawInsert(RawInsert::new(url, &name, true).await?),
-            Kind::Ours => Live::Ours(Ours::new(url, &name, false, None).await?),
-            Kind::OursCache => Live::Ours(Ours::new(url, &name, true, None).await?),
-            Kind::OursGroup => Live::Ours(Ours::new(url, &name, false, group()).await?),
-            Kind::OursGroupCache => Live::Ours(Ours::new(url, &name, true, group()).await?),
+            Kind::OursPlain => Live::Ours(Ours::new(url, &name, false, false).await?),
+            Kind::OursCache => Live::Ours(Ours::new(url, &name, true, false).await?),
+            Kind::OursGroup => Live::Ours(Ours::new(url, &name, false, true).await?),
+            Kind::Ours => Live::Ours(Ours::new(url, &name, true, true).await?),
         })
     }
 }
@@ -584,10 +578,10 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         Kind::RawReadInsert,
         Kind::RawInsert,
         Kind::RawInsertHeld,
-        Kind::Ours,
+        Kind::OursPlain,
         Kind::OursCache,
         Kind::OursGroup,
-        Kind::OursGroupCache,
+        Kind::Ours,
     ];
     let clients = [1_usize, 8];
     let Interleaved {

@@ -61,7 +61,10 @@ impl Variant {
                 .await?;
             version += chunk.len() as u64;
         }
-        let mut repo = Repository::<Account>::new(store.clone());
+        // Without the aggregate cache: W2 measures a command that has to load its stream (the
+        // first command on an aggregate, or one the cache dropped), which the cache would skip
+        // after the first repeat.
+        let mut repo = Repository::<Account>::new(store.clone()).without_cache();
         if snapshots {
             repo = repo.with_snapshots(store.clone(), SnapshotPolicy::every(SNAPSHOT_EVERY as u64));
         }
