@@ -95,6 +95,14 @@ pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
 
+/// A unique violation on a stream version (`events_stream_version_key`): a concurrent
+/// transaction wrote that version first. Not one on an event id, which is a re-sent event.
+pub(crate) fn is_version_collision(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db)
+        if db.code().as_deref() == Some("23505")
+            && db.constraint() == Some("events_stream_version_key"))
+}
+
 /// A value that fits the Rust type but not the column (e.g. a `u64` above `i64::MAX`).
 pub(crate) fn out_of_range(what: &str, value: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("{what} {value} is out of range for PostgreSQL").into())

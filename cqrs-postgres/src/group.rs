@@ -29,7 +29,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::append::{expected_code, to_version, Encoded};
-use crate::error::is_connection_error;
+use crate::error::{is_connection_error, is_version_collision};
 use crate::row::parse_tx;
 use crate::sql::Statements;
 
@@ -126,6 +126,11 @@ const JOIN_YIELDS: usize = 4;
 /// [`GroupCommitter::extra_slot`]). Far above a healthy write (about a millisecond for a group of
 /// eight here); an extra slot for a write that is merely slow only adds a write in flight.
 const STUCK_AFTER: Duration = Duration::from_millis(50);
+
+/// How many times a group is written again after colliding with a concurrent write of one of its
+/// streams' versions, before its members append alone. Each collision needs a writer that
+/// committed while the group's statement ran, so a second one in a row is already rare.
+const GROUP_COLLISION_RETRIES: usize = 2;
 
 struct Request {
     stream: StreamId,
@@ -507,18 +512,34 @@ async fn write_group(slot: &mut Slot, sql: &Statements, group: Vec<Request>) {
             return;
         }
     };
-    let result = sqlx::query(sql.append_many.clone())
-        .bind(&columns.stream_type)
-        .bind(&columns.stream_id)
-        .bind(&columns.expected)
-        .bind(&columns.offset)
-        .bind(&columns.ids)
-        .bind(&columns.types)
-        .bind(&columns.schema_versions)
-        .bind(&columns.payloads)
-        .bind(&columns.metadata)
-        .fetch_all(&mut *conn)
-        .await;
+    let mut collisions = 0;
+    let result = loop {
+        let result = sqlx::query(sql.append_many.clone())
+            .bind(&columns.stream_type)
+            .bind(&columns.stream_id)
+            .bind(&columns.expected)
+            .bind(&columns.offset)
+            .bind(&columns.ids)
+            .bind(&columns.types)
+            .bind(&columns.schema_versions)
+            .bind(&columns.payloads)
+            .bind(&columns.metadata)
+            .fetch_all(&mut *conn)
+            .await;
+        // A version collision means a concurrent transaction (another process, another slot, an
+        // `append_in`) committed a version of one member's stream while the statement ran; the
+        // statement wrote nothing. Run it again: that member's guard now sees the committed row
+        // and refuses it alone, and the rest of the group is written, instead of every member
+        // appending alone after a round trip. (A collision on an event id is a re-sent event: it
+        // would collide again, so those members append alone, where retries are sorted out.)
+        match &result {
+            Err(error) if is_version_collision(error) && collisions < GROUP_COLLISION_RETRIES => {
+                collisions += 1;
+                tracing::debug!(%error, appends = group.len(), "group collided with a concurrent write; writing it again");
+            }
+            _ => break result,
+        }
+    };
     let replies: Vec<Joined> = match result {
         Ok(rows) => {
             let landed = landed(&rows);

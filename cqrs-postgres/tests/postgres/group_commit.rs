@@ -355,12 +355,13 @@ async fn a_write_stuck_on_a_lock() -> (
                 .await
         }
     });
-    wait_for_a_lock_wait(&store).await;
+    wait_for_lock_waits(&store, 1).await;
     (store, tx, stuck)
 }
 
-/// Waits until one of the store's backends waits on a lock (the tests name them after the schema).
-async fn wait_for_a_lock_wait(store: &cqrs_postgres::PostgresStore) {
+/// Waits until `count` of the store's backends wait on a lock (the tests name them after the
+/// schema).
+async fn wait_for_lock_waits(store: &cqrs_postgres::PostgresStore, count: i64) {
     let mut probe = sqlx::PgConnection::connect(&crate::url()).await.unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -371,15 +372,70 @@ async fn wait_for_a_lock_wait(store: &cqrs_postgres::PostgresStore) {
         .fetch_one(&mut probe)
         .await
         .unwrap();
-        if waiting > 0 {
+        if waiting >= count {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no append ever waited on the lock"
+            "{waiting} appends waited on a lock, not {count}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// A group whose statement collides with a concurrent transaction's write of one member's stream
+/// version is written again: that member alone gets its conflict, and the others still commit
+/// together, in one transaction, rather than each appending alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_that_collides_on_one_stream_commits_the_others_together() {
+    let (store, mut tx, stuck) = a_write_stuck_on_a_lock().await;
+    // The open transaction also writes the hot stream's first version.
+    let hot = StreamId::new("account", "hot");
+    store
+        .append_in(&mut tx, &hot, ExpectedVersion::NoStream, batch(1))
+        .await
+        .unwrap();
+    // Queued behind the stuck write, these go out as one group from the extra slot, and its
+    // statement waits on the hot stream's row lock.
+    let ids = ["hot", "s1", "s2", "s3", "s4", "s5"];
+    let tasks: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let store = store.clone();
+            let stream = StreamId::new("account", *id);
+            tokio::spawn(async move {
+                store
+                    .append(&stream, ExpectedVersion::NoStream, batch(1))
+                    .await
+            })
+        })
+        .collect();
+    wait_for_lock_waits(&store, 2).await;
+    tx.commit().await.unwrap();
+
+    assert!(
+        matches!(stuck.await.unwrap(), Err(StoreError::Concurrency(_))),
+        "the stuck write lost its race"
+    );
+    let mut transactions = HashSet::new();
+    for (id, task) in ids.iter().zip(tasks) {
+        match (*id, task.await.unwrap()) {
+            ("hot", Err(StoreError::Concurrency(c))) => {
+                assert_eq!(c.actual, StreamVersion::new(1));
+            }
+            ("hot", other) => panic!("hot: expected a conflict, got {other:?}"),
+            (_, Ok(appended)) => {
+                transactions.insert(appended.position.tx);
+            }
+            (id, Err(e)) => panic!("{id}: {e}"),
+        }
+    }
+    assert_eq!(
+        transactions.len(),
+        1,
+        "the group's other members committed together"
+    );
+    drop_schema(&store).await;
 }
 
 /// A runtime shut down while an append waits in the queue behind a write in flight: the write's
