@@ -51,8 +51,10 @@ pub fn event(
     let generics = crate::expand::event_generics(krate, input);
     let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     let version = proc_macro2::Literal::u32_unsuffixed(*version);
+    let not_recommended = crate::expand::not_recommended(input);
     tokens.extend(quote! {
         #[automatically_derived]
+        #not_recommended
         impl #impl_generics #krate::Event for #ident #ty_generics #where_clause {
             const NAME: &'static str = #name;
             const VERSION: u32 = #version;
