@@ -183,3 +183,28 @@ fn const_assert(span: Span, krate: &Path, condition: TokenStream, message: &str)
         span,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::distinct_names;
+
+    /// The stored-name check is one lookup and one `match` arm per event, not one assertion per
+    /// pair: its size, and the compile time it costs, grow linearly with the number of events.
+    #[test]
+    fn the_stored_name_check_grows_linearly() {
+        let krate: syn::Path = syn::parse_quote!(::cqrs_core);
+        for n in [2_usize, 20, 40] {
+            let types: Vec<syn::Type> = (0..n)
+                .map(|i| syn::parse_str(&format!("Event{i}")).unwrap())
+                .collect();
+            let events: Vec<_> = types
+                .iter()
+                .map(|ty| (ty, format!("clash with {}", crate::ctxt::text(ty))))
+                .collect();
+            let check = distinct_names(&krate, &events).to_string();
+            assert_eq!(check.matches("first_clash").count(), n - 1, "{n} events");
+            assert_eq!(check.matches("panic").count(), n - 1, "{n} events");
+            assert_eq!(check.matches(":: NAME").count(), n, "{n} events");
+        }
+    }
+}
