@@ -4,6 +4,7 @@
 //! malformed or unknown key parsing goes on with the next key, so one build reports every mistake.
 
 use proc_macro2::{TokenStream, TokenTree};
+use quote::ToTokens;
 use syn::ext::IdentExt;
 use syn::parse::{Parse, ParseStream};
 use syn::{Ident, LitInt, LitStr, Path, Token, Type};
@@ -102,11 +103,14 @@ fn keys(
             }
         } else {
             let token: TokenTree = input.parse()?;
+            // `#[event("Deposited")]`: most likely a name without its key.
+            let example = match syn::parse2::<LitStr>(token.to_token_stream()) {
+                Ok(lit) => format!("{NAME} = {}", lit.to_token_stream()),
+                Err(_) => format!("{NAME} = \"...\""),
+            };
             cx.error_spanned_by(
                 &token,
-                format!(
-                    "expected a key, found `{token}`: write `key = value`, e.g. `name = \"...\"`"
-                ),
+                format!("expected a key, found `{token}`: write `key = value`, e.g. `{example}`"),
             );
             malformed = true;
             skip_to_comma(input)?;
