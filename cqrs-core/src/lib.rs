@@ -314,18 +314,17 @@ pub mod __private {
             })
     }
 
-    /// Compile-time check that `names[index]` differs from every name before it; on a clash with
-    /// `names[i]`, fails with `clashes[i]`, at the caller's span (the later event's tokens). One
-    /// call per event keeps the generated check linear in the number of events.
-    #[track_caller]
-    pub const fn assert_unique_name(names: &[&str], index: usize, clashes: &[&str]) {
+    /// The first event before `names[index]` stored under the same name, if any. The generated
+    /// name check calls it once per event, so it stays linear in the number of events.
+    pub const fn first_clash(names: &[&str], index: usize) -> Option<usize> {
         let mut i = 0;
         while i < index {
             if str_eq(names[i], names[index]) {
-                panic!("{}", clashes[i]);
+                return Some(i);
             }
             i += 1;
         }
+        None
     }
 
     /// String equality usable in constants (compile-time checks of stored names).

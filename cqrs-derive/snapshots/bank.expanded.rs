@@ -5,6 +5,7 @@ pub struct AccountOpened {
     pub owner: String,
 }
 #[automatically_derived]
+#[diagnostic::do_not_recommend]
 impl ::cqrs_core::Event for AccountOpened {
     const NAME: &'static str = "AccountOpened";
     const VERSION: u32 = 1;
@@ -34,6 +35,7 @@ pub struct MoneyDepositedV1 {
     pub amount: i64,
 }
 #[automatically_derived]
+#[diagnostic::do_not_recommend]
 impl ::cqrs_core::Event for MoneyDepositedV1 {
     const NAME: &'static str = "MoneyDeposited";
     const VERSION: u32 = 1;
@@ -64,6 +66,7 @@ pub struct MoneyDeposited {
     pub memo: String,
 }
 #[automatically_derived]
+#[diagnostic::do_not_recommend]
 impl ::cqrs_core::Event for MoneyDeposited {
     const NAME: &'static str = "MoneyDeposited";
     const VERSION: u32 = 2;
@@ -113,6 +116,7 @@ pub struct MoneyWithdrawn {
     pub amount: i64,
 }
 #[automatically_derived]
+#[diagnostic::do_not_recommend]
 impl ::cqrs_core::Event for MoneyWithdrawn {
     const NAME: &'static str = "MoneyWithdrawn";
     const VERSION: u32 = 2;
@@ -298,12 +302,34 @@ const _: () = {
             <MoneyDeposited as ::cqrs_core::Event>::NAME,
             <MoneyWithdrawn as ::cqrs_core::Event>::NAME,
         ];
-        const CLASHES: &[&str] = &[
-            "this event is stored under the same name as `AccountOpened`, listed before it in aggregate `Account`; give one of them its own `#[event(name = \"...\")]`",
-            "this event is stored under the same name as `MoneyDeposited`, listed before it in aggregate `Account`; give one of them its own `#[event(name = \"...\")]`",
-        ];
-        ::cqrs_core::__private::assert_unique_name(NAMES, 1, CLASHES);
-        ::cqrs_core::__private::assert_unique_name(NAMES, 2, CLASHES);
+        /// Fails with the message for a clash with the `earlier`-th event, at its tokens.
+        const fn stored_under_the_same_name(earlier: usize) {
+            match earlier {
+                0 => {
+                    ::cqrs_core::__private::core::panic!(
+                        "{}",
+                        "this event is stored under the same name as `AccountOpened` (below), listed before it in aggregate `Account`, so the stored events could not tell them apart: give one of them its own `#[event(name = \"...\")]`; or, if they are two versions of one event, list only the current one (older versions are upcast to it)"
+                    )
+                }
+                1 => {
+                    ::cqrs_core::__private::core::panic!(
+                        "{}",
+                        "this event is stored under the same name as `MoneyDeposited` (below), listed before it in aggregate `Account`, so the stored events could not tell them apart: give one of them its own `#[event(name = \"...\")]`; or, if they are two versions of one event, list only the current one (older versions are upcast to it)"
+                    )
+                }
+                _ => {}
+            }
+        }
+        const _: () = if let ::cqrs_core::__private::core::option::Option::Some(
+            earlier,
+        ) = ::cqrs_core::__private::first_clash(NAMES, 1) {
+            stored_under_the_same_name(earlier)
+        };
+        const _: () = if let ::cqrs_core::__private::core::option::Option::Some(
+            earlier,
+        ) = ::cqrs_core::__private::first_clash(NAMES, 2) {
+            stored_under_the_same_name(earlier)
+        };
     };
 };
 #[derive(Default)]
@@ -403,12 +429,34 @@ const _: () = {
             <MoneyDeposited as ::cqrs_core::Event>::NAME,
             <MoneyWithdrawn as ::cqrs_core::Event>::NAME,
         ];
-        const CLASHES: &[&str] = &[
-            "this event is stored under the same name as `AccountOpened`, which `opened` handles, so only one of the two handlers would run: if they are versions of one event, handle only the current one (older versions are upcast to it); otherwise give one of them its own `#[event(name = \"...\")]`",
-            "this event is stored under the same name as `MoneyDeposited`, which `deposited` handles, so only one of the two handlers would run: if they are versions of one event, handle only the current one (older versions are upcast to it); otherwise give one of them its own `#[event(name = \"...\")]`",
-        ];
-        ::cqrs_core::__private::assert_unique_name(NAMES, 1, CLASHES);
-        ::cqrs_core::__private::assert_unique_name(NAMES, 2, CLASHES);
+        /// Fails with the message for a clash with the `earlier`-th event, at its tokens.
+        const fn stored_under_the_same_name(earlier: usize) {
+            match earlier {
+                0 => {
+                    ::cqrs_core::__private::core::panic!(
+                        "{}",
+                        "this event is stored under the same name as `AccountOpened` (below), which `opened` handles, so only one of the two handlers would run: give one of them its own `#[event(name = \"...\")]`; or, if they are two versions of one event, handle only the current one (older versions are upcast to it)"
+                    )
+                }
+                1 => {
+                    ::cqrs_core::__private::core::panic!(
+                        "{}",
+                        "this event is stored under the same name as `MoneyDeposited` (below), which `deposited` handles, so only one of the two handlers would run: give one of them its own `#[event(name = \"...\")]`; or, if they are two versions of one event, handle only the current one (older versions are upcast to it)"
+                    )
+                }
+                _ => {}
+            }
+        }
+        const _: () = if let ::cqrs_core::__private::core::option::Option::Some(
+            earlier,
+        ) = ::cqrs_core::__private::first_clash(NAMES, 1) {
+            stored_under_the_same_name(earlier)
+        };
+        const _: () = if let ::cqrs_core::__private::core::option::Option::Some(
+            earlier,
+        ) = ::cqrs_core::__private::first_clash(NAMES, 2) {
+            stored_under_the_same_name(earlier)
+        };
     };
 };
 /// Writes one row per deposit, in one statement per batch.

@@ -78,3 +78,24 @@ fn distance(a: &str, b: &str) -> usize {
     }
     row[b.len()]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Ctxt;
+
+    #[test]
+    #[should_panic(expected = "without `check()`")]
+    fn a_ctxt_dropped_unchecked_panics() {
+        let mut cx = Ctxt::default();
+        cx.error_spanned_by(quote::quote!(x), "lost");
+    }
+
+    #[test]
+    fn check_returns_every_error() {
+        let mut cx = Ctxt::default();
+        cx.error_spanned_by(quote::quote!(a), "first");
+        cx.error_spanned_by(quote::quote!(b), "second");
+        let errors = cx.check().unwrap_err();
+        assert_eq!(errors.into_iter().count(), 2);
+    }
+}

@@ -51,8 +51,10 @@ pub fn event(
     let generics = crate::expand::event_generics(krate, input);
     let (impl_generics, ty_generics, where_clause) = generics.split_for_impl();
     let version = proc_macro2::Literal::u32_unsuffixed(*version);
+    let not_recommended = crate::expand::not_recommended(input);
     tokens.extend(quote! {
         #[automatically_derived]
+        #not_recommended
         impl #impl_generics #krate::Event for #ident #ty_generics #where_clause {
             const NAME: &'static str = #name;
             const VERSION: u32 = #version;
@@ -148,4 +150,56 @@ pub fn projection(item: &syn::ItemImpl, model: &Projection, error: &syn::Error) 
         }
     });
     tokens
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every impl a macro emits beside its errors is `#[automatically_derived]`, like the impls of
+    /// a successful expansion, so lints and coverage treat both alike.
+    #[test]
+    fn every_fallback_impl_is_automatically_derived() {
+        let expansions = [
+            crate::expand_event(
+                quote::quote!(verison = 2),
+                quote::quote!(
+                    #[derive(Serialize)]
+                    struct Opened {}
+                ),
+            ),
+            crate::expand_aggregate(quote::quote!(
+                #[aggregate(evnets(Opened, Closed))]
+                struct Account {}
+            )),
+            crate::expand_projection(
+                quote::quote!(nmae = "x"),
+                quote::quote!(
+                    impl Model {
+                        fn on(&mut self, _: &Opened) {}
+                    }
+                ),
+            ),
+        ];
+        for tokens in expansions {
+            let file: syn::File = syn::parse2(tokens).unwrap();
+            let impls: Vec<_> = file
+                .items
+                .iter()
+                .filter_map(|item| match item {
+                    // The user's own impl block is re-emitted as written.
+                    syn::Item::Impl(i) if i.trait_.is_some() => Some(i),
+                    _ => None,
+                })
+                .collect();
+            assert!(!impls.is_empty());
+            for i in impls {
+                assert!(
+                    i.attrs
+                        .iter()
+                        .any(|a| a.path().is_ident("automatically_derived")),
+                    "{}",
+                    quote::ToTokens::to_token_stream(i)
+                );
+            }
+        }
+    }
 }

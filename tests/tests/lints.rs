@@ -32,9 +32,17 @@ impl From<NotedV1> for Noted {
     }
 }
 
+/// A note removed; with `Noted`, the aggregate and the projection get the stored-name check.
+#[event(name = "Erased")]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Erased {
+    /// Which note.
+    pub index: usize,
+}
+
 /// A notebook.
 #[derive(Debug, Default, Aggregate)]
-#[aggregate(name = "notebook", events(Noted))]
+#[aggregate(name = "notebook", events(Noted, Erased))]
 pub struct Notebook {
     notes: Vec<String>,
 }
@@ -42,6 +50,14 @@ pub struct Notebook {
 impl Apply<Noted> for Notebook {
     fn apply(&mut self, e: &Noted) {
         self.notes.push(e.text.clone());
+    }
+}
+
+impl Apply<Erased> for Notebook {
+    fn apply(&mut self, e: &Erased) {
+        if e.index < self.notes.len() {
+            self.notes.remove(e.index);
+        }
     }
 }
 
@@ -56,6 +72,10 @@ impl NoteCount {
     async fn on_noted(&mut self, _: &Noted, _: &RecordedEvent) {
         tokio::task::yield_now().await;
         self.count += 1;
+    }
+
+    fn on_erased(&mut self, _: &Erased) {
+        self.count = self.count.saturating_sub(1);
     }
 }
 

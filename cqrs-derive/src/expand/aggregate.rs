@@ -41,7 +41,7 @@ pub fn aggregate(model: &Aggregate, input: &syn::DeriveInput) -> TokenStream {
         .iter()
         .map(|ty| {
             let message = format!(
-                "this event is stored under the same name as `{}`, listed before it in aggregate `{ident}`; give one of them its own `#[event(name = \"...\")]`",
+                "this event is stored under the same name as `{}` (below), listed before it in aggregate `{ident}`, so the stored events could not tell them apart: give one of them its own `#[event(name = \"...\")]`; or, if they are two versions of one event, list only the current one (older versions are upcast to it)",
                 text(ty)
             );
             (*ty, message)

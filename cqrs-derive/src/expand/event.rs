@@ -83,8 +83,10 @@ pub fn event(model: &Event, input: &syn::DeriveInput) -> TokenStream {
         }
         Upcast::None | Upcast::Json(_) => quote!(),
     };
+    let not_recommended = super::not_recommended(input);
     quote! {
         #[automatically_derived]
+        #not_recommended
         impl #impl_generics #krate::Event for #ident #ty_generics #where_clause {
             const NAME: &'static str = #name;
             const VERSION: u32 = #current;

@@ -70,6 +70,18 @@ pub(crate) fn event_generics(krate: &Path, input: &syn::DeriveInput) -> syn::Gen
     generics
 }
 
+/// `#[diagnostic::do_not_recommend]` for the `impl Event` of a type without parameters: rustc
+/// then leaves it out of the "other types implement `Event`" list it appends to a non-event's
+/// error, which would list every event in scope under the one message that matters. Generic
+/// impls keep their place: they have bounds, and hiding the impl would hide which bound failed.
+pub(crate) fn not_recommended(input: &syn::DeriveInput) -> TokenStream {
+    if input.generics.params.is_empty() && input.generics.where_clause.is_none() {
+        quote!(#[diagnostic::do_not_recommend])
+    } else {
+        TokenStream::new()
+    }
+}
+
 /// The generics of a generic aggregate's `impl Aggregate`, with the bounds it needs: the trait's
 /// own, and `Apply<E>` for each listed event (the user's impls may bound the parameters).
 pub(crate) fn aggregate_generics(
@@ -108,8 +120,12 @@ fn event_item(krate: &Path, ty: &syn::Type, item: TokenStream) -> TokenStream {
 }
 
 /// The compile-time check that the stored names of `events` (each a type and the message for a
-/// later event clashing with it) differ: one call per event, so the expansion and the compile
-/// time stay linear in the number of events. A clash fails at the later event's tokens.
+/// later event clashing with it) differ, linear in the number of events: one check per event
+/// finds the first earlier event with its name, and one `match` fails with that event's message.
+///
+/// Both places are underlined in one error: the check is spanned at the later event (rustc's
+/// primary span) and the failing `match` arm at the earlier one (the "inside" note of rustc's
+/// const-evaluation backtrace). Each check is a `const` of its own, so every clash is reported.
 fn distinct_names(krate: &Path, events: &[(&syn::Type, String)]) -> TokenStream {
     if events.len() < 2 {
         return TokenStream::new();
@@ -119,13 +135,24 @@ fn distinct_names(krate: &Path, events: &[(&syn::Type, String)]) -> TokenStream 
         .iter()
         .map(|(ty, _)| event_item(krate, ty, quote!(NAME)));
     // The last event is never the earlier one of a clash.
-    let clashes = events[..events.len() - 1]
+    let arms = events[..events.len() - 1]
         .iter()
-        .map(|(_, message)| message);
+        .enumerate()
+        .map(|(i, (ty, message))| {
+            let i = Literal::usize_unsuffixed(i);
+            let fail = respan(quote!(#p::core::panic!("{}", #message)), ty.span());
+            quote!(#i => #fail,)
+        });
     let checks = events.iter().enumerate().skip(1).map(|(i, (ty, _))| {
         let i = Literal::usize_unsuffixed(i);
         respan(
-            quote!(#p::assert_unique_name(NAMES, #i, CLASHES);),
+            quote! {
+                const _: () = if let #p::core::option::Option::Some(earlier) =
+                    #p::first_clash(NAMES, #i)
+                {
+                    stored_under_the_same_name(earlier)
+                };
+            },
             ty.span(),
         )
     });
@@ -133,7 +160,15 @@ fn distinct_names(krate: &Path, events: &[(&syn::Type, String)]) -> TokenStream 
         /// Compile-time check: no two events stored under one name.
         const _: () = {
             const NAMES: &[&str] = &[#(#names),*];
-            const CLASHES: &[&str] = &[#(#clashes),*];
+
+            /// Fails with the message for a clash with the `earlier`-th event, at its tokens.
+            const fn stored_under_the_same_name(earlier: usize) {
+                match earlier {
+                    #(#arms)*
+                    _ => {}
+                }
+            }
+
             #(#checks)*
         };
     }
@@ -147,4 +182,29 @@ fn const_assert(span: Span, krate: &Path, condition: TokenStream, message: &str)
         quote!(const _: () = #p::core::assert!(#condition, #message);),
         span,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::distinct_names;
+
+    /// The stored-name check is one lookup and one `match` arm per event, not one assertion per
+    /// pair: its size, and the compile time it costs, grow linearly with the number of events.
+    #[test]
+    fn the_stored_name_check_grows_linearly() {
+        let krate: syn::Path = syn::parse_quote!(::cqrs_core);
+        for n in [2_usize, 20, 40] {
+            let types: Vec<syn::Type> = (0..n)
+                .map(|i| syn::parse_str(&format!("Event{i}")).unwrap())
+                .collect();
+            let events: Vec<_> = types
+                .iter()
+                .map(|ty| (ty, format!("clash with {}", crate::ctxt::text(ty))))
+                .collect();
+            let check = distinct_names(&krate, &events).to_string();
+            assert_eq!(check.matches("first_clash").count(), n - 1, "{n} events");
+            assert_eq!(check.matches("panic").count(), n - 1, "{n} events");
+            assert_eq!(check.matches(":: NAME").count(), n, "{n} events");
+        }
+    }
 }

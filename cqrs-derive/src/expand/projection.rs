@@ -97,7 +97,7 @@ pub fn projection(model: &Projection, item: &syn::ItemImpl) -> TokenStream {
         .iter()
         .map(|h| {
             let message = format!(
-                "this event is stored under the same name as `{}`, which `{}` handles, so only one of the two handlers would run: if they are versions of one event, handle only the current one (older versions are upcast to it); otherwise give one of them its own `#[event(name = \"...\")]`",
+                "this event is stored under the same name as `{}` (below), which `{}` handles, so only one of the two handlers would run: give one of them its own `#[event(name = \"...\")]`; or, if they are two versions of one event, handle only the current one (older versions are upcast to it)",
                 text(&h.event),
                 h.method
             );

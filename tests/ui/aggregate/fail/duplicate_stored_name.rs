@@ -1,23 +1,36 @@
-use cqrs_core::prelude::*;
-use serde::{Deserialize, Serialize};
+// Two listed events stored under one name (a copy-pasted `name`): one error underlining both, with both fixes.
+include!("../../bank/events.rs");
 
-#[event(name = "Happened")]
+#[event(name = "MoneyDeposited")]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct One {}
-
-#[event(name = "Happened")]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Two {}
-
-#[derive(Default, Aggregate)]
-#[aggregate(events(One, Two))]
-pub struct Thing {}
-
-impl Apply<One> for Thing {
-    fn apply(&mut self, _: &One) {}
+pub struct FeeCharged {
+    pub amount: i64,
 }
-impl Apply<Two> for Thing {
-    fn apply(&mut self, _: &Two) {}
+
+#[derive(Debug, Default, Aggregate)]
+#[aggregate(name = "account", events(AccountOpened, MoneyDeposited, MoneyWithdrawn, AccountClosed, FeeCharged))]
+pub struct Account {
+    open: bool,
+    balance: i64,
+}
+
+include!("../../bank/handlers.rs");
+
+impl Apply<FeeCharged> for Account {
+    fn apply(&mut self, event: &FeeCharged) {
+        self.balance -= event.amount;
+    }
+}
+
+pub struct ChargeFee {
+    pub amount: i64,
+}
+
+impl Handle<ChargeFee> for Account {
+    type Error = AccountError;
+    fn handle(&self, command: &ChargeFee) -> Result<Vec<AccountEvent>, AccountError> {
+        Ok(vec![FeeCharged { amount: command.amount }.into()])
+    }
 }
 
 fn main() {}

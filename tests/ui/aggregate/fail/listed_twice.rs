@@ -1,15 +1,13 @@
-use cqrs_core::prelude::*;
-use serde::{Deserialize, Serialize};
+// An event listed twice: one error, and the handlers' `.into()` calls still compile.
+include!("../../bank/events.rs");
 
-#[event]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Opened {}
-#[derive(Default, Aggregate)]
-#[aggregate(events(Opened, Opened))]
-pub struct Account {}
-
-impl Apply<Opened> for Account {
-    fn apply(&mut self, _: &Opened) {}
+#[derive(Debug, Default, Aggregate)]
+#[aggregate(name = "account", events(AccountOpened, MoneyDeposited, MoneyWithdrawn, MoneyDeposited, AccountClosed))]
+pub struct Account {
+    open: bool,
+    balance: i64,
 }
+
+include!("../../bank/handlers.rs");
 
 fn main() {}

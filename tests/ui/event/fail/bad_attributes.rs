@@ -13,4 +13,12 @@ pub struct Text {}
 #[derive(Serialize, Deserialize)]
 pub struct Typo {}
 
+#[event("Keyless", version = 2)]
+#[derive(Serialize, Deserialize)]
+pub struct Keyless {}
+
+#[event(name("Called"), version 2)]
+#[derive(Serialize, Deserialize)]
+pub struct Called {}
+
 fn main() {}

@@ -1,37 +1,5 @@
-// Two listed events stored under one name: one error naming both, with the fix.
-use std::collections::BTreeMap;
-
-use cqrs_core::prelude::*;
-use serde::{Deserialize, Serialize};
-
-#[event(name = "AccountOpened")]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AccountOpened {
-    pub owner: String,
-}
-
-#[event(name = "MoneyDeposited")]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MoneyDeposited {
-    pub amount: i64,
-}
-
-#[event(name = "MoneyDeposited")]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MoneyWithdrawn {
-    pub amount: i64,
-}
-
-#[event(name = "AccountClosed")]
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AccountClosed {}
-
-#[derive(Debug, Default, Aggregate)]
-#[aggregate(name = "account", events(AccountOpened, MoneyDeposited, MoneyWithdrawn, AccountClosed))]
-pub struct Account {
-    open: bool,
-    balance: i64,
-}
+// `Apply` and `Handle` impls for the `Account` (fields `open`, `balance`) a case defines. Shared
+// by the trybuild cases: see README.md.
 
 impl Apply<AccountOpened> for Account {
     fn apply(&mut self, _: &AccountOpened) {
@@ -103,30 +71,3 @@ impl Handle<CloseAccount> for Account {
         Ok(vec![AccountClosed {}.into()])
     }
 }
-
-#[derive(Default)]
-pub struct Balances {
-    by_account: BTreeMap<String, i64>,
-}
-
-#[projection(name = "balances")]
-impl Balances {
-    fn opened(&mut self, _: &AccountOpened, meta: &RecordedEvent) {
-        self.by_account.insert(meta.stream.to_string(), 0);
-    }
-
-    fn deposited(&mut self, event: &MoneyDeposited, meta: &RecordedEvent) {
-        *self.by_account.entry(meta.stream.to_string()).or_default() += event.amount;
-    }
-
-    fn withdrawn(&mut self, event: &MoneyWithdrawn, meta: &RecordedEvent) {
-        *self.by_account.entry(meta.stream.to_string()).or_default() -= event.amount;
-    }
-
-    #[helper]
-    pub fn balance(&self, account: &str) -> i64 {
-        self.by_account.get(account).copied().unwrap_or_default()
-    }
-}
-
-fn main() {}
