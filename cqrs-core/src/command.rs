@@ -473,7 +473,10 @@ impl<A: Aggregate> Repository<A> {
     /// checks the version the state was loaded at; a stale entry ends in a conflict, which evicts it
     /// and decides again on the state read from the store. The state after a command is the cached
     /// state with the new events applied as decided, not as re-read, so events must read back as
-    /// they were written (a field that serde skips on write would differ).
+    /// they were written (a field that serde skips on write would differ). A decision that appends
+    /// nothing (a rejection, a no-op) gets no version check, so on a cached state it first reads
+    /// what the stream has after that state (one round trip, usually empty) and, if the stream
+    /// moved, decides again on the current state: a stale entry never rejects a command.
     ///
     /// Clones of this repository share the cache.
     pub fn with_cache(mut self, capacity: usize) -> Self {
@@ -545,7 +548,7 @@ impl<A: Aggregate> Repository<A> {
     }
 
     async fn load_until(&self, stream: &StreamId, until: Until) -> Result<Loaded<A>, LoadError> {
-        let mut loaded = match until {
+        let loaded = match until {
             Until::Latest => self.load_snapshot(stream, None).await,
             Until::Version(v) => self.load_snapshot(stream, Some(v)).await,
             // A snapshot does not record when its last event happened; replay.
@@ -555,6 +558,16 @@ impl<A: Aggregate> Repository<A> {
             state: A::default(),
             version: StreamVersion::INITIAL,
         });
+        self.replay_onto(stream, loaded, until).await
+    }
+
+    /// Applies the stream's events after `loaded.version` to `loaded`, up to `until`.
+    async fn replay_onto(
+        &self,
+        stream: &StreamId,
+        mut loaded: Loaded<A>,
+        until: Until,
+    ) -> Result<Loaded<A>, LoadError> {
         let batch = match until {
             Until::Version(v) => {
                 let remaining = v.get().saturating_sub(loaded.version.get());
@@ -705,15 +718,31 @@ impl<A: Aggregate> Repository<A> {
             }
             let mut attempt = 0;
             let mut retries_left = self.retry.max_retries;
+            // A state brought up to date after a decision on a cached one, to decide on next.
+            let mut current = None;
             loop {
                 attempt += 1;
-                let cached = self.cache.as_ref().and_then(|c| c.take(&stream));
-                let from_cache = cached.is_some();
-                let loaded = match cached {
-                    Some(loaded) => loaded,
-                    None => self.load_until(&stream, Until::Latest).await?,
+                let (mut loaded, from_cache) = match current.take() {
+                    Some(loaded) => (loaded, false),
+                    None => match self.cache.as_ref().and_then(|c| c.take(&stream)) {
+                        Some(loaded) => (loaded, true),
+                        None => (self.load_until(&stream, Until::Latest).await?, false),
+                    },
                 };
-                let events = match decider.decide(&loaded.state).await {
+                let decision = decider.decide(&loaded.state).await;
+                if from_cache && !matches!(&decision, Ok(events) if !events.is_empty()) {
+                    // Without an append, no expected-version check tells whether the cached
+                    // state was current (another process may have written the stream): bring
+                    // it up to date and, if it moved, decide again, so that a rejection or a
+                    // no-op is never based on a stale entry.
+                    let version = loaded.version;
+                    loaded = self.replay_onto(&stream, loaded, Until::Latest).await?;
+                    if loaded.version != version {
+                        current = Some(loaded);
+                        continue;
+                    }
+                }
+                let events = match decision {
                     Ok(events) => events,
                     Err(domain) => {
                         // Deciding does not change the state: keep it cached.

@@ -606,6 +606,65 @@ async fn the_default_cache_skips_loads_and_recovers_from_stale_entries() {
     assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), before);
 }
 
+/// Adds `n` unless the total would pass `limit`: a decision that depends on the state.
+struct AddUpTo {
+    n: i64,
+    limit: i64,
+}
+
+#[derive(Debug, PartialEq, thiserror::Error)]
+#[error("the total would pass the limit")]
+struct OverLimit;
+
+impl cqrs_core::Handle<AddUpTo> for Counter {
+    type Error = OverLimit;
+    fn handle(&self, command: &AddUpTo) -> Result<Vec<Added>, OverLimit> {
+        if self.total + command.n > command.limit {
+            return Err(OverLimit);
+        }
+        Ok(vec![Added { n: command.n }])
+    }
+}
+
+#[tokio::test]
+async fn a_stale_cache_entry_never_rejects_a_command() {
+    let inner = InMemoryStore::new();
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let store = CountingStore {
+        stream_reads: reads.clone(),
+        whole_log_reads: std::sync::Arc::default(),
+        ..CountingStore::over(inner.clone())
+    };
+    let repo = Repository::<Counter>::new(store);
+    repo.execute("k", &Add(10)).await.unwrap();
+    // Another process takes 8 off behind the cache's back: the cached total (10) is stale.
+    let stream = StreamId::new("counter", "k");
+    inner
+        .append(
+            &stream,
+            ExpectedVersion::Exact(StreamVersion::new(1)),
+            vec![NewEvent::from_event(&Added { n: -8 }).unwrap()],
+        )
+        .await
+        .unwrap();
+    // 10 + 5 passes 12, 2 + 5 does not: decided on the stale entry, this would be rejected.
+    let outcome = repo
+        .execute("k", &AddUpTo { n: 5, limit: 12 })
+        .await
+        .unwrap();
+    assert_eq!(outcome.stream_version, StreamVersion::new(3));
+    assert_eq!(repo.load("k").await.unwrap().state.total, 7);
+
+    // A rejection on a current entry stands, after one read that finds nothing new.
+    let before = reads.load(std::sync::atomic::Ordering::SeqCst);
+    let rejected = repo.execute("k", &AddUpTo { n: 6, limit: 12 }).await;
+    assert!(
+        matches!(rejected, Err(ExecuteError::Domain(OverLimit))),
+        "{rejected:?}"
+    );
+    assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), before + 1);
+}
+
 #[tokio::test]
 async fn the_cache_drops_the_least_recently_used_and_can_be_turned_off() {
     let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
