@@ -123,16 +123,23 @@ pub(crate) async fn append_on(
             None => Err(conflict(current)),
         };
     }
-    sqlx::raw_sql("SAVEPOINT cqrs_insert")
-        .execute(&mut *conn)
-        .await
-        .map_err(|e| errors.map(e))?;
+    // One INSERT statement undoes itself on a constraint violation (SQLite's default `ABORT`
+    // resolution), so only a batch written in several statements needs a savepoint around them.
+    let chunked = batch.len() > sql::MAX_ROWS_PER_INSERT;
+    if chunked {
+        sqlx::raw_sql("SAVEPOINT cqrs_insert")
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| errors.map(e))?;
+    }
     match insert(conn, stream, current, batch).await {
         Ok(last_key) => {
-            sqlx::raw_sql("RELEASE cqrs_insert")
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| errors.map(e))?;
+            if chunked {
+                sqlx::raw_sql("RELEASE cqrs_insert")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| errors.map(e))?;
+            }
             Ok(Appended {
                 result: AppendResult {
                     stream_version: current.advance(batch.len() as u64),
@@ -143,10 +150,12 @@ pub(crate) async fn append_on(
         }
         Err(error) => {
             // Undo the chunks already inserted before looking ids up: they are not stored.
-            sqlx::raw_sql("ROLLBACK TO cqrs_insert; RELEASE cqrs_insert")
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| errors.map(e))?;
+            if chunked {
+                sqlx::raw_sql("ROLLBACK TO cqrs_insert; RELEASE cqrs_insert")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| errors.map(e))?;
+            }
             if !is_unique_violation(&error) {
                 return Err(errors.map(error));
             }

@@ -2,10 +2,12 @@
 //!
 //! Every append of a process is queued to one task that owns one connection. It takes what is
 //! queued (up to `max_group` appends), writes it in one `BEGIN IMMEDIATE` transaction and one
-//! commit, so one disk flush serves every append in the group. Each append runs in its own
-//! savepoint: a conflict, an idempotency error or a failing inline projection undoes that append
-//! alone, and its caller gets exactly its own result or error. Appends of one group see each
-//! other in queue order, exactly as if they had been committed one by one.
+//! commit, so one disk flush serves every append in the group. A conflict, an idempotency error
+//! or a failing inline projection undoes that append alone (an append with inline projections
+//! runs in a savepoint; one without writes nothing before it fails), and its caller gets exactly
+//! its own result or error. A storage failure (a full disk, an I/O error) ends the group: it is
+//! rolled back and none of its appends is stored. Appends of one group see each other in queue
+//! order, exactly as if they had been committed one by one.
 
 use std::sync::Arc;
 
@@ -18,6 +20,9 @@ use crate::append::{self, Appended, Encoded};
 use crate::error::{is_connection_error, Errors, SqliteError};
 use cqrs_core::backend::InlineProjections;
 
+/// Where an append's caller waits for its result.
+type Reply = oneshot::Sender<Result<AppendResult, StoreError>>;
+
 /// One append waiting for the writer.
 pub(crate) struct Request {
     pub stream: StreamId,
@@ -25,7 +30,7 @@ pub(crate) struct Request {
     pub events: Vec<NewEvent>,
     pub batch: Encoded,
     pub inline: InlineProjections<SqliteConnection>,
-    pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+    pub reply: Reply,
 }
 
 /// The queue to the writer task.
@@ -135,9 +140,29 @@ async fn commit_group(
         return;
     }
     let mut outcomes = Vec::with_capacity(group.len());
+    let mut failure = None;
     for request in group.drain(..) {
-        let outcome = append_one(conn, errors, &request).await;
+        let outcome = match &failure {
+            Some(failure) => Err(same_kind(failure)),
+            None => append_one(conn, errors, &request).await,
+        };
+        if let Err(error) = &outcome {
+            if failure.is_none() && is_storage_failure(error) {
+                failure = Some(same_kind(error));
+            }
+        }
         outcomes.push((request.reply, outcome));
+    }
+    // On a storage failure (a full disk, an I/O error, a lost connection) SQLite may have rolled
+    // the whole transaction back by itself, and a later statement would then commit on its own:
+    // nothing more is written, the transaction is rolled back, and no append of the group is
+    // stored.
+    if let Some(failure) = failure {
+        if sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.is_err() {
+            *slot = None;
+        }
+        answer_uncommitted(outcomes, &failure);
+        return;
     }
     match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
         Ok(_) => {
@@ -173,25 +198,53 @@ async fn commit_group(
                     *slot = None;
                 }
             }
-            // Conflicts and idempotent replays were decided inside the transaction and stay
-            // true; the writes did not commit.
-            for (reply, outcome) in outcomes {
-                let outcome = match outcome {
-                    Ok(appended) if appended.fresh => Err(same_kind(&failure)),
-                    other => other,
-                };
-                let _ = reply.send(outcome.map(|appended| appended.result));
-            }
+            answer_uncommitted(outcomes, &failure);
         }
     }
 }
 
-/// One append in its own savepoint, with the inline projections of its store.
+/// Answers a group whose transaction did not commit: conflicts and idempotent replays were
+/// decided inside the transaction and stay true; the writes get `failure`.
+fn answer_uncommitted(outcomes: Vec<(Reply, Result<Appended, StoreError>)>, failure: &StoreError) {
+    for (reply, outcome) in outcomes {
+        let outcome = match outcome {
+            Ok(appended) if appended.fresh => Err(same_kind(failure)),
+            other => other,
+        };
+        let _ = reply.send(outcome.map(|appended| appended.result));
+    }
+}
+
+/// A failure of the database rather than of one append's request (a conflict, an idempotency
+/// error, an inline projection's error): the transaction may be gone with it.
+fn is_storage_failure(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::Connection(_) | StoreError::OutcomeUnknown(_) | StoreError::Backend(_)
+    )
+}
+
+/// One append, with the inline projections of its store, in its own savepoint where it needs
+/// one.
 async fn append_one(
     conn: &mut SqliteConnection,
     errors: &Errors,
     request: &Request,
 ) -> Result<Appended, StoreError> {
+    // A savepoint undoes what a failed append wrote before failing: its inline projections'
+    // rows. Without inline projections a failed append wrote nothing (the version is checked
+    // before the insert, and the insert undoes itself), so it needs none.
+    if request.inline.is_empty() {
+        return append::append_on(
+            conn,
+            errors,
+            &request.stream,
+            request.expected,
+            &request.events,
+            &request.batch,
+        )
+        .await;
+    }
     sqlx::raw_sql("SAVEPOINT cqrs_request")
         .execute(&mut *conn)
         .await
@@ -206,7 +259,7 @@ async fn append_one(
             &request.batch,
         )
         .await?;
-        if appended.fresh && !request.inline.is_empty() {
+        if appended.fresh {
             let events = append::read_back(
                 conn,
                 errors,
