@@ -157,6 +157,8 @@ struct State {
     queue: Vec<Request>,
     /// Slots taken: writes in flight (groups, or appends written alone by a slot's holder).
     slots: usize,
+    /// Streams with an append taken from the queue and not yet answered, with how many.
+    writing: HashMap<StreamId, usize>,
     /// Connections of freed slots, kept for the next slot taken (at most one per slot), with the
     /// time each was put here.
     spare: Vec<(PoolConnection<Postgres>, Instant)>,
@@ -232,6 +234,15 @@ impl GroupCommitter {
         let (reply, mut result) = oneshot::channel();
         let lead = {
             let mut state = self.state();
+            // A hot stream: an append of this stream is queued or being written already, so
+            // this one could only go in a later group, waiting a whole write (or more) to
+            // learn what it would learn now: most likely that the other append changed the
+            // stream. It is written alone at once, like an append without group commit, and
+            // the unique index settles the race.
+            if state.writing.contains_key(stream) || state.queue.iter().any(|r| r.stream == *stream)
+            {
+                return Joined::Alone(None);
+            }
             state.queue.push(Request {
                 stream: stream.clone(),
                 expected: expected_code(expected),
@@ -352,8 +363,9 @@ impl GroupCommitter {
     }
 
     /// Takes a group from the queue: the oldest appends, at most one per stream (a second
-    /// append to a stream waits for a later group, keeping each stream's appends in order).
-    fn take_group(&self) -> Vec<Request> {
+    /// append to a stream waits for a later group, keeping each stream's appends in order). The
+    /// streams count as being written until the returned guard is dropped.
+    fn take_group(self: &Arc<Self>) -> (Vec<Request>, Writing) {
         let mut state = self.state();
         let mut streams = HashSet::new();
         let mut group = Vec::new();
@@ -366,7 +378,35 @@ impl GroupCommitter {
             }
         }
         state.queue = rest;
-        group
+        for request in &group {
+            *state.writing.entry(request.stream.clone()).or_default() += 1;
+        }
+        let writing = Writing {
+            committer: Arc::clone(self),
+            streams: group.iter().map(|r| r.stream.clone()).collect(),
+        };
+        (group, writing)
+    }
+}
+
+/// The streams of a group taken from the queue, counted in [`State::writing`] until its appends
+/// are answered (dropped then, also when the write is cancelled).
+struct Writing {
+    committer: Arc<GroupCommitter>,
+    streams: Vec<StreamId>,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        let mut state = self.committer.state();
+        for stream in &self.streams {
+            if let Some(count) = state.writing.get_mut(stream) {
+                *count -= 1;
+                if *count == 0 {
+                    state.writing.remove(stream);
+                }
+            }
+        }
     }
 }
 
@@ -382,11 +422,18 @@ impl GroupCommitter {
 pub(crate) struct Slot {
     committer: Arc<GroupCommitter>,
     conn: Option<PoolConnection<Postgres>>,
+    /// The stream its holder writes alone (a group of one), counted as being written until the
+    /// slot is dropped.
+    writing: Option<Writing>,
 }
 
 impl Slot {
     fn new(committer: Arc<GroupCommitter>, conn: Option<PoolConnection<Postgres>>) -> Self {
-        Self { committer, conn }
+        Self {
+            committer,
+            conn,
+            writing: None,
+        }
     }
 
     /// The connection the slot kept from its last write, if any. It skipped the pool's health
@@ -409,14 +456,16 @@ impl Slot {
         } else {
             tokio::time::sleep(committer.config.max_wait).await;
         }
-        let mut group = committer.take_group();
+        let (mut group, writing) = committer.take_group();
         if group.len() > 1 {
             write_group(&mut self, &committer.sql, group).await;
+            drop(writing);
             return;
         }
         // Alone: the individual statement is cheaper than the group's. The slot goes with the
         // request, so its write counts as in flight; if its caller is gone, the reply (slot
         // included) drops here and the slot hands over.
+        self.writing = Some(writing);
         if let Some(request) = group.pop() {
             let _ = request.reply.send(Joined::Alone(Some(self)));
         }

@@ -438,6 +438,42 @@ async fn a_group_that_collides_on_one_stream_commits_the_others_together() {
     drop_schema(&store).await;
 }
 
+/// An append to a stream that is being written already goes alone at once (like an append
+/// without group commit) instead of into a later group, whose other members would wait with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_append_to_a_stream_being_written_does_not_hold_up_the_next_group() {
+    let (store, tx, stuck) = a_write_stuck_on_a_lock().await;
+    let x = StreamId::new("account", "x");
+    let second = tokio::spawn({
+        let store = store.clone();
+        let x = x.clone();
+        async move {
+            store
+                .append(&x, ExpectedVersion::Exact(StreamVersion::new(1)), batch(1))
+                .await
+        }
+    });
+    wait_for_lock_waits(&store, 2).await;
+    // Queued behind the stuck write, this goes from the extra slot; had the second append of `x`
+    // been queued with it, the two would have been one group, stuck on `x`'s lock.
+    let y = StreamId::new("account", "y");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        store.append(&y, ExpectedVersion::NoStream, batch(1)),
+    )
+    .await
+    .expect("the append to y waited for the transaction holding x")
+    .unwrap();
+    tx.commit().await.unwrap();
+    for task in [stuck, second] {
+        assert!(matches!(
+            task.await.unwrap(),
+            Err(StoreError::Concurrency(_))
+        ));
+    }
+    drop_schema(&store).await;
+}
+
 /// A runtime shut down while an append waits in the queue behind a write in flight: the write's
 /// task is dropped, its slot hands over by spawning a successor, and the closing runtime drops
 /// that task at once, inside `spawn`. Its slot must not spawn again (that recursed until the
