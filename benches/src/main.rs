@@ -7,6 +7,7 @@
 //! cargo run -p benches --release --features peers -- --only w1,dispatch
 //! cargo run -p benches --release --features peers -- --only sqlite       # not in the default run
 //! cargo run -p benches --release --features peers -- --only readmodels   # needs Redis too
+//! cargo run -p benches --release --features nats -- --only nats          # needs nats-server
 //! ```
 //!
 //! Every figure is measured in the same run as its baseline and printed with the ratio to it. Each
@@ -20,6 +21,8 @@ mod dispatch;
 mod domain;
 mod latency;
 mod memory;
+#[cfg(feature = "nats")]
+mod nats;
 #[cfg(feature = "peers")]
 mod peers;
 mod readmodels;
@@ -49,8 +52,9 @@ const BENCHMARKS: &[&str] = &[
 
 /// Run only when named in `--only`: the default run stays the PostgreSQL set above. `sqlite`:
 /// cqrs-sqlite against raw sqlx on SQLite and sqlite-es (W1, batch append, catch-up, memory);
-/// `readmodels`: catch-up of read models in Redis and in another PostgreSQL database.
-const OPT_IN: &[&str] = &["sqlite", "readmodels"];
+/// `readmodels`: catch-up of read models in Redis and in another PostgreSQL database; `nats`:
+/// the cqrs-nats relay and consumer against raw async-nats (built with `--features nats`).
+const OPT_IN: &[&str] = &["sqlite", "readmodels", "nats"];
 
 fn usage() -> ! {
     eprintln!(
@@ -138,6 +142,10 @@ fn main() {
                 "memory" => memory::run(&config).await,
                 "sqlite" => sqlite::run(&config).await,
                 "readmodels" => readmodels::run(&config).await,
+                #[cfg(feature = "nats")]
+                "nats" => nats::run(&config).await,
+                #[cfg(not(feature = "nats"))]
+                "nats" => Err("`--only nats` needs a build with `--features nats`".into()),
                 _ => unreachable!("checked above"),
             };
             match result {

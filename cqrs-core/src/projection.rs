@@ -95,6 +95,19 @@ pub enum ProjectionError {
         #[source]
         source: HandlerError,
     },
+    /// A system the projection delivers to outside its backend's transaction (a message broker,
+    /// a remote service) failed or could not be reached, in a handler or a flush. Not the
+    /// events' fault: the batch is not committed, the runner retries it with backoff and never
+    /// offers it as a poison event to skip (skipping would drop the events for whoever the
+    /// system serves), and its status shows [`FailureCause::Unavailable`](crate::subscription::FailureCause::Unavailable).
+    #[error("projection `{projection}` cannot reach a system it delivers to")]
+    Unavailable {
+        /// The projection.
+        projection: &'static str,
+        /// The system's error.
+        #[source]
+        source: HandlerError,
+    },
     /// A handler (or the upcaster decoding its event) panicked. The batch is abandoned like after
     /// a handler error; the runner stays alive and reports the failure at the event's position.
     #[error(
@@ -120,7 +133,7 @@ impl ProjectionError {
             ProjectionError::Decode { position, .. }
             | ProjectionError::Handler { position, .. }
             | ProjectionError::Panicked { position, .. } => Some(*position),
-            ProjectionError::Flush { .. } => None,
+            ProjectionError::Flush { .. } | ProjectionError::Unavailable { .. } => None,
         }
     }
 }

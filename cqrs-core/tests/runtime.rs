@@ -1040,3 +1040,100 @@ async fn catch_all_and_category_projections_get_exactly_their_events() {
         .unwrap();
     assert_eq!((other.added, other.rest), (12, 8));
 }
+
+/// Delivers each batch to a system outside the backend (here a list) from its flush; while the
+/// system is down, the flush fails with `ProjectionError::Unavailable`.
+struct Outbox {
+    down: Arc<std::sync::atomic::AtomicBool>,
+    pending: Vec<Position>,
+    delivered: Arc<std::sync::Mutex<Vec<Position>>>,
+}
+
+impl Projection for Outbox {
+    const NAME: &'static str = "outbox";
+    const EVENT_TYPES: &'static [&'static str] = &[];
+    const SUBSCRIPTION: cqrs_core::Subscription = cqrs_core::Subscription::ALL;
+    type Context = ();
+
+    async fn handle(&mut self, event: &RecordedEvent, _: &mut ()) -> Result<(), ProjectionError> {
+        self.pending.push(event.position);
+        Ok(())
+    }
+
+    async fn flush(&mut self, _: &mut ()) -> Result<(), ProjectionError> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ProjectionError::Unavailable {
+                projection: Self::NAME,
+                source: "the broker is down".into(),
+            });
+        }
+        let delivered = std::mem::take(&mut self.pending);
+        self.delivered.lock().unwrap().extend(delivered);
+        Ok(())
+    }
+
+    fn discard(&mut self) {
+        self.pending.clear();
+    }
+}
+
+/// A system the projection delivers to is down: the status names it (`Unavailable`, no position,
+/// not skippable, nothing checkpointed), and once it is back the runner delivers everything by
+/// itself, once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unavailable_system_is_retried_never_skippable() {
+    let store = InMemoryStore::new();
+    let repo = Repository::<Counter>::new(store.clone());
+    for i in 1..=5 {
+        repo.execute("c", &Add(i)).await.unwrap();
+    }
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let delivered = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let outbox = Outbox {
+        down: Arc::clone(&down),
+        pending: Vec::new(),
+        delivered: Arc::clone(&delivered),
+    };
+    let handle = ProjectionRunner::new(outbox, InProcess::new(store.clone()))
+        .with_config(fast())
+        .spawn();
+    let mut status = handle.watch_status();
+    let failed = tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.last_error.is_some()),
+    )
+    .await
+    .expect("the failure is reported")
+    .unwrap()
+    .clone();
+    let failure = failed.last_error.unwrap();
+    assert_eq!(
+        failure.cause,
+        cqrs_core::subscription::FailureCause::Unavailable,
+        "{failure:?}"
+    );
+    assert_eq!(failure.position, None);
+    assert!(!failure.skippable());
+    assert!(
+        failure.message.contains("the broker is down"),
+        "{failure:?}"
+    );
+    assert_eq!(failed.checkpoint, None);
+    assert!(delivered.lock().unwrap().is_empty());
+
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let head = store.committed_head().await.unwrap().unwrap();
+    handle
+        .wait_for(head, Duration::from_secs(10))
+        .await
+        .expect("delivered once the system is back");
+    let all: Vec<Position> = store
+        .read_all(Position::START, cqrs_core::EventTypes::All, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(*delivered.lock().unwrap(), all);
+    handle.stop().await;
+}

@@ -450,9 +450,11 @@ where
                         .last_error
                         .as_ref()
                         .map_or_else(String::new, |e| e.message.clone());
+                    // From the headers: a message whose payload cannot be read still names
+                    // its event.
                     let event = held
                         .front()
-                        .and_then(|h| h.event.as_ref().ok().map(|e| e.event_id));
+                        .and_then(|h| headers::event_id(h.message.headers.as_ref()));
                     let expected = checkpoint.map(|s| Position::new(0, s));
                     let to = Position::new(0, sequence);
                     let recorded = async {

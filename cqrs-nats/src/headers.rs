@@ -144,6 +144,13 @@ fn optional_uuid(headers: &HeaderMap, name: &'static str) -> Result<Option<Uuid>
     }
 }
 
+/// The event id in `headers`, if it is there and well-formed: also for a message that cannot be
+/// read as a whole (its skip is then recorded with the id).
+pub(crate) fn event_id(headers: Option<&HeaderMap>) -> Option<EventId> {
+    let id: Uuid = parsed(headers?, EVENT_ID).ok()?;
+    Some(EventId::from_uuid(id))
+}
+
 /// The event a consumer hands its projection: the public message type and payload, the origin's
 /// stream, version and ids, and `position` = the JetStream stream `sequence` (the consumer's
 /// checkpoint; the origin's position is in `metadata.custom[ORIGIN_POSITION]`).

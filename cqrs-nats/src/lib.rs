@@ -21,14 +21,21 @@
 //! - **Contract, not payload**: an [`IntegrationMap`] turns an event into its public
 //!   [`IntegrationMessage`] or into nothing (the relay's filter); [`PublishStored`] publishes the
 //!   stored payload as is.
-//! - **Checkpoint after the acks**: a batch's messages are published in log order in the
-//!   projection's flush, each acknowledged before the next is sent, and only then does the backend
-//!   commit the checkpoint. A publish failure (broker down, ack timeout) fails the flush: the
-//!   checkpoint stays, the runner logs the typed [`RelayError`] in its status (not skippable) and
-//!   retries the batch with backoff, so the relay resumes by itself when the broker is back.
-//! - **Per-stream order**: a message is sent only once its predecessor is acknowledged, so a
-//!   message lost on a dropped connection fails the batch before anything after it is stored; the
-//!   batch is retried from its start, and its stored messages come back as duplicates.
+//! - **Checkpoint after the acks**: a batch's messages are published in the projection's flush,
+//!   and only once every one of them is acknowledged does the backend commit the checkpoint. A
+//!   message whose publish fails (no broker, an ack timeout, a rejection) is republished with the
+//!   same `Nats-Msg-Id` up to [`RelayConfig::publish_attempts`] times; then the flush fails: the
+//!   checkpoint stays, the runner reports the typed [`RelayError`] as
+//!   [`FailureCause::Unavailable`](cqrs_core::subscription::FailureCause::Unavailable) (retried
+//!   with backoff, never skippable: skipping would drop the event for every other service), and
+//!   retries the batch, so the relay resumes by itself when the broker is back.
+//! - **Per-stream order**: a message is sent only once the previous message of its source stream
+//!   is acknowledged, i.e. stored (a duplicate's acknowledgement too), so nothing of a stream is
+//!   ever stored before its predecessor, whatever fails; a failed message is republished before
+//!   its stream's next one is sent. Messages of different streams are in flight together (one
+//!   per stream at a time) and may be stored in any order between streams: the JetStream stream
+//!   keeps each origin stream's order, not the log's global order. A batch of many streams is
+//!   thus published at the pace of the broker; a batch of one stream one round trip per message.
 //! - **Crash between publish and checkpoint**: the batch is published again after a restart.
 //!   JetStream checks `Nats-Msg-Id` against its duplicate window (the stream's
 //!   `duplicate_window`, 2 minutes by default) before anything else and drops the repeat. Beyond

@@ -1,14 +1,18 @@
 //! The outbox relay: a projection over the event log whose "read model" is a JetStream stream.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::marker::PhantomData;
 
+use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::Context;
 use cqrs_core::{
-    Event, EventId, HandlerError, Position, Projection, ProjectionError, RecordedEvent,
+    Event, EventId, HandlerError, Position, Projection, ProjectionError, RecordedEvent, StreamId,
     Subscription,
 };
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
 
 use crate::headers;
 
@@ -85,19 +89,30 @@ impl IntegrationMap for PublishStored {
     }
 }
 
-/// Where the relay publishes.
+/// Where and how the relay publishes.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
     /// The first subject token(s) of derived subjects.
     pub subject_prefix: String,
+    publish_attempts: u32,
 }
 
 impl RelayConfig {
-    /// Derived subjects start with `prefix` (e.g. `"orders.events"`).
+    /// Derived subjects start with `prefix` (e.g. `"orders.events"`); each message is published
+    /// up to 3 times within a batch before the batch fails.
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             subject_prefix: prefix.into(),
+            publish_attempts: 3,
         }
+    }
+
+    /// How many times one message is published (the first time and its republishes after a
+    /// failed or timed-out acknowledgement) before its batch fails and the runner retries the
+    /// batch with backoff; at least 1.
+    pub fn publish_attempts(mut self, attempts: u32) -> Self {
+        self.publish_attempts = attempts.max(1);
+        self
     }
 
     /// `<prefix>.<stream type>.<message type>`, both percent-encoded into one token each.
@@ -113,6 +128,8 @@ impl RelayConfig {
 
 /// Why the relay could not publish a batch: nothing of it is checkpointed, the runner retries
 /// it with backoff (never offered as a skippable event: the broker is not the event's fault).
+/// It reaches the runner as [`ProjectionError::Unavailable`], so its status shows
+/// [`FailureCause::Unavailable`](cqrs_core::subscription::FailureCause::Unavailable).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RelayError {
@@ -127,15 +144,33 @@ pub enum RelayError {
         subject: String,
         /// The client's error (kind: timed out, no stream, wrong last message id, ...).
         #[source]
-        source: async_nats::jetstream::context::PublishError,
+        source: PublishError,
     },
 }
 
 struct Outgoing {
     event_id: EventId,
     position: Position,
+    /// The source stream: its messages are published one at a time, in log order.
+    stream: StreamId,
     subject: String,
     message: Publish,
+}
+
+/// Publishes `message` and awaits its acknowledgement; answers with its lane and attempt.
+fn send(
+    jetstream: &Context,
+    lane: usize,
+    attempt: u32,
+    message: &Outgoing,
+) -> impl Future<Output = (usize, u32, Result<(), PublishError>)> + Send + 'static {
+    let jetstream = jetstream.clone();
+    let subject = message.subject.clone();
+    let publish = message.message.clone();
+    async move {
+        let acked = async { jetstream.send_publish(subject, publish).await?.await };
+        (lane, attempt, acked.await.map(drop))
+    }
 }
 
 /// The relay: run it with a [`ProjectionRunner`](cqrs_core::subscription::ProjectionRunner) on
@@ -144,10 +179,11 @@ struct Outgoing {
 /// active, and its failures, skips and status are the runner's.
 ///
 /// A batch is mapped event by event (handlers), then published in [`Projection::flush`], before
-/// the backend commits the checkpoint: every message is sent (pipelined, in log order, on one
-/// connection), then every acknowledgement awaited; any failure fails the flush, so the
-/// checkpoint moves only past acknowledged messages. See the crate docs for the order and the
-/// duplicate window.
+/// the backend commits the checkpoint: the messages of different source streams are in flight
+/// together, those of one source stream one at a time in log order; a message whose publish
+/// fails is republished (same `Nats-Msg-Id`) before its stream's next message is sent, up to
+/// [`RelayConfig::publish_attempts`] times, after which the flush fails, so the checkpoint moves
+/// only past acknowledged messages. See the crate docs for the order and the duplicate window.
 pub struct Relay<M, C = ()> {
     jetstream: Context,
     map: M,
@@ -177,27 +213,68 @@ impl<M: IntegrationMap, C> Relay<M, C> {
         }
     }
 
+    /// Publishes the batch. The rule, which keeps each source stream's order in the JetStream
+    /// stream whatever fails: a message is sent only once its stream's previous message is
+    /// acknowledged. An acknowledgement (also a duplicate's) means JetStream has stored that
+    /// message, so nothing can be stored before its predecessor: a message lost with a dropped
+    /// connection, or rejected, is republished before anything after it in its stream is sent,
+    /// and a copy of it still travelling from an earlier attempt is dropped as a duplicate
+    /// within the window. Messages of different streams have no order between them, so they
+    /// are in flight together (one per stream), which is what makes a batch fast. After the
+    /// last attempt fails, nothing more is sent, the messages in flight are awaited, and the
+    /// batch fails: its checkpoint stays, and the retried batch republishes it from its start
+    /// under the same rule (what was stored comes back as duplicates).
     async fn publish(&mut self) -> Result<(), RelayError> {
         let outgoing = std::mem::take(&mut self.pending);
-        let failed = |o: &Outgoing, source| RelayError::Publish {
-            event_id: o.event_id,
-            position: o.position,
-            subject: o.subject.clone(),
-            source,
-        };
-        // One message at a time, each acknowledged before the next is sent: a message lost on a
-        // dropped connection fails the batch before anything after it is stored, so the
-        // stream keeps the log's order without an ordering header.
-        for mut o in outgoing {
-            let message = std::mem::replace(&mut o.message, Publish::build());
-            let ack = self
-                .jetstream
-                .send_publish(o.subject.clone(), message)
-                .await
-                .map_err(|e| failed(&o, e))?;
-            ack.await.map_err(|e| failed(&o, e))?;
+        let mut lanes: Vec<VecDeque<Outgoing>> = Vec::new();
+        let mut lane_of: HashMap<StreamId, usize> = HashMap::new();
+        for message in outgoing {
+            let lane = *lane_of.entry(message.stream.clone()).or_insert_with(|| {
+                lanes.push(VecDeque::new());
+                lanes.len() - 1
+            });
+            lanes[lane].push_back(message);
         }
-        Ok(())
+        let mut in_flight = FuturesUnordered::new();
+        for (lane, queue) in lanes.iter().enumerate() {
+            if let Some(first) = queue.front() {
+                in_flight.push(send(&self.jetstream, lane, 1, first));
+            }
+        }
+        let mut failure: Option<RelayError> = None;
+        while let Some((lane, attempt, acked)) = in_flight.next().await {
+            match acked {
+                Ok(()) => {
+                    lanes[lane].pop_front();
+                    if failure.is_none() {
+                        if let Some(next) = lanes[lane].front() {
+                            in_flight.push(send(&self.jetstream, lane, 1, next));
+                        }
+                    }
+                }
+                Err(source) => {
+                    let Some(message) = lanes[lane].front() else {
+                        continue;
+                    };
+                    if failure.is_some() {
+                        continue;
+                    }
+                    if attempt < self.config.publish_attempts {
+                        tracing::debug!(event_id = %message.event_id, attempt, error = %source,
+                            "publish failed; republishing");
+                        in_flight.push(send(&self.jetstream, lane, attempt + 1, message));
+                    } else {
+                        failure = Some(RelayError::Publish {
+                            event_id: message.event_id,
+                            position: message.position,
+                            subject: message.subject.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        failure.map_or(Ok(()), Err)
     }
 }
 
@@ -240,6 +317,7 @@ impl<M: IntegrationMap, C: Send + 'static> Projection for Relay<M, C> {
             self.pending.push(Outgoing {
                 event_id: event.event_id,
                 position: event.position,
+                stream: event.stream.clone(),
                 subject,
                 message: Publish::build()
                     .headers(headers)
@@ -252,10 +330,13 @@ impl<M: IntegrationMap, C: Send + 'static> Projection for Relay<M, C> {
     }
 
     async fn flush(&mut self, _: &mut C) -> Result<(), ProjectionError> {
-        self.publish().await.map_err(|e| ProjectionError::Flush {
-            projection: Self::NAME,
-            source: e.into(),
-        })
+        // The broker's failure, not the events': retried, never skippable.
+        self.publish()
+            .await
+            .map_err(|e| ProjectionError::Unavailable {
+                projection: Self::NAME,
+                source: e.into(),
+            })
     }
 
     fn discard(&mut self) {

@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::backend::{BatchError, Lease, ProjectionBackend, SkipTarget};
 use crate::event::RecordedEvent;
-use crate::projection::{Projection, Subscription};
+use crate::projection::{Projection, ProjectionError, Subscription};
 use crate::store::{EventStore, EventTypes, StoreError};
 use crate::stream::Position;
 
@@ -692,7 +692,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 if committed > 0 {
                     live.checkpoint = Some(events[committed - 1].position);
                 }
-                if index > committed {
+                // An unavailable system fails the prefix as well: back off instead.
+                let retry_prefix = !matches!(error, ProjectionError::Unavailable { .. });
+                if index > committed && retry_prefix {
                     let prefix = &events[committed..index];
                     let to = prefix[prefix.len() - 1].position;
                     let (prefix_committed, _) = self

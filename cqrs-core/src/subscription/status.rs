@@ -43,6 +43,10 @@ pub enum FailureCause {
     /// The storage failed (a lost connection, a timeout, a conflict): not the event's fault, so
     /// it is retried with backoff and never offered as a poison event.
     Store,
+    /// A system the projection delivers to outside its backend (a message broker, a remote
+    /// service) failed or is unreachable ([`ProjectionError::Unavailable`]): not the events'
+    /// fault, so it is retried with backoff and never offered as a poison event.
+    Unavailable,
 }
 
 /// Why a projection is failing, as shown in [`ProjectionStatus::last_error`].
@@ -62,9 +66,11 @@ pub struct ProjectionFailure {
 
 impl ProjectionFailure {
     /// Whether [`ProjectionHandle::skip`](crate::subscription::ProjectionHandle::skip) can move past it: a failure of one event (its handler,
-    /// its decoding, a panic on it, its unreadable row), never a storage failure.
+    /// its decoding, a panic on it, its unreadable row), never a storage failure or an
+    /// unavailable system.
     pub fn skippable(&self) -> bool {
-        self.position.is_some() && self.cause != FailureCause::Store
+        self.position.is_some()
+            && !matches!(self.cause, FailureCause::Store | FailureCause::Unavailable)
     }
 
     pub(crate) fn of_projection(error: &ProjectionError) -> Self {
@@ -76,6 +82,7 @@ impl ProjectionFailure {
             ProjectionError::Panicked { event_type, .. } => {
                 (FailureCause::Panic, Some(event_type.clone()))
             }
+            ProjectionError::Unavailable { .. } => (FailureCause::Unavailable, None),
             // A flush belongs to the whole batch, not to one event.
             _ => (FailureCause::Handler, None),
         };

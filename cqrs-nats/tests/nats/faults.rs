@@ -6,15 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use cqrs_core::subscription::{ProjectionHandle, ProjectionRunner, ProjectionState};
+use cqrs_core::subscription::{FailureCause, ProjectionHandle, ProjectionRunner, ProjectionState};
 use cqrs_core::EventStore;
 use cqrs_nats::{ensure_stream, ConsumerHandle, ConsumerState, PublishStored, Relay, RelayConfig};
 use cqrs_postgres::PostgresProjections;
 
 use super::broker::Broker;
 use super::{
-    append, consumer, consumer_schema, drop_schema, fast, received, store_with_search_path, unique,
-    PgRelay,
+    append, appended, applied_in_order, consumer, consumer_schema, drop_schema, fast, received,
+    store_with_search_path, stored_in_order, unique, PgRelay,
 };
 
 /// A client that reconnects quickly and, without a broker at start, keeps trying instead of
@@ -54,6 +54,7 @@ async fn relay_reports_publish_failure(relay: &ProjectionHandle<PgRelay>) {
         "a broker failure is no poison event: {error:?}"
     );
     assert_eq!(error.position, None, "{error:?}");
+    assert_eq!(error.cause, FailureCause::Unavailable, "{error:?}");
     assert!(
         error.message.contains("publishing event"),
         "the relay's typed error: {}",
@@ -141,6 +142,16 @@ async fn broker_restart_is_survived_by_relay_and_consumer() {
         received(&store).await,
         (200, 200),
         "every event applied once"
+    );
+    assert_eq!(
+        stored_in_order(&js, &name).await,
+        appended(200),
+        "each origin stream stored in order, nothing lost or repeated"
+    );
+    assert_eq!(
+        applied_in_order(&store).await,
+        appended(200),
+        "each origin stream applied in order"
     );
     assert_eq!(consuming.status().state, ConsumerState::Running);
 
@@ -315,8 +326,8 @@ async fn undecodable_message_is_skipped_on_request() {
     let skipped: Vec<_> = skipped.into_iter().map(|(s, id, _)| (s, id)).collect();
     assert_eq!(
         skipped,
-        vec![(stranger, None), (garbled, None)],
-        "both skips recorded"
+        vec![(stranger, None), (garbled, Some(events[2].event_id))],
+        "both skips recorded, the second with the event id its headers carry"
     );
 
     consuming.stop().await;

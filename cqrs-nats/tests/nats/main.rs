@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use cqrs_core::prelude::*;
-use cqrs_core::subscription::{ProjectionRunner, RunnerConfig};
+use cqrs_core::subscription::{FailureCause, ProjectionRunner, RunnerConfig};
 use cqrs_core::{EventStore, NewEvent, Projection};
 use cqrs_nats::{
     ensure_stream, Consumer, ConsumerConfig, ConsumerState, PublishStored, Relay, RelayConfig,
@@ -96,8 +96,10 @@ impl Received {
         db: &mut PgConnection,
     ) -> Result<(), sqlx::Error> {
         let _: Pinged = event.decode().map_err(|e| sqlx::Error::Decode(e.into()))?;
-        sqlx::query("INSERT INTO received (event_id) VALUES ($1)")
+        sqlx::query("INSERT INTO received (event_id, stream_id, version) VALUES ($1, $2, $3)")
             .bind(*event.event_id.as_uuid())
+            .bind(event.stream.id())
+            .bind(i64::try_from(event.stream_version.get()).unwrap())
             .execute(db)
             .await?;
         Ok(())
@@ -109,6 +111,47 @@ async fn received(store: &PostgresStore) -> (i64, i64) {
         .fetch_one(store.pool())
         .await
         .unwrap()
+}
+
+/// Each origin stream's versions in the order the consumer applied them: `1..=n` for every
+/// stream when nothing was lost, repeated or reordered.
+async fn applied_in_order(store: &PostgresStore) -> std::collections::BTreeMap<String, Vec<i64>> {
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT stream_id, version FROM received ORDER BY applied")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    let mut streams = std::collections::BTreeMap::<String, Vec<i64>>::new();
+    for (stream, version) in rows {
+        streams.entry(stream).or_default().push(version);
+    }
+    streams
+}
+
+/// Each origin stream's versions in the order the JetStream stream `name` stores them.
+async fn stored_in_order(
+    js: &jetstream::Context,
+    name: &str,
+) -> std::collections::BTreeMap<String, Vec<i64>> {
+    let mut stream = js.get_stream(name).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut streams = std::collections::BTreeMap::<String, Vec<i64>>::new();
+    for sequence in 1..=last {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let header = |name: &str| message.headers.get(name).unwrap().as_str().to_owned();
+        streams
+            .entry(header(cqrs_nats::headers::STREAM_ID))
+            .or_default()
+            .push(header(cqrs_nats::headers::STREAM_VERSION).parse().unwrap());
+    }
+    streams
+}
+
+/// The events `append(store, 0, n)` wrote, per stream: versions `1..=n / 5` of `p0`..`p4`.
+fn appended(n: i64) -> std::collections::BTreeMap<String, Vec<i64>> {
+    (0..5)
+        .map(|p| (format!("p{p}"), (1..=n / 5).collect()))
+        .collect()
 }
 
 fn consumer(
@@ -130,7 +173,12 @@ fn consumer(
 
 async fn consumer_schema(store: &PostgresStore) -> Arc<PostgresProjections> {
     let statement = format!(
-        "CREATE TABLE \"{}\".received (event_id uuid NOT NULL)",
+        "CREATE TABLE \"{}\".received (
+             applied bigserial PRIMARY KEY,
+             event_id uuid NOT NULL,
+             stream_id text NOT NULL,
+             version bigint NOT NULL
+         )",
         store.schema()
     );
     sqlx::query(sqlx::AssertSqlSafe(statement))
@@ -217,6 +265,7 @@ async fn relay_killed_mid_batch_loses_and_duplicates_nothing() {
     let mut stream = js.get_stream(&name).await.unwrap();
     let info = stream.info().await.unwrap();
     assert_eq!(info.state.messages, 300, "no event stored twice");
+    assert_eq!(stored_in_order(&js, &name).await, appended(300));
 
     let projections = consumer_schema(&store).await;
     let handle = consumer(&client, &projections, &name).spawn();
@@ -245,9 +294,108 @@ async fn relay_killed_mid_batch_loses_and_duplicates_nothing() {
         .await
         .expect("the copy is consumed");
     assert_eq!(received(&store).await, (300, 300), "the copy is dropped");
+    assert_eq!(applied_in_order(&store).await, appended(300));
     assert_eq!(handle.status().state, ConsumerState::Running);
 
     handle.stop().await;
+    running.stop().await;
+    js.delete_stream(&name).await.unwrap();
+    drop_schema(&store).await;
+}
+
+/// A publish that fails in the middle of a batch (one event's subject belongs to no JetStream
+/// stream, so JetStream rejects it until the stream takes that subject): while it fails, nothing
+/// after it in its origin stream is stored (other streams may run ahead), the checkpoint stays
+/// before the batch, and the status names the broker as the cause (not skippable). Once the
+/// subject is taken, the relay resumes by itself, and each origin stream is stored and applied
+/// in order, every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_publish_mid_batch_keeps_each_streams_order() {
+    let store = store_with_search_path().await;
+    let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
+    let js = jetstream::new(client.clone());
+    let (name, prefix) = (format!("T{}", unique()), format!("t{}", unique()));
+    let mut config = jetstream::stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("{prefix}.pinger.>")],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    js.create_stream(config.clone()).await.unwrap();
+    append(&store, 0, 100).await;
+    let backend = Arc::new(PostgresProjections::new(store.clone()));
+
+    // Event 37 (stream p2, version 8) goes to a subject outside the JetStream stream.
+    let held = format!("{prefix}.held");
+    let map = {
+        let held = held.clone();
+        move |event: &RecordedEvent| {
+            let pinged: Pinged = event.decode()?;
+            let message = cqrs_nats::IntegrationMessage::stored(event);
+            Ok(Some(if pinged.n == 37 {
+                message.on_subject(held.clone())
+            } else {
+                message
+            }))
+        }
+    };
+    let jetstream = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(client.clone());
+    let running = ProjectionRunner::shared(
+        Relay::<_, PgConnection>::new(jetstream, map, RelayConfig::new(&prefix)),
+        Arc::clone(&backend),
+    )
+    .with_config(fast())
+    .spawn();
+    let mut status = running.watch_status();
+    let failed = tokio::time::timeout(
+        Duration::from_secs(20),
+        status.wait_for(|s| s.last_error.is_some()),
+    )
+    .await
+    .expect("the relay reports the rejected publish")
+    .unwrap()
+    .clone();
+    let error = failed.last_error.unwrap();
+    assert_eq!(error.cause, FailureCause::Unavailable, "{error:?}");
+    assert!(!error.skippable(), "{error:?}");
+    assert_eq!(failed.checkpoint, None, "the first batch holds event 37");
+
+    let stored = stored_in_order(&js, &name).await;
+    let p2 = stored.get("p2").cloned().unwrap_or_default();
+    assert!(
+        p2.iter().all(|&version| version < 8),
+        "nothing after the failed message of its stream is stored: {p2:?}"
+    );
+    for (stream, versions) in &stored {
+        assert!(
+            versions.windows(2).all(|w| w[0] + 1 == w[1]) && versions.first() == Some(&1),
+            "each stream's stored prefix is in order: {stream} {versions:?}"
+        );
+    }
+
+    config.subjects.push(held);
+    js.update_stream(&config).await.unwrap();
+    let head = store.committed_head().await.unwrap().unwrap();
+    running
+        .wait_for(head, Duration::from_secs(20))
+        .await
+        .expect("the relay resumes by itself");
+    assert_eq!(stored_in_order(&js, &name).await, appended(100));
+
+    let projections = consumer_schema(&store).await;
+    let consuming = consumer(&client, &projections, &name).spawn();
+    let mut stream = js.get_stream(&name).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    consuming
+        .wait_for(last, Duration::from_secs(20))
+        .await
+        .expect("the consumer reaches the end");
+    assert_eq!(received(&store).await, (100, 100));
+    assert_eq!(applied_in_order(&store).await, appended(100));
+
+    consuming.stop().await;
     running.stop().await;
     js.delete_stream(&name).await.unwrap();
     drop_schema(&store).await;
