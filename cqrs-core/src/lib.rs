@@ -145,6 +145,7 @@
 //! - `conformance`: the test suite every storage backend runs (`cqrs_core::conformance`).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod aggregate;
 pub mod backend;
 pub mod bus;

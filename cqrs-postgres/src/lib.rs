@@ -169,6 +169,7 @@
 //! return cannot.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod append;
 mod checkpoints;
 mod error;
