@@ -222,6 +222,15 @@ impl SqlBalances {
         Ok(())
     }
 
+    /// Empties the table (creating it if needed), before a rebuild.
+    pub async fn clear(store: &cqrs_sqlite::SqliteStore) -> Result<(), sqlx::Error> {
+        Self::create(store).await?;
+        sqlx::query("DELETE FROM bank_balances")
+            .execute(store.pool())
+            .await?;
+        Ok(())
+    }
+
     /// An account's balance as the table shows it.
     pub async fn balance(
         store: &cqrs_sqlite::SqliteStore,

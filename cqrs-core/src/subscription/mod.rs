@@ -88,6 +88,21 @@ impl LogReader {
     }
 }
 
+/// Takes the lease of `name`, or fails with [`RunError::LeaseHeld`]. A free function of the backend
+/// and the name, not a method: a future borrowing the runner would be `Send` only for `Sync`
+/// projections.
+async fn take_lease<P: Projection, B: ProjectionBackend<P>>(
+    backend: &B,
+    name: &str,
+) -> Result<Box<dyn Lease>, RunError> {
+    backend
+        .acquire_lease(name)
+        .await?
+        .ok_or_else(|| RunError::LeaseHeld {
+            name: name.to_owned(),
+        })
+}
+
 /// Events read after a cursor.
 struct Page {
     events: Vec<RecordedEvent>,
@@ -318,7 +333,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     /// waited for (boundedly), then it fails with [`StoreError::NotYetReadable`] naming the
     /// holder rather than return a read model with events missing.
     pub async fn catch_up(mut self, progress: impl FnMut(Progress) + Send) -> Result<P, RunError> {
-        let lease = self.take_lease().await?;
+        let lease = take_lease(&*self.backend, &self.name).await?;
         self.catch_up_leased(progress).await?;
         drop(lease);
         Ok(self.projection)
@@ -343,22 +358,13 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         F: FnOnce() -> Fut + Send,
         Fut: Future<Output = Result<(), StoreError>> + Send,
     {
-        let lease = self.take_lease().await?;
+        let lease = take_lease(&*self.backend, &self.name).await?;
         self.projection = fresh;
         reset().await?;
         self.backend.reset_checkpoint(&self.name).await?;
         self.catch_up_leased(progress).await?;
         drop(lease);
         Ok(self.projection)
-    }
-
-    async fn take_lease(&self) -> Result<Box<dyn Lease>, RunError> {
-        self.backend
-            .acquire_lease(&self.name)
-            .await?
-            .ok_or_else(|| RunError::LeaseHeld {
-                name: self.name.clone(),
-            })
     }
 
     /// The catch-up itself, with the lease held by the caller.
