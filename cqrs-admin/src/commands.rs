@@ -378,6 +378,9 @@ async fn follow(
     } else {
         store.head().await?.unwrap_or(Position::START)
     };
+    // On stderr, so that `--json` output stays one event per line; a script may wait for it
+    // before appending.
+    eprintln!("following the log after position {after} (Ctrl-C stops)");
     let mut shown = 0u64;
     let interrupt = tokio::signal::ctrl_c();
     tokio::pin!(interrupt);

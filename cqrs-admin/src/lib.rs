@@ -8,12 +8,17 @@
 //! ```no_run
 //! use cqrs_admin::{Admin, Connection, ProjectionSetup};
 //! # use cqrs_core::prelude::*;
-//! # #[event(name = "Opened")] #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)] pub struct Opened;
+//! # #[event(name = "Opened")] #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)] pub struct Opened;
 //! # #[derive(Debug, Default, serde::Serialize, serde::Deserialize, Aggregate)]
 //! # #[aggregate(name = "account", events(Opened))] pub struct Account;
 //! # impl Apply<Opened> for Account { fn apply(&mut self, _: &Opened) {} }
 //! # #[derive(Default)] pub struct Accounts;
-//! # #[projection(name = "accounts")] impl Accounts { fn on(&mut self, _: &Opened) {} }
+//! # #[projection(name = "accounts")]
+//! # impl Accounts {
+//! #     async fn on(&mut self, _: &Opened, db: &mut sqlx::SqliteConnection) -> Result<(), sqlx::Error> {
+//! #         sqlx::query("INSERT INTO accounts DEFAULT VALUES").execute(db).await.map(drop)
+//! #     }
+//! # }
 //!
 //! fn main() -> std::process::ExitCode {
 //!     Admin::new()

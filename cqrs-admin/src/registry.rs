@@ -127,7 +127,7 @@ impl<P: Projection, B: ProjectionBackend<P>> Ops for Typed<P, B> {
             let runner =
                 ProjectionRunner::shared((self.fresh)(), Arc::clone(&self.backend)).named(name);
             runner
-                .rebuild((self.fresh)(), || self.clear(), |p| progress(p))
+                .rebuild((self.fresh)(), || self.clear(), &mut *progress)
                 .await?;
             Ok(())
         })
@@ -191,10 +191,13 @@ impl<P: Projection, B: ProjectionBackend<P>> Ops for Typed<P, B> {
     }
 }
 
+/// How to run a projection on a connection, if it runs there.
+pub(crate) type Setup = Box<dyn Fn(&Connection) -> Option<Box<dyn Ops>> + Send + Sync>;
+
 /// A registered projection: its name and, per connection, how to run it.
 pub(crate) struct RegisteredProjection {
     pub(crate) name: &'static str,
-    pub(crate) setup: Box<dyn Fn(&Connection) -> Option<Box<dyn Ops>> + Send + Sync>,
+    pub(crate) setup: Setup,
 }
 
 impl RegisteredProjection {

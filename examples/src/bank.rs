@@ -305,6 +305,32 @@ impl SqlBalances {
     }
 }
 
+/// The `cqrs-admin` command line with the bank registered: [`Account`] (for `show --state`) and,
+/// on an SQLite file, [`SqlBalances`] with its table cleared before a rebuild. The `bank-admin`
+/// binary runs it.
+pub fn admin() -> cqrs_admin::Admin {
+    use cqrs_admin::{Admin, Connection, ProjectionSetup};
+    Admin::new()
+        .aggregate::<Account>()
+        .projection(|connection| match connection {
+            Connection::Sqlite(store) => {
+                let projections = cqrs_sqlite::SqliteProjections::new(store.clone());
+                let store = store.clone();
+                let setup =
+                    ProjectionSetup::new(projections, || SqlBalances).with_reset(move || {
+                        let store = store.clone();
+                        async move {
+                            SqlBalances::clear(&store)
+                                .await
+                                .map_err(|e| cqrs_core::StoreError::Backend(Box::new(e)))
+                        }
+                    });
+                Some(setup)
+            }
+            _ => None,
+        })
+}
+
 /// Where the bank demo keeps its balances read model.
 #[derive(Debug, Clone)]
 pub enum ReadModel {

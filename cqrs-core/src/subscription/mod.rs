@@ -411,12 +411,40 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             let (committed, read) = self
                 .commit_reading_ahead(checkpoint, &events, to, read_next)
                 .await;
-            committed
-                .map_err(|message| RunError::Panicked {
-                    name: self.name.clone(),
-                    message,
-                })?
-                .map_err(RunError::from)?;
+            let committed = committed.map_err(|message| RunError::Panicked {
+                name: self.name.clone(),
+                message,
+            })?;
+            if let Err(BatchError::Projection {
+                index,
+                committed: kept,
+                ..
+            }) = &committed
+            {
+                // Commit the good prefix, as the live loop does, so the projection stops right
+                // before the bad event, where it can be skipped.
+                let (index, kept) = (*index, *kept);
+                if index > kept {
+                    let prefix = &events[kept..index];
+                    let from = match kept {
+                        0 => checkpoint,
+                        _ => Some(events[kept - 1].position),
+                    };
+                    let to = prefix[prefix.len() - 1].position;
+                    let (prefix_committed, _) = self
+                        .commit_reading_ahead(from, prefix, to, None::<std::future::Ready<()>>)
+                        .await;
+                    if matches!(prefix_committed, Ok(Ok(()))) {
+                        let done = done + index as u64;
+                        progress(Progress {
+                            done,
+                            total,
+                            rate: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                        });
+                    }
+                }
+            }
+            committed.map_err(RunError::from)?;
             next = read.transpose()?;
             checkpoint = Some(to);
             done += events.len() as u64;
