@@ -155,6 +155,7 @@ pub mod command;
 pub mod conformance;
 pub mod event;
 pub mod memory;
+pub mod metrics;
 pub mod projection;
 pub mod snapshot;
 pub mod store;

@@ -134,6 +134,7 @@ async fn commit_group(
         answer_all(group, errors.map(error));
         return;
     }
+    cqrs_core::metrics::group_commit("sqlite", group.len());
     let mut outcomes = Vec::with_capacity(group.len());
     for request in group.drain(..) {
         let outcome = append_one(conn, errors, &request).await;

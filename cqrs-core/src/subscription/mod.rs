@@ -282,6 +282,8 @@ pub struct ProjectionRunner<P: Projection, B> {
     config: RunnerConfig,
     /// A skip requested while the runner was waiting; handled at the top of the loop.
     pending_skip: Option<Position>,
+    /// Registered when the runner starts (its name is final then).
+    metrics: Option<crate::metrics::ProjectionMetrics>,
 }
 
 impl<P: Projection, B> std::fmt::Debug for ProjectionRunner<P, B> {
@@ -308,6 +310,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             name: P::NAME.to_owned(),
             config: RunnerConfig::default(),
             pending_skip: None,
+            metrics: None,
         }
     }
 
@@ -531,7 +534,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             if let Some(position) = self.pending_skip.take() {
                 self.skip(&mut live, status, position).await;
             }
-            let stop = match self.step(&mut live, status).await {
+            let next = self.step(&mut live, status).await;
+            self.observe(status);
+            let stop = match next {
                 Next::Go => false,
                 Next::Wait(after) => self.wait_or_stop(&mut control, after).await,
                 Next::Standby => {
@@ -548,6 +553,15 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 return self.stopped(status);
             }
         }
+    }
+
+    /// Records the status's lag and state changes.
+    fn observe(&mut self, status: &watch::Sender<ProjectionStatus>) {
+        let name = &self.name;
+        let metrics = self
+            .metrics
+            .get_or_insert_with(|| crate::metrics::ProjectionMetrics::new(name));
+        metrics.observe(&status.borrow());
     }
 
     /// One step of the live runner: make sure it holds the lease, read the next batch (or take
@@ -656,14 +670,25 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         to: Position,
         read_next: Option<impl Future<Output = R>>,
     ) -> (Committed, Option<R>) {
-        let commit = commit_guarded(
-            &*self.backend,
-            &mut self.projection,
-            &self.name,
-            expected,
-            events,
-            to,
-        );
+        let metrics = self
+            .metrics
+            .get_or_insert_with(|| crate::metrics::ProjectionMetrics::new(&self.name));
+        let commit = async {
+            let started = Instant::now();
+            let committed = commit_guarded(
+                &*self.backend,
+                &mut self.projection,
+                &self.name,
+                expected,
+                events,
+                to,
+            )
+            .await;
+            if matches!(committed, Ok(Ok(()))) {
+                metrics.batch_committed(events.len(), started.elapsed());
+            }
+            committed
+        };
         match read_next {
             Some(read) => {
                 let (committed, read) = futures_util::future::join(commit, read).await;
@@ -834,8 +859,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         });
     }
 
-    fn stopped(self, status: &watch::Sender<ProjectionStatus>) -> P {
+    fn stopped(mut self, status: &watch::Sender<ProjectionStatus>) -> P {
         status.send_modify(|s| s.state = ProjectionState::Stopped);
+        self.observe(status);
         self.projection
     }
 
