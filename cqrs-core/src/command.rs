@@ -672,6 +672,7 @@ impl<A: Aggregate> Repository<A> {
             id,
             command = std::any::type_name::<C>(),
             command_id = %context.command_id,
+            correlation_id = context.correlation_id.map(tracing::field::display),
         );
         let started = std::time::Instant::now();
         let result = async move {

@@ -688,7 +688,14 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 metrics.batch_committed(events.len(), started.elapsed());
             }
             committed
-        };
+        }
+        .instrument(tracing::debug_span!(
+            "projection_batch",
+            projection = %self.name,
+            events = events.len(),
+            from = ?expected,
+            to = %to,
+        ));
         match read_next {
             Some(read) => {
                 let (committed, read) = futures_util::future::join(commit, read).await;
