@@ -364,3 +364,15 @@ fn unsupported_urls_say_what_is_supported() {
     let usage = Db::url("sqlite:x.db").run(&["no-such-command"]);
     assert_eq!(usage.code, 2);
 }
+
+/// Every public future of the crate can be spawned (`Send`): a compile-time check.
+#[allow(dead_code, clippy::let_underscore_future)]
+fn public_futures_are_send(admin: cqrs_admin::Admin, connection: cqrs_admin::Connection) {
+    fn send<T: Send>(_: T) {}
+    send(cqrs_admin::connect("sqlite:x.db", "public", false));
+    send(async move {
+        let _ = connection.migrate().await;
+        let _ = admin.rebuild(&connection, "p", |_| {}).await;
+        let _ = admin.execute(["cqrs-admin", "types"]).await;
+    });
+}
