@@ -709,8 +709,10 @@ impl<A: Aggregate> Repository<A> {
             id,
             command = std::any::type_name::<C>(),
             command_id = %context.command_id,
+            correlation_id = context.correlation_id.map(tracing::field::display),
         );
-        async move {
+        let started = std::time::Instant::now();
+        let result = async move {
             if context.idempotent {
                 if let Some(outcome) = self.replayed(&stream, context).await? {
                     return Ok(outcome);
@@ -770,6 +772,7 @@ impl<A: Aggregate> Repository<A> {
                     Err(ExecuteError::Concurrency(_)) if from_cache => {}
                     Err(ExecuteError::Concurrency(conflict)) if retries_left > 0 => {
                         retries_left -= 1;
+                        crate::metrics::command_retry(A::TYPE);
                         tracing::debug!(%conflict, attempt, "retrying after concurrency conflict");
                         tokio::time::sleep(self.retry.delay(attempt)).await;
                     }
@@ -778,7 +781,15 @@ impl<A: Aggregate> Repository<A> {
             }
         }
         .instrument(span)
-        .await
+        .await;
+        let outcome = match &result {
+            Ok(_) => crate::metrics::CommandOutcome::Ok,
+            Err(ExecuteError::Domain(_)) => crate::metrics::CommandOutcome::Rejected,
+            Err(ExecuteError::Concurrency(_)) => crate::metrics::CommandOutcome::Conflicted,
+            Err(_) => crate::metrics::CommandOutcome::Failed,
+        };
+        crate::metrics::command(A::TYPE, outcome, started.elapsed());
+        result
     }
 
     async fn commit<E>(
@@ -815,8 +826,13 @@ impl<A: Aggregate> Repository<A> {
             })
             .collect::<Result<Vec<_>, EncodeError>>()?;
         let expected = ExpectedVersion::Exact(loaded.version);
+        let count = encoded.len();
+        let append_started = std::time::Instant::now();
         let appended = match self.append_resending(stream, expected, encoded).await {
-            Ok(appended) => appended,
+            Ok(appended) => {
+                crate::metrics::appended(A::TYPE, count, append_started.elapsed());
+                appended
+            }
             Err(error) => {
                 if matches!(error, StoreError::OutcomeUnknown(_)) {
                     // The stream may be past the version this state was loaded at.

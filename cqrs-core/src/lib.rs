@@ -145,6 +145,7 @@
 //! - `conformance`: the test suite every storage backend runs (`cqrs_core::conformance`).
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod aggregate;
 pub mod backend;
 pub mod bus;
@@ -154,6 +155,7 @@ pub mod command;
 pub mod conformance;
 pub mod event;
 pub mod memory;
+pub mod metrics;
 pub mod projection;
 pub mod snapshot;
 pub mod store;

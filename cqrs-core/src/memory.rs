@@ -1,6 +1,6 @@
 //! An in-memory backend implementing every storage trait: for tests, examples and prototypes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -8,6 +8,10 @@ use async_trait::async_trait;
 use chrono::Utc;
 use tokio::sync::watch;
 
+use crate::admin::{
+    validate_listing, CheckpointInfo, HorizonReport, LeaseHolder, StoreAdmin, StreamSummary,
+    StreamTypeSummary,
+};
 use crate::backend::{
     resolve_retry, validate_append, validate_checkpoint_name, validate_snapshot, validate_types,
     StoredEventRef,
@@ -18,6 +22,7 @@ use crate::projection::Projection;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::store::{AppendResult, ConcurrencyError, EventStore, EventTypes, StoreError};
 use crate::stream::{ExpectedVersion, Position, StreamId, StreamVersion};
+use crate::subscription::SkippedEvent;
 
 /// Events, snapshots and checkpoints in process memory, safe to share between tasks (clone it: clones
 /// share the same data). Appends are serialized, so log order is commit order and every batch gets its
@@ -490,12 +495,97 @@ impl<P: Projection<Context = ()> + Clone + Sync> InlineHook for InlineReadModel<
     }
 }
 
+/// The in-memory store keeps no leases or skips itself: those of its projections live in their
+/// [`InProcess`](crate::subscription::InProcess) backend, in the same process, whose
+/// [`ProjectionHandle::status`](crate::subscription::ProjectionHandle::status) shows them. Its
+/// log has no visibility horizon: an event is readable when its append returns.
+#[async_trait]
+impl StoreAdmin for InMemoryStore {
+    async fn stream_types(&self) -> Result<Vec<StreamTypeSummary>, StoreError> {
+        let log = self.inner.log.read().await;
+        let mut types: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for (stream, indices) in &log.streams {
+            let entry = types.entry(stream.stream_type()).or_default();
+            entry.0 += 1;
+            entry.1 += indices.len() as u64;
+        }
+        Ok(types
+            .into_iter()
+            .map(|(name, (streams, events))| {
+                StreamTypeSummary::new(name.to_owned(), streams, events)
+            })
+            .collect())
+    }
+
+    async fn list_streams(
+        &self,
+        stream_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<StreamSummary>, StoreError> {
+        let limit = validate_listing(stream_type, after, limit)?;
+        let log = self.inner.log.read().await;
+        let mut streams: Vec<StreamSummary> = log
+            .streams
+            .iter()
+            .filter(|(stream, _)| {
+                stream.stream_type() == stream_type
+                    && after.is_none_or(|after| stream.id().as_bytes() > after.as_bytes())
+            })
+            .filter_map(|(stream, indices)| {
+                let last = &log.events[*indices.last()?];
+                Some(StreamSummary::new(
+                    stream.clone(),
+                    StreamVersion::new(indices.len() as u64),
+                    last.recorded_at,
+                ))
+            })
+            .collect();
+        streams.sort_by(|a, b| a.stream.id().as_bytes().cmp(b.stream.id().as_bytes()));
+        streams.truncate(limit);
+        Ok(streams)
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<CheckpointInfo>, StoreError> {
+        let checkpoints = self
+            .inner
+            .checkpoints
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut list: Vec<CheckpointInfo> = checkpoints
+            .iter()
+            .map(|(name, position)| CheckpointInfo::new(name.clone(), *position, None))
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(list)
+    }
+
+    async fn lease_holder(&self, name: &str) -> Result<Option<LeaseHolder>, StoreError> {
+        validate_checkpoint_name(name)?;
+        Ok(None)
+    }
+
+    async fn skipped(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
+        validate_checkpoint_name(name)?;
+        Ok(Vec::new())
+    }
+
+    async fn horizon_report(&self) -> Result<HorizonReport, StoreError> {
+        Ok(HorizonReport::new(
+            0,
+            None,
+            "in memory: every appended event is readable at once".to_owned(),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod conformance {
     async fn fresh() -> super::InMemoryStore {
         super::InMemoryStore::new()
     }
     crate::backend_conformance_tests!(fresh);
+    crate::admin_conformance_tests!(fresh);
 
     async fn fresh_projections() -> crate::subscription::InProcess<super::InMemoryStore> {
         crate::subscription::InProcess::new(super::InMemoryStore::new())

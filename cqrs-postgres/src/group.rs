@@ -457,6 +457,9 @@ impl Slot {
             tokio::time::sleep(committer.config.max_wait).await;
         }
         let (mut group, writing) = committer.take_group();
+        if !group.is_empty() {
+            cqrs_core::metrics::group_commit("postgres", group.len());
+        }
         if group.len() > 1 {
             write_group(&mut self, &committer.sql, group).await;
             drop(writing);

@@ -170,6 +170,7 @@
 //! return cannot.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod append;
 mod checkpoints;
 mod error;

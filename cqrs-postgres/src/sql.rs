@@ -98,6 +98,10 @@ pub struct Statements {
     pub skipped: SqlStr,
     pub first_delivery: SqlStr,
     pub try_lease: SqlStr,
+    pub stream_types: SqlStr,
+    pub list_streams: SqlStr,
+    pub list_checkpoints: SqlStr,
+    pub lease_holder: SqlStr,
     pub read_back: SqlStr,
 }
 
@@ -356,6 +360,33 @@ impl Statements {
             // a lease. A hash collision only makes two projections take turns; exactness rests on
             // the checkpoint's compare-and-set, not on the lock.
             try_lease: sql("SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))".to_owned()),
+            // Operators' listings (`StoreAdmin`). Stream ids compare in byte order (`COLLATE "C"`)
+            // whatever the database's collation, so every backend pages the same way.
+            stream_types: sql(format!(
+                "SELECT stream_type, count(DISTINCT stream_id), count(*) FROM {events}
+                 GROUP BY stream_type ORDER BY stream_type COLLATE \"C\""
+            )),
+            list_streams: sql(format!(
+                "SELECT stream_id, max(stream_version), max(recorded_at) FROM {events}
+                 WHERE stream_type = $1 AND stream_id COLLATE \"C\" > $2 COLLATE \"C\"
+                 GROUP BY stream_id ORDER BY stream_id COLLATE \"C\" LIMIT $3"
+            )),
+            list_checkpoints: sql(format!(
+                "SELECT name, tx::text AS tx_text, position, updated_at FROM {s}.checkpoints
+                 ORDER BY name COLLATE \"C\""
+            )),
+            // The session holding the advisory lock `try_lease` takes: a two-key advisory lock
+            // shows its keys as `classid` and `objid` (the int4 bits as an oid), `objsubid` 2.
+            lease_holder: sql(
+                "SELECT l.pid, a.application_name, a.client_addr::text, a.usename::text, a.backend_start
+                 FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+                   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND l.classid = (hashtext($1)::bigint & 4294967295)::oid
+                   AND l.objid = (hashtext($2)::bigint & 4294967295)::oid
+                 LIMIT 1"
+                    .to_owned(),
+            ),
             // The events this transaction just appended (inline projections), in version order.
             read_back: sql(format!(
                 "SELECT {COLUMNS} FROM {events}

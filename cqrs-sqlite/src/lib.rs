@@ -131,6 +131,7 @@
 //!   across processes, by an OS file lock released when its process dies.
 #![forbid(unsafe_code)]
 
+mod admin;
 mod append;
 mod config;
 mod error;

@@ -124,3 +124,16 @@ pub const FIRST_DELIVERY: &str = "INSERT INTO processed_events (consumer, event_
 
 /// Changes whenever another connection (in any process) commits to the file.
 pub const DATA_VERSION: &str = "PRAGMA data_version";
+
+/// Every stream type with its stream and event counts (a scan of the log: for operators).
+pub const STREAM_TYPES: &str = "SELECT stream_type, count(DISTINCT stream_id), count(*) \
+     FROM events GROUP BY stream_type ORDER BY stream_type";
+
+/// Streams of type `?1` whose id sorts after `?2` (SQLite compares TEXT bytewise), `?3` at most.
+pub const LIST_STREAMS: &str = "SELECT stream_id, max(stream_version), max(recorded_at) \
+     FROM events WHERE stream_type = ?1 AND stream_id > ?2 \
+     GROUP BY stream_id ORDER BY stream_id LIMIT ?3";
+
+/// Every checkpoint, by name.
+pub const LIST_CHECKPOINTS: &str =
+    "SELECT name, tx, position, updated_at FROM checkpoints ORDER BY name";

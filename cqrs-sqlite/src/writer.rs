@@ -139,6 +139,7 @@ async fn commit_group(
         answer_all(group, errors.map(error));
         return;
     }
+    cqrs_core::metrics::group_commit("sqlite", group.len());
     let mut outcomes = Vec::with_capacity(group.len());
     let mut failure = None;
     for request in group.drain(..) {

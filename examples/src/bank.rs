@@ -222,6 +222,15 @@ impl SqlBalances {
         Ok(())
     }
 
+    /// Empties the table (creating it if needed), before a rebuild.
+    pub async fn clear(store: &cqrs_sqlite::SqliteStore) -> Result<(), sqlx::Error> {
+        Self::create(store).await?;
+        sqlx::query("DELETE FROM bank_balances")
+            .execute(store.pool())
+            .await?;
+        Ok(())
+    }
+
     /// An account's balance as the table shows it.
     pub async fn balance(
         store: &cqrs_sqlite::SqliteStore,
@@ -294,6 +303,32 @@ impl SqlBalances {
         .await?;
         Ok(())
     }
+}
+
+/// The `cqrs-admin` command line with the bank registered: [`Account`] (for `show --state`) and,
+/// on an SQLite file, [`SqlBalances`] with its table cleared before a rebuild. The `bank-admin`
+/// binary runs it.
+pub fn admin() -> cqrs_admin::Admin {
+    use cqrs_admin::{Admin, Connection, ProjectionSetup};
+    Admin::new()
+        .aggregate::<Account>()
+        .projection(|connection| match connection {
+            Connection::Sqlite(store) => {
+                let projections = cqrs_sqlite::SqliteProjections::new(store.clone());
+                let store = store.clone();
+                let setup =
+                    ProjectionSetup::new(projections, || SqlBalances).with_reset(move || {
+                        let store = store.clone();
+                        async move {
+                            SqlBalances::clear(&store)
+                                .await
+                                .map_err(|e| cqrs_core::StoreError::Backend(Box::new(e)))
+                        }
+                    });
+                Some(setup)
+            }
+            _ => None,
+        })
 }
 
 /// Where the bank demo keeps its balances read model.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -16,6 +16,7 @@ use cqrs_core::bus::{BusError, CommandBus, DomainError};
 use cqrs_core::prelude::*;
 use cqrs_core::subscription::{InProcess, ProjectionHandle, ProjectionRunner};
 use cqrs_core::{projection, ExecuteError, StoreError};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -102,6 +103,29 @@ pub fn app<S: EventStore + Clone>(
         .route("/accounts/{id}/withdrawals", post(withdraw))
         .route("/accounts/{id}/balance", get(balance))
         .with_state(state))
+}
+
+/// Installs the process's metrics recorder (Prometheus's text format) and returns the handle
+/// that renders what it collected: every metric of [`cqrs_core::metrics`]. Once per process, and
+/// before runners start: a metric registered before a recorder is installed stays a no-op.
+pub fn install_metrics() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new().install_recorder()
+}
+
+/// `GET /metrics`: what `metrics` collected, in Prometheus's text format.
+pub fn metrics_router(metrics: PrometheusHandle) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    metrics.render(),
+                )
+            }
+        }),
+    )
 }
 
 /// An error answered as JSON: `{"error": "...", "message": "..."}`.

@@ -174,3 +174,49 @@ async fn user_mistakes_are_4xx_json_never_500() {
         .unwrap();
     assert_eq!(no_type.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
 }
+
+/// The service's metrics at `/metrics` while it serves requests (the recorder is this test
+/// binary's, so other tests' commands may be counted too: the assertions are lower bounds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_in_prometheus_format() {
+    // Installed first: runners register their metrics when they start.
+    let metrics = examples::http::install_metrics().unwrap();
+    let app = examples::http::app(InMemoryStore::new(), Duration::from_secs(5))
+        .unwrap()
+        .merge(examples::http::metrics_router(metrics));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = reqwest::Client::new();
+    let opened = client
+        .post(format!("{base}/accounts"))
+        .json(&json!({ "id": "m1", "owner": "Ada" }))
+        .send()
+        .await
+        .unwrap();
+    assert!(opened.status().is_success());
+    let token = opened.headers()[CONSISTENCY_HEADER]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let balance = client
+        .get(format!("{base}/accounts/m1/balance"))
+        .header(CONSISTENCY_HEADER, token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(balance.status(), StatusCode::OK);
+    let metrics = client.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(metrics.status(), StatusCode::OK);
+    let text = metrics.text().await.unwrap();
+    assert!(
+        text.contains(r#"cqrs_commands_total{aggregate="account",outcome="ok"}"#),
+        "{text}"
+    );
+    assert!(text.contains("cqrs_events_appended_total"), "{text}");
+    assert!(
+        text.contains("cqrs_projection_events_applied_total"),
+        "{text}"
+    );
+    assert!(text.contains("cqrs_command_duration_seconds"), "{text}");
+}

@@ -60,6 +60,16 @@ impl SkipTarget {
             event_type: Some(event.event_type.clone()),
         }
     }
+
+    /// The target for a stored row that cannot be read (its store reported it as corrupt at
+    /// `position`): neither its id nor its type is known.
+    pub fn unreadable(position: Position) -> Self {
+        Self {
+            position,
+            event_id: None,
+            event_type: None,
+        }
+    }
 }
 
 /// What a storage backend provides to run projections with exactly-once effects on its read models.

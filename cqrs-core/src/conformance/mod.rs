@@ -13,7 +13,12 @@
 // A test suite: failing assertions panic by design.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
+pub mod admin;
 pub mod projections;
+
+pub use admin::{
+    admin_lists_checkpoints_skips_leases_and_horizon, admin_lists_stream_types_and_pages_streams,
+};
 
 use std::collections::{HashMap, HashSet};
 

@@ -88,6 +88,21 @@ impl LogReader {
     }
 }
 
+/// Takes the lease of `name`, or fails with [`RunError::LeaseHeld`]. A free function of the backend
+/// and the name, not a method: a future borrowing the runner would be `Send` only for `Sync`
+/// projections.
+async fn take_lease<P: Projection, B: ProjectionBackend<P>>(
+    backend: &B,
+    name: &str,
+) -> Result<Box<dyn Lease>, RunError> {
+    backend
+        .acquire_lease(name)
+        .await?
+        .ok_or_else(|| RunError::LeaseHeld {
+            name: name.to_owned(),
+        })
+}
+
 /// Events read after a cursor.
 struct Page {
     events: Vec<RecordedEvent>,
@@ -267,6 +282,8 @@ pub struct ProjectionRunner<P: Projection, B> {
     config: RunnerConfig,
     /// A skip requested while the runner was waiting; handled at the top of the loop.
     pending_skip: Option<Position>,
+    /// Registered when the runner starts (its name is final then).
+    metrics: Option<crate::metrics::ProjectionMetrics>,
 }
 
 impl<P: Projection, B> std::fmt::Debug for ProjectionRunner<P, B> {
@@ -293,6 +310,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             name: P::NAME.to_owned(),
             config: RunnerConfig::default(),
             pending_skip: None,
+            metrics: None,
         }
     }
 
@@ -318,7 +336,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     /// waited for (boundedly), then it fails with [`StoreError::NotYetReadable`] naming the
     /// holder rather than return a read model with events missing.
     pub async fn catch_up(mut self, progress: impl FnMut(Progress) + Send) -> Result<P, RunError> {
-        let lease = self.take_lease().await?;
+        let lease = take_lease(&*self.backend, &self.name).await?;
         self.catch_up_leased(progress).await?;
         drop(lease);
         Ok(self.projection)
@@ -343,22 +361,13 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         F: FnOnce() -> Fut + Send,
         Fut: Future<Output = Result<(), StoreError>> + Send,
     {
-        let lease = self.take_lease().await?;
+        let lease = take_lease(&*self.backend, &self.name).await?;
         self.projection = fresh;
         reset().await?;
         self.backend.reset_checkpoint(&self.name).await?;
         self.catch_up_leased(progress).await?;
         drop(lease);
         Ok(self.projection)
-    }
-
-    async fn take_lease(&self) -> Result<Box<dyn Lease>, RunError> {
-        self.backend
-            .acquire_lease(&self.name)
-            .await?
-            .ok_or_else(|| RunError::LeaseHeld {
-                name: self.name.clone(),
-            })
     }
 
     /// The catch-up itself, with the lease held by the caller.
@@ -405,12 +414,40 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             let (committed, read) = self
                 .commit_reading_ahead(checkpoint, &events, to, read_next)
                 .await;
-            committed
-                .map_err(|message| RunError::Panicked {
-                    name: self.name.clone(),
-                    message,
-                })?
-                .map_err(RunError::from)?;
+            let committed = committed.map_err(|message| RunError::Panicked {
+                name: self.name.clone(),
+                message,
+            })?;
+            if let Err(BatchError::Projection {
+                index,
+                committed: kept,
+                ..
+            }) = &committed
+            {
+                // Commit the good prefix, as the live loop does, so the projection stops right
+                // before the bad event, where it can be skipped.
+                let (index, kept) = (*index, *kept);
+                if index > kept {
+                    let prefix = &events[kept..index];
+                    let from = match kept {
+                        0 => checkpoint,
+                        _ => Some(events[kept - 1].position),
+                    };
+                    let to = prefix[prefix.len() - 1].position;
+                    let (prefix_committed, _) = self
+                        .commit_reading_ahead(from, prefix, to, None::<std::future::Ready<()>>)
+                        .await;
+                    if matches!(prefix_committed, Ok(Ok(()))) {
+                        let done = done + index as u64;
+                        progress(Progress {
+                            done,
+                            total,
+                            rate: done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                        });
+                    }
+                }
+            }
+            committed.map_err(RunError::from)?;
             next = read.transpose()?;
             checkpoint = Some(to);
             done += events.len() as u64;
@@ -497,7 +534,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             if let Some(position) = self.pending_skip.take() {
                 self.skip(&mut live, status, position).await;
             }
-            let stop = match self.step(&mut live, status).await {
+            let next = self.step(&mut live, status).await;
+            self.observe(status);
+            let stop = match next {
                 Next::Go => false,
                 Next::Wait(after) => self.wait_or_stop(&mut control, after).await,
                 Next::Standby => {
@@ -514,6 +553,15 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 return self.stopped(status);
             }
         }
+    }
+
+    /// Records the status's lag and state changes.
+    fn observe(&mut self, status: &watch::Sender<ProjectionStatus>) {
+        let name = &self.name;
+        let metrics = self
+            .metrics
+            .get_or_insert_with(|| crate::metrics::ProjectionMetrics::new(name));
+        metrics.observe(&status.borrow());
     }
 
     /// One step of the live runner: make sure it holds the lease, read the next batch (or take
@@ -622,14 +670,32 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         to: Position,
         read_next: Option<impl Future<Output = R>>,
     ) -> (Committed, Option<R>) {
-        let commit = commit_guarded(
-            &*self.backend,
-            &mut self.projection,
-            &self.name,
-            expected,
-            events,
-            to,
-        );
+        let metrics = self
+            .metrics
+            .get_or_insert_with(|| crate::metrics::ProjectionMetrics::new(&self.name));
+        let commit = async {
+            let started = Instant::now();
+            let committed = commit_guarded(
+                &*self.backend,
+                &mut self.projection,
+                &self.name,
+                expected,
+                events,
+                to,
+            )
+            .await;
+            if matches!(committed, Ok(Ok(()))) {
+                metrics.batch_committed(events.len(), started.elapsed());
+            }
+            committed
+        }
+        .instrument(tracing::debug_span!(
+            "projection_batch",
+            projection = %self.name,
+            events = events.len(),
+            from = ?expected,
+            to = %to,
+        ));
         match read_next {
             Some(read) => {
                 let (committed, read) = futures_util::future::join(commit, read).await;
@@ -802,8 +868,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         });
     }
 
-    fn stopped(self, status: &watch::Sender<ProjectionStatus>) -> P {
+    fn stopped(mut self, status: &watch::Sender<ProjectionStatus>) -> P {
         status.send_modify(|s| s.state = ProjectionState::Stopped);
+        self.observe(status);
         self.projection
     }
 

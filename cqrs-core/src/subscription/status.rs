@@ -212,7 +212,7 @@ pub enum WaitError {
 }
 
 /// An event a projection skipped on a user's request ([`ProjectionHandle::skip`](crate::subscription::ProjectionHandle::skip)).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SkippedEvent {
     /// The projection's checkpoint name.
     pub projection: String,

@@ -232,6 +232,7 @@ mod conformance {
     use super::fresh_store;
 
     cqrs_core::backend_conformance_tests!(fresh_store);
+    cqrs_core::admin_conformance_tests!(fresh_store);
 
     async fn fresh_projections() -> cqrs_postgres::PostgresProjections {
         cqrs_postgres::PostgresProjections::new(fresh_store().await)
@@ -279,5 +280,15 @@ fn public_futures_are_send(
             .await;
         let _ = projections.switch_view("v", "t").await;
         let _ = listener.recv().await;
+    });
+    send(async move {
+        use cqrs_core::admin::StoreAdmin;
+        let store = PostgresStore::new(sqlx::PgPool::connect_lazy("postgres://").unwrap());
+        let _ = store.stream_types().await;
+        let _ = store.list_streams("t", None, 1).await;
+        let _ = store.checkpoints().await;
+        let _ = store.lease_holder("n").await;
+        let _ = store.skipped("n").await;
+        let _ = store.horizon_report().await;
     });
 }

@@ -86,6 +86,15 @@ fn public_futures_are_send(store: SqliteStore, projections: SqliteProjections) {
     send(store.wait_for_append(cqrs_core::Position::START, std::time::Duration::ZERO));
     send(store.close());
     send(projections.skipped_events("p"));
+    {
+        use cqrs_core::admin::StoreAdmin;
+        send(store.stream_types());
+        send(store.list_streams("t", None, 1));
+        send(store.checkpoints());
+        send(store.lease_holder("n"));
+        send(store.skipped("n"));
+        send(store.horizon_report());
+    }
 }
 
 mod conformance {
@@ -93,6 +102,7 @@ mod conformance {
         super::open_fast(&super::leaked_dir().db()).await
     }
     cqrs_core::backend_conformance_tests!(fresh_store);
+    cqrs_core::admin_conformance_tests!(fresh_store);
 
     async fn fresh_projections() -> super::SqliteProjections {
         super::SqliteProjections::new(fresh_store().await)

@@ -6,6 +6,7 @@
 //! curl -si -XPOST localhost:3000/accounts -H 'content-type: application/json' -d '{"id":"a1","owner":"Ada"}'
 //! curl -si -XPOST localhost:3000/accounts/a1/deposits -H 'content-type: application/json' -d '{"amount":500}'
 //! curl -si localhost:3000/accounts/a1/balance -H 'x-consistency-token: <token from the POST>'
+//! curl -s localhost:3000/metrics
 //! ```
 
 use std::time::Duration;
@@ -14,11 +15,14 @@ use std::time::Duration;
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let bind = std::env::var("BIND").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let wait = Duration::from_secs(2);
+    // Before the app starts its runner, which registers its metrics when it starts.
+    let metrics = examples::http::install_metrics()?;
     let app = match examples::open_store("http", &mut std::io::stdout()).await? {
         examples::Store::Sqlite(store) => examples::http::app(store, wait)?,
         examples::Store::Postgres(store) => examples::http::app(store, wait)?,
         examples::Store::Memory(store) => examples::http::app(store, wait)?,
     };
+    let app = app.merge(examples::http::metrics_router(metrics));
     let listener = tokio::net::TcpListener::bind(&bind).await?;
     println!("listening on http://{}", listener.local_addr()?);
     axum::serve(listener, app).await?;
