@@ -252,14 +252,16 @@ impl RawReadInsert {
     }
 }
 
-fn insert_sql(table: &str) -> String {
+/// The raw baselines' INSERT of one event (`$7` the payload's JSON text), into `table`.
+pub(crate) fn insert_sql(table: &str) -> String {
     format!(
         "INSERT INTO {table} (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
          VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, '{{}}'::jsonb)"
     )
 }
 
-async fn raw_insert(
+/// Inserts the event `cmd` produces as version `version` of account `id`.
+pub(crate) async fn raw_insert(
     executor: impl sqlx::PgExecutor<'_>,
     sql: &str,
     id: &str,

@@ -1,12 +1,18 @@
 //! W2: one command on a stream of 1,000 events, with and without snapshots; and loading that stream
-//! alone. Ours vs cqrs-es.
+//! alone. Ours vs cqrs-es, and the limit without snapshots: raw SQL reading the same rows and
+//! decoding each payload's text straight into its typed event.
 
 use std::time::Instant;
 
-use cqrs_core::{EventStore, ExpectedVersion, Repository, SnapshotPolicy, StreamId, StreamVersion};
+use cqrs_core::{
+    Apply, EventStore, ExpectedVersion, Repository, SnapshotPolicy, StreamId, StreamVersion,
+};
 use cqrs_postgres::PostgresStore;
+use sqlx::postgres::PgPool;
 
-use crate::domain::{deposits, memo, opened, Account, Cmd};
+use crate::domain::{
+    deposits, memo, opened, Account, AccountOpened, Cmd, MoneyDeposited, MoneyWithdrawn,
+};
 use crate::report::{median, ratio, Table};
 use crate::{db, BenchError, Config};
 
@@ -37,6 +43,15 @@ enum Variant {
     CqrsEs {
         peer: Box<crate::peers::CqrsEs>,
         snapshots: bool,
+    },
+    /// The limit: one SELECT of the stream's rows, each payload's text decoded straight into its
+    /// typed event and applied; a command then INSERTs its event (autocommit), like W1's
+    /// read-and-insert baseline.
+    Raw {
+        pool: PgPool,
+        schema: String,
+        select: String,
+        insert: String,
     },
 }
 
@@ -95,14 +110,51 @@ impl Variant {
         })
     }
 
+    /// The raw table on a fresh schema, seeded with the same events (one transaction), likewise.
+    async fn raw(url: &str) -> Result<Self, BenchError> {
+        let schema = db::schema_name("w2_raw");
+        let pool = db::pool(url).await?;
+        let table = db::raw_table(&pool, &schema).await?;
+        let insert = format!(
+            "INSERT INTO {table} (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
+             VALUES ('account', $1, $2, $3, $4, $5, $6::jsonb, '{{}}'::jsonb)"
+        );
+        let mut events = vec![opened(0)];
+        events.extend(deposits(0, 1, STREAM_LEN - 2));
+        let mut tx = pool.begin().await?;
+        for (version, event) in (1_i64..).zip(&events) {
+            sqlx::query(sqlx::AssertSqlSafe(&*insert))
+                .bind(ID)
+                .bind(version)
+                .bind(*event.event_id.as_uuid())
+                .bind(&event.event_type)
+                .bind(i32::try_from(event.schema_version)?)
+                .bind(event.payload.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        let variant = Variant::Raw {
+            select: format!(
+                "SELECT stream_version, event_type, payload::text FROM {table}
+                 WHERE stream_type = 'account' AND stream_id = $1 ORDER BY stream_version"
+            ),
+            insert: crate::w1::insert_sql(&table),
+            pool,
+            schema,
+        };
+        variant.command(usize::MAX).await?;
+        Ok(variant)
+    }
+
     #[cfg(not(feature = "peers"))]
     async fn cqrs_es(_: &str, _: bool) -> Result<Self, BenchError> {
         Err("built without --features peers".into())
     }
 
-    /// The `n`-th measured command (0-based).
+    /// The `n`-th measured command (0-based; `usize::MAX` for the warm-up).
     async fn command(&self, n: usize) -> Result<(), BenchError> {
-        let cmd = deposit(STREAM_LEN + 1 + n);
+        let cmd = deposit(STREAM_LEN.wrapping_add(1).wrapping_add(n));
         match self {
             Variant::Ours { repo, .. } => {
                 repo.execute(ID, &cmd).await?;
@@ -111,6 +163,16 @@ impl Variant {
             Variant::CqrsEs { peer, .. } => {
                 use crate::w1::Contender;
                 peer.execute(ID, &cmd).await?;
+            }
+            Variant::Raw {
+                pool,
+                select,
+                insert,
+                ..
+            } => {
+                let (account, version) = raw_load(pool, select).await?;
+                cmd.validate(account.open)?;
+                crate::w1::raw_insert(pool, insert, ID, version + 1, &cmd).await?;
             }
         }
         Ok(())
@@ -142,6 +204,12 @@ impl Variant {
                     SNAPSHOT_BUG_SEEN.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
             }
+            Variant::Raw { pool, select, .. } => {
+                let (account, _) = raw_load(pool, select).await?;
+                if account.deposits as usize != deposits {
+                    return Err(format!("raw: wrong state after load: {account:?}").into());
+                }
+            }
         }
         Ok(())
     }
@@ -158,19 +226,54 @@ impl Variant {
                 use crate::w1::Contender;
                 (*peer).finish().await
             }
+            Variant::Raw { pool, schema, .. } => {
+                db::drop_schema(&pool, &schema).await?;
+                pool.close().await;
+                Ok(())
+            }
         }
     }
+}
+
+/// The raw load: the stream's rows in one query, each payload decoded from its text straight into
+/// its typed event and applied. The account and its version.
+async fn raw_load(pool: &PgPool, select: &str) -> Result<(Account, i64), BenchError> {
+    let rows: Vec<(i64, String, String)> = sqlx::query_as(sqlx::AssertSqlSafe(select))
+        .bind(ID)
+        .fetch_all(pool)
+        .await?;
+    let mut account = Account::default();
+    let mut version = 0;
+    for (v, event_type, payload) in rows {
+        version = v;
+        match event_type.as_str() {
+            "AccountOpened" => account.apply(&serde_json::from_str::<AccountOpened>(&payload)?),
+            "MoneyDeposited" => account.apply(&serde_json::from_str::<MoneyDeposited>(&payload)?),
+            "MoneyWithdrawn" => account.apply(&serde_json::from_str::<MoneyWithdrawn>(&payload)?),
+            other => return Err(format!("unexpected event type {other}").into()),
+        }
+    }
+    Ok((account, version))
+}
+
+/// Who runs a variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Ours,
+    CqrsEs,
+    Raw,
 }
 
 /// Runs W2.
 pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     let repeats = if config.quick { 20 } else { 50 };
-    // (label, is ours, snapshots) → samples
+    // (label, kind, snapshots) → samples
     let variants = [
-        ("cqrs-es, no snapshots", false, false),
-        ("ours, no snapshots", true, false),
-        ("cqrs-es, snapshot every 100", false, true),
-        ("ours, snapshot every 100", true, true),
+        ("cqrs-es, no snapshots", Kind::CqrsEs, false),
+        ("ours, no snapshots", Kind::Ours, false),
+        ("raw SQL + typed decode, no snapshots", Kind::Raw, false),
+        ("cqrs-es, snapshot every 100", Kind::CqrsEs, true),
+        ("ours, snapshot every 100", Kind::Ours, true),
     ];
     let mut samples: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); variants.len()];
     let rounds = config.rounds.max(3);
@@ -178,13 +281,14 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         // Every variant of the round set up at once, then timed operation by operation, taking
         // turns (rotating the order), so that noise on the machine hits them alike.
         let mut live = Vec::new();
-        for (i, &(_, is_ours, snapshots)) in variants.iter().enumerate() {
-            let variant = if is_ours {
-                Variant::ours(&config.url, snapshots).await?
-            } else if cfg!(feature = "peers") {
-                Variant::cqrs_es(&config.url, snapshots).await?
-            } else {
-                continue;
+        for (i, &(_, kind, snapshots)) in variants.iter().enumerate() {
+            let variant = match kind {
+                Kind::Ours => Variant::ours(&config.url, snapshots).await?,
+                Kind::Raw => Variant::raw(&config.url).await?,
+                Kind::CqrsEs if cfg!(feature = "peers") => {
+                    Variant::cqrs_es(&config.url, snapshots).await?
+                }
+                Kind::CqrsEs => continue,
             };
             live.push((i, variant));
         }
@@ -228,46 +332,59 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
             "execute one command (ms)",
             "commands/s",
             "vs cqrs-es (throughput)",
+            "vs raw (throughput)",
             "load the aggregate only (ms)",
             "vs cqrs-es (speed)",
+            "vs raw (speed)",
         ],
     );
-    for (i, &(label, is_ours, _)) in variants.iter().enumerate() {
-        let (command, load) = (&samples[i].0, &samples[i].1);
-        if command.is_empty() {
-            table.row(vec![
+    let medians: Vec<Option<(f64, f64)>> = samples
+        .iter()
+        .map(|(command, load)| (!command.is_empty()).then(|| (median(command), median(load))))
+        .collect();
+    let of = |kind: Kind, snapshots: bool| {
+        variants
+            .iter()
+            .position(|&(_, k, s)| k == kind && s == snapshots)
+            .and_then(|i| medians[i])
+    };
+    let raw = of(Kind::Raw, false);
+    for (i, &(label, kind, snapshots)) in variants.iter().enumerate() {
+        let Some((c, l)) = medians[i] else {
+            let mut row = vec![
                 label.to_owned(),
                 "not measured: built without `--features peers`".to_owned(),
-                "–".to_owned(),
-                "–".to_owned(),
-                "–".to_owned(),
-                "–".to_owned(),
-            ]);
+            ];
+            row.resize(8, "–".to_owned());
+            table.row(row);
             continue;
-        }
-        let (c, l) = (median(command), median(load));
-        // The cqrs-es row of the same snapshot mode is the one just before ours.
-        let peer = (is_ours && !samples[i - 1].0.is_empty())
-            .then(|| (median(&samples[i - 1].0), median(&samples[i - 1].1)));
+        };
+        let peer = of(Kind::CqrsEs, snapshots);
+        let versus = |baseline: Option<(f64, f64)>, pick: fn((f64, f64)) -> f64, own: f64| {
+            ratio(1.0 / own, baseline.map(|b| 1.0 / pick(b)))
+        };
+        let (vs_peer_c, vs_peer_l) = match kind {
+            Kind::CqrsEs => ("baseline".to_owned(), "baseline".to_owned()),
+            _ => (versus(peer, |b| b.0, c), versus(peer, |b| b.1, l)),
+        };
+        let (vs_raw_c, vs_raw_l) = match kind {
+            Kind::Raw => ("limit".to_owned(), "limit".to_owned()),
+            _ => (versus(raw, |b| b.0, c), versus(raw, |b| b.1, l)),
+        };
         table.row(vec![
             label.to_owned(),
             format!("{c:.2}"),
             format!("{:.0}", 1e3 / c),
-            if is_ours {
-                ratio(1.0 / c, peer.map(|p| 1.0 / p.0))
-            } else {
-                "baseline".to_owned()
-            },
+            vs_peer_c,
+            vs_raw_c,
             format!("{l:.2}"),
-            if is_ours {
-                ratio(1.0 / l, peer.map(|p| 1.0 / p.1))
-            } else {
-                "baseline".to_owned()
-            },
+            vs_peer_l,
+            vs_raw_l,
         ]);
     }
     table.note(format!(
         "The stream holds {} events (seeded directly in each framework's own format, then one unmeasured warm-up command), \
+         the raw limit reading them with one SELECT and decoding each payload's text straight into its typed event; \
          then {repeats} sequential deposit commands are timed, then {repeats} loads, the variants of a round taking turns \
          operation by operation (rotating the order). Snapshots: both frameworks snapshot every \
          {SNAPSHOT_EVERY} events, so each measured command loads the snapshot at {STREAM_LEN} plus the events after it. \

@@ -53,7 +53,15 @@ impl Table {
 
 /// An event's payload as JSON: the one place that reads `RecordedEvent::payload`.
 pub(crate) fn payload(event: &RecordedEvent) -> Value {
-    event.payload.clone()
+    stored_json(&event.payload)
+}
+
+/// Stored JSON text as a value to print; text that does not parse is shown as it is, beside the
+/// parser's error, rather than hidden or fatal to the listing.
+fn stored_json(raw: &cqrs_core::RawJson) -> Value {
+    raw.to_value().unwrap_or_else(
+        |error| json!({ "unreadable": error.to_string(), "stored_text": raw.as_str() }),
+    )
 }
 
 /// The envelope and payload of an event, for `--json`.
@@ -67,7 +75,7 @@ pub(crate) fn event_json(event: &RecordedEvent) -> Value {
         "event_type": event.event_type,
         "schema_version": event.schema_version,
         "recorded_at": event.recorded_at.to_rfc3339(),
-        "metadata": event.metadata,
+        "metadata": stored_json(&event.raw_metadata),
         "payload": payload(event),
     })
 }
@@ -85,7 +93,7 @@ pub(crate) fn write_event(out: &mut dyn Write, event: &RecordedEvent) -> std::io
         event.position,
         event.event_id,
     )?;
-    if let Some(correlation) = event.metadata.correlation_id {
+    if let Some(correlation) = event.metadata().ok().and_then(|m| m.correlation_id) {
         writeln!(out, "  correlation {correlation}")?;
     }
     let pretty = serde_json::to_string_pretty(&payload(event)).unwrap_or_default();

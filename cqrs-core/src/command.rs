@@ -82,21 +82,20 @@ impl CommandContext {
     /// its conversation continues, and the command id is derived from the event's id and the
     /// reaction, so a redelivered event yields the same command id and the command is applied
     /// once (see [`CommandContext::with_command_id`]).
-    pub fn caused_by(event: &RecordedEvent, reaction: &str) -> Self {
+    ///
+    /// Fails with [`DecodeError::Metadata`] if the event's stored metadata cannot be read: the
+    /// conversation it belongs to would be lost.
+    pub fn caused_by(event: &RecordedEvent, reaction: &str) -> Result<Self, DecodeError> {
+        let metadata = event.metadata()?;
         let mut name = event.event_id.as_uuid().as_bytes().to_vec();
         name.extend_from_slice(reaction.as_bytes());
-        Self {
+        Ok(Self {
             command_id: Uuid::new_v5(&REACTIONS, &name),
             idempotent: true,
             causation_id: Some(*event.event_id.as_uuid()),
-            correlation_id: Some(
-                event
-                    .metadata
-                    .correlation_id
-                    .unwrap_or(*event.event_id.as_uuid()),
-            ),
-            custom: event.metadata.custom.clone(),
-        }
+            correlation_id: Some(metadata.correlation_id.unwrap_or(*event.event_id.as_uuid())),
+            custom: metadata.custom,
+        })
     }
 
     /// Joins an existing conversation.

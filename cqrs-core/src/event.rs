@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::json::RawJson;
 use crate::stream::{Position, StreamId, StreamVersion};
 use crate::upcast::DecodeError;
 
@@ -67,7 +68,7 @@ impl fmt::Display for EventId {
 /// accepts the current version and rejects every other one with a typed error.
 ///
 /// ```
-/// use cqrs_core::Event;
+/// use cqrs_core::{Event, RawJson};
 /// use serde::{Deserialize, Serialize};
 ///
 /// #[derive(Serialize, Deserialize)]
@@ -78,7 +79,7 @@ impl fmt::Display for EventId {
 ///     const VERSION: u32 = 1;
 /// }
 ///
-/// let json = serde_json::json!({ "amount": 5 });
+/// let json = RawJson::from_stored(r#"{"amount":5}"#);
 /// assert_eq!(Deposited::decode(1, &json).unwrap().amount, 5);
 /// assert!(Deposited::decode(2, &json).is_err());
 /// ```
@@ -95,7 +96,9 @@ pub trait Event: Serialize + serde::de::DeserializeOwned + Send + Sync + 'static
     const VERSION: u32;
 
     /// Decodes a payload stored with `schema_version`, upcasting older versions to this type.
-    fn decode(schema_version: u32, payload: &Value) -> Result<Self, DecodeError> {
+    /// The stored version's type is deserialized straight from the text; only a JSON upcaster
+    /// (`#[event(upcast_json = f)]`) works on a parsed [`Value`].
+    fn decode(schema_version: u32, payload: &RawJson) -> Result<Self, DecodeError> {
         if schema_version == Self::VERSION {
             crate::upcast::deserialize(Self::NAME, schema_version, payload)
         } else {
@@ -129,7 +132,11 @@ pub trait EventSet: Sized + Send + Sync + 'static {
     /// Encodes the event's payload.
     fn encode(&self) -> Result<Value, EncodeError>;
     /// Decodes a stored event by its type name and schema version.
-    fn decode(event_type: &str, schema_version: u32, payload: &Value) -> Result<Self, DecodeError>;
+    fn decode(
+        event_type: &str,
+        schema_version: u32,
+        payload: &RawJson,
+    ) -> Result<Self, DecodeError>;
 }
 
 /// An event could not be serialized (e.g. a map with non-string keys).
@@ -159,6 +166,26 @@ pub struct Metadata {
     /// User-defined key/values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub custom: BTreeMap<String, Value>,
+}
+
+impl Metadata {
+    /// The metadata as JSON text, the same JSON its `Serialize` impl writes (keys may come in
+    /// another order), without the serializer's error path: the fields are UUIDs and JSON values, which always print. For a
+    /// backend building a [`RecordedEvent`] from metadata it holds typed.
+    pub fn to_json(&self) -> RawJson {
+        let mut fields = serde_json::Map::new();
+        if let Some(id) = self.correlation_id {
+            fields.insert("correlation_id".to_owned(), Value::String(id.to_string()));
+        }
+        if let Some(id) = self.causation_id {
+            fields.insert("causation_id".to_owned(), Value::String(id.to_string()));
+        }
+        if !self.custom.is_empty() {
+            let custom = self.custom.iter().map(|(k, v)| (k.clone(), v.clone()));
+            fields.insert("custom".to_owned(), Value::Object(custom.collect()));
+        }
+        RawJson::from(Value::Object(fields))
+    }
 }
 
 /// Deepest nesting of arrays and objects accepted in a payload or a metadata value.
@@ -210,6 +237,12 @@ impl NewEvent {
 }
 
 /// A stored event with its full envelope.
+///
+/// The payload and the metadata are the JSON text the store returned ([`RawJson`]), parsed only
+/// when asked for: [`decode`](Self::decode) and [`decode_set`](Self::decode_set) deserialize the
+/// payload straight into the typed event, [`metadata`](Self::metadata) parses the metadata. A
+/// reader that needs neither (a projection skipping an event, a relay forwarding the text) never
+/// parses them. Malformed stored JSON is a [`DecodeError`] from those calls, never a panic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RecordedEvent {
     /// Unique event id.
@@ -227,9 +260,9 @@ pub struct RecordedEvent {
     /// When the store recorded it.
     pub recorded_at: DateTime<Utc>,
     /// The JSON payload as stored (upcasting happens on decode, never in storage).
-    pub payload: Value,
-    /// Correlation, causation and custom metadata.
-    pub metadata: Metadata,
+    pub payload: RawJson,
+    /// The stored [`Metadata`] as JSON text; [`RecordedEvent::metadata`] parses it.
+    pub raw_metadata: RawJson,
 }
 
 impl RecordedEvent {
@@ -249,5 +282,49 @@ impl RecordedEvent {
     /// Decodes the payload as one event of the set `S`.
     pub fn decode_set<S: EventSet>(&self) -> Result<S, DecodeError> {
         S::decode(&self.event_type, self.schema_version, &self.payload)
+    }
+
+    /// Parses the correlation, causation and custom metadata.
+    ///
+    /// Fails with [`DecodeError::Metadata`] if the stored text is not metadata.
+    pub fn metadata(&self) -> Result<Metadata, DecodeError> {
+        self.raw_metadata
+            .decode()
+            .map_err(|source| DecodeError::Metadata {
+                event_type: self.event_type.clone(),
+                source,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn metadata_to_json_is_the_json_serialize_writes() {
+        let mut full = Metadata {
+            correlation_id: Some(Uuid::now_v7()),
+            causation_id: Some(Uuid::now_v7()),
+            custom: BTreeMap::new(),
+        };
+        full.custom.insert(
+            "user".to_owned(),
+            serde_json::json!({ "id": 7, "tags": ["a"] }),
+        );
+        let only_causation = Metadata {
+            causation_id: Some(Uuid::now_v7()),
+            ..Metadata::default()
+        };
+        for metadata in [Metadata::default(), full, only_causation] {
+            let json = metadata.to_json();
+            assert_eq!(
+                json.to_value().unwrap(),
+                serde_json::to_value(&metadata).unwrap()
+            );
+            assert_eq!(json.decode::<Metadata>().unwrap(), metadata);
+        }
     }
 }

@@ -154,6 +154,7 @@ pub mod command;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod event;
+pub mod json;
 pub mod memory;
 pub mod metrics;
 pub mod projection;
@@ -173,6 +174,7 @@ pub use command::{
     UndecodableEvent, DEFAULT_CACHE_CAPACITY,
 };
 pub use event::{EncodeError, Event, EventId, EventSet, Metadata, NewEvent, RecordedEvent};
+pub use json::RawJson;
 pub use memory::InMemoryStore;
 pub use projection::{HandlerError, Projection, ProjectionError, Subscription};
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
@@ -211,6 +213,7 @@ pub mod __private {
     pub use ::serde_json;
     pub use ::std;
 
+    pub use crate::json::RawJson;
     pub use crate::projection::HandlerOutput;
     pub use crate::upcast::{deserialize, JsonUpcastResult};
 
@@ -232,7 +235,7 @@ pub mod __private {
     /// the error names the current version, not `Prev`'s.
     pub fn decode_older<E: Event, Prev: Event>(
         schema_version: u32,
-        payload: &serde_json::Value,
+        payload: &RawJson,
     ) -> Result<Prev, DecodeError> {
         match Prev::decode(schema_version, payload) {
             Err(DecodeError::UnsupportedVersion { .. }) => {
@@ -250,14 +253,20 @@ pub mod __private {
     }
 
     /// Decodes an older payload of `E` by rewriting its JSON with the user's upcaster
-    /// (`#[event(upcast_json = f)]`), then deserializing the result as the current version.
+    /// (`#[event(upcast_json = f)]`), then deserializing the result as the current version. The
+    /// one decode path that parses into a `Value`: the upcaster works on one.
     pub fn upcast_json<E: Event>(
         schema_version: u32,
-        payload: &serde_json::Value,
+        payload: &RawJson,
         upcaster: fn(u32, serde_json::Value) -> JsonUpcastResult,
     ) -> Result<E, DecodeError> {
-        match upcaster(schema_version, payload.clone()) {
-            Ok(current) => deserialize(E::NAME, E::VERSION, &current),
+        let stored = payload.to_value().map_err(|source| DecodeError::Payload {
+            event_type: E::NAME.to_owned(),
+            version: schema_version,
+            source,
+        })?;
+        match upcaster(schema_version, stored) {
+            Ok(current) => crate::upcast::deserialize_value(E::NAME, E::VERSION, &current),
             Err(source) => Err(DecodeError::Upcast {
                 event_type: E::NAME.to_owned(),
                 from_version: schema_version,

@@ -18,6 +18,7 @@ use crate::backend::{
 };
 use crate::checkpoint::CheckpointStore;
 use crate::event::{EventId, NewEvent, RecordedEvent};
+use crate::json::RawJson;
 use crate::projection::Projection;
 use crate::snapshot::{Snapshot, SnapshotStore};
 use crate::store::{AppendResult, ConcurrencyError, EventStore, EventTypes, StoreError};
@@ -151,8 +152,8 @@ fn record(log: &Log, stream: &StreamId, version: StreamVersion, event: NewEvent)
         event_type: event.event_type,
         schema_version: event.schema_version,
         recorded_at: Utc::now(),
-        payload: event.payload,
-        metadata: event.metadata,
+        payload: RawJson::from(&event.payload),
+        raw_metadata: event.metadata.to_json(),
     }
 }
 

@@ -7,6 +7,8 @@
 
 use serde_json::Value;
 
+use crate::json::RawJson;
+
 /// A stored event that could not be turned into its Rust type.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -48,6 +50,15 @@ pub enum DecodeError {
         #[source]
         source: serde_json::Error,
     },
+    /// The stored metadata is not valid [`crate::Metadata`] JSON.
+    #[error("malformed metadata for event `{event_type}`")]
+    Metadata {
+        /// The stored type name.
+        event_type: String,
+        /// The deserializer's error.
+        #[source]
+        source: serde_json::Error,
+    },
     /// A user-supplied upcaster rejected the payload.
     #[error("upcasting event `{event_type}` from version {from_version} failed")]
     Upcast {
@@ -61,8 +72,22 @@ pub enum DecodeError {
     },
 }
 
-/// Deserializes `payload` as `T`, mapping a failure to [`DecodeError::Payload`].
+/// Deserializes `payload`'s text straight into `T`, mapping a failure to [`DecodeError::Payload`].
 pub fn deserialize<T: serde::de::DeserializeOwned>(
+    event_type: &str,
+    version: u32,
+    payload: &RawJson,
+) -> Result<T, DecodeError> {
+    payload.decode().map_err(|source| DecodeError::Payload {
+        event_type: event_type.to_owned(),
+        version,
+        source,
+    })
+}
+
+/// Deserializes a [`Value`] (what a JSON upcaster returned) as `T`, mapping a failure to
+/// [`DecodeError::Payload`].
+pub(crate) fn deserialize_value<T: serde::de::DeserializeOwned>(
     event_type: &str,
     version: u32,
     payload: &Value,

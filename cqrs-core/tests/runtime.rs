@@ -32,24 +32,23 @@ async fn execute_appends_with_causation_and_correlation() {
         .read_stream(&StreamId::new("counter", "c"), StreamVersion::new(1), 10)
         .await
         .unwrap();
-    assert_eq!(stored[0].metadata.causation_id, Some(ctx.command_id));
-    assert_eq!(stored[0].metadata.correlation_id, Some(conversation));
-    assert_eq!(stored[0].metadata.custom["user"], "ada");
+    let metadata = stored[0].metadata().unwrap();
+    assert_eq!(metadata.causation_id, Some(ctx.command_id));
+    assert_eq!(metadata.correlation_id, Some(conversation));
+    assert_eq!(metadata.custom["user"], "ada");
     assert_eq!(Some(stored[0].position), outcome.position);
 
     // A command caused by that event continues the conversation.
-    let follow_up = CommandContext::caused_by(&stored[0], "follow_up");
+    let follow_up = CommandContext::caused_by(&stored[0], "follow_up").unwrap();
     assert_eq!(follow_up.correlation_id, Some(conversation));
     let next = repo.execute_in("c", &Add(1), &follow_up).await.unwrap();
     let reaction = store
         .read_stream(&StreamId::new("counter", "c"), next.stream_version, 1)
         .await
         .unwrap();
-    assert_eq!(
-        reaction[0].metadata.causation_id,
-        Some(*stored[0].event_id.as_uuid())
-    );
-    assert_eq!(reaction[0].metadata.correlation_id, Some(conversation));
+    let metadata = reaction[0].metadata().unwrap();
+    assert_eq!(metadata.causation_id, Some(*stored[0].event_id.as_uuid()));
+    assert_eq!(metadata.correlation_id, Some(conversation));
 }
 
 #[tokio::test]

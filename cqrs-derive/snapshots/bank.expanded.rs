@@ -12,7 +12,7 @@ impl ::cqrs_core::Event for AccountOpened {
     /// Decodes version 1; any other version is `DecodeError::UnsupportedVersion`.
     fn decode(
         schema_version: u32,
-        payload: &::cqrs_core::__private::serde_json::Value,
+        payload: &::cqrs_core::__private::RawJson,
     ) -> ::cqrs_core::__private::Result<Self, ::cqrs_core::DecodeError> {
         match schema_version {
             1 => {
@@ -42,7 +42,7 @@ impl ::cqrs_core::Event for MoneyDepositedV1 {
     /// Decodes version 1; any other version is `DecodeError::UnsupportedVersion`.
     fn decode(
         schema_version: u32,
-        payload: &::cqrs_core::__private::serde_json::Value,
+        payload: &::cqrs_core::__private::RawJson,
     ) -> ::cqrs_core::__private::Result<Self, ::cqrs_core::DecodeError> {
         match schema_version {
             1 => {
@@ -73,7 +73,7 @@ impl ::cqrs_core::Event for MoneyDeposited {
     /// Decodes version 2 directly, and versions 1 to 1 as `MoneyDepositedV1` converted with `From`.
     fn decode(
         schema_version: u32,
-        payload: &::cqrs_core::__private::serde_json::Value,
+        payload: &::cqrs_core::__private::RawJson,
     ) -> ::cqrs_core::__private::Result<Self, ::cqrs_core::DecodeError> {
         match schema_version {
             2 => {
@@ -123,7 +123,7 @@ impl ::cqrs_core::Event for MoneyWithdrawn {
     /// Decodes version 2 directly, and versions 1 to 1 after rewriting their JSON with `upcast_withdrawn`.
     fn decode(
         schema_version: u32,
-        payload: &::cqrs_core::__private::serde_json::Value,
+        payload: &::cqrs_core::__private::RawJson,
     ) -> ::cqrs_core::__private::Result<Self, ::cqrs_core::DecodeError> {
         match schema_version {
             2 => {
@@ -244,7 +244,7 @@ const _: () = {
         fn decode(
             event_type: &str,
             schema_version: u32,
-            payload: &::cqrs_core::__private::serde_json::Value,
+            payload: &::cqrs_core::__private::RawJson,
         ) -> ::cqrs_core::__private::Result<Self, ::cqrs_core::DecodeError> {
             match event_type {
                 <AccountOpened as ::cqrs_core::Event>::NAME => {

@@ -100,7 +100,7 @@ pub fn aggregate(input: &syn::DeriveInput, model: &Aggregate, error: &syn::Error
             fn decode(
                 event_type: &str,
                 _: u32,
-                _: &#p::serde_json::Value,
+                _: &#p::RawJson,
             ) -> #p::Result<Self, #krate::DecodeError> {
                 #p::Err(#p::unknown_event_type(event_type))
             }

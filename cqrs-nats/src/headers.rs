@@ -2,7 +2,9 @@
 //! written by the relay and read back by the consumer.
 
 use async_nats::HeaderMap;
-use cqrs_core::{EventId, Metadata, Position, RecordedEvent, StreamId, StreamVersion};
+use cqrs_core::{
+    DecodeError, EventId, Metadata, Position, RawJson, RecordedEvent, StreamId, StreamVersion,
+};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -67,7 +69,13 @@ pub fn decode(value: &str) -> Option<String> {
 }
 
 /// The headers of the message for `event`, published as `message_type` at `schema_version`.
-pub fn for_event(event: &RecordedEvent, message_type: &str, schema_version: u32) -> HeaderMap {
+/// Fails if the event's stored metadata (its correlation and causation ids) cannot be read.
+pub fn for_event(
+    event: &RecordedEvent,
+    message_type: &str,
+    schema_version: u32,
+) -> Result<HeaderMap, DecodeError> {
+    let metadata = event.metadata()?;
     let mut headers = HeaderMap::new();
     let id = event.event_id.to_string();
     headers.insert(MSG_ID, id.as_str());
@@ -82,13 +90,13 @@ pub fn for_event(event: &RecordedEvent, message_type: &str, schema_version: u32)
     );
     headers.insert(POSITION, event.position.to_string().as_str());
     headers.insert(RECORDED_AT, event.recorded_at.to_rfc3339().as_str());
-    if let Some(id) = event.metadata.correlation_id {
+    if let Some(id) = metadata.correlation_id {
         headers.insert(CORRELATION_ID, id.to_string().as_str());
     }
-    if let Some(id) = event.metadata.causation_id {
+    if let Some(id) = metadata.causation_id {
         headers.insert(CAUSATION_ID, id.to_string().as_str());
     }
-    headers
+    Ok(headers)
 }
 
 /// Why a message cannot be read as an integration event.
@@ -168,8 +176,12 @@ pub(crate) fn to_event(
             value: header(headers, RECORDED_AT).unwrap_or_default().to_owned(),
         })?
         .with_timezone(&chrono::Utc);
-    let payload: Value =
-        serde_json::from_slice(payload).map_err(|e| MessageError::Payload(e.to_string()))?;
+    // A message comes from outside the store, unchecked: it must be JSON before a projection
+    // sees it (an undecodable message is skipped and recorded, not handed on). Checked without
+    // building a `Value`; the projection parses the text into the type it needs.
+    let payload = std::str::from_utf8(payload).map_err(|e| MessageError::Payload(e.to_string()))?;
+    serde_json::from_str::<serde::de::IgnoredAny>(payload)
+        .map_err(|e| MessageError::Payload(e.to_string()))?;
     let mut metadata = Metadata {
         correlation_id: optional_uuid(headers, CORRELATION_ID)?,
         causation_id: optional_uuid(headers, CAUSATION_ID)?,
@@ -187,8 +199,8 @@ pub(crate) fn to_event(
         event_type: text(headers, EVENT_TYPE)?,
         schema_version: parsed(headers, SCHEMA_VERSION)?,
         recorded_at,
-        payload,
-        metadata,
+        payload: RawJson::from_stored(payload),
+        raw_metadata: metadata.to_json(),
     })
 }
 

@@ -8,8 +8,8 @@ use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::Context;
 use cqrs_core::{
-    Event, EventId, HandlerError, Position, Projection, ProjectionError, RecordedEvent, StreamId,
-    Subscription,
+    Event, EventId, HandlerError, Position, Projection, ProjectionError, RawJson, RecordedEvent,
+    StreamId, Subscription,
 };
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
@@ -26,7 +26,7 @@ pub struct IntegrationMessage {
     /// The public message's schema version.
     pub schema_version: u32,
     /// The JSON body.
-    pub payload: serde_json::Value,
+    pub payload: RawJson,
     /// The subject; `None`: `<prefix>.<stream type>.<message type>` (see [`RelayConfig`]).
     pub subject: Option<String>,
 }
@@ -38,7 +38,7 @@ impl IntegrationMessage {
         Ok(Self {
             message_type: E::NAME.to_owned(),
             schema_version: E::VERSION,
-            payload: serde_json::to_value(message)?,
+            payload: RawJson::encode(message)?,
             subject: None,
         })
     }
@@ -303,17 +303,17 @@ impl<M: IntegrationMap, C: Send + 'static> Projection for Relay<M, C> {
             let Some(message) = message else {
                 return Ok(());
             };
-            let payload =
-                serde_json::to_vec(&message.payload).map_err(|e| ProjectionError::Handler {
+            let headers = headers::for_event(event, &message.message_type, message.schema_version)
+                .map_err(|e| ProjectionError::Handler {
                     projection: Self::NAME,
                     event_type: event.event_type.clone(),
                     position: event.position,
                     source: e.into(),
                 })?;
+            let payload = message.payload.as_str().as_bytes().to_vec();
             let subject = message
                 .subject
                 .unwrap_or_else(|| self.config.subject(event, &message.message_type));
-            let headers = headers::for_event(event, &message.message_type, message.schema_version);
             self.pending.push(Outgoing {
                 event_id: event.event_id,
                 position: event.position,

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use cqrs_core::backend::StoredEventRef;
-use cqrs_core::{EventId, Metadata, Position, RecordedEvent, StoreError, StreamId, StreamVersion};
+use cqrs_core::{EventId, Position, RawJson, RecordedEvent, StoreError, StreamId, StreamVersion};
 use sqlx::postgres::PgRow;
 use sqlx::{ColumnIndex, Row};
 
@@ -82,13 +82,11 @@ fn event_id(
         .map_err(|e| corrupt(at, e))
 }
 
-/// A full event from a [`crate::sql`] read (the columns of `COLUMNS`, in order).
+/// A full event from a [`crate::sql`] read (the columns of `COLUMNS`, in order). The payload and
+/// metadata are handed over as the text PostgreSQL printed from `jsonb` (always valid JSON), not
+/// parsed: whoever reads the event parses them, into the type they need.
 pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
     let at = position(row)?;
-    let payload = serde_json::from_str(text(row, col::PAYLOAD, "payload", at)?)
-        .map_err(|e| corrupt(at, format!("payload: {e}")))?;
-    let metadata: Metadata = serde_json::from_str(text(row, col::METADATA, "metadata", at)?)
-        .map_err(|e| corrupt(at, format!("metadata: {e}")))?;
     let schema_version: i32 = row
         .try_get(col::SCHEMA_VERSION)
         .map_err(|e| corrupt(at, e))?;
@@ -106,8 +104,8 @@ pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
         recorded_at: row
             .try_get::<DateTime<Utc>, _>(col::RECORDED_AT)
             .map_err(|e| corrupt(at, e))?,
-        payload,
-        metadata,
+        payload: RawJson::from_stored(text(row, col::PAYLOAD, "payload", at)?),
+        raw_metadata: RawJson::from_stored(text(row, col::METADATA, "metadata", at)?),
     })
 }
 

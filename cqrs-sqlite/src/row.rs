@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use cqrs_core::backend::StoredEventRef;
-use cqrs_core::{EventId, Metadata, Position, RecordedEvent, StoreError, StreamId, StreamVersion};
+use cqrs_core::{EventId, Position, RawJson, RecordedEvent, StoreError, StreamId, StreamVersion};
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
 
@@ -93,10 +93,6 @@ fn event_id(row: &SqliteRow, index: usize, at: Position) -> Result<EventId, Stor
 /// A full event from a read (the columns of `sql::columns!`, in order).
 pub(crate) fn recorded(row: &SqliteRow) -> Result<RecordedEvent, StoreError> {
     let at = position(row)?;
-    let payload = serde_json::from_str(text(row, col::PAYLOAD, "payload", at)?)
-        .map_err(|e| corrupt(at, format!("payload: {e}")))?;
-    let metadata: Metadata = serde_json::from_str(text(row, col::METADATA, "metadata", at)?)
-        .map_err(|e| corrupt(at, format!("metadata: {e}")))?;
     let schema_version: i64 = row
         .try_get(col::SCHEMA_VERSION)
         .map_err(|e| corrupt(at, e))?;
@@ -114,8 +110,10 @@ pub(crate) fn recorded(row: &SqliteRow) -> Result<RecordedEvent, StoreError> {
             .map_err(|_| corrupt(at, format!("schema version {schema_version} out of range")))?,
         recorded_at: DateTime::<Utc>::from_timestamp_micros(micros)
             .ok_or_else(|| corrupt(at, format!("recorded_at {micros} out of range")))?,
-        payload,
-        metadata,
+        // Handed over as stored, not parsed: whoever reads the event parses them (text that is
+        // not JSON, written by something else than this store, is their typed decode error).
+        payload: RawJson::from_stored(text(row, col::PAYLOAD, "payload", at)?),
+        raw_metadata: RawJson::from_stored(text(row, col::METADATA, "metadata", at)?),
     })
 }
 

@@ -284,19 +284,19 @@ impl<C: Send + 'static> DiscontinueWhenSoldOut<C> {
         &mut self,
         _: &StockDepleted,
         meta: &RecordedEvent,
-    ) -> Result<(), ExecuteError<CatalogueError>> {
+    ) -> Result<(), cqrs_core::HandlerError> {
         let command = Discontinue {
             product: meta.stream.id().to_owned(),
             reason: "sold out".to_owned(),
         };
-        let context = CommandContext::caused_by(meta, "discontinue_when_sold_out");
+        let context = CommandContext::caused_by(meta, "discontinue_when_sold_out")?;
         match self
             .products
             .execute_in(&command.product, &command, &context)
             .await
         {
             Ok(_) | Err(ExecuteError::Domain(CatalogueError::Discontinued)) => Ok(()),
-            Err(error) => Err(error),
+            Err(error) => Err(error.into()),
         }
     }
 }
@@ -455,10 +455,11 @@ where
         .iter()
         .find(|e| e.event_type == ProductDiscontinued::NAME);
     for e in &events {
+        let metadata = e.metadata()?;
         writeln!(
             out,
             "  v{} {:<20} causation={:?} correlation={:?}",
-            e.stream_version, e.event_type, e.metadata.causation_id, e.metadata.correlation_id
+            e.stream_version, e.event_type, metadata.causation_id, metadata.correlation_id
         )?;
     }
     Ok(CatalogueReport {
@@ -466,10 +467,11 @@ where
         discontinued: products.load(product).await?.state.discontinued,
         depleted: (
             *depleted.event_id.as_uuid(),
-            depleted.metadata.correlation_id,
+            depleted.metadata()?.correlation_id,
         ),
         discontinued_metadata: discontinued
-            .map(|e| (e.metadata.causation_id, e.metadata.correlation_id))
+            .map(|e| e.metadata().map(|m| (m.causation_id, m.correlation_id)))
+            .transpose()?
             .unwrap_or_default(),
         manager_resumed_from,
     })

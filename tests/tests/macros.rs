@@ -1,7 +1,7 @@
 //! What the macros generate, exercised at run time.
 
 use cqrs_core::prelude::*;
-use cqrs_core::{event, projection, DecodeError, EventSet, ProjectionError};
+use cqrs_core::{event, projection, DecodeError, EventSet, ProjectionError, RawJson};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -53,7 +53,7 @@ use v::Deposited;
 fn three_version_chain_decodes_every_stored_version() {
     assert_eq!(Deposited::NAME, "MoneyDeposited");
     assert_eq!(Deposited::VERSION, 3);
-    let v1 = Deposited::decode(1, &json!({ "amount": 5 })).unwrap();
+    let v1 = Deposited::decode(1, &RawJson::from(json!({ "amount": 5 }))).unwrap();
     assert_eq!(
         v1,
         Deposited {
@@ -61,7 +61,7 @@ fn three_version_chain_decodes_every_stored_version() {
             memo: "(none)".into()
         }
     );
-    let v2 = Deposited::decode(2, &json!({ "amount": 7, "memo": "rent" })).unwrap();
+    let v2 = Deposited::decode(2, &RawJson::from(json!({ "amount": 7, "memo": "rent" }))).unwrap();
     assert_eq!(
         v2,
         Deposited {
@@ -69,13 +69,13 @@ fn three_version_chain_decodes_every_stored_version() {
             memo: "rent".into()
         }
     );
-    let v3 = Deposited::decode(3, &json!({ "cents": 9, "memo": "x" })).unwrap();
+    let v3 = Deposited::decode(3, &RawJson::from(json!({ "cents": 9, "memo": "x" }))).unwrap();
     assert_eq!(v3.cents, 9);
 }
 
 #[test]
 fn versions_without_a_path_and_bad_payloads_are_typed_errors() {
-    match Deposited::decode(4, &json!({})) {
+    match Deposited::decode(4, &RawJson::from(json!({}))) {
         Err(DecodeError::UnsupportedVersion {
             version: 4,
             current: 3,
@@ -84,17 +84,42 @@ fn versions_without_a_path_and_bad_payloads_are_typed_errors() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        Deposited::decode(0, &json!({ "amount": 1 })),
+        Deposited::decode(0, &RawJson::from(json!({ "amount": 1 }))),
         Err(DecodeError::UnsupportedVersion { version: 0, .. })
     ));
-    match Deposited::decode(1, &json!({ "amount": "five" })) {
+    match Deposited::decode(1, &RawJson::from(json!({ "amount": "five" }))) {
         Err(DecodeError::Payload { version: 1, .. }) => {}
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        Deposited::decode(3, &json!(null)),
+        Deposited::decode(3, &RawJson::from(json!(null))),
         Err(DecodeError::Payload { version: 3, .. })
     ));
+}
+
+#[test]
+fn stored_text_that_is_not_json_is_a_payload_error_on_every_decode_path() {
+    let garbage = RawJson::from_stored("{\"amount\": 5");
+    // The current version, an older one through `upcast_from` (decoded as that version's type
+    // straight from the text), and an older one through `upcast_json` (parsed for the upcaster).
+    for decoded in [
+        Deposited::decode(3, &garbage).map(|_| ()),
+        Deposited::decode(1, &garbage).map(|_| ()),
+        Withdrawn::decode(1, &garbage).map(|_| ()),
+    ] {
+        assert!(
+            matches!(decoded, Err(DecodeError::Payload { .. })),
+            "{decoded:?}"
+        );
+    }
+    match Deposited::decode(1, &garbage) {
+        Err(DecodeError::Payload {
+            event_type,
+            version,
+            ..
+        }) => assert_eq!((event_type.as_str(), version), ("MoneyDeposited", 1)),
+        other => panic!("{other:?}"),
+    }
 }
 
 mod short_chain {
@@ -124,10 +149,10 @@ mod short_chain {
 fn a_version_the_chain_cannot_reach_names_the_current_version() {
     use short_chain::Renamed;
     assert_eq!(
-        Renamed::decode(2, &json!({ "to": "x" })).unwrap(),
+        Renamed::decode(2, &RawJson::from(json!({ "to": "x" }))).unwrap(),
         Renamed { to: "x".into() }
     );
-    match Renamed::decode(1, &json!({ "to": "x" })) {
+    match Renamed::decode(1, &RawJson::from(json!({ "to": "x" }))) {
         Err(DecodeError::UnsupportedVersion {
             version: 1,
             current: 3,
@@ -168,10 +193,10 @@ fn json_escape_hatch_upcasts_and_reports_failures() {
         "default name is the type name verbatim"
     );
     assert_eq!(
-        Withdrawn::decode(1, &json!({ "amt": 3 })).unwrap(),
+        Withdrawn::decode(1, &RawJson::from(json!({ "amt": 3 }))).unwrap(),
         Withdrawn { amount: 3 }
     );
-    match Withdrawn::decode(1, &json!({ "wrong": 3 })) {
+    match Withdrawn::decode(1, &RawJson::from(json!({ "wrong": 3 }))) {
         Err(DecodeError::Upcast {
             from_version: 1,
             source,
@@ -180,7 +205,7 @@ fn json_escape_hatch_upcasts_and_reports_failures() {
         other => panic!("{other:?}"),
     }
     assert!(matches!(
-        Withdrawn::decode(3, &json!({})),
+        Withdrawn::decode(3, &RawJson::from(json!({}))),
         Err(DecodeError::UnsupportedVersion { .. })
     ));
 }
@@ -252,7 +277,7 @@ fn aggregate_dispatch_names_and_serialization() {
     let mut thing = Thing::default();
     for e in &events {
         thing.apply_event(e);
-        let payload = EventSet::encode(e).unwrap();
+        let payload = RawJson::from(EventSet::encode(e).unwrap());
         let back = ThingEvents::decode(e.event_type(), e.schema_version(), &payload).unwrap();
         assert_eq!(&back, e);
     }
@@ -260,7 +285,12 @@ fn aggregate_dispatch_names_and_serialization() {
         (thing.ids, thing.names, thing.cents),
         (vec![7], vec!["Ada".to_owned()], 5)
     );
-    let camel = ThingEvents::decode("second.Created", 1, &json!({ "displayName": "Bo" })).unwrap();
+    let camel = ThingEvents::decode(
+        "second.Created",
+        1,
+        &RawJson::from(json!({ "displayName": "Bo" })),
+    )
+    .unwrap();
     assert_eq!(
         camel,
         ThingEvents::NamedCreated(second::Created {
@@ -268,7 +298,8 @@ fn aggregate_dispatch_names_and_serialization() {
             tags: vec![]
         })
     );
-    let old = ThingEvents::decode("MoneyDeposited", 1, &json!({ "amount": 2 })).unwrap();
+    let old =
+        ThingEvents::decode("MoneyDeposited", 1, &RawJson::from(json!({ "amount": 2 }))).unwrap();
     assert_eq!(
         old,
         ThingEvents::Deposited(Deposited {
@@ -277,7 +308,7 @@ fn aggregate_dispatch_names_and_serialization() {
         })
     );
     assert!(matches!(
-        ThingEvents::decode("Nope", 1, &json!({})),
+        ThingEvents::decode("Nope", 1, &RawJson::from(json!({}))),
         Err(DecodeError::UnknownEventType { .. })
     ));
 }
@@ -380,8 +411,8 @@ fn recorded(
         event_type: event_type.to_owned(),
         schema_version,
         recorded_at: chrono::Utc::now(),
-        payload,
-        metadata: cqrs_core::Metadata::default(),
+        payload: RawJson::from(payload),
+        raw_metadata: cqrs_core::Metadata::default().to_json(),
     }
 }
 

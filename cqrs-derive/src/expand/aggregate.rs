@@ -95,7 +95,7 @@ pub fn aggregate(model: &Aggregate, input: &syn::DeriveInput) -> TokenStream {
                 fn decode(
                     event_type: &str,
                     schema_version: u32,
-                    payload: &#p::serde_json::Value,
+                    payload: &#p::RawJson,
                 ) -> #p::Result<Self, #krate::DecodeError> {
                     match event_type {
                         #(

@@ -94,7 +94,7 @@ pub fn event(model: &Event, input: &syn::DeriveInput) -> TokenStream {
             #[doc = #doc]
             fn decode(
                 schema_version: u32,
-                payload: &#p::serde_json::Value,
+                payload: &#p::RawJson,
             ) -> #p::Result<Self, #krate::DecodeError> {
                 match schema_version {
                     #current => #p::deserialize(#name, schema_version, payload),

@@ -278,11 +278,11 @@ async fn relay_killed_mid_batch_loses_and_duplicates_nothing() {
     // A copy beyond the duplicate window: stored again under another message id.
     let copy = jetstream::message::PublishMessage::build()
         .headers({
-            let mut h = cqrs_nats::headers::for_event(&first[0], "Pinged", 1);
+            let mut h = cqrs_nats::headers::for_event(&first[0], "Pinged", 1).unwrap();
             h.insert(cqrs_nats::headers::MSG_ID, "another-id");
             h
         })
-        .payload(serde_json::to_vec(&first[0].payload).unwrap().into());
+        .payload(first[0].payload.as_str().as_bytes().to_vec().into());
     let ack = js
         .send_publish(format!("{prefix}.copy"), copy)
         .await

@@ -34,8 +34,8 @@ async fn ten_kilobyte_strings_and_odd_text_round_trip_or_are_rejected_clearly() 
     assert_eq!(read.len(), 1);
     assert_eq!(read[0].stream, stream);
     assert_eq!(read[0].event_type, e.event_type);
-    assert_eq!(read[0].payload, e.payload);
-    assert_eq!(read[0].metadata, e.metadata);
+    assert_eq!(read[0].payload.to_value().unwrap(), e.payload);
+    assert_eq!(read[0].metadata().unwrap(), e.metadata);
     assert_eq!(read[0].position, written.position);
     let types = [e.event_type.as_str()];
     assert_eq!(

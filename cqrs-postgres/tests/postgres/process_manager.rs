@@ -39,7 +39,14 @@ impl Projection for Forwarder {
         if !event.stream.id().starts_with("source-") {
             return Ok(());
         }
-        let context = CommandContext::caused_by(event, "forward");
+        let context = CommandContext::caused_by(event, "forward").map_err(|error| {
+            ProjectionError::Handler {
+                projection: Self::NAME,
+                event_type: event.event_type.clone(),
+                position: event.position,
+                source: Box::new(error),
+            }
+        })?;
         self.counters
             .execute_in(TARGET, &Add(1), &context)
             .await

@@ -138,18 +138,8 @@ async fn catch_up_fails_naming_what_holds_the_horizon_instead_of_returning_incom
 async fn an_unreadable_row_fails_at_its_position_after_the_rows_ahead_of_it_commit() {
     let store = fresh_store().await;
     let ahead = append(&store, "good", 1).await[0];
-    // Metadata whose correlation id is not a UUID: stored fine, unreadable as an envelope.
-    let bad = insert_raw(
-        &store,
-        "runner",
-        "bad",
-        1,
-        "Recorded",
-        1,
-        "{}",
-        r#"{"correlation_id": 42}"#,
-    )
-    .await;
+    // A negative schema version: stored fine, unreadable as an envelope.
+    let bad = insert_raw(&store, "runner", "bad", 1, "Recorded", -1, "{}", "{}").await;
     let behind = append(&store, "good", 1).await[0];
     let projections = PostgresProjections::new(store.clone());
     let recorder = Recorder::<PgConnection>::default();

@@ -54,7 +54,9 @@ impl Projection for Balances {
         event: &'a RecordedEvent,
         db: &'a mut SqliteConnection,
     ) -> Result<(), ProjectionError> {
-        let amount = event.payload["amount"].as_i64().unwrap_or_default();
+        let amount = event.payload.to_value().unwrap()["amount"]
+            .as_i64()
+            .unwrap_or_default();
         let failed = |source: sqlx::Error| ProjectionError::Handler {
             projection: Self::NAME,
             event_type: event.event_type.clone(),
@@ -116,7 +118,9 @@ async fn replay(store: &SqliteStore) -> BTreeMap<String, (i64, i64)> {
     let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     for event in all {
         let row = expected.entry(event.stream.id().to_owned()).or_default();
-        row.0 += event.payload["amount"].as_i64().unwrap();
+        row.0 += event.payload.to_value().unwrap()["amount"]
+            .as_i64()
+            .unwrap();
         row.1 += 1;
     }
     expected
@@ -285,7 +289,9 @@ async fn a_read_file_fed_from_postgres_is_exact_across_sigkills() {
     let mut expected: BTreeMap<String, (i64, i64)> = BTreeMap::new();
     for event in &all {
         let row = expected.entry(event.stream.id().to_owned()).or_default();
-        row.0 += event.payload["amount"].as_i64().unwrap();
+        row.0 += event.payload.to_value().unwrap()["amount"]
+            .as_i64()
+            .unwrap();
         row.1 += 1;
     }
     assert_eq!(Balances::rows(&read).await, expected);

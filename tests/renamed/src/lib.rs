@@ -61,7 +61,7 @@ mod tests {
     #[tokio::test]
     async fn generated_code_goes_through_the_renamed_crate() {
         // v1 payloads upcast through the chain.
-        let old = PingerEvent::decode("Pinged", 1, &serde_json::json!({})).unwrap();
+        let old = PingerEvent::decode("Pinged", 1, &cqrs::RawJson::from_stored("{}")).unwrap();
         assert_eq!(
             old,
             PingerEvent::Pinged(Pinged {

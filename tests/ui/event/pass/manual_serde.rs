@@ -20,6 +20,6 @@ impl<'de> Deserialize<'de> for Tagged {
 }
 
 fn main() {
-    let tagged = Tagged::decode(1, &serde_json::json!("x")).unwrap();
+    let tagged = Tagged::decode(1, &cqrs_core::RawJson::from_stored(r#""x""#)).unwrap();
     assert_eq!(tagged, Tagged("x".into()));
 }
