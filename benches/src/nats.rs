@@ -172,8 +172,9 @@ async fn raw_once(
     let messages: Vec<(String, PublishMessage)> = events
         .iter()
         .map(|e| {
-            let headers = cqrs_nats::headers::for_event(e, &e.event_type, e.schema_version);
-            let payload = serde_json::to_vec(&e.payload)?;
+            let headers = cqrs_nats::headers::for_event(e, &e.event_type, e.schema_version)?;
+            // The stored text as it is, as the relay forwards it.
+            let payload = e.payload.as_str().as_bytes().to_vec();
             Ok((
                 config.subject(e, &e.event_type),
                 PublishMessage::build()
