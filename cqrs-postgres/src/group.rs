@@ -1,7 +1,10 @@
 //! Group commit: concurrent appends to different streams share one statement and one commit.
 //! Whatever the group cannot settle for a caller (a refused expectation, a retry of stored ids, a
 //! failed statement) goes back to that caller, who appends alone with the full checks; so every
-//! caller gets exactly the result or error an individual append would give.
+//! caller gets exactly the result or error an individual append would give. An append whose
+//! stream is queued or being written already is not queued at all: its caller appends alone at
+//! once, so a hot stream's appends race on the unique index as without group commit, instead of
+//! each waiting a whole write for a later group.
 //!
 //! Leader/follower, with no dedicated task. At most `max_in_flight` writes are in flight at once,
 //! each holding a slot ([`Slot`]); an append joins the queue, and if a slot is free its caller

@@ -143,7 +143,8 @@ impl PostgresStore {
     /// It trades parallelism for fewer statements, commits and round trips: concurrent commands
     /// on different streams share one statement and one commit, and every write skips the pool's
     /// round trips (BENCHMARKS.md, W1, has the figures). Appends of one stream are never grouped
-    /// together: a hot single stream gains only the kept connection.
+    /// together: an append whose stream is already queued or being written is written alone at
+    /// once, on a pooled connection, as without group commit (BENCHMARKS.md, W3).
     pub fn with_group_commit(mut self, config: GroupCommit) -> Self {
         self.group = Some(group::GroupCommitter::new(
             self.pool.clone(),
