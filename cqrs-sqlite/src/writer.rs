@@ -236,30 +236,14 @@ async fn append_one(
     // rows. Without inline projections a failed append wrote nothing (the version is checked
     // before the insert, and the insert undoes itself), so it needs none.
     if request.inline.is_empty() {
-        return append::append_on(
-            conn,
-            errors,
-            &request.stream,
-            request.expected,
-            &request.events,
-            &request.batch,
-        )
-        .await;
+        return append_request(conn, errors, request).await;
     }
     sqlx::raw_sql("SAVEPOINT cqrs_request")
         .execute(&mut *conn)
         .await
         .map_err(|e| errors.map(e))?;
     let outcome = async {
-        let appended = append::append_on(
-            conn,
-            errors,
-            &request.stream,
-            request.expected,
-            &request.events,
-            &request.batch,
-        )
-        .await?;
+        let appended = append_request(conn, errors, request).await?;
         if appended.fresh {
             let events = append::read_back(
                 conn,
@@ -284,6 +268,23 @@ async fn append_one(
         .await
         .map_err(|e| errors.map(e))?;
     outcome
+}
+
+/// The append itself, inside the writer's transaction.
+async fn append_request(
+    conn: &mut SqliteConnection,
+    errors: &Errors,
+    request: &Request,
+) -> Result<Appended, StoreError> {
+    append::append_on(
+        conn,
+        errors,
+        &request.stream,
+        request.expected,
+        &request.events,
+        &request.batch,
+    )
+    .await
 }
 
 fn answer_all(group: &mut Vec<Request>, error: StoreError) {
