@@ -12,13 +12,23 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::aggregate::{Aggregate, Handle, HandleWith};
-use crate::event::{EncodeError, EventId, EventSet, Metadata, NewEvent, RecordedEvent};
+use crate::event::{
+    EncodeError, EventId, EventSet, Metadata, NewEvent, RecordedEvent, ReplayEvent,
+};
 use crate::snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 use crate::store::{
-    read_stream_batched, AppendResult, ConcurrencyError, EventStore, StoreError, DEFAULT_BATCH_SIZE,
+    read_stream_batched, replay_stream_batched, AppendResult, ConcurrencyError, EventStore,
+    StoreError,
 };
 use crate::stream::{ExpectedVersion, Position, StreamId, StreamVersion};
 use crate::upcast::DecodeError;
+
+/// Default number of events a [`Repository`] fetches per round trip while loading an aggregate.
+/// Larger than the log readers' [`DEFAULT_BATCH_SIZE`](crate::store::DEFAULT_BATCH_SIZE): a
+/// replay page holds no metadata, and most streams then load in one round trip. Memory stays
+/// bounded by one page (with 1 KB payloads, about 4 MB); lower it with
+/// [`Repository::with_batch_size`] for much larger payloads.
+pub const DEFAULT_LOAD_BATCH_SIZE: usize = 4096;
 
 /// Who is asking and why: the command's id, what caused it, the correlation id carried from the
 /// caller, and custom metadata copied onto every event.
@@ -454,7 +464,7 @@ impl<A: Aggregate> Repository<A> {
             store,
             snapshots: None,
             retry: RetryPolicy::none(),
-            batch_size: DEFAULT_BATCH_SIZE,
+            batch_size: DEFAULT_LOAD_BATCH_SIZE,
             cache: Some(Arc::new(AggregateCache::new(DEFAULT_CACHE_CAPACITY))),
         }
     }
@@ -510,7 +520,7 @@ impl<A: Aggregate> Repository<A> {
         self
     }
 
-    /// Events fetched per round trip while loading (default [`DEFAULT_BATCH_SIZE`]).
+    /// Events fetched per round trip while loading (default [`DEFAULT_LOAD_BATCH_SIZE`]).
     pub fn with_batch_size(mut self, batch_size: usize) -> Self {
         self.batch_size = batch_size.max(1);
         self
@@ -577,7 +587,7 @@ impl<A: Aggregate> Repository<A> {
             }
             _ => self.batch_size,
         };
-        let events = read_stream_batched(&*self.store, stream, loaded.version.next(), batch);
+        let events = replay_stream_batched(&*self.store, stream, loaded.version.next(), batch);
         futures_util::pin_mut!(events);
         while let Some(recorded) = events.try_next().await? {
             match until {
@@ -585,7 +595,7 @@ impl<A: Aggregate> Repository<A> {
                 Until::Time(t) if recorded.recorded_at > t => break,
                 _ => {}
             }
-            let event = decode(&recorded)?;
+            let event = decode_replayed(stream, &recorded)?;
             loaded.state.apply_event(&event);
             loaded.version = recorded.stream_version;
             if matches!(until, Until::Version(v) if loaded.version == v) {
@@ -983,12 +993,32 @@ impl<A: Aggregate> Repository<A> {
 
 fn decode<S: EventSet>(recorded: &RecordedEvent) -> Result<S, LoadError> {
     recorded.decode_set::<S>().map_err(|source| {
-        LoadError::Decode(UndecodableEvent {
-            stream: recorded.stream.clone(),
-            stream_version: recorded.stream_version,
-            position: recorded.position,
+        undecodable(
+            &recorded.stream,
+            recorded.stream_version,
+            recorded.position,
             source,
-        })
+        )
+    })
+}
+
+fn decode_replayed<S: EventSet>(stream: &StreamId, event: &ReplayEvent) -> Result<S, LoadError> {
+    event
+        .decode_set::<S>()
+        .map_err(|source| undecodable(stream, event.stream_version, event.position, source))
+}
+
+fn undecodable(
+    stream: &StreamId,
+    stream_version: StreamVersion,
+    position: Position,
+    source: DecodeError,
+) -> LoadError {
+    LoadError::Decode(UndecodableEvent {
+        stream: stream.clone(),
+        stream_version,
+        position,
+        source,
     })
 }
 

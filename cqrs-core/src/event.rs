@@ -236,6 +236,66 @@ impl NewEvent {
     }
 }
 
+/// A stored event as an aggregate's replay reads it: what decoding, upcasting and loading "as of"
+/// a version or an instant need, without the metadata and the stream id (the caller knows it).
+/// [`EventStore::read_stream_for_replay`](crate::EventStore::read_stream_for_replay) returns
+/// these; a backend reads fewer columns for them than for a [`RecordedEvent`].
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ReplayEvent {
+    /// Its version within the stream (1-based, dense).
+    pub stream_version: StreamVersion,
+    /// Its place in the global log.
+    pub position: Position,
+    /// The stored event type name.
+    pub event_type: String,
+    /// The schema version the payload was written with.
+    pub schema_version: u32,
+    /// When the store recorded it.
+    pub recorded_at: DateTime<Utc>,
+    /// The JSON payload as stored.
+    pub payload: RawJson,
+}
+
+impl ReplayEvent {
+    /// A replay event from its parts (for backends that read it from their own rows).
+    pub fn new(
+        stream_version: StreamVersion,
+        position: Position,
+        event_type: String,
+        schema_version: u32,
+        recorded_at: DateTime<Utc>,
+        payload: RawJson,
+    ) -> Self {
+        Self {
+            stream_version,
+            position,
+            event_type,
+            schema_version,
+            recorded_at,
+            payload,
+        }
+    }
+
+    /// Decodes the payload as one event of the set `S`, upcasting older schema versions.
+    pub fn decode_set<S: EventSet>(&self) -> Result<S, DecodeError> {
+        S::decode(&self.event_type, self.schema_version, &self.payload)
+    }
+}
+
+impl From<RecordedEvent> for ReplayEvent {
+    fn from(event: RecordedEvent) -> Self {
+        Self {
+            stream_version: event.stream_version,
+            position: event.position,
+            event_type: event.event_type,
+            schema_version: event.schema_version,
+            recorded_at: event.recorded_at,
+            payload: event.payload,
+        }
+    }
+}
+
 /// A stored event with its full envelope.
 ///
 /// The payload and the metadata are the JSON text the store returned ([`RawJson`]), parsed only

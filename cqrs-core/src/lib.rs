@@ -171,9 +171,11 @@ pub use bus::{BusError, CommandBus, CommandHandler, DomainError, Receipt};
 pub use checkpoint::CheckpointStore;
 pub use command::{
     CommandContext, CommandOutcome, ExecuteError, LoadError, Loaded, Repository, RetryPolicy,
-    UndecodableEvent, DEFAULT_CACHE_CAPACITY,
+    UndecodableEvent, DEFAULT_CACHE_CAPACITY, DEFAULT_LOAD_BATCH_SIZE,
 };
-pub use event::{EncodeError, Event, EventId, EventSet, Metadata, NewEvent, RecordedEvent};
+pub use event::{
+    EncodeError, Event, EventId, EventSet, Metadata, NewEvent, RecordedEvent, ReplayEvent,
+};
 pub use json::RawJson;
 pub use memory::InMemoryStore;
 pub use projection::{HandlerError, Projection, ProjectionError, Subscription};

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use async_trait::async_trait;
 use futures_util::stream::{self, Stream};
 
-use crate::event::{EventId, NewEvent, RecordedEvent};
+use crate::event::{EventId, NewEvent, RecordedEvent, ReplayEvent};
 use crate::stream::{ExpectedVersion, InvalidId, Position, StreamId, StreamVersion};
 
 /// Default number of events fetched per round trip by the streaming helpers and the repository.
@@ -268,6 +268,21 @@ pub trait EventStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
 
+    /// Reads up to `limit` events of `stream` with version `>= from`, in version order, as an
+    /// aggregate's replay needs them: the same events as [`EventStore::read_stream`], without
+    /// their metadata and stream id. The default reads [`EventStore::read_stream`] and drops
+    /// those; a backend overrides it to read fewer columns (loading a long stream is the cost of
+    /// a command whose aggregate is not cached).
+    async fn read_stream_for_replay(
+        &self,
+        stream: &StreamId,
+        from: StreamVersion,
+        limit: usize,
+    ) -> Result<Vec<ReplayEvent>, StoreError> {
+        let events = self.read_stream(stream, from, limit).await?;
+        Ok(events.into_iter().map(ReplayEvent::from).collect())
+    }
+
     /// Reads up to `limit` events of the global log strictly after `after`, in log order, filtered by
     /// type. Gap-free: an event is never returned after an event that follows it in log order, so a
     /// reader that resumes from the last position it saw never skips one.
@@ -349,6 +364,22 @@ pub fn read_stream_batched<'a>(
     )
 }
 
+/// Reads a stream from `from` for an aggregate's replay
+/// ([`EventStore::read_stream_for_replay`]), `batch` at a time: memory stays bounded by one batch.
+pub fn replay_stream_batched<'a>(
+    store: &'a dyn EventStore,
+    stream: &'a StreamId,
+    from: StreamVersion,
+    batch: usize,
+) -> impl Stream<Item = Result<ReplayEvent, StoreError>> + Send + 'a {
+    paginate(
+        from,
+        batch,
+        move |next, limit| store.read_stream_for_replay(stream, next, limit),
+        |e| e.stream_version.next(),
+    )
+}
+
 /// Reads the global log after `after` as an async stream of events, `batch` at a time, until a
 /// batch comes back short (the head at that moment).
 pub fn read_all_batched<'a>(
@@ -367,19 +398,20 @@ pub fn read_all_batched<'a>(
 
 /// Keyset pagination: fetch a page from `cursor`, yield its events one by one, move the cursor past
 /// the last one, stop after a short page.
-fn paginate<'a, C, F, Fut>(
+fn paginate<'a, T, C, F, Fut>(
     start: C,
     batch: usize,
     fetch: F,
-    cursor_after: fn(&RecordedEvent) -> C,
-) -> impl Stream<Item = Result<RecordedEvent, StoreError>> + Send + 'a
+    cursor_after: fn(&T) -> C,
+) -> impl Stream<Item = Result<T, StoreError>> + Send + 'a
 where
+    T: Send + 'a,
     C: Copy + Send + 'a,
     F: Fn(C, usize) -> Fut + Send + 'a,
-    Fut: std::future::Future<Output = Result<Vec<RecordedEvent>, StoreError>> + Send + 'a,
+    Fut: std::future::Future<Output = Result<Vec<T>, StoreError>> + Send + 'a,
 {
     let batch = batch.max(1);
-    let state = (VecDeque::<RecordedEvent>::new(), start, false);
+    let state = (VecDeque::<T>::new(), start, false);
     stream::try_unfold(state, move |(mut buffer, cursor, exhausted)| {
         let page = (buffer.is_empty() && !exhausted).then(|| fetch(cursor, batch));
         async move {

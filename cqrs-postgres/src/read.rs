@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use cqrs_core::backend::validate_types;
 use cqrs_core::{
     AppendResult, EventId, EventStore, EventTypes, ExpectedVersion, NewEvent, Position,
-    RecordedEvent, StoreError, StreamId, StreamVersion,
+    RecordedEvent, ReplayEvent, StoreError, StreamId, StreamVersion,
 };
 use futures_util::TryStreamExt;
 use sqlx::postgres::PgRow;
@@ -67,14 +67,63 @@ impl PostgresStore {
     /// are decoded (a `fetch_all` would receive everything first, then decode).
     pub(crate) async fn decode_rows(
         &self,
-        mut rows: impl futures_util::Stream<Item = Result<PgRow, sqlx::Error>> + Unpin,
+        rows: impl futures_util::Stream<Item = Result<PgRow, sqlx::Error>> + Unpin,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.decode_rows_with(rows, limit, row::recorded).await
+    }
+
+    async fn decode_rows_with<T>(
+        &self,
+        mut rows: impl futures_util::Stream<Item = Result<PgRow, sqlx::Error>> + Unpin,
+        limit: i64,
+        decode: impl Fn(&PgRow) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
         let mut events = Vec::with_capacity(usize::try_from(limit).unwrap_or(0).min(1024));
         while let Some(row) = rows.try_next().await.map_err(|e| self.fail(e))? {
-            events.push(row::recorded(&row)?);
+            events.push(decode(&row)?);
         }
         Ok(events)
+    }
+
+    /// One stream's rows from `statement` (`$1` stream type, `$2` id, `$3` first version, `$4`
+    /// limit), each decoded by `decode`. A load before a command runs on a connection group
+    /// commit keeps, if one is idle (no pool round trips); on a connection error (the server
+    /// closed it meanwhile) it reads from the pool.
+    async fn stream_rows<T>(
+        &self,
+        statement: &sqlx::SqlStr,
+        stream: &StreamId,
+        from: StreamVersion,
+        limit: usize,
+        decode: impl Fn(&PgRow) -> Result<T, StoreError> + Copy,
+    ) -> Result<Vec<T>, StoreError> {
+        stream.validate()?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let query = || {
+            sqlx::query(statement.clone())
+                .bind(stream.stream_type())
+                .bind(stream.id())
+                .bind(i64::try_from(from.get()).unwrap_or(i64::MAX))
+                .bind(limit)
+        };
+        if let Some(group) = &self.group {
+            if let Some(mut conn) = group.borrow_kept() {
+                match self
+                    .decode_rows_with(query().fetch(&mut *conn), limit, decode)
+                    .await
+                {
+                    Ok(events) => {
+                        group.give_back(conn);
+                        return Ok(events);
+                    }
+                    Err(StoreError::Connection(_)) => {}
+                    Err(other) => return Err(other),
+                }
+            }
+        }
+        self.decode_rows_with(query().fetch(&self.pool), limit, decode)
+            .await
     }
 
     /// After a short read that ended at `after`: if events after it exist (they were above the
@@ -147,30 +196,20 @@ impl EventStore for PostgresStore {
         from: StreamVersion,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        stream.validate()?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let query = || {
-            sqlx::query(self.sql.read_stream.clone())
-                .bind(stream.stream_type())
-                .bind(stream.id())
-                .bind(i64::try_from(from.get()).unwrap_or(i64::MAX))
-                .bind(limit)
-        };
-        // A load before a command: on a connection group commit keeps, if one is idle (no pool
-        // round trips); on a connection error (the server closed it meanwhile) read from the pool.
-        if let Some(group) = &self.group {
-            if let Some(mut conn) = group.borrow_kept() {
-                match self.decode_rows(query().fetch(&mut *conn), limit).await {
-                    Ok(events) => {
-                        group.give_back(conn);
-                        return Ok(events);
-                    }
-                    Err(StoreError::Connection(_)) => {}
-                    Err(other) => return Err(other),
-                }
-            }
-        }
-        self.decode_rows(query().fetch(&self.pool), limit).await
+        let read = &self.sql.read_stream;
+        self.stream_rows(read, stream, from, limit, row::recorded)
+            .await
+    }
+
+    async fn read_stream_for_replay(
+        &self,
+        stream: &StreamId,
+        from: StreamVersion,
+        limit: usize,
+    ) -> Result<Vec<ReplayEvent>, StoreError> {
+        let read = &self.sql.read_stream_for_replay;
+        self.stream_rows(read, stream, from, limit, row::replayed)
+            .await
     }
 
     async fn read_all(

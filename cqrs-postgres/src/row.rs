@@ -3,7 +3,9 @@
 
 use chrono::{DateTime, Utc};
 use cqrs_core::backend::StoredEventRef;
-use cqrs_core::{EventId, Position, RawJson, RecordedEvent, StoreError, StreamId, StreamVersion};
+use cqrs_core::{
+    EventId, Position, RawJson, RecordedEvent, ReplayEvent, StoreError, StreamId, StreamVersion,
+};
 use sqlx::postgres::PgRow;
 use sqlx::{ColumnIndex, Row};
 
@@ -72,6 +74,16 @@ fn text<'r>(
         .map_err(|e| corrupt(at, format!("{what}: {e}")))
 }
 
+fn schema_version(row: &PgRow, index: usize, at: Position) -> Result<u32, StoreError> {
+    let schema_version: i32 = row.try_get(index).map_err(|e| corrupt(at, e))?;
+    u32::try_from(schema_version)
+        .map_err(|_| corrupt(at, format!("negative schema version {schema_version}")))
+}
+
+fn recorded_at(row: &PgRow, index: usize, at: Position) -> Result<DateTime<Utc>, StoreError> {
+    row.try_get(index).map_err(|e| corrupt(at, e))
+}
+
 fn event_id(
     row: &PgRow,
     index: impl ColumnIndex<PgRow>,
@@ -87,9 +99,6 @@ fn event_id(
 /// parsed: whoever reads the event parses them, into the type they need.
 pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
     let at = position(row)?;
-    let schema_version: i32 = row
-        .try_get(col::SCHEMA_VERSION)
-        .map_err(|e| corrupt(at, e))?;
     Ok(RecordedEvent {
         event_id: event_id(row, col::EVENT_ID, at)?,
         stream: StreamId::new(
@@ -99,14 +108,33 @@ pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
         stream_version: version(row, col::STREAM_VERSION, at)?,
         position: at,
         event_type: text(row, col::EVENT_TYPE, "event_type", at)?.to_owned(),
-        schema_version: u32::try_from(schema_version)
-            .map_err(|_| corrupt(at, format!("negative schema version {schema_version}")))?,
-        recorded_at: row
-            .try_get::<DateTime<Utc>, _>(col::RECORDED_AT)
-            .map_err(|e| corrupt(at, e))?,
+        schema_version: schema_version(row, col::SCHEMA_VERSION, at)?,
+        recorded_at: recorded_at(row, col::RECORDED_AT, at)?,
         payload: RawJson::from_stored(text(row, col::PAYLOAD, "payload", at)?),
         raw_metadata: RawJson::from_stored(text(row, col::METADATA, "metadata", at)?),
     })
+}
+
+/// The columns of `REPLAY_COLUMNS`, in order, after the leading `position, tx::text`.
+mod replay_col {
+    pub const STREAM_VERSION: usize = 2;
+    pub const EVENT_TYPE: usize = 3;
+    pub const SCHEMA_VERSION: usize = 4;
+    pub const PAYLOAD: usize = 5;
+    pub const RECORDED_AT: usize = 6;
+}
+
+/// An event as replay reads it (the columns of `REPLAY_COLUMNS`, in order).
+pub(crate) fn replayed(row: &PgRow) -> Result<ReplayEvent, StoreError> {
+    let at = position(row)?;
+    Ok(ReplayEvent::new(
+        version(row, replay_col::STREAM_VERSION, at)?,
+        at,
+        text(row, replay_col::EVENT_TYPE, "event_type", at)?.to_owned(),
+        schema_version(row, replay_col::SCHEMA_VERSION, at)?,
+        recorded_at(row, replay_col::RECORDED_AT, at)?,
+        RawJson::from_stored(text(row, replay_col::PAYLOAD, "payload", at)?),
+    ))
 }
 
 /// Where a stored event is, for idempotency checks (the columns of `find_ids`).

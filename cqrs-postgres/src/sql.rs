@@ -16,6 +16,13 @@ pub const MAX_SCHEMA_LEN: usize = 56;
 const COLUMNS: &str = "position, tx::text AS tx_text, stream_type, stream_id, stream_version, event_id, \
      event_type, schema_version, payload::text AS payload_text, metadata::text AS metadata_text, recorded_at";
 
+/// What an aggregate's replay reads (`ReplayEvent`): no metadata, whose text PostgreSQL would
+/// print from `jsonb` for every row only to be dropped, and no stream id, which the caller knows.
+/// The same leading `position, tx::text` as `COLUMNS`.
+const REPLAY_COLUMNS: &str =
+    "position, tx::text AS tx_text, stream_version, event_type, schema_version, \
+     payload::text AS payload_text, recorded_at";
+
 /// The visibility horizon: every transaction with a smaller id has finished, and any transaction
 /// that writes later gets a larger id, so nothing can ever appear below it behind a reader.
 pub const HORIZON: &str = "pg_snapshot_xmin(pg_current_snapshot())";
@@ -73,6 +80,7 @@ pub struct Statements {
     pub append_many: SqlStr,
     pub find_ids: SqlStr,
     pub read_stream: SqlStr,
+    pub read_stream_for_replay: SqlStr,
     pub find_event: SqlStr,
     pub read_all: SqlStr,
     pub read_all_filtered: SqlStr,
@@ -235,6 +243,11 @@ impl Statements {
             find_event: sql(format!("SELECT {COLUMNS} FROM {events} WHERE event_id = $1")),
             read_stream: sql(format!(
                 "SELECT {COLUMNS} FROM {events}
+                 WHERE stream_type = $1 AND stream_id = $2 AND stream_version >= $3
+                 ORDER BY stream_version LIMIT $4"
+            )),
+            read_stream_for_replay: sql(format!(
+                "SELECT {REPLAY_COLUMNS} FROM {events}
                  WHERE stream_type = $1 AND stream_id = $2 AND stream_version >= $3
                  ORDER BY stream_version LIMIT $4"
             )),

@@ -29,7 +29,9 @@ use serde_json::{json, Value};
 use crate::aggregate::{Aggregate, Handle};
 use crate::checkpoint::CheckpointStore;
 use crate::command::{Repository, RetryPolicy};
-use crate::event::{EncodeError, Event, EventId, EventSet, Metadata, NewEvent, RecordedEvent};
+use crate::event::{
+    EncodeError, Event, EventId, EventSet, Metadata, NewEvent, RecordedEvent, ReplayEvent,
+};
 use crate::json::RawJson;
 use crate::snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 use crate::store::{read_all_batched, EventStore, EventTypes, StoreError};
@@ -104,6 +106,30 @@ fn conflict(result: Result<impl std::fmt::Debug, StoreError>) -> (ExpectedVersio
     }
 }
 
+/// `read_stream_for_replay` returns exactly what `read_stream` returns, less the metadata and
+/// the stream id. Returns how many events it read.
+async fn replay_matches(
+    store: &impl Backend,
+    stream: &StreamId,
+    from: StreamVersion,
+    limit: usize,
+) -> usize {
+    let full = store
+        .read_stream(stream, from, limit)
+        .await
+        .expect("read_stream");
+    let replay = store
+        .read_stream_for_replay(stream, from, limit)
+        .await
+        .expect("read_stream_for_replay");
+    let expected: Vec<ReplayEvent> = full.into_iter().map(ReplayEvent::from).collect();
+    assert_eq!(
+        replay, expected,
+        "read_stream_for_replay({stream}, {from:?}, {limit}) differs from read_stream"
+    );
+    replay.len()
+}
+
 /// Appended events read back with every envelope field intact.
 pub async fn append_and_read_round_trip(store: impl Backend) {
     let stream = StreamId::new("order", "o-1");
@@ -169,7 +195,15 @@ pub async fn append_and_read_round_trip(store: impl Backend) {
         .await
         .expect("read");
     assert!(past_end.is_empty());
+    for (from, limit, count) in [(1, 100, 3), (2, 1, 1), (3, 5, 1), (4, 10, 0)] {
+        let read = replay_matches(&store, &stream, StreamVersion::new(from), limit).await;
+        assert_eq!(read, count, "replay read from {from}, limit {limit}");
+    }
     let missing = StreamId::new("order", "none");
+    assert_eq!(
+        replay_matches(&store, &missing, StreamVersion::new(1), 10).await,
+        0
+    );
     assert!(store
         .read_stream(&missing, StreamVersion::new(1), 10)
         .await
@@ -612,6 +646,12 @@ pub async fn invalid_names_are_rejected_on_read_paths(store: impl Backend) {
             "read_stream",
             store.read_stream(&bad, StreamVersion::new(1), 10).await,
         );
+        invalid(
+            "read_stream_for_replay",
+            store
+                .read_stream_for_replay(&bad, StreamVersion::new(1), 10)
+                .await,
+        );
         invalid("stream_version", store.stream_version(&bad).await);
         invalid("load_snapshot", store.load_snapshot(&bad).await);
     }
@@ -688,6 +728,10 @@ pub async fn hostile_ids_round_trip(store: impl Backend) {
             batch[0].payload
         );
         assert_eq!(read[0].metadata().expect("metadata"), batch[0].metadata);
+        assert_eq!(
+            replay_matches(&store, &stream, StreamVersion::new(1), 10).await,
+            1
+        );
         let types = [batch[0].event_type.as_str()];
         let filtered = read_everything(&store, EventTypes::Only(&types)).await;
         assert_eq!(filtered.len(), 1);
