@@ -17,6 +17,12 @@ use crate::error::{map_error, out_of_range};
 use crate::tx::Tx;
 use crate::PostgresStore;
 
+/// Begins a batch that commits without waiting for its WAL flush (see
+/// [`PostgresProjections::with_synchronous_commit`]).
+const BEGIN_ASYNCHRONOUS: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+/// Begins a batch under the server's `synchronous_commit` setting.
+const BEGIN_SYNCHRONOUS: &str = "BEGIN";
+
 /// How often a held lease re-checks its connection (at most; between checks it is assumed held).
 const LEASE_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// A lease check that takes longer than this counts as a lost connection.
@@ -34,7 +40,8 @@ const LEASE_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 ///   the commit leaves neither the read-model writes nor the checkpoint; a second runner that read
 ///   the same checkpoint waits on the row lock and then fails the compare-and-set. A handler error
 ///   rolls the whole batch back (the runner then commits the good prefix and stops before the bad
-///   event).
+///   event). Batches commit asynchronously (no disk flush each); a server crash can lose the last
+///   ones, whole, and they are applied again ([`PostgresProjections::with_synchronous_commit`]).
 /// - **Batched writes.** After a batch's last event the projection's `#[flush]` method runs on the
 ///   same transaction, so handlers can buffer rows and write them in one statement per batch; after
 ///   a rollback its `#[discard]` method drops the buffer.
@@ -96,6 +103,8 @@ pub struct PostgresProjections {
     read: PostgresStore,
     /// Whether `events` is `read` itself, so a skip can copy the event's id and type from its row.
     events_in_read_database: bool,
+    /// What begins a batch's transaction.
+    begin_batch: &'static str,
 }
 
 impl std::fmt::Debug for PostgresProjections {
@@ -103,6 +112,10 @@ impl std::fmt::Debug for PostgresProjections {
         f.debug_struct("PostgresProjections")
             .field("read_database", &self.read)
             .field("events_in_read_database", &self.events_in_read_database)
+            .field(
+                "synchronous_commit",
+                &(self.begin_batch == BEGIN_SYNCHRONOUS),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -114,6 +127,7 @@ impl PostgresProjections {
             events: Arc::new(store.clone()),
             read: store,
             events_in_read_database: true,
+            begin_batch: BEGIN_ASYNCHRONOUS,
         }
     }
 
@@ -141,7 +155,25 @@ impl PostgresProjections {
             events,
             read: read_database,
             events_in_read_database: false,
+            begin_batch: BEGIN_ASYNCHRONOUS,
         }
+    }
+
+    /// Makes each batch's `COMMIT` wait until PostgreSQL has flushed it to disk (the server's
+    /// `synchronous_commit` setting applies), instead of the default asynchronous commit.
+    ///
+    /// By default a batch commits with `synchronous_commit = off`: the commit returns before its
+    /// WAL is flushed, so a batch costs no disk flush. Exactly-once does not depend on it: the
+    /// read-model writes and the checkpoint are one transaction, which a crash of the server (or
+    /// of its machine) either keeps or loses whole, and a lost batch is read and applied again
+    /// from the checkpoint that survived. What a crash can cost is progress: the batches committed
+    /// in the last moments before it (PostgreSQL flushes asynchronous commits within three times
+    /// `wal_writer_delay`, 600 ms by default), which readers may already have seen. Use this when
+    /// a batch's handlers write data that is not derived from the log, or when a reader must never
+    /// see a read model step back after a server crash.
+    pub fn with_synchronous_commit(mut self) -> Self {
+        self.begin_batch = BEGIN_SYNCHRONOUS;
+        self
     }
 
     /// The store whose pool and schema hold the read models, checkpoints and skips (with
@@ -250,7 +282,7 @@ where
         events: &[RecordedEvent],
         to: Position,
     ) -> Result<(), BatchError> {
-        let mut tx = Tx::begin(self.read.pool()).await?;
+        let mut tx = Tx::begin_with(self.read.pool(), self.begin_batch).await?;
         // The compare-and-set first: it locks the checkpoint row, so a second runner waits here
         // instead of doing the batch's work only to fail at the end.
         self.read

@@ -26,13 +26,24 @@ pub(crate) struct Tx {
 
 impl Tx {
     pub(crate) async fn begin(pool: &PgPool) -> Result<Self, StoreError> {
+        Self::begin_with(pool, "BEGIN").await
+    }
+
+    /// Begins with `statements` (`BEGIN` and `SET LOCAL`s, one round trip; static text only).
+    pub(crate) async fn begin_with(
+        pool: &PgPool,
+        statements: &'static str,
+    ) -> Result<Self, StoreError> {
         // The guard exists before `BEGIN` is sent: from here on, a cancellation closes the
         // connection instead of returning it to the pool mid-transaction.
         let mut tx = Self {
             conn: pool.acquire().await.map_err(map_error)?,
             ended: false,
         };
-        tx.conn().execute("BEGIN").await.map_err(map_error)?;
+        sqlx::raw_sql(statements)
+            .execute(tx.conn())
+            .await
+            .map_err(map_error)?;
         Ok(tx)
     }
 

@@ -1035,3 +1035,65 @@ async fn batched_writes_are_committed_once_even_when_a_batch_is_abandoned() {
     handle.stop().await.unwrap();
     drop_schema(&store).await;
 }
+
+// ---- Commit durability --------------------------------------------------------------------------
+
+/// Records the `synchronous_commit` setting each batch's transaction runs under.
+#[derive(Debug, Clone, Default)]
+pub struct CommitMode {
+    seen: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+#[projection(name = "commit_mode")]
+impl CommitMode {
+    async fn deposited(
+        &mut self,
+        _: &Deposited,
+        _: &RecordedEvent,
+        db: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        let mode: String = sqlx::query_scalar("SHOW synchronous_commit")
+            .fetch_one(db)
+            .await?;
+        self.seen.lock().unwrap().push(mode);
+        Ok(())
+    }
+}
+
+/// Batches commit asynchronously by default (no WAL flush per batch: the read model and its
+/// checkpoint are one transaction, kept or lost whole), synchronously when asked.
+#[tokio::test]
+async fn batches_commit_asynchronously_unless_asked_to_wait_for_the_flush() {
+    let store = fresh_store().await;
+    store
+        .append(
+            &StreamId::new("account", "a"),
+            ExpectedVersion::NoStream,
+            vec![deposit(1)],
+        )
+        .await
+        .unwrap();
+    let server_default: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(server_default, "on", "the test needs the server default");
+    for (backend, expected) in [
+        (PostgresProjections::new(store.clone()), "off"),
+        (
+            PostgresProjections::new(store.clone()).with_synchronous_commit(),
+            "on",
+        ),
+    ] {
+        let projection = CommitMode::default();
+        let seen = projection.seen.clone();
+        ProjectionRunner::new(projection, backend)
+            .named(format!("commit_mode_{expected}"))
+            .with_config(config())
+            .catch_up(|_| {})
+            .await
+            .unwrap();
+        assert_eq!(*seen.lock().unwrap(), vec![expected.to_owned()]);
+    }
+    drop_schema(&store).await;
+}
