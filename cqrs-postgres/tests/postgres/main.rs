@@ -9,6 +9,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod bad_data;
+mod cluster;
 mod concurrency;
 mod connection;
 mod gaps;
