@@ -69,7 +69,7 @@ impl Kind {
 fn raw_sql(table: &str) -> String {
     format!(
         "INSERT INTO {table} (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
-         SELECT $1, $2, u.v, u.id, u.t, u.sv, u.p::jsonb, u.m::jsonb
+         SELECT $1, $2, u.v, u.id, u.t, u.sv, u.p::json, u.m::json
          FROM UNNEST($3::bigint[], $4::uuid[], $5::text[], $6::int[], $7::text[], $8::text[]) AS u(v, id, t, sv, p, m)"
     )
 }

@@ -90,8 +90,8 @@ pub async fn raw_table(pool: &PgPool, schema: &str) -> Result<String, BenchError
             event_id       uuid   NOT NULL,
             event_type     text   NOT NULL,
             schema_version integer NOT NULL,
-            payload        jsonb  NOT NULL,
-            metadata       jsonb  NOT NULL,
+            payload        json   NOT NULL,
+            metadata       json   NOT NULL,
             recorded_at    timestamptz NOT NULL DEFAULT now(),
             UNIQUE (stream_type, stream_id, stream_version)
         )"

@@ -40,7 +40,7 @@ impl Kind {
 fn insert_sql(table: &str) -> String {
     format!(
         "INSERT INTO {table} (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
-         VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb)"
+         VALUES ($1, $2, $3, $4, $5, $6, $7::json, $8::json)"
     )
 }
 

@@ -256,7 +256,7 @@ impl RawReadInsert {
 pub(crate) fn insert_sql(table: &str) -> String {
     format!(
         "INSERT INTO {table} (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
-         VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, '{{}}'::jsonb)"
+         VALUES ($1, $2, $3, $4, $5, $6, $7::json, '{{}}'::json)"
     )
 }
 

@@ -117,7 +117,7 @@ impl Variant {
         let table = db::raw_table(&pool, &schema).await?;
         let insert = format!(
             "INSERT INTO {table} (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
-             VALUES ('account', $1, $2, $3, $4, $5, $6::jsonb, '{{}}'::jsonb)"
+             VALUES ('account', $1, $2, $3, $4, $5, $6::json, '{{}}'::json)"
         );
         let mut events = vec![opened(0)];
         events.extend(deposits(0, 1, STREAM_LEN - 2));

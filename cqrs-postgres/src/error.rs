@@ -27,7 +27,8 @@ pub fn map_error(error: sqlx::Error) -> StoreError {
     }
     if let sqlx::Error::Database(db) = &error {
         if db.code().as_deref() == Some("22P05") {
-            // jsonb refuses `\u0000` in strings; normally caught before sending (see `check_json`).
+            // PostgreSQL refuses `\u0000` in JSON it converts to text; normally caught before
+            // sending (see `check_json`).
             return StoreError::InvalidId(InvalidId {
                 what: "JSON value",
                 reason: format!("PostgreSQL cannot store it: {}", db.message()),

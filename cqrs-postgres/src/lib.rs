@@ -129,8 +129,8 @@
 //! # How it works
 //!
 //! - **Schema.** One `events` table (global `position` identity, the writing transaction's
-//!   `tx xid8`, stream type/id/version, unique event id, type, schema version, `jsonb` payload and
-//!   metadata, `recorded_at`; primary key `(tx, position)`, the order of global reads),
+//!   `tx xid8`, stream type/id/version, unique event id, type, schema version, `json` payload and
+//!   metadata (the text as written), `recorded_at`; primary key `(tx, position)`, the order of global reads),
 //!   `snapshots` and `checkpoints`, created by [`PostgresStore::migrate`] from the embedded
 //!   migrations in `migrations/` inside the configured schema ([`PostgresStore::with_schema`]).
 //!   Every statement names the schema explicitly; only the validated, quoted schema name is

@@ -95,7 +95,7 @@ fn event_id(
 }
 
 /// A full event from a [`crate::sql`] read (the columns of `COLUMNS`, in order). The payload and
-/// metadata are handed over as the text PostgreSQL printed from `jsonb` (always valid JSON), not
+/// metadata are handed over as the stored `json` text (validated when written), not
 /// parsed: whoever reads the event parses them, into the type they need.
 pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
     let at = position(row)?;

@@ -16,8 +16,8 @@ pub const MAX_SCHEMA_LEN: usize = 56;
 const COLUMNS: &str = "position, tx::text AS tx_text, stream_type, stream_id, stream_version, event_id, \
      event_type, schema_version, payload::text AS payload_text, metadata::text AS metadata_text, recorded_at";
 
-/// What an aggregate's replay reads (`ReplayEvent`): no metadata, whose text PostgreSQL would
-/// print from `jsonb` for every row only to be dropped, and no stream id, which the caller knows.
+/// What an aggregate's replay reads (`ReplayEvent`): no metadata and no stream id (the caller
+/// knows it), which a long stream's load would transfer and copy for every row only to drop.
 /// The same leading `position, tx::text` as `COLUMNS`.
 const REPLAY_COLUMNS: &str =
     "position, tx::text AS tx_text, stream_version, event_type, schema_version, \
@@ -164,12 +164,12 @@ fn append(events: &str, one: bool, notify: bool) -> String {
     let guard = guard("$3", version);
     let (values, from) = if one {
         (
-            format!("{version} + 1, $4, $5, $6, $7::jsonb, $8::jsonb"),
+            format!("{version} + 1, $4, $5, $6, $7::json, $8::json"),
             String::new(),
         )
     } else {
         (
-            format!("{version} + u.n, u.id, u.t, u.sv, u.p::jsonb, u.m::jsonb"),
+            format!("{version} + u.n, u.id, u.t, u.sv, u.p::json, u.m::json"),
             " CROSS JOIN UNNEST($4::uuid[], $5::text[], $6::int[], $7::text[], $8::text[])
                  WITH ORDINALITY AS u(id, t, sv, p, m, n)"
                 .to_owned(),
@@ -220,7 +220,7 @@ impl Statements {
             append_many: sql(format!(
                 "INSERT INTO {events}
                     (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
-                 SELECT u.st, u.sid, COALESCE(last.stream_version, 0) + u.k, u.id, u.t, u.sv, u.p::jsonb, u.m::jsonb
+                 SELECT u.st, u.sid, COALESCE(last.stream_version, 0) + u.k, u.id, u.t, u.sv, u.p::json, u.m::json
                  FROM (SELECT $1::text[] AS st, $2::text[] AS sid, $3::bigint[] AS expected, $4::bigint[] AS k,
                               $5::uuid[] AS id, $6::text[] AS t, $7::int[] AS sv, $8::text[] AS p, $9::text[] AS m
                        OFFSET 0) AS a
@@ -333,7 +333,7 @@ impl Statements {
             // Never replaces a newer snapshot with an older one.
             save_snapshot: sql(format!(
                 "INSERT INTO {s}.snapshots AS old (stream_type, stream_id, stream_version, snapshot_version, payload)
-                 VALUES ($1, $2, $3, $4, $5::jsonb)
+                 VALUES ($1, $2, $3, $4, $5::json)
                  ON CONFLICT (stream_type, stream_id) DO UPDATE
                  SET stream_version = EXCLUDED.stream_version, snapshot_version = EXCLUDED.snapshot_version,
                      payload = EXCLUDED.payload, taken_at = now()

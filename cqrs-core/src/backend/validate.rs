@@ -46,13 +46,14 @@ pub fn validate_append(stream: &StreamId, events: &[NewEvent]) -> Result<(), Sto
 /// Checks a JSON value before any backend stores it, so that every backend keeps exactly what
 /// it is given and reads it back (and all backends accept and reject the same values):
 ///
-/// - no NUL character (`\u0000`) in strings or keys: PostgreSQL's `jsonb` cannot store it;
+/// - no NUL character (`\u0000`) in strings or keys: PostgreSQL's text and `jsonb` cannot hold
+///   it, so a stored payload could not be queried as `jsonb` nor decoded to text in SQL;
 /// - at most [`MAX_JSON_DEPTH`] levels of nesting: readers parse stored JSON with `serde_json`,
 ///   which refuses 128 levels.
 ///
-/// Every finite float reads back exactly: a backend that stores it as an exact decimal (PostgreSQL's
-/// `numeric` prints `f64::MAX` as a 309-digit integer) is read with `serde_json`'s
-/// `float_roundtrip` parsing, which this crate enables.
+/// Every finite float reads back exactly: backends store the text as written, and a reader of a
+/// backend that normalizes numbers (an exact decimal prints `f64::MAX` as a 309-digit integer)
+/// still parses it back exactly with `serde_json`'s `float_roundtrip`, which this crate enables.
 pub fn validate_json(value: &serde_json::Value) -> Result<(), String> {
     check_json(value, 1)
 }
@@ -79,7 +80,7 @@ fn check_key(key: &str) -> Result<(), String> {
 fn check_text(text: &str, what: &str) -> Result<(), String> {
     if text.contains('\0') {
         return Err(format!(
-            "{what} contains a NUL character (\\u0000), which PostgreSQL jsonb cannot store"
+            "{what} contains a NUL character (\\u0000), which PostgreSQL cannot hold in text or jsonb"
         ));
     }
     Ok(())
