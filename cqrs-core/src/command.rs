@@ -595,7 +595,10 @@ impl<A: Aggregate> Repository<A> {
                 Until::Time(t) if recorded.recorded_at > t => break,
                 _ => {}
             }
-            let event = decode_replayed(stream, &recorded)?;
+            let event = match recorded.decode_set::<A::Event>() {
+                Ok(event) => event,
+                Err(source) => return Err(self.undecodable(stream, &recorded, source).await),
+            };
             loaded.state.apply_event(&event);
             loaded.version = recorded.stream_version;
             if matches!(until, Until::Version(v) if loaded.version == v) {
@@ -603,6 +606,36 @@ impl<A: Aggregate> Repository<A> {
             }
         }
         Ok(loaded)
+    }
+
+    /// The error for a replayed event that does not decode, naming its position: a replay read
+    /// carries none, so it is looked up here, on the failure path only.
+    async fn undecodable(
+        &self,
+        stream: &StreamId,
+        event: &ReplayEvent,
+        source: DecodeError,
+    ) -> LoadError {
+        let stored = match self
+            .store
+            .read_stream(stream, event.stream_version, 1)
+            .await
+        {
+            Ok(stored) => stored,
+            Err(error) => return LoadError::Store(error),
+        };
+        match stored.first() {
+            Some(stored) if stored.stream_version == event.stream_version => {
+                undecodable(stream, event.stream_version, stored.position, source)
+            }
+            _ => LoadError::Store(StoreError::Backend(
+                format!(
+                    "event {} of stream `{stream}` failed to decode and is no longer readable",
+                    event.stream_version
+                )
+                .into(),
+            )),
+        }
     }
 
     /// The snapshot to start from, if there is a usable one. A snapshot that is missing, of another
@@ -1000,12 +1033,6 @@ fn decode<S: EventSet>(recorded: &RecordedEvent) -> Result<S, LoadError> {
             source,
         )
     })
-}
-
-fn decode_replayed<S: EventSet>(stream: &StreamId, event: &ReplayEvent) -> Result<S, LoadError> {
-    event
-        .decode_set::<S>()
-        .map_err(|source| undecodable(stream, event.stream_version, event.position, source))
 }
 
 fn undecodable(

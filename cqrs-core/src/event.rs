@@ -237,7 +237,8 @@ impl NewEvent {
 }
 
 /// A stored event as an aggregate's replay reads it: what decoding, upcasting and loading "as of"
-/// a version or an instant need, without the metadata and the stream id (the caller knows it).
+/// a version or an instant need, without the metadata, the stream id (the caller knows it) and
+/// the global position (an error that must name it looks it up).
 /// [`EventStore::read_stream_for_replay`](crate::EventStore::read_stream_for_replay) returns
 /// these; a backend reads fewer columns for them than for a [`RecordedEvent`].
 #[derive(Debug, Clone, PartialEq)]
@@ -245,8 +246,6 @@ impl NewEvent {
 pub struct ReplayEvent {
     /// Its version within the stream (1-based, dense).
     pub stream_version: StreamVersion,
-    /// Its place in the global log.
-    pub position: Position,
     /// The stored event type name.
     pub event_type: String,
     /// The schema version the payload was written with.
@@ -261,7 +260,6 @@ impl ReplayEvent {
     /// A replay event from its parts (for backends that read it from their own rows).
     pub fn new(
         stream_version: StreamVersion,
-        position: Position,
         event_type: String,
         schema_version: u32,
         recorded_at: DateTime<Utc>,
@@ -269,7 +267,6 @@ impl ReplayEvent {
     ) -> Self {
         Self {
             stream_version,
-            position,
             event_type,
             schema_version,
             recorded_at,
@@ -287,7 +284,6 @@ impl From<RecordedEvent> for ReplayEvent {
     fn from(event: RecordedEvent) -> Self {
         Self {
             stream_version: event.stream_version,
-            position: event.position,
             event_type: event.event_type,
             schema_version: event.schema_version,
             recorded_at: event.recorded_at,

@@ -270,7 +270,7 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Reads up to `limit` events of `stream` with version `>= from`, in version order, as an
     /// aggregate's replay needs them: the same events as [`EventStore::read_stream`], without
-    /// their metadata and stream id. The default reads [`EventStore::read_stream`] and drops
+    /// their metadata, stream id and position. The default reads [`EventStore::read_stream`] and drops
     /// those; a backend overrides it to read fewer columns (loading a long stream is the cost of
     /// a command whose aggregate is not cached).
     async fn read_stream_for_replay(

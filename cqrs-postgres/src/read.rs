@@ -73,12 +73,12 @@ impl PostgresStore {
         self.decode_rows_with(rows, limit, row::recorded).await
     }
 
-    async fn decode_rows_with<T>(
+    async fn decode_rows_with<T, E: From<StoreError>>(
         &self,
         mut rows: impl futures_util::Stream<Item = Result<PgRow, sqlx::Error>> + Unpin,
         limit: i64,
-        decode: impl Fn(&PgRow) -> Result<T, StoreError>,
-    ) -> Result<Vec<T>, StoreError> {
+        decode: impl Fn(&PgRow) -> Result<T, E>,
+    ) -> Result<Vec<T>, E> {
         let mut events = Vec::with_capacity(usize::try_from(limit).unwrap_or(0).min(1024));
         while let Some(row) = rows.try_next().await.map_err(|e| self.fail(e))? {
             events.push(decode(&row)?);
@@ -90,15 +90,15 @@ impl PostgresStore {
     /// limit), each decoded by `decode`. A load before a command runs on a connection group
     /// commit keeps, if one is idle (no pool round trips); on a connection error (the server
     /// closed it meanwhile) it reads from the pool.
-    async fn stream_rows<T>(
+    async fn stream_rows<T, E: RowError>(
         &self,
         statement: &sqlx::SqlStr,
         stream: &StreamId,
         from: StreamVersion,
         limit: usize,
-        decode: impl Fn(&PgRow) -> Result<T, StoreError> + Copy,
-    ) -> Result<Vec<T>, StoreError> {
-        stream.validate()?;
+        decode: impl Fn(&PgRow) -> Result<T, E> + Copy,
+    ) -> Result<Vec<T>, E> {
+        stream.validate().map_err(StoreError::from)?;
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let query = || {
             sqlx::query(statement.clone())
@@ -117,7 +117,7 @@ impl PostgresStore {
                         group.give_back(conn);
                         return Ok(events);
                     }
-                    Err(StoreError::Connection(_)) => {}
+                    Err(error) if error.is_connection() => {}
                     Err(other) => return Err(other),
                 }
             }
@@ -174,6 +174,35 @@ impl PostgresStore {
     }
 }
 
+/// The error of a row read: a connection error makes a read on a kept connection retry on the pool.
+trait RowError: From<StoreError> {
+    fn is_connection(&self) -> bool;
+}
+
+impl RowError for StoreError {
+    fn is_connection(&self) -> bool {
+        matches!(self, StoreError::Connection(_))
+    }
+}
+
+/// Why a replay page was not read: a row without a position cannot name itself in an error.
+enum ReplayRowError {
+    Store(StoreError),
+    Unreadable,
+}
+
+impl From<StoreError> for ReplayRowError {
+    fn from(error: StoreError) -> Self {
+        Self::Store(error)
+    }
+}
+
+impl RowError for ReplayRowError {
+    fn is_connection(&self) -> bool {
+        matches!(self, Self::Store(error) if error.is_connection())
+    }
+}
+
 /// The `after` cursor's sequence as a bigint; beyond `i64::MAX` nothing can follow it anyway.
 fn sequence_after(after: Position) -> i64 {
     i64::try_from(after.sequence).unwrap_or(i64::MAX)
@@ -208,8 +237,20 @@ impl EventStore for PostgresStore {
         limit: usize,
     ) -> Result<Vec<ReplayEvent>, StoreError> {
         let read = &self.sql.read_stream_for_replay;
-        self.stream_rows(read, stream, from, limit, row::replayed)
-            .await
+        let rows = self
+            .stream_rows(read, stream, from, limit, |row| {
+                row::replayed(row).ok_or(ReplayRowError::Unreadable)
+            })
+            .await;
+        match rows {
+            Ok(events) => Ok(events),
+            // The full read fails on the same row, with the error naming its position.
+            Err(ReplayRowError::Unreadable) => {
+                let events = self.read_stream(stream, from, limit).await?;
+                Ok(events.into_iter().map(ReplayEvent::from).collect())
+            }
+            Err(ReplayRowError::Store(error)) => Err(error),
+        }
     }
 
     async fn read_all(

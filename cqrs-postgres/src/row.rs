@@ -115,25 +115,29 @@ pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
     })
 }
 
-/// The columns of `REPLAY_COLUMNS`, in order, after the leading `position, tx::text`.
+/// The columns of `REPLAY_COLUMNS`, in order.
 mod replay_col {
-    pub const STREAM_VERSION: usize = 2;
-    pub const EVENT_TYPE: usize = 3;
-    pub const SCHEMA_VERSION: usize = 4;
-    pub const PAYLOAD: usize = 5;
-    pub const RECORDED_AT: usize = 6;
+    pub const STREAM_VERSION: usize = 0;
+    pub const EVENT_TYPE: usize = 1;
+    pub const SCHEMA_VERSION: usize = 2;
+    pub const PAYLOAD: usize = 3;
+    pub const RECORDED_AT: usize = 4;
 }
 
-/// An event as replay reads it (the columns of `REPLAY_COLUMNS`, in order).
-pub(crate) fn replayed(row: &PgRow) -> Result<ReplayEvent, StoreError> {
-    let at = position(row)?;
-    Ok(ReplayEvent::new(
-        version(row, replay_col::STREAM_VERSION, at)?,
-        at,
-        text(row, replay_col::EVENT_TYPE, "event_type", at)?.to_owned(),
-        schema_version(row, replay_col::SCHEMA_VERSION, at)?,
-        recorded_at(row, replay_col::RECORDED_AT, at)?,
-        RawJson::from_stored(text(row, replay_col::PAYLOAD, "payload", at)?),
+/// An event as replay reads it (the columns of `REPLAY_COLUMNS`, in order), or `None` if the row
+/// is unreadable: a replay row has no position to name, so the caller reads the full row again
+/// for the error.
+pub(crate) fn replayed(row: &PgRow) -> Option<ReplayEvent> {
+    let version: i64 = row.try_get(replay_col::STREAM_VERSION).ok()?;
+    let schema_version: i32 = row.try_get(replay_col::SCHEMA_VERSION).ok()?;
+    Some(ReplayEvent::new(
+        StreamVersion::new(u64::try_from(version).ok()?),
+        row.try_get::<&str, _>(replay_col::EVENT_TYPE)
+            .ok()?
+            .to_owned(),
+        u32::try_from(schema_version).ok()?,
+        row.try_get(replay_col::RECORDED_AT).ok()?,
+        RawJson::from_stored(row.try_get::<&str, _>(replay_col::PAYLOAD).ok()?),
     ))
 }
 

@@ -16,12 +16,11 @@ pub const MAX_SCHEMA_LEN: usize = 56;
 const COLUMNS: &str = "position, tx::text AS tx_text, stream_type, stream_id, stream_version, event_id, \
      event_type, schema_version, payload::text AS payload_text, metadata::text AS metadata_text, recorded_at";
 
-/// What an aggregate's replay reads (`ReplayEvent`): no metadata and no stream id (the caller
-/// knows it), which a long stream's load would transfer and copy for every row only to drop.
-/// The same leading `position, tx::text` as `COLUMNS`.
+/// What an aggregate's replay reads (`ReplayEvent`): no metadata, no stream id (the caller
+/// knows it) and no position, which a long stream's load would transfer and convert for every
+/// row only to drop.
 const REPLAY_COLUMNS: &str =
-    "position, tx::text AS tx_text, stream_version, event_type, schema_version, \
-     payload::text AS payload_text, recorded_at";
+    "stream_version, event_type, schema_version, payload::text AS payload_text, recorded_at";
 
 /// The visibility horizon: every transaction with a smaller id has finished, and any transaction
 /// that writes later gets a larger id, so nothing can ever appear below it behind a reader.

@@ -137,6 +137,21 @@ async fn unreadable_envelopes_are_corrupt_event_errors_and_readers_can_step_past
     assert_eq!(bad.len(), 1, "{bad:?}");
     assert_eq!(bad[0].0, negative_version);
     assert!(bad[0].1.contains("schema version"), "{}", bad[0].1);
+    // A replay read (no position in its rows) names the row's position too.
+    match store
+        .read_stream_for_replay(
+            &StreamId::new("s", "negative-version"),
+            StreamVersion::new(1),
+            10,
+        )
+        .await
+    {
+        Err(StoreError::CorruptEvent { position, reason }) => {
+            assert_eq!(position.sequence as i64, negative_version);
+            assert!(reason.contains("schema version"), "{reason}");
+        }
+        other => panic!("expected the corrupt row's error, got {other:?}"),
+    }
     let read = store
         .read_stream(
             &StreamId::new("s", "bad-metadata"),
