@@ -446,12 +446,25 @@ async fn projections(
         let lag = lag(store, position, types).await?;
         let holder = store.lease_holder(name).await?;
         let skipped = store.skipped(name).await?;
-        let state = match (&holder, position) {
-            (Some(_), _) => "running",
-            (None, None) => "not started",
-            (None, Some(_)) if lag == 0 => "idle, caught up",
-            (None, Some(_)) => "idle, behind",
+        let failure = store.last_failure(name).await?;
+        let state = match (&holder, &failure, position) {
+            (Some(_), Some(_), _) => "failing",
+            (Some(_), None, _) => "running",
+            (None, Some(_), _) => "stopped, failed",
+            (None, None, None) => "not started",
+            (None, None, Some(_)) if lag == 0 => "idle, caught up",
+            (None, None, Some(_)) => "idle, behind",
         };
+        let last_error = failure.as_ref().map(|f| {
+            json!({
+                "cause": f.failure.cause.name(),
+                "position": f.failure.position.map(|p| p.to_string()),
+                "event_type": f.failure.event_type,
+                "message": f.failure.message,
+                "skippable": f.failure.skippable(),
+                "failed_at": f.failed_at.to_rfc3339(),
+            })
+        });
         rows.push(json!({
             "name": name,
             "registered": ops.is_some(),
@@ -462,6 +475,7 @@ async fn projections(
             "lag_counts": if ops.is_some() { "handled events" } else { "all events" },
             "runner": holder,
             "skipped": skipped,
+            "last_error": last_error,
         }));
     }
     if json {
@@ -475,6 +489,7 @@ async fn projections(
         "LAG",
         "SKIPPED",
         "RUNNER",
+        "LAST ERROR",
     ]);
     for row in &rows {
         let text = |key: &str| row[key].as_str().unwrap_or("-").to_owned();
@@ -496,6 +511,7 @@ async fn projections(
             lag,
             skipped.to_string(),
             runner,
+            last_error_cell(&row["last_error"]),
         ]);
     }
     table.write(out)?;
@@ -506,6 +522,31 @@ async fn projections(
         )?;
     }
     Ok(())
+}
+
+/// A recorded failure in one table cell: where, what, and the first line of the message.
+fn last_error_cell(error: &serde_json::Value) -> String {
+    if error.is_null() {
+        return "-".to_owned();
+    }
+    let mut cell = String::new();
+    if let Some(position) = error["position"].as_str() {
+        cell.push_str(&format!("at {position} "));
+    }
+    match error["event_type"].as_str() {
+        Some(event_type) => cell.push_str(&format!(
+            "({event_type}, {})",
+            error["cause"].as_str().unwrap_or("?")
+        )),
+        None => cell.push_str(&format!("({})", error["cause"].as_str().unwrap_or("?"))),
+    }
+    let message = error["message"].as_str().unwrap_or_default();
+    let first = message.lines().next().unwrap_or_default();
+    const WIDTH: usize = 60;
+    let shown: String = first.chars().take(WIDTH).collect();
+    let cut = shown.len() < message.len();
+    cell.push_str(&format!(": {shown}{}", if cut { "…" } else { "" }));
+    cell
 }
 
 async fn rebuild(

@@ -139,6 +139,8 @@ impl<P: Projection, B: ProjectionBackend<P>> Ops for Typed<P, B> {
             let lease = self.lease(name).await?;
             self.clear().await?;
             self.backend.reset_checkpoint(name).await?;
+            // Whatever it failed on before, it replays from the start now.
+            self.backend.record_failure(name, None).await?;
             drop(lease);
             Ok(())
         })
@@ -176,6 +178,11 @@ impl<P: Projection, B: ProjectionBackend<P>> Ops for Typed<P, B> {
                     self.backend
                         .record_skip(name, checkpoint, &target, reason)
                         .await?;
+                    // The failure recorded for that event is moved past.
+                    let recorded = self.backend.last_failure(name).await?;
+                    if recorded.is_some_and(|r| r.failure.position == Some(position)) {
+                        self.backend.record_failure(name, None).await?;
+                    }
                     drop(lease);
                     Ok(())
                 }

@@ -895,6 +895,19 @@ impl<P: Projection<Context = ()>> cqrs_core::backend::ProjectionBackend<P> for P
     ) -> Result<Vec<cqrs_core::subscription::SkippedEvent>, cqrs_core::StoreError> {
         cqrs_core::backend::ProjectionBackend::<P>::skipped_events(&self.0, name).await
     }
+    async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&cqrs_core::subscription::ProjectionFailure>,
+    ) -> Result<(), cqrs_core::StoreError> {
+        cqrs_core::backend::ProjectionBackend::<P>::record_failure(&self.0, name, failure).await
+    }
+    async fn last_failure(
+        &self,
+        name: &str,
+    ) -> Result<Option<cqrs_core::subscription::RecordedFailure>, cqrs_core::StoreError> {
+        cqrs_core::backend::ProjectionBackend::<P>::last_failure(&self.0, name).await
+    }
     async fn acquire_lease(
         &self,
         _name: &str,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cqrs_core::backend::{finish_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
-use cqrs_core::subscription::SkippedEvent;
+use cqrs_core::subscription::{FailureCause, ProjectionFailure, RecordedFailure, SkippedEvent};
 use cqrs_core::{
     CheckpointStore, EventId, EventStore, Position, Projection, RecordedEvent, StoreError,
 };
@@ -187,6 +187,77 @@ impl PostgresProjections {
             .collect()
     }
 
+    /// Projection `name`'s last recorded failure (`projection_failures`), if it has one.
+    pub async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        crate::checkpoints::validate_key_name("checkpoint name", name)?;
+        let row = sqlx::query(self.read.sql.last_failure.clone())
+            .bind(name)
+            .fetch_optional(self.read.pool())
+            .await
+            .map_err(|e| self.read.fail(e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let cause: String = row.try_get("cause").map_err(map_error)?;
+        let cause = FailureCause::from_name(&cause).ok_or_else(|| {
+            StoreError::Backend(
+                format!("unknown failure cause `{cause}` recorded for `{name}`").into(),
+            )
+        })?;
+        let tx: Option<String> = row.try_get("tx_text").map_err(map_error)?;
+        let position = match tx {
+            Some(_) => Some(crate::checkpoints::checkpoint_position(&row)?),
+            None => None,
+        };
+        let failure = ProjectionFailure::new(
+            cause,
+            position,
+            row.try_get("event_type").map_err(map_error)?,
+            row.try_get("message").map_err(map_error)?,
+        );
+        Ok(Some(RecordedFailure::new(
+            name.to_owned(),
+            failure,
+            row.try_get("failed_at").map_err(map_error)?,
+        )))
+    }
+
+    /// Records `failure` as projection `name`'s last failure, or clears it (`None`).
+    pub async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        crate::checkpoints::validate_key_name("checkpoint name", name)?;
+        let done = match failure {
+            Some(failure) => {
+                let sequence = failure
+                    .position
+                    .map(|p| {
+                        i64::try_from(p.sequence)
+                            .map_err(|_| out_of_range("position sequence", p.sequence))
+                    })
+                    .transpose()?;
+                sqlx::query(self.read.sql.record_failure.clone())
+                    .bind(name)
+                    .bind(failure.cause.name())
+                    .bind(failure.position.map(|p| p.tx.to_string()))
+                    .bind(sequence)
+                    .bind(failure.event_type.as_deref())
+                    .bind(&failure.message)
+                    .execute(self.read.pool())
+                    .await
+            }
+            None => {
+                sqlx::query(self.read.sql.clear_failure.clone())
+                    .bind(name)
+                    .execute(self.read.pool())
+                    .await
+            }
+        };
+        done.map(drop).map_err(|e| self.read.fail(e))
+    }
+
     /// For handlers with effects outside the database (send an e-mail, call a service): records
     /// that `consumer` handled `event` on `conn` (the handler's transaction) and returns `true` the
     /// first time, `false` for a redelivery, which the handler then skips. Such effects are
@@ -308,6 +379,18 @@ where
 
     async fn skipped_events(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
         PostgresProjections::skipped_events(self, name).await
+    }
+
+    async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        PostgresProjections::record_failure(self, name, failure).await
+    }
+
+    async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        PostgresProjections::last_failure(self, name).await
     }
 
     async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {

@@ -96,6 +96,9 @@ pub struct Statements {
     pub record_skip: SqlStr,
     pub record_skip_given: SqlStr,
     pub skipped: SqlStr,
+    pub record_failure: SqlStr,
+    pub clear_failure: SqlStr,
+    pub last_failure: SqlStr,
     pub first_delivery: SqlStr,
     pub try_lease: SqlStr,
     pub stream_types: SqlStr,
@@ -351,6 +354,21 @@ impl Statements {
             skipped: sql(format!(
                 "SELECT projection, tx::text AS tx_text, position, event_type, reason
                  FROM {s}.projection_skips WHERE projection = $1 ORDER BY tx, position"
+            )),
+            // A projection's last failure (`ProjectionBackend::record_failure`).
+            record_failure: sql(format!(
+                "INSERT INTO {s}.projection_failures (projection, cause, tx, position, event_type, message)
+                 VALUES ($1, $2, $3::text::xid8, $4, $5, $6)
+                 ON CONFLICT (projection) DO UPDATE
+                 SET cause = EXCLUDED.cause, tx = EXCLUDED.tx, position = EXCLUDED.position,
+                     event_type = EXCLUDED.event_type, message = EXCLUDED.message, failed_at = now()"
+            )),
+            clear_failure: sql(format!(
+                "DELETE FROM {s}.projection_failures WHERE projection = $1"
+            )),
+            last_failure: sql(format!(
+                "SELECT cause, tx::text AS tx_text, position, event_type, message, failed_at
+                 FROM {s}.projection_failures WHERE projection = $1"
             )),
             first_delivery: sql(format!(
                 "INSERT INTO {s}.processed_events (consumer, event_id) VALUES ($1, $2)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_core::backend::{finish_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
-use cqrs_core::subscription::SkippedEvent;
+use cqrs_core::subscription::{FailureCause, ProjectionFailure, RecordedFailure, SkippedEvent};
 use cqrs_core::{
     CheckpointStore, EventId, EventStore, Position, Projection, RecordedEvent, StoreError,
 };
@@ -117,6 +117,88 @@ impl SqliteProjections {
                 })
             })
             .collect()
+    }
+
+    /// Projection `name`'s last recorded failure (`projection_failures`), if it has one.
+    pub async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        crate::validate_checkpoint_name(name)?;
+        let row = sqlx::query(sql::LAST_FAILURE)
+            .bind(name)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(|e| self.store.fail(e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let get = |e: sqlx::Error| StoreError::Backend(Box::new(e));
+        let cause: String = row.try_get(0).map_err(get)?;
+        let cause = FailureCause::from_name(&cause).ok_or_else(|| {
+            StoreError::Backend(
+                format!("unknown failure cause `{cause}` recorded for `{name}`").into(),
+            )
+        })?;
+        let part = |value: i64| {
+            u64::try_from(value)
+                .map_err(|_| StoreError::Backend(format!("negative position {value}").into()))
+        };
+        let tx: Option<i64> = row.try_get(1).map_err(get)?;
+        let sequence: Option<i64> = row.try_get(2).map_err(get)?;
+        let position = match (tx, sequence) {
+            (Some(tx), Some(sequence)) => Some(Position::new(part(tx)?, part(sequence)?)),
+            _ => None,
+        };
+        let micros: i64 = row.try_get(5).map_err(get)?;
+        let failed_at =
+            chrono::DateTime::<chrono::Utc>::from_timestamp_micros(micros).ok_or_else(|| {
+                StoreError::Backend(format!("timestamp {micros} out of range").into())
+            })?;
+        let failure = ProjectionFailure::new(
+            cause,
+            position,
+            row.try_get(3).map_err(get)?,
+            row.try_get(4).map_err(get)?,
+        );
+        Ok(Some(RecordedFailure::new(
+            name.to_owned(),
+            failure,
+            failed_at,
+        )))
+    }
+
+    /// Records `failure` as projection `name`'s last failure, or clears it (`None`).
+    pub async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        crate::validate_checkpoint_name(name)?;
+        let statement = match failure {
+            Some(failure) => {
+                let tx = failure
+                    .position
+                    .map(|p| to_i64("position", p.tx))
+                    .transpose()?;
+                let sequence = failure
+                    .position
+                    .map(|p| to_i64("position", p.sequence))
+                    .transpose()?;
+                sqlx::query(sql::RECORD_FAILURE)
+                    .bind(name)
+                    .bind(failure.cause.name())
+                    .bind(tx)
+                    .bind(sequence)
+                    .bind(failure.event_type.clone())
+                    .bind(failure.message.clone())
+                    .bind(crate::row::now_micros())
+            }
+            None => sqlx::query(sql::CLEAR_FAILURE).bind(name),
+        };
+        let mut tx = self.store.begin().await?;
+        statement
+            .execute(tx.conn())
+            .await
+            .map_err(|e| self.store.fail(e))?;
+        tx.commit().await
     }
 
     /// For handlers with effects outside the file (send an e-mail, call a service): records that
@@ -233,6 +315,18 @@ where
 
     async fn skipped_events(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
         SqliteProjections::skipped_events(self, name).await
+    }
+
+    async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        SqliteProjections::record_failure(self, name, failure).await
+    }
+
+    async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        SqliteProjections::last_failure(self, name).await
     }
 
     async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
