@@ -299,6 +299,100 @@ impl PostgresProjections {
         .map_err(|e| self.read.fail(e))?;
         Ok(())
     }
+
+    /// The switch of a blue/green rebuild: makes the read model built under checkpoint `built`
+    /// (into the tables on the right of each pair in `tables`) the live version of projection
+    /// `name` (the tables on the left), in one transaction of the read database:
+    ///
+    /// 1. locks checkpoint `name`'s row, waiting for a live batch committing on it (a live
+    ///    runner's next batch then waits for this transaction), and `built`'s;
+    /// 2. drops each live table and renames its built table to the live name;
+    /// 3. sets checkpoint `name` to where `built` is (deletes it if `built` has none) and
+    ///    deletes `built`.
+    ///
+    /// Readers and the live runner name the live tables, so they see the new version when this
+    /// commits and the old one before, never a partial one. The live runner's next batch then
+    /// fails its compare-and-set (unless it was exactly where the build is), re-reads the
+    /// checkpoint and continues from the build's position into the new tables: no event is
+    /// lost or applied twice.
+    ///
+    /// The live version must not be ahead of the build: if checkpoint `name` is past `built`,
+    /// nothing changes and the error is [`StoreError::CheckpointConflict`] (catch the build up
+    /// and try again; `ProjectionRunner::rebuild_then` does).
+    ///
+    /// Run it while holding `built`'s lease (as `ProjectionRunner::rebuild_then` does), so that
+    /// no other rebuild resets the built tables in between. Every name must match
+    /// `[a-z_][a-z0-9_]*`; each built table must have the live table's columns, and indexes
+    /// named by PostgreSQL or after their table (they move with it). Objects depending on a
+    /// live table (a view over it) make the drop fail: then nothing changes. Returns where the
+    /// live version now is.
+    pub async fn promote(
+        &self,
+        name: &str,
+        built: &str,
+        tables: &[(&str, &str)],
+    ) -> Result<Option<Position>, StoreError> {
+        crate::checkpoints::validate_key_name("checkpoint name", name)?;
+        crate::checkpoints::validate_key_name("checkpoint name", built)?;
+        for (live, building) in tables {
+            crate::sql::validate_identifier("table name", live)?;
+            crate::sql::validate_identifier("table name", building)?;
+        }
+        let schema = &self.read.sql.quoted;
+        let mut tx = Tx::begin(self.read.pool()).await?;
+        for checkpoint in [name, built] {
+            sqlx::query(self.read.sql.lock_checkpoint.clone())
+                .bind(checkpoint)
+                .fetch_optional(tx.conn())
+                .await
+                .map_err(|e| self.read.fail(e))?;
+        }
+        let reached = self.read.load_checkpoint_in(tx.conn(), built).await?;
+        let live = self.read.load_checkpoint_in(tx.conn(), name).await?;
+        if live > reached {
+            // Switching now would lose the events between them from the new version.
+            return Err(StoreError::CheckpointConflict {
+                name: name.to_owned(),
+                expected: reached,
+                actual: live,
+            });
+        }
+        for (live, building) in tables {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP TABLE IF EXISTS {schema}.\"{live}\";
+                 ALTER TABLE {schema}.\"{building}\" RENAME TO \"{live}\""
+            )))
+            .execute(tx.conn())
+            .await
+            .map_err(|e| self.read.fail(e))?;
+        }
+        match reached {
+            Some(position) => {
+                let sequence = i64::try_from(position.sequence)
+                    .map_err(|_| out_of_range("position sequence", position.sequence))?;
+                sqlx::query(self.read.sql.set_checkpoint.clone())
+                    .bind(name)
+                    .bind(position.tx.to_string())
+                    .bind(sequence)
+                    .execute(tx.conn())
+                    .await
+            }
+            None => {
+                sqlx::query(self.read.sql.delete_checkpoint.clone())
+                    .bind(name)
+                    .execute(tx.conn())
+                    .await
+            }
+        }
+        .map_err(|e| self.read.fail(e))?;
+        sqlx::query(self.read.sql.delete_checkpoint.clone())
+            .bind(built)
+            .execute(tx.conn())
+            .await
+            .map_err(|e| self.read.fail(e))?;
+        tx.commit().await?;
+        Ok(reached)
+    }
 }
 
 impl<P> ProjectionBackend<P> for PostgresProjections

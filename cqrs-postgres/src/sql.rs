@@ -93,6 +93,8 @@ pub struct Statements {
     pub insert_checkpoint: SqlStr,
     pub update_checkpoint: SqlStr,
     pub delete_checkpoint: SqlStr,
+    pub lock_checkpoint: SqlStr,
+    pub set_checkpoint: SqlStr,
     pub record_skip: SqlStr,
     pub record_skip_given: SqlStr,
     pub skipped: SqlStr,
@@ -341,6 +343,15 @@ impl Statements {
                  WHERE name = $1 AND tx = $4::text::xid8 AND position = $5"
             )),
             delete_checkpoint: sql(format!("DELETE FROM {s}.checkpoints WHERE name = $1")),
+            // A blue/green switch: waits for a batch committing on the checkpoint, then holds it.
+            lock_checkpoint: sql(format!(
+                "SELECT tx::text AS tx_text, position FROM {s}.checkpoints WHERE name = $1 FOR UPDATE"
+            )),
+            set_checkpoint: sql(format!(
+                "INSERT INTO {s}.checkpoints (name, tx, position) VALUES ($1, $2::text::xid8, $3)
+                 ON CONFLICT (name) DO UPDATE
+                 SET tx = EXCLUDED.tx, position = EXCLUDED.position, updated_at = now()"
+            )),
             record_skip: sql(format!(
                 "INSERT INTO {s}.projection_skips (projection, tx, position, event_id, event_type, reason)
                  SELECT $1, tx, position, event_id, event_type, $4 FROM {events}

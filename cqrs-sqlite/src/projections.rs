@@ -222,6 +222,113 @@ impl SqliteProjections {
             .map_err(|e| self.store.fail(e))?;
         Ok(done.rows_affected() == 1)
     }
+
+    /// The switch of a blue/green rebuild: makes the read model built under checkpoint `built`
+    /// (into the tables on the right of each pair in `tables`) the live version of projection
+    /// `name` (the tables on the left), in one write transaction of the file: each live table is
+    /// dropped and its built table renamed to the live name, checkpoint `name` is set to where
+    /// `built` is (deleted if `built` has none) and `built` is deleted.
+    ///
+    /// The transaction holds the file's write lock, so it runs between two batches of a live
+    /// runner, never inside one. Readers and the live runner name the live tables, so they see
+    /// the new version when it commits and the old one before, never a partial one. The live
+    /// runner's next batch then fails its compare-and-set (unless it was exactly where the build
+    /// is), re-reads the checkpoint and continues from the build's position into the new tables:
+    /// no event is lost or applied twice.
+    ///
+    /// The live version must not be ahead of the build: if checkpoint `name` is past `built`,
+    /// nothing changes and the error is [`StoreError::CheckpointConflict`] (catch the build up
+    /// and try again; `ProjectionRunner::rebuild_then` does).
+    ///
+    /// Run it while holding `built`'s lease (as `ProjectionRunner::rebuild_then` does), so that
+    /// no other rebuild resets the built tables in between. Table names must match
+    /// `[a-z_][a-z0-9_]*`; each built table must have the live table's columns (its indexes
+    /// move with it). Returns where the live version now is.
+    pub async fn promote(
+        &self,
+        name: &str,
+        built: &str,
+        tables: &[(&str, &str)],
+    ) -> Result<Option<Position>, StoreError> {
+        crate::validate_checkpoint_name(name)?;
+        crate::validate_checkpoint_name(built)?;
+        for (live, building) in tables {
+            validate_table_name(live)?;
+            validate_table_name(building)?;
+        }
+        let mut tx = self.store.begin().await?;
+        let switched = async {
+            let reached = self.store.load_checkpoint_in(tx.conn(), built).await?;
+            let live = self.store.load_checkpoint_in(tx.conn(), name).await?;
+            if live > reached {
+                // Switching now would lose the events between them from the new version.
+                return Err(StoreError::CheckpointConflict {
+                    name: name.to_owned(),
+                    expected: reached,
+                    actual: live,
+                });
+            }
+            for (live, building) in tables {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP TABLE IF EXISTS \"{live}\"; ALTER TABLE \"{building}\" RENAME TO \"{live}\""
+                )))
+                .execute(tx.conn())
+                .await
+                .map_err(|e| self.store.fail(e))?;
+            }
+            match reached {
+                Some(position) => sqlx::query(sql::SET_CHECKPOINT)
+                    .bind(name)
+                    .bind(to_i64("position", position.tx)?)
+                    .bind(to_i64("position", position.sequence)?)
+                    .bind(crate::row::now_micros())
+                    .execute(tx.conn())
+                    .await,
+                None => sqlx::query(sql::DELETE_CHECKPOINT)
+                    .bind(name)
+                    .execute(tx.conn())
+                    .await,
+            }
+            .map_err(|e| self.store.fail(e))?;
+            sqlx::query(sql::DELETE_CHECKPOINT)
+                .bind(built)
+                .execute(tx.conn())
+                .await
+                .map_err(|e| self.store.fail(e))?;
+            Ok::<_, StoreError>(reached)
+        }
+        .await;
+        match switched {
+            Ok(reached) => {
+                tx.commit().await?;
+                Ok(reached)
+            }
+            Err(error) => {
+                let _ = tx.rollback().await;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// The rule for a table name spliced into SQL: `[a-z_][a-z0-9_]*`, at most 63 bytes, not
+/// `sqlite_*`. Such a name needs no escaping inside double quotes.
+fn validate_table_name(name: &str) -> Result<(), StoreError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with("sqlite_")
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidId(cqrs_core::stream::InvalidId {
+            what: "table name",
+            reason: format!("`{name}` must match [a-z_][a-z0-9_]*, at most 63 bytes, not sqlite_*"),
+        }))
+    }
 }
 
 impl<P> ProjectionBackend<P> for SqliteProjections

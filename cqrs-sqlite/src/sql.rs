@@ -104,6 +104,11 @@ pub const UPDATE_CHECKPOINT: &str =
 
 pub const DELETE_CHECKPOINT: &str = "DELETE FROM checkpoints WHERE name = ?1";
 
+/// Sets a checkpoint whatever it was (a blue/green switch, inside its transaction).
+pub const SET_CHECKPOINT: &str = "INSERT INTO checkpoints (name, tx, position, updated_at) \
+     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (name) DO UPDATE \
+     SET tx = excluded.tx, position = excluded.position, updated_at = excluded.updated_at";
+
 /// The skipped event's id and type come from its row: a row whose payload cannot be decoded
 /// still has them.
 pub const RECORD_SKIP: &str = "INSERT INTO projection_skips \

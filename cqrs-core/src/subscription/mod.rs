@@ -394,8 +394,10 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
 
     /// [`ProjectionRunner::rebuild`], then `finish` with the position the rebuild reached (`None`
     /// for an empty log) before the lease is released: the switch of a blue/green rebuild, which
-    /// must not race another rebuild of the same name resetting what was just built. An error of
-    /// `finish` is the rebuild's.
+    /// must not race another rebuild of the same name resetting what was just built. A `finish`
+    /// failing with [`StoreError::CheckpointConflict`] (the live version it switches from moved
+    /// past what was built) is called again after another catch-up, up to 10 times in all; any
+    /// other error of `finish` is the rebuild's.
     pub async fn rebuild_then<F, Fut, G, GFut, T>(
         mut self,
         fresh: P,
@@ -406,20 +408,62 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     where
         F: FnOnce() -> Fut + Send,
         Fut: Future<Output = Result<(), StoreError>> + Send,
-        G: FnOnce(Option<Position>) -> GFut + Send,
+        G: FnMut(Option<Position>) -> GFut + Send,
         GFut: Future<Output = Result<T, StoreError>> + Send,
     {
         let lease = take_lease(&*self.backend, &self.name).await?;
         self.projection = fresh;
         reset().await?;
         self.backend.reset_checkpoint(&self.name).await?;
-        let outcome = self.catch_up_leased(progress).await;
-        record_outcome(&*self.backend, &self.name, &outcome).await;
-        outcome?;
-        let reached = self.backend.load_checkpoint(&self.name).await?;
-        let finished = finish(reached).await?;
+        let finished = self.finish_leased(progress, finish).await?;
         drop(lease);
         Ok((self.projection, finished))
+    }
+
+    /// [`ProjectionRunner::catch_up`], then `finish` with the position reached before the lease
+    /// is released (see [`ProjectionRunner::rebuild_then`]): resuming an interrupted blue/green
+    /// build.
+    pub async fn catch_up_then<G, GFut, T>(
+        mut self,
+        progress: impl FnMut(Progress) + Send,
+        finish: G,
+    ) -> Result<(P, T), RunError>
+    where
+        G: FnMut(Option<Position>) -> GFut + Send,
+        GFut: Future<Output = Result<T, StoreError>> + Send,
+    {
+        let lease = take_lease(&*self.backend, &self.name).await?;
+        let finished = self.finish_leased(progress, finish).await?;
+        drop(lease);
+        Ok((self.projection, finished))
+    }
+
+    /// The catch-up, its outcome recorded, then `finish`; the lease held by the caller. A
+    /// `finish` failing with [`StoreError::CheckpointConflict`] (what it switches to moved past
+    /// what was built) is tried again after another catch-up, a bounded number of times.
+    async fn finish_leased<G, GFut, T>(
+        &mut self,
+        mut progress: impl FnMut(Progress) + Send,
+        mut finish: G,
+    ) -> Result<T, RunError>
+    where
+        G: FnMut(Option<Position>) -> GFut + Send,
+        GFut: Future<Output = Result<T, StoreError>> + Send,
+    {
+        const FINISH_ATTEMPTS: usize = 10;
+        let mut attempt = 1;
+        loop {
+            let outcome = self.catch_up_leased(&mut progress).await;
+            record_outcome(&*self.backend, &self.name, &outcome).await;
+            outcome?;
+            let reached = self.backend.load_checkpoint(&self.name).await?;
+            match finish(reached).await {
+                Err(StoreError::CheckpointConflict { .. }) if attempt < FINISH_ATTEMPTS => {
+                    attempt += 1;
+                }
+                finished => return Ok(finished?),
+            }
+        }
     }
 
     /// The catch-up itself, with the lease held by the caller.
