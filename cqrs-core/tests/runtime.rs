@@ -711,8 +711,19 @@ fn public_futures_are_send(repo: Repository<Counter>, store: InMemoryStore, bus:
         let _ = handle
             .wait_for(Position::START, Duration::from_secs(1))
             .await;
-        let _ = ProjectionRunner::new(Totals::default(), InProcess::new(store))
+        let _ = ProjectionRunner::new(Totals::default(), InProcess::new(store.clone()))
             .catch_up(|_| {})
+            .await;
+        let _ = ProjectionRunner::new(Totals::default(), InProcess::new(store.clone()))
+            .rebuild_then(
+                Totals::default(),
+                || async { Ok(()) },
+                |_| {},
+                |_| async { Ok(()) },
+            )
+            .await;
+        let _ = ProjectionRunner::new(Totals::default(), InProcess::new(store))
+            .catch_up_then(|_| {}, |_| async { Ok(()) })
             .await;
     });
 }
