@@ -76,10 +76,15 @@ pub(crate) enum Command {
     },
     /// The projections' status: checkpoint, lag, skips, the active runner.
     Projections,
-    /// Rebuild a registered projection from the start of the log, with a progress bar.
+    /// Rebuild a registered projection from the start of the log, with a progress bar (blue/green
+    /// where it is set up so: beside the live version, then a switch).
     Rebuild {
         /// The projection's name.
         name: String,
+        /// Blue/green: start the new version afresh instead of resuming a build that was
+        /// interrupted or stopped at an event.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Clear a registered projection's read model and checkpoint: it replays on its next run.
     Reset {
@@ -88,7 +93,7 @@ pub(crate) enum Command {
     },
     /// Skip the event a registered projection is stuck on (recorded with the reason).
     Skip {
-        /// The projection's name.
+        /// The projection's name (`<name>.next` for the build of a blue/green rebuild).
         name: String,
         /// The event's position (`tx.sequence`, as `projections` and `show` print it).
         #[arg(long)]

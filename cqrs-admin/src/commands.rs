@@ -80,7 +80,9 @@ pub(crate) async fn run(admin: &Admin, cli: &Cli, out: Out<'_>) -> Result<(), Ad
             follow(&connection, &filter, json, out).await
         }
         Command::Projections => projections(admin, &connection, json, out).await,
-        Command::Rebuild { name } => rebuild(admin, &connection, name, json, out).await,
+        Command::Rebuild { name, fresh } => {
+            rebuild(admin, &connection, name, *fresh, json, out).await
+        }
         Command::Reset { name } => {
             let ops = projection_ops(admin, &connection, name)?;
             with_holder(&connection, ops.reset(name)).await?;
@@ -93,7 +95,12 @@ pub(crate) async fn run(admin: &Admin, cli: &Cli, out: Out<'_>) -> Result<(), Ad
             position,
             reason,
         } => {
-            let ops = projection_ops(admin, &connection, name)?;
+            // `<name>.next`: the build of a blue/green rebuild, the same projection.
+            let registered = match name.strip_suffix(".next") {
+                Some(live) if projection_ops(admin, &connection, live)?.blue_green() => live,
+                _ => name.as_str(),
+            };
+            let ops = projection_ops(admin, &connection, registered)?;
             with_holder(&connection, ops.skip(name, *position, reason)).await?;
             report(
                 out,
@@ -149,15 +156,19 @@ pub(crate) fn projection_ops(
                 .join(", ")
         }
     };
-    let registered = admin
-        .projections
-        .iter()
-        .find(|p| p.name == name)
-        .ok_or_else(|| AdminError::UnknownProjection {
+    if !admin.projections.iter().any(|p| p.name == name) {
+        return Err(AdminError::UnknownProjection {
             name: name.to_owned(),
             known: known(),
-        })?;
-    (registered.setup)(connection).ok_or_else(|| AdminError::UnknownProjection {
+        });
+    }
+    // One name may be registered once per backend (a projection type for each).
+    let set_up = admin
+        .projections
+        .iter()
+        .filter(|p| p.name == name)
+        .find_map(|p| (p.setup)(connection));
+    set_up.ok_or_else(|| AdminError::UnknownProjection {
         name: name.to_owned(),
         known: format!(
             "{} (but `{name}` is not set up for {})",
@@ -438,20 +449,33 @@ async fn projections(
         let ops = admin
             .projections
             .iter()
-            .find(|p| p.name == name)
-            .and_then(|p| (p.setup)(connection));
+            .filter(|p| p.name == name)
+            .find_map(|p| (p.setup)(connection));
         // A registered projection's lag counts the events it handles; an unregistered one's
         // counts every event after its checkpoint.
         let types = ops.as_ref().map_or(EventTypes::All, |o| o.event_types());
         let lag = lag(store, position, types).await?;
         let holder = store.lease_holder(name).await?;
         let skipped = store.skipped(name).await?;
-        let state = match (&holder, position) {
-            (Some(_), _) => "running",
-            (None, None) => "not started",
-            (None, Some(_)) if lag == 0 => "idle, caught up",
-            (None, Some(_)) => "idle, behind",
+        let failure = store.last_failure(name).await?;
+        let state = match (&holder, &failure, position) {
+            (Some(_), Some(_), _) => "failing",
+            (Some(_), None, _) => "running",
+            (None, Some(_), _) => "stopped, failed",
+            (None, None, None) => "not started",
+            (None, None, Some(_)) if lag == 0 => "idle, caught up",
+            (None, None, Some(_)) => "idle, behind",
         };
+        let last_error = failure.as_ref().map(|f| {
+            json!({
+                "cause": f.failure.cause.name(),
+                "position": f.failure.position.map(|p| p.to_string()),
+                "event_type": f.failure.event_type,
+                "message": f.failure.message,
+                "skippable": f.failure.skippable(),
+                "failed_at": f.failed_at.to_rfc3339(),
+            })
+        });
         rows.push(json!({
             "name": name,
             "registered": ops.is_some(),
@@ -462,6 +486,7 @@ async fn projections(
             "lag_counts": if ops.is_some() { "handled events" } else { "all events" },
             "runner": holder,
             "skipped": skipped,
+            "last_error": last_error,
         }));
     }
     if json {
@@ -475,6 +500,7 @@ async fn projections(
         "LAG",
         "SKIPPED",
         "RUNNER",
+        "LAST ERROR",
     ]);
     for row in &rows {
         let text = |key: &str| row[key].as_str().unwrap_or("-").to_owned();
@@ -496,6 +522,7 @@ async fn projections(
             lag,
             skipped.to_string(),
             runner,
+            last_error_cell(&row["last_error"]),
         ]);
     }
     table.write(out)?;
@@ -508,14 +535,41 @@ async fn projections(
     Ok(())
 }
 
+/// A recorded failure in one table cell: where, what, and the first line of the message.
+fn last_error_cell(error: &serde_json::Value) -> String {
+    if error.is_null() {
+        return "-".to_owned();
+    }
+    let mut cell = String::new();
+    if let Some(position) = error["position"].as_str() {
+        cell.push_str(&format!("at {position} "));
+    }
+    match error["event_type"].as_str() {
+        Some(event_type) => cell.push_str(&format!(
+            "({event_type}, {})",
+            error["cause"].as_str().unwrap_or("?")
+        )),
+        None => cell.push_str(&format!("({})", error["cause"].as_str().unwrap_or("?"))),
+    }
+    let message = error["message"].as_str().unwrap_or_default();
+    let first = message.lines().next().unwrap_or_default();
+    const WIDTH: usize = 60;
+    let shown: String = first.chars().take(WIDTH).collect();
+    let cut = shown.len() < message.len();
+    cell.push_str(&format!(": {shown}{}", if cut { "…" } else { "" }));
+    cell
+}
+
 async fn rebuild(
     admin: &Admin,
     connection: &Connection,
     name: &str,
+    fresh: bool,
     json: bool,
     out: Out<'_>,
 ) -> Result<(), AdminError> {
     let ops = projection_ops(admin, connection, name)?;
+    let blue_green = ops.blue_green();
     let bar = indicatif::ProgressBar::new(0);
     if json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
@@ -525,7 +579,11 @@ async fn rebuild(
     ) {
         bar.set_style(style.progress_chars("=> "));
     }
-    bar.set_message(format!("rebuilding {name}"));
+    bar.set_message(if blue_green {
+        format!("building {name} beside the live version")
+    } else {
+        format!("rebuilding {name}")
+    });
     let mut last = cqrs_core::subscription::Progress {
         done: 0,
         total: 0,
@@ -540,16 +598,23 @@ async fn rebuild(
                 bar.set_position(p.done);
                 *last = p;
             };
-            ops.rebuild(name, &mut progress).await
+            ops.rebuild(name, fresh, &mut progress).await
         })
     };
     let outcome = tokio::select! {
         outcome = rebuilding => outcome,
         _ = tokio::signal::ctrl_c() => {
             bar.abandon();
-            return Err(AdminError::Interrupted(format!(
-                "the rebuild of `{name}` stopped; the batches applied so far are committed with its checkpoint, and its next run (or another rebuild) continues from there"
-            )));
+            return Err(AdminError::Interrupted(if blue_green {
+                format!(
+                    "the rebuild of `{name}` stopped before its switch: the live version keeps serving; the partial build under `{}` is prepared afresh by the next rebuild",
+                    crate::registry::building_name(name)
+                )
+            } else {
+                format!(
+                    "the rebuild of `{name}` stopped; the batches applied so far are committed with its checkpoint, and its next run (or another rebuild) continues from there"
+                )
+            }));
         }
     };
     bar.finish_and_clear();
@@ -566,12 +631,18 @@ async fn rebuild(
         json,
         &json!({
             "rebuilt": name,
+            "blue_green": blue_green,
             "events": last.done,
             "checkpoint": checkpoint,
             "events_per_second": last.rate,
         }),
         &format!(
-            "`{name}` rebuilt: {} events applied ({:.0} events/s), checkpoint {}",
+            "`{name}` rebuilt{}: {} events applied ({:.0} events/s), checkpoint {}",
+            if blue_green {
+                " beside the live version and switched to"
+            } else {
+                ""
+            },
             last.done,
             last.rate,
             checkpoint.as_deref().unwrap_or("-")

@@ -178,6 +178,8 @@ impl Admin {
 
     /// Rebuilds registered projection `name` on `connection` from the start of the log,
     /// reporting progress after each batch: what `cqrs-admin rebuild` shows as a progress bar.
+    /// Blue/green where it is set up so ([`ProjectionSetup::with_blue_green`]): beside the live
+    /// version, resuming a build that was interrupted, then switching.
     pub async fn rebuild(
         &self,
         connection: &Connection,
@@ -185,6 +187,6 @@ impl Admin {
         mut progress: impl FnMut(Progress) + Send,
     ) -> Result<(), AdminError> {
         let ops = commands::projection_ops(self, connection, name)?;
-        ops.rebuild(name, &mut progress).await
+        ops.rebuild(name, false, &mut progress).await
     }
 }

@@ -18,11 +18,18 @@ use crate::AdminError;
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 type Reset = Arc<dyn Fn() -> BoxFuture<'static, Result<(), StoreError>> + Send + Sync>;
+type Switch =
+    Arc<dyn Fn(String, String) -> BoxFuture<'static, Result<(), StoreError>> + Send + Sync>;
+
+/// The checkpoint name a blue/green rebuild of projection `name` builds under.
+pub(crate) fn building_name(name: &str) -> String {
+    format!("{name}.next")
+}
 
 /// How to run projection `P` on one connection: its backend, a fresh (empty) instance for
 /// rebuilds, and how to clear its read model.
 pub struct ProjectionSetup<P: Projection> {
-    ops: Box<dyn Ops>,
+    ops: Box<dyn OpsOf<P>>,
     _projection: std::marker::PhantomData<fn() -> P>,
 }
 
@@ -48,9 +55,44 @@ impl<P: Projection> ProjectionSetup<P> {
                 backend: Arc::new(backend),
                 fresh: Arc::new(fresh),
                 reset: None,
+                blue_green: None,
             }),
             _projection: std::marker::PhantomData,
         }
+    }
+
+    /// Rebuilds blue/green: `rebuild` builds a new version beside the live one, which keeps
+    /// serving (and its live runner keeps running), then switches to it.
+    ///
+    /// - `building` makes the empty instance that writes into the new version's tables (the
+    ///   live instance, from [`ProjectionSetup::new`], writes into the live tables);
+    /// - `prepare` (re)creates those tables empty;
+    /// - `switch(name, built)` makes what was built under checkpoint `built` the live version
+    ///   of projection `name`, in one transaction: `PostgresProjections::promote` or
+    ///   `SqliteProjections::promote` with the pairs of live and new tables.
+    ///
+    /// The rebuild runs under checkpoint `<name>.next` and its lease: `prepare`, then the
+    /// catch-up with its progress, then `switch`, all with that lease held, so two rebuilds never
+    /// interleave. Interrupting it (Ctrl-C, a killed process) leaves the live version serving
+    /// and a partial build under `<name>.next`, which the next rebuild prepares afresh.
+    pub fn with_blue_green<F, Fut, S, SFut>(
+        mut self,
+        building: impl Fn() -> P + Send + Sync + 'static,
+        prepare: F,
+        switch: S,
+    ) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), StoreError>> + Send + 'static,
+        S: Fn(String, String) -> SFut + Send + Sync + 'static,
+        SFut: Future<Output = Result<(), StoreError>> + Send + 'static,
+    {
+        self.ops.set_blue_green(BlueGreen {
+            building: Arc::new(building),
+            prepare: Arc::new(move || Box::pin(prepare())),
+            switch: Arc::new(move |name, built| Box::pin(switch(name, built))),
+        });
+        self
     }
 
     /// How to clear the read model (truncate its tables) before a rebuild or on `reset`.
@@ -65,13 +107,29 @@ impl<P: Projection> ProjectionSetup<P> {
     }
 }
 
+/// A blue/green setup ([`ProjectionSetup::with_blue_green`]).
+struct BlueGreen<P> {
+    building: Arc<dyn Fn() -> P + Send + Sync>,
+    prepare: Reset,
+    switch: Switch,
+}
+
+/// A projection's setup while it is being configured, its backend's type erased.
+trait OpsOf<P>: Send + Sync {
+    fn set_reset(&mut self, reset: Reset);
+    fn set_blue_green(&mut self, blue_green: BlueGreen<P>);
+    fn into_ops(self: Box<Self>) -> Box<dyn Ops>;
+}
+
 /// A projection's operations, whatever its type and backend.
 pub(crate) trait Ops: Send + Sync {
-    fn set_reset(&mut self, reset: Reset);
+    /// Whether `rebuild` builds beside the live version and switches.
+    fn blue_green(&self) -> bool;
     fn event_types(&self) -> EventTypes<'static>;
     fn rebuild<'a>(
         &'a self,
         name: &'a str,
+        fresh: bool,
         progress: &'a mut (dyn FnMut(Progress) + Send),
     ) -> BoxFuture<'a, Result<(), AdminError>>;
     fn reset<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), AdminError>>;
@@ -87,6 +145,21 @@ struct Typed<P, B> {
     backend: Arc<B>,
     fresh: Arc<dyn Fn() -> P + Send + Sync>,
     reset: Option<Reset>,
+    blue_green: Option<BlueGreen<P>>,
+}
+
+impl<P: Projection, B: ProjectionBackend<P>> OpsOf<P> for Typed<P, B> {
+    fn set_reset(&mut self, reset: Reset) {
+        self.reset = Some(reset);
+    }
+
+    fn set_blue_green(&mut self, blue_green: BlueGreen<P>) {
+        self.blue_green = Some(blue_green);
+    }
+
+    fn into_ops(self: Box<Self>) -> Box<dyn Ops> {
+        self
+    }
 }
 
 impl<P: Projection, B: ProjectionBackend<P>> Typed<P, B> {
@@ -110,8 +183,8 @@ impl<P: Projection, B: ProjectionBackend<P>> Typed<P, B> {
 }
 
 impl<P: Projection, B: ProjectionBackend<P>> Ops for Typed<P, B> {
-    fn set_reset(&mut self, reset: Reset) {
-        self.reset = Some(reset);
+    fn blue_green(&self) -> bool {
+        self.blue_green.is_some()
     }
 
     fn event_types(&self) -> EventTypes<'static> {
@@ -121,9 +194,34 @@ impl<P: Projection, B: ProjectionBackend<P>> Ops for Typed<P, B> {
     fn rebuild<'a>(
         &'a self,
         name: &'a str,
+        fresh: bool,
         progress: &'a mut (dyn FnMut(Progress) + Send),
     ) -> BoxFuture<'a, Result<(), AdminError>> {
         Box::pin(async move {
+            if let Some(blue_green) = &self.blue_green {
+                // Beside the live version, under a name and a lease of its own; the switch runs
+                // before that lease is released. A build that was interrupted (or stopped at an
+                // event, then skipped under its own name) resumes, unless asked to start afresh.
+                let built = building_name(name);
+                let runner =
+                    ProjectionRunner::shared((blue_green.building)(), Arc::clone(&self.backend))
+                        .named(built.clone());
+                let switch = |_| (blue_green.switch)(name.to_owned(), built.clone());
+                let partial = self.backend.load_checkpoint(&built).await?.is_some();
+                if partial && !fresh {
+                    runner.catch_up_then(&mut *progress, switch).await?;
+                } else {
+                    runner
+                        .rebuild_then(
+                            (blue_green.building)(),
+                            || (blue_green.prepare)(),
+                            &mut *progress,
+                            switch,
+                        )
+                        .await?;
+                }
+                return Ok(());
+            }
             let runner =
                 ProjectionRunner::shared((self.fresh)(), Arc::clone(&self.backend)).named(name);
             runner
@@ -139,6 +237,8 @@ impl<P: Projection, B: ProjectionBackend<P>> Ops for Typed<P, B> {
             let lease = self.lease(name).await?;
             self.clear().await?;
             self.backend.reset_checkpoint(name).await?;
+            // Whatever it failed on before, it replays from the start now.
+            self.backend.record_failure(name, None).await?;
             drop(lease);
             Ok(())
         })
@@ -176,6 +276,11 @@ impl<P: Projection, B: ProjectionBackend<P>> Ops for Typed<P, B> {
                     self.backend
                         .record_skip(name, checkpoint, &target, reason)
                         .await?;
+                    // The failure recorded for that event is moved past.
+                    let recorded = self.backend.last_failure(name).await?;
+                    if recorded.is_some_and(|r| r.failure.position == Some(position)) {
+                        self.backend.record_failure(name, None).await?;
+                    }
                     drop(lease);
                     Ok(())
                 }
@@ -206,7 +311,7 @@ impl RegisteredProjection {
     ) -> Self {
         Self {
             name: P::NAME,
-            setup: Box::new(move |connection| setup(connection).map(|s| s.ops)),
+            setup: Box::new(move |connection| setup(connection).map(|s| s.ops.into_ops())),
         }
     }
 }

@@ -349,6 +349,197 @@ async fn postgres_schema_end_to_end() {
     .await;
 }
 
+/// A projection that applies `Deposited` and refuses `Poison` with a handler error; it writes
+/// nothing, so it runs on any backend.
+struct Poisoned<C>(std::marker::PhantomData<fn() -> C>);
+
+impl<C: Send + 'static> cqrs_core::Projection for Poisoned<C> {
+    const NAME: &'static str = "poisoned";
+    const EVENT_TYPES: &'static [&'static str] = &["Deposited", "Poison"];
+    type Context = C;
+
+    async fn handle<'a>(
+        &'a mut self,
+        event: &'a cqrs_core::RecordedEvent,
+        _context: &'a mut C,
+    ) -> Result<(), cqrs_core::ProjectionError> {
+        if event.event_type == "Poison" {
+            return Err(cqrs_core::ProjectionError::Handler {
+                projection: Self::NAME,
+                event_type: event.event_type.clone(),
+                position: event.position,
+                source: "cannot apply this one\nsecond line".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Runs `Poisoned` live on `backend` over a log ending in a poison event: `projections` in
+/// another process shows the runner and the failure the runner recorded (where, what, since
+/// when); once the runner stops, the failure still. Returns the status row while it runs.
+async fn failing_projection_shown<C, B>(db: &Db, backend: B) -> Value
+where
+    C: Send + 'static,
+    B: cqrs_core::backend::ProjectionBackend<Poisoned<C>>,
+{
+    use cqrs_core::subscription::{ProjectionRunner, ProjectionState};
+    let store = backend.events();
+    store
+        .append(
+            &StreamId::new("account", "poisoned"),
+            ExpectedVersion::NoStream,
+            vec![event("Deposited", json!({ "amount": 1 }))],
+        )
+        .await
+        .unwrap();
+    let poison = store
+        .append(
+            &StreamId::new("account", "poisoned"),
+            ExpectedVersion::Any,
+            vec![event("Poison", json!({}))],
+        )
+        .await
+        .unwrap()
+        .position;
+    let before = chrono::Utc::now() - chrono::Duration::seconds(60);
+    let handle = ProjectionRunner::new(Poisoned(std::marker::PhantomData), backend).spawn();
+    let mut status = handle.watch_status();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        status.wait_for(|s| s.state == ProjectionState::Failed),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // The runner records the failure right after publishing it: poll the other process.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let row = loop {
+        let row = poisoned_row(db);
+        if !row["last_error"].is_null() || std::time::Instant::now() > deadline {
+            break row;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let error = &row["last_error"];
+    assert_eq!(error["position"], poison.to_string(), "{row}");
+    assert_eq!(error["event_type"], "Poison", "{row}");
+    assert_eq!(error["cause"], "handler", "{row}");
+    assert_eq!(error["skippable"], true, "{row}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot apply this one"),
+        "{row}"
+    );
+    let failed_at: chrono::DateTime<chrono::Utc> =
+        error["failed_at"].as_str().unwrap().parse().unwrap();
+    assert!(failed_at > before, "{row}");
+    assert_eq!(row["state"], "failing", "{row}");
+    assert!(!row["runner"].is_null(), "{row}");
+    let table = ok(db.run(&["projections"])).stdout;
+    assert!(table.contains("LAST ERROR"), "{table}");
+    let line = table.lines().find(|l| l.starts_with("poisoned")).unwrap();
+    assert!(
+        line.contains(&format!("at {poison} (Poison, handler): ")),
+        "{table}"
+    );
+    assert!(!line.contains("second line"), "one line per row: {table}");
+
+    handle.stop().await;
+    // A stopped runner's failure stays recorded until a run moves past it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let stopped = poisoned_row(db);
+        if stopped["runner"].is_null() {
+            assert_eq!(stopped["state"], "stopped, failed", "{stopped}");
+            assert_eq!(stopped["last_error"]["position"], poison.to_string());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{stopped}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    row
+}
+
+/// The `poisoned` row of `projections --json`.
+fn poisoned_row(db: &Db) -> Value {
+    let status = ok(db.run(&["projections", "--json"])).json();
+    status["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "poisoned")
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_status_shows_the_recorded_failure() {
+    let dir = temp_dir();
+    let path = dir.join("store.db");
+    let db = Db::sqlite(&path);
+    ok(db.run(&["migrate"]));
+    let store = cqrs_sqlite::SqliteStore::open(&path).await.unwrap();
+    let row = failing_projection_shown::<sqlx::SqliteConnection, _>(
+        &db,
+        cqrs_sqlite::SqliteProjections::new(store.clone()),
+    )
+    .await;
+    assert!(
+        row["runner"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("holds the lock"),
+        "{row}"
+    );
+    store.close().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The lease holder of a PostgreSQL projection is looked up in `pg_locks`: the session holding
+/// the advisory lock, its application and since when; beside the failure the runner recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_status_shows_the_lease_holder_and_the_recorded_failure() {
+    let schema = format!("pgt_{}", uuid::Uuid::now_v7().simple());
+    let application = format!("lease_{}", uuid::Uuid::now_v7().simple());
+    let base = postgres_url();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    let url = format!("{base}{separator}application_name={application}");
+    let db = Db::postgres(&base, &schema);
+    ok(db.run(&["migrate"]));
+    let store = cqrs_postgres::PostgresStore::connect(&url)
+        .await
+        .unwrap()
+        .with_schema(&schema)
+        .unwrap();
+    let started = chrono::Utc::now();
+    let row = failing_projection_shown::<sqlx::PgConnection, _>(
+        &db,
+        cqrs_postgres::PostgresProjections::new(store.clone()),
+    )
+    .await;
+    let runner = &row["runner"];
+    let pid = runner["pid"].as_i64().unwrap();
+    let description = runner["description"].as_str().unwrap();
+    assert!(
+        description.contains(&format!("PostgreSQL session {pid}"))
+            && description.contains(&format!("application {application}")),
+        "{runner}"
+    );
+    let since: chrono::DateTime<chrono::Utc> = runner["since"].as_str().unwrap().parse().unwrap();
+    assert!(
+        since >= started - chrono::Duration::seconds(5) && since <= chrono::Utc::now(),
+        "the lease's session started with the runner: {runner}"
+    );
+    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA \"{schema}\" CASCADE"
+    )))
+    .execute(store.pool())
+    .await;
+}
+
 #[test]
 fn unsupported_urls_say_what_is_supported() {
     let run = Db::url("redis://127.0.0.1:6379/").run(&["types"]);

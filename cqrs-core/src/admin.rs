@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::store::{EventStore, StoreError};
 use crate::stream::{validate_name, InvalidId, Position, StreamVersion, MAX_STREAM_ID_LEN};
 use crate::stream::{StreamId, MAX_STREAM_TYPE_LEN};
-use crate::subscription::SkippedEvent;
+use crate::subscription::{RecordedFailure, SkippedEvent};
 
 /// One stream type of the log, with how much it holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -197,6 +197,11 @@ pub trait StoreAdmin: EventStore {
 
     /// Every event projection `name` skipped on request, oldest first.
     async fn skipped(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError>;
+
+    /// Projection `name`'s last failure as its runner recorded it in this store
+    /// ([`ProjectionBackend::record_failure`](crate::backend::ProjectionBackend::record_failure)),
+    /// if it has one.
+    async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError>;
 
     /// What holds readers back.
     async fn horizon_report(&self) -> Result<HorizonReport, StoreError>;

@@ -496,7 +496,7 @@ impl<P: Projection<Context = ()> + Clone + Sync> InlineHook for InlineReadModel<
     }
 }
 
-/// The in-memory store keeps no leases or skips itself: those of its projections live in their
+/// The in-memory store keeps no leases, skips or failures itself: those of its projections live in their
 /// [`InProcess`](crate::subscription::InProcess) backend, in the same process, whose
 /// [`ProjectionHandle::status`](crate::subscription::ProjectionHandle::status) shows them. Its
 /// log has no visibility horizon: an event is readable when its append returns.
@@ -569,6 +569,14 @@ impl StoreAdmin for InMemoryStore {
     async fn skipped(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
         validate_checkpoint_name(name)?;
         Ok(Vec::new())
+    }
+
+    async fn last_failure(
+        &self,
+        name: &str,
+    ) -> Result<Option<crate::subscription::RecordedFailure>, StoreError> {
+        validate_checkpoint_name(name)?;
+        Ok(None)
     }
 
     async fn horizon_report(&self) -> Result<HorizonReport, StoreError> {

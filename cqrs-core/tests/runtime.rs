@@ -711,8 +711,19 @@ fn public_futures_are_send(repo: Repository<Counter>, store: InMemoryStore, bus:
         let _ = handle
             .wait_for(Position::START, Duration::from_secs(1))
             .await;
-        let _ = ProjectionRunner::new(Totals::default(), InProcess::new(store))
+        let _ = ProjectionRunner::new(Totals::default(), InProcess::new(store.clone()))
             .catch_up(|_| {})
+            .await;
+        let _ = ProjectionRunner::new(Totals::default(), InProcess::new(store.clone()))
+            .rebuild_then(
+                Totals::default(),
+                || async { Ok(()) },
+                |_| {},
+                |_| async { Ok(()) },
+            )
+            .await;
+        let _ = ProjectionRunner::new(Totals::default(), InProcess::new(store))
+            .catch_up_then(|_| {}, |_| async { Ok(()) })
             .await;
     });
 }
@@ -894,6 +905,19 @@ impl<P: Projection<Context = ()>> cqrs_core::backend::ProjectionBackend<P> for P
         name: &str,
     ) -> Result<Vec<cqrs_core::subscription::SkippedEvent>, cqrs_core::StoreError> {
         cqrs_core::backend::ProjectionBackend::<P>::skipped_events(&self.0, name).await
+    }
+    async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&cqrs_core::subscription::ProjectionFailure>,
+    ) -> Result<(), cqrs_core::StoreError> {
+        cqrs_core::backend::ProjectionBackend::<P>::record_failure(&self.0, name, failure).await
+    }
+    async fn last_failure(
+        &self,
+        name: &str,
+    ) -> Result<Option<cqrs_core::subscription::RecordedFailure>, cqrs_core::StoreError> {
+        cqrs_core::backend::ProjectionBackend::<P>::last_failure(&self.0, name).await
     }
     async fn acquire_lease(
         &self,

@@ -6,7 +6,7 @@ use cqrs_core::admin::{
     StreamSummary, StreamTypeSummary,
 };
 use cqrs_core::backend::validate_checkpoint_name;
-use cqrs_core::subscription::SkippedEvent;
+use cqrs_core::subscription::{RecordedFailure, SkippedEvent};
 use cqrs_core::{Position, StoreError, StreamId, StreamVersion};
 use sqlx::Row;
 
@@ -121,6 +121,12 @@ impl StoreAdmin for PostgresStore {
         validate_checkpoint_name(name)?;
         PostgresProjections::new(self.clone())
             .skipped_events(name)
+            .await
+    }
+
+    async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        PostgresProjections::new(self.clone())
+            .last_failure(name)
             .await
     }
 

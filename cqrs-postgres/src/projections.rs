@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cqrs_core::backend::{finish_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
-use cqrs_core::subscription::SkippedEvent;
+use cqrs_core::subscription::{FailureCause, ProjectionFailure, RecordedFailure, SkippedEvent};
 use cqrs_core::{
     CheckpointStore, EventId, EventStore, Position, Projection, RecordedEvent, StoreError,
 };
@@ -219,6 +219,77 @@ impl PostgresProjections {
             .collect()
     }
 
+    /// Projection `name`'s last recorded failure (`projection_failures`), if it has one.
+    pub async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        crate::checkpoints::validate_key_name("checkpoint name", name)?;
+        let row = sqlx::query(self.read.sql.last_failure.clone())
+            .bind(name)
+            .fetch_optional(self.read.pool())
+            .await
+            .map_err(|e| self.read.fail(e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let cause: String = row.try_get("cause").map_err(map_error)?;
+        let cause = FailureCause::from_name(&cause).ok_or_else(|| {
+            StoreError::Backend(
+                format!("unknown failure cause `{cause}` recorded for `{name}`").into(),
+            )
+        })?;
+        let tx: Option<String> = row.try_get("tx_text").map_err(map_error)?;
+        let position = match tx {
+            Some(_) => Some(crate::checkpoints::checkpoint_position(&row)?),
+            None => None,
+        };
+        let failure = ProjectionFailure::new(
+            cause,
+            position,
+            row.try_get("event_type").map_err(map_error)?,
+            row.try_get("message").map_err(map_error)?,
+        );
+        Ok(Some(RecordedFailure::new(
+            name.to_owned(),
+            failure,
+            row.try_get("failed_at").map_err(map_error)?,
+        )))
+    }
+
+    /// Records `failure` as projection `name`'s last failure, or clears it (`None`).
+    pub async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        crate::checkpoints::validate_key_name("checkpoint name", name)?;
+        let done = match failure {
+            Some(failure) => {
+                let sequence = failure
+                    .position
+                    .map(|p| {
+                        i64::try_from(p.sequence)
+                            .map_err(|_| out_of_range("position sequence", p.sequence))
+                    })
+                    .transpose()?;
+                sqlx::query(self.read.sql.record_failure.clone())
+                    .bind(name)
+                    .bind(failure.cause.name())
+                    .bind(failure.position.map(|p| p.tx.to_string()))
+                    .bind(sequence)
+                    .bind(failure.event_type.as_deref())
+                    .bind(&failure.message)
+                    .execute(self.read.pool())
+                    .await
+            }
+            None => {
+                sqlx::query(self.read.sql.clear_failure.clone())
+                    .bind(name)
+                    .execute(self.read.pool())
+                    .await
+            }
+        };
+        done.map(drop).map_err(|e| self.read.fail(e))
+    }
+
     /// For handlers with effects outside the database (send an e-mail, call a service): records
     /// that `consumer` handled `event` on `conn` (the handler's transaction) and returns `true` the
     /// first time, `false` for a redelivery, which the handler then skips. Such effects are
@@ -259,6 +330,100 @@ impl PostgresProjections {
         .await
         .map_err(|e| self.read.fail(e))?;
         Ok(())
+    }
+
+    /// The switch of a blue/green rebuild: makes the read model built under checkpoint `built`
+    /// (into the tables on the right of each pair in `tables`) the live version of projection
+    /// `name` (the tables on the left), in one transaction of the read database:
+    ///
+    /// 1. locks checkpoint `name`'s row, waiting for a live batch committing on it (a live
+    ///    runner's next batch then waits for this transaction), and `built`'s;
+    /// 2. drops each live table and renames its built table to the live name;
+    /// 3. sets checkpoint `name` to where `built` is (deletes it if `built` has none) and
+    ///    deletes `built`.
+    ///
+    /// Readers and the live runner name the live tables, so they see the new version when this
+    /// commits and the old one before, never a partial one. The live runner's next batch then
+    /// fails its compare-and-set (unless it was exactly where the build is), re-reads the
+    /// checkpoint and continues from the build's position into the new tables: no event is
+    /// lost or applied twice.
+    ///
+    /// The live version must not be ahead of the build: if checkpoint `name` is past `built`,
+    /// nothing changes and the error is [`StoreError::CheckpointConflict`] (catch the build up
+    /// and try again; `ProjectionRunner::rebuild_then` does).
+    ///
+    /// Run it while holding `built`'s lease (as `ProjectionRunner::rebuild_then` does), so that
+    /// no other rebuild resets the built tables in between. Every name must match
+    /// `[a-z_][a-z0-9_]*`; each built table must have the live table's columns, and indexes
+    /// named by PostgreSQL or after their table (they move with it). Objects depending on a
+    /// live table (a view over it) make the drop fail: then nothing changes. Returns where the
+    /// live version now is.
+    pub async fn promote(
+        &self,
+        name: &str,
+        built: &str,
+        tables: &[(&str, &str)],
+    ) -> Result<Option<Position>, StoreError> {
+        crate::checkpoints::validate_key_name("checkpoint name", name)?;
+        crate::checkpoints::validate_key_name("checkpoint name", built)?;
+        for (live, building) in tables {
+            crate::sql::validate_identifier("table name", live)?;
+            crate::sql::validate_identifier("table name", building)?;
+        }
+        let schema = &self.read.sql.quoted;
+        let mut tx = Tx::begin(self.read.pool()).await?;
+        for checkpoint in [name, built] {
+            sqlx::query(self.read.sql.lock_checkpoint.clone())
+                .bind(checkpoint)
+                .fetch_optional(tx.conn())
+                .await
+                .map_err(|e| self.read.fail(e))?;
+        }
+        let reached = self.read.load_checkpoint_in(tx.conn(), built).await?;
+        let live = self.read.load_checkpoint_in(tx.conn(), name).await?;
+        if live > reached {
+            // Switching now would lose the events between them from the new version.
+            return Err(StoreError::CheckpointConflict {
+                name: name.to_owned(),
+                expected: reached,
+                actual: live,
+            });
+        }
+        for (live, building) in tables {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP TABLE IF EXISTS {schema}.\"{live}\";
+                 ALTER TABLE {schema}.\"{building}\" RENAME TO \"{live}\""
+            )))
+            .execute(tx.conn())
+            .await
+            .map_err(|e| self.read.fail(e))?;
+        }
+        match reached {
+            Some(position) => {
+                let sequence = i64::try_from(position.sequence)
+                    .map_err(|_| out_of_range("position sequence", position.sequence))?;
+                sqlx::query(self.read.sql.set_checkpoint.clone())
+                    .bind(name)
+                    .bind(position.tx.to_string())
+                    .bind(sequence)
+                    .execute(tx.conn())
+                    .await
+            }
+            None => {
+                sqlx::query(self.read.sql.delete_checkpoint.clone())
+                    .bind(name)
+                    .execute(tx.conn())
+                    .await
+            }
+        }
+        .map_err(|e| self.read.fail(e))?;
+        sqlx::query(self.read.sql.delete_checkpoint.clone())
+            .bind(built)
+            .execute(tx.conn())
+            .await
+            .map_err(|e| self.read.fail(e))?;
+        tx.commit().await?;
+        Ok(reached)
     }
 }
 
@@ -340,6 +505,18 @@ where
 
     async fn skipped_events(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
         PostgresProjections::skipped_events(self, name).await
+    }
+
+    async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        PostgresProjections::record_failure(self, name, failure).await
+    }
+
+    async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        PostgresProjections::last_failure(self, name).await
     }
 
     async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {

@@ -100,9 +100,14 @@ pub struct Statements {
     pub insert_checkpoint: SqlStr,
     pub update_checkpoint: SqlStr,
     pub delete_checkpoint: SqlStr,
+    pub lock_checkpoint: SqlStr,
+    pub set_checkpoint: SqlStr,
     pub record_skip: SqlStr,
     pub record_skip_given: SqlStr,
     pub skipped: SqlStr,
+    pub record_failure: SqlStr,
+    pub clear_failure: SqlStr,
+    pub last_failure: SqlStr,
     pub first_delivery: SqlStr,
     pub try_lease: SqlStr,
     pub stream_types: SqlStr,
@@ -350,6 +355,15 @@ impl Statements {
                  WHERE name = $1 AND tx = $4::text::xid8 AND position = $5"
             )),
             delete_checkpoint: sql(format!("DELETE FROM {s}.checkpoints WHERE name = $1")),
+            // A blue/green switch: waits for a batch committing on the checkpoint, then holds it.
+            lock_checkpoint: sql(format!(
+                "SELECT tx::text AS tx_text, position FROM {s}.checkpoints WHERE name = $1 FOR UPDATE"
+            )),
+            set_checkpoint: sql(format!(
+                "INSERT INTO {s}.checkpoints (name, tx, position) VALUES ($1, $2::text::xid8, $3)
+                 ON CONFLICT (name) DO UPDATE
+                 SET tx = EXCLUDED.tx, position = EXCLUDED.position, updated_at = now()"
+            )),
             record_skip: sql(format!(
                 "INSERT INTO {s}.projection_skips (projection, tx, position, event_id, event_type, reason)
                  SELECT $1, tx, position, event_id, event_type, $4 FROM {events}
@@ -363,6 +377,21 @@ impl Statements {
             skipped: sql(format!(
                 "SELECT projection, tx::text AS tx_text, position, event_type, reason
                  FROM {s}.projection_skips WHERE projection = $1 ORDER BY tx, position"
+            )),
+            // A projection's last failure (`ProjectionBackend::record_failure`).
+            record_failure: sql(format!(
+                "INSERT INTO {s}.projection_failures (projection, cause, tx, position, event_type, message)
+                 VALUES ($1, $2, $3::text::xid8, $4, $5, $6)
+                 ON CONFLICT (projection) DO UPDATE
+                 SET cause = EXCLUDED.cause, tx = EXCLUDED.tx, position = EXCLUDED.position,
+                     event_type = EXCLUDED.event_type, message = EXCLUDED.message, failed_at = now()"
+            )),
+            clear_failure: sql(format!(
+                "DELETE FROM {s}.projection_failures WHERE projection = $1"
+            )),
+            last_failure: sql(format!(
+                "SELECT cause, tx::text AS tx_text, position, event_type, message, failed_at
+                 FROM {s}.projection_failures WHERE projection = $1"
             )),
             first_delivery: sql(format!(
                 "INSERT INTO {s}.processed_events (consumer, event_id) VALUES ($1, $2)

@@ -20,6 +20,10 @@ impl Keys {
     pub(crate) fn skips(&self, name: &str) -> String {
         format!("{}skips:{name}", self.prefix)
     }
+
+    pub(crate) fn failure(&self, name: &str) -> String {
+        format!("{}failure:{name}", self.prefix)
+    }
 }
 
 /// A position as stored: `<tx>.<sequence>`, decimal.

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use cqrs_core::backend::{apply_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
-use cqrs_core::subscription::SkippedEvent;
+use cqrs_core::subscription::{FailureCause, ProjectionFailure, RecordedFailure, SkippedEvent};
 use cqrs_core::{EventStore, Position, Projection, RecordedEvent, StoreError};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
@@ -210,6 +210,57 @@ impl RedisProjections {
             .collect()
     }
 
+    /// Projection `name`'s last recorded failure (a JSON document at `<prefix>failure:<name>`),
+    /// if it has one.
+    pub async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        cqrs_core::backend::validate_checkpoint_name(name)?;
+        let mut conn = self.connections.shared().await?;
+        let key = self.keys.failure(name);
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.connections.shared_failed(e))?;
+        value
+            .map(|value| decode_failure(name, &key, &value))
+            .transpose()
+    }
+
+    /// Records `failure` as projection `name`'s last failure, or clears it (`None`).
+    pub async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        cqrs_core::backend::validate_checkpoint_name(name)?;
+        let mut conn = self.connections.shared().await?;
+        let key = self.keys.failure(name);
+        let command = match failure {
+            Some(failure) => {
+                let value = serde_json::json!({
+                    "cause": failure.cause.name(),
+                    "tx": failure.position.map(|p| p.tx),
+                    "sequence": failure.position.map(|p| p.sequence),
+                    "event_type": failure.event_type,
+                    "message": failure.message,
+                    "failed_at": chrono::Utc::now().timestamp_micros(),
+                });
+                let mut command = redis::cmd("SET");
+                command.arg(&key).arg(value.to_string());
+                command
+            }
+            None => {
+                let mut command = redis::cmd("DEL");
+                command.arg(&key);
+                command
+            }
+        };
+        command
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.connections.shared_failed(e))
+    }
+
     /// Runs `queue` on a `MULTI`/`EXEC` that also moves checkpoint `name` from `expected` to
     /// `to`, on the batch connection with the checkpoint key watched.
     async fn transact<F, Fut, E>(
@@ -317,6 +368,32 @@ async fn unwatch(conn: &mut MultiplexedConnection) -> Result<(), StoreError> {
         .map_err(store_error)
 }
 
+fn decode_failure(name: &str, key: &str, value: &str) -> Result<RecordedFailure, StoreError> {
+    let bad = || StoreError::Backend(format!("key `{key}` holds `{value}`, not a failure").into());
+    let json: serde_json::Value = serde_json::from_str(value).map_err(|_| bad())?;
+    let text = |field: &str| json.get(field).and_then(serde_json::Value::as_str);
+    let number = |field: &str| json.get(field).and_then(serde_json::Value::as_u64);
+    let cause = text("cause")
+        .and_then(FailureCause::from_name)
+        .ok_or_else(bad)?;
+    let position = match (number("tx"), number("sequence")) {
+        (Some(tx), Some(sequence)) => Some(Position::new(tx, sequence)),
+        _ => None,
+    };
+    let failed_at = json
+        .get("failed_at")
+        .and_then(serde_json::Value::as_i64)
+        .and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_micros)
+        .ok_or_else(bad)?;
+    let failure = ProjectionFailure::new(
+        cause,
+        position,
+        text("event_type").map(str::to_owned),
+        text("message").ok_or_else(bad)?.to_owned(),
+    );
+    Ok(RecordedFailure::new(name.to_owned(), failure, failed_at))
+}
+
 fn decode_skip(name: &str, key: &str, entry: &str) -> Result<SkippedEvent, StoreError> {
     let bad = || StoreError::Backend(format!("list `{key}` holds `{entry}`, not a skip").into());
     let value: serde_json::Value = serde_json::from_str(entry).map_err(|_| bad())?;
@@ -417,6 +494,18 @@ where
 
     async fn skipped_events(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
         RedisProjections::skipped_events(self, name).await
+    }
+
+    async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        RedisProjections::record_failure(self, name, failure).await
+    }
+
+    async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        RedisProjections::last_failure(self, name).await
     }
 
     async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {

@@ -5,7 +5,7 @@ use cqrs_core::admin::{
     validate_listing, CheckpointInfo, HorizonReport, LeaseHolder, StoreAdmin, StreamSummary,
     StreamTypeSummary,
 };
-use cqrs_core::subscription::SkippedEvent;
+use cqrs_core::subscription::{RecordedFailure, SkippedEvent};
 use cqrs_core::{Position, StoreError, StreamId, StreamVersion};
 use sqlx::sqlite::SqliteRow;
 use sqlx::Row;
@@ -119,6 +119,12 @@ impl StoreAdmin for SqliteStore {
     async fn skipped(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
         SqliteProjections::new(self.clone())
             .skipped_events(name)
+            .await
+    }
+
+    async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        SqliteProjections::new(self.clone())
+            .last_failure(name)
             .await
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cqrs_core::backend::{finish_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
-use cqrs_core::subscription::SkippedEvent;
+use cqrs_core::subscription::{FailureCause, ProjectionFailure, RecordedFailure, SkippedEvent};
 use cqrs_core::{
     CheckpointStore, EventId, EventStore, Position, Projection, RecordedEvent, StoreError,
 };
@@ -119,6 +119,88 @@ impl SqliteProjections {
             .collect()
     }
 
+    /// Projection `name`'s last recorded failure (`projection_failures`), if it has one.
+    pub async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        crate::validate_checkpoint_name(name)?;
+        let row = sqlx::query(sql::LAST_FAILURE)
+            .bind(name)
+            .fetch_optional(self.store.pool())
+            .await
+            .map_err(|e| self.store.fail(e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let get = |e: sqlx::Error| StoreError::Backend(Box::new(e));
+        let cause: String = row.try_get(0).map_err(get)?;
+        let cause = FailureCause::from_name(&cause).ok_or_else(|| {
+            StoreError::Backend(
+                format!("unknown failure cause `{cause}` recorded for `{name}`").into(),
+            )
+        })?;
+        let part = |value: i64| {
+            u64::try_from(value)
+                .map_err(|_| StoreError::Backend(format!("negative position {value}").into()))
+        };
+        let tx: Option<i64> = row.try_get(1).map_err(get)?;
+        let sequence: Option<i64> = row.try_get(2).map_err(get)?;
+        let position = match (tx, sequence) {
+            (Some(tx), Some(sequence)) => Some(Position::new(part(tx)?, part(sequence)?)),
+            _ => None,
+        };
+        let micros: i64 = row.try_get(5).map_err(get)?;
+        let failed_at =
+            chrono::DateTime::<chrono::Utc>::from_timestamp_micros(micros).ok_or_else(|| {
+                StoreError::Backend(format!("timestamp {micros} out of range").into())
+            })?;
+        let failure = ProjectionFailure::new(
+            cause,
+            position,
+            row.try_get(3).map_err(get)?,
+            row.try_get(4).map_err(get)?,
+        );
+        Ok(Some(RecordedFailure::new(
+            name.to_owned(),
+            failure,
+            failed_at,
+        )))
+    }
+
+    /// Records `failure` as projection `name`'s last failure, or clears it (`None`).
+    pub async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        crate::validate_checkpoint_name(name)?;
+        let statement = match failure {
+            Some(failure) => {
+                let tx = failure
+                    .position
+                    .map(|p| to_i64("position", p.tx))
+                    .transpose()?;
+                let sequence = failure
+                    .position
+                    .map(|p| to_i64("position", p.sequence))
+                    .transpose()?;
+                sqlx::query(sql::RECORD_FAILURE)
+                    .bind(name)
+                    .bind(failure.cause.name())
+                    .bind(tx)
+                    .bind(sequence)
+                    .bind(failure.event_type.clone())
+                    .bind(failure.message.clone())
+                    .bind(crate::row::now_micros())
+            }
+            None => sqlx::query(sql::CLEAR_FAILURE).bind(name),
+        };
+        let mut tx = self.store.begin().await?;
+        statement
+            .execute(tx.conn())
+            .await
+            .map_err(|e| self.store.fail(e))?;
+        tx.commit().await
+    }
+
     /// For handlers with effects outside the file (send an e-mail, call a service): records that
     /// `consumer` handled `event` on `conn` (the handler's transaction) and returns `true` the
     /// first time, `false` for a redelivery, which the handler then skips. Such effects are
@@ -139,6 +221,113 @@ impl SqliteProjections {
             .await
             .map_err(|e| self.store.fail(e))?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// The switch of a blue/green rebuild: makes the read model built under checkpoint `built`
+    /// (into the tables on the right of each pair in `tables`) the live version of projection
+    /// `name` (the tables on the left), in one write transaction of the file: each live table is
+    /// dropped and its built table renamed to the live name, checkpoint `name` is set to where
+    /// `built` is (deleted if `built` has none) and `built` is deleted.
+    ///
+    /// The transaction holds the file's write lock, so it runs between two batches of a live
+    /// runner, never inside one. Readers and the live runner name the live tables, so they see
+    /// the new version when it commits and the old one before, never a partial one. The live
+    /// runner's next batch then fails its compare-and-set (unless it was exactly where the build
+    /// is), re-reads the checkpoint and continues from the build's position into the new tables:
+    /// no event is lost or applied twice.
+    ///
+    /// The live version must not be ahead of the build: if checkpoint `name` is past `built`,
+    /// nothing changes and the error is [`StoreError::CheckpointConflict`] (catch the build up
+    /// and try again; `ProjectionRunner::rebuild_then` does).
+    ///
+    /// Run it while holding `built`'s lease (as `ProjectionRunner::rebuild_then` does), so that
+    /// no other rebuild resets the built tables in between. Table names must match
+    /// `[a-z_][a-z0-9_]*`; each built table must have the live table's columns (its indexes
+    /// move with it). Returns where the live version now is.
+    pub async fn promote(
+        &self,
+        name: &str,
+        built: &str,
+        tables: &[(&str, &str)],
+    ) -> Result<Option<Position>, StoreError> {
+        crate::validate_checkpoint_name(name)?;
+        crate::validate_checkpoint_name(built)?;
+        for (live, building) in tables {
+            validate_table_name(live)?;
+            validate_table_name(building)?;
+        }
+        let mut tx = self.store.begin().await?;
+        let switched = async {
+            let reached = self.store.load_checkpoint_in(tx.conn(), built).await?;
+            let live = self.store.load_checkpoint_in(tx.conn(), name).await?;
+            if live > reached {
+                // Switching now would lose the events between them from the new version.
+                return Err(StoreError::CheckpointConflict {
+                    name: name.to_owned(),
+                    expected: reached,
+                    actual: live,
+                });
+            }
+            for (live, building) in tables {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                    "DROP TABLE IF EXISTS \"{live}\"; ALTER TABLE \"{building}\" RENAME TO \"{live}\""
+                )))
+                .execute(tx.conn())
+                .await
+                .map_err(|e| self.store.fail(e))?;
+            }
+            match reached {
+                Some(position) => sqlx::query(sql::SET_CHECKPOINT)
+                    .bind(name)
+                    .bind(to_i64("position", position.tx)?)
+                    .bind(to_i64("position", position.sequence)?)
+                    .bind(crate::row::now_micros())
+                    .execute(tx.conn())
+                    .await,
+                None => sqlx::query(sql::DELETE_CHECKPOINT)
+                    .bind(name)
+                    .execute(tx.conn())
+                    .await,
+            }
+            .map_err(|e| self.store.fail(e))?;
+            sqlx::query(sql::DELETE_CHECKPOINT)
+                .bind(built)
+                .execute(tx.conn())
+                .await
+                .map_err(|e| self.store.fail(e))?;
+            Ok::<_, StoreError>(reached)
+        }
+        .await;
+        match switched {
+            Ok(reached) => {
+                tx.commit().await?;
+                Ok(reached)
+            }
+            Err(error) => {
+                let _ = tx.rollback().await;
+                Err(error)
+            }
+        }
+    }
+}
+
+/// The rule for a table name spliced into SQL: `[a-z_][a-z0-9_]*`, at most 63 bytes, not
+/// `sqlite_*`. Such a name needs no escaping inside double quotes.
+fn validate_table_name(name: &str) -> Result<(), StoreError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with("sqlite_")
+        && name.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidId(cqrs_core::stream::InvalidId {
+            what: "table name",
+            reason: format!("`{name}` must match [a-z_][a-z0-9_]*, at most 63 bytes, not sqlite_*"),
+        }))
     }
 }
 
@@ -233,6 +422,18 @@ where
 
     async fn skipped_events(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
         SqliteProjections::skipped_events(self, name).await
+    }
+
+    async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        SqliteProjections::record_failure(self, name, failure).await
+    }
+
+    async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        SqliteProjections::last_failure(self, name).await
     }
 
     async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {

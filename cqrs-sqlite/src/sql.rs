@@ -104,6 +104,11 @@ pub const UPDATE_CHECKPOINT: &str =
 
 pub const DELETE_CHECKPOINT: &str = "DELETE FROM checkpoints WHERE name = ?1";
 
+/// Sets a checkpoint whatever it was (a blue/green switch, inside its transaction).
+pub const SET_CHECKPOINT: &str = "INSERT INTO checkpoints (name, tx, position, updated_at) \
+     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (name) DO UPDATE \
+     SET tx = excluded.tx, position = excluded.position, updated_at = excluded.updated_at";
+
 /// The skipped event's id and type come from its row: a row whose payload cannot be decoded
 /// still has them.
 pub const RECORD_SKIP: &str = "INSERT INTO projection_skips \
@@ -118,6 +123,19 @@ pub const RECORD_SKIP_GIVEN: &str = "INSERT INTO projection_skips \
 
 pub const SKIPPED: &str = "SELECT projection, tx, position, event_type, reason \
      FROM projection_skips WHERE projection = ?1 ORDER BY tx, position";
+
+/// Records (or replaces) a projection's last failure.
+pub const RECORD_FAILURE: &str = "INSERT INTO projection_failures \
+     (projection, cause, tx, position, event_type, message, failed_at) \
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+     ON CONFLICT (projection) DO UPDATE SET cause = excluded.cause, tx = excluded.tx, \
+     position = excluded.position, event_type = excluded.event_type, \
+     message = excluded.message, failed_at = excluded.failed_at";
+
+pub const CLEAR_FAILURE: &str = "DELETE FROM projection_failures WHERE projection = ?1";
+
+pub const LAST_FAILURE: &str = "SELECT cause, tx, position, event_type, message, failed_at \
+     FROM projection_failures WHERE projection = ?1";
 
 pub const FIRST_DELIVERY: &str = "INSERT INTO processed_events (consumer, event_id, processed_at) \
      VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING";

@@ -207,22 +207,58 @@ impl Balances {
 /// The same read model in SQL, in table `bank_balances` of the store's SQLite file: run by
 /// [`cqrs_sqlite::SqliteProjections`], each batch of rows commits with the projection's
 /// checkpoint, so the table survives restarts and a second run continues where the first stopped.
-#[derive(Debug, Default, Clone)]
-pub struct SqlBalances;
+///
+/// The value names the table it writes: [`SqlBalances::live`] the one readers query,
+/// [`SqlBalances::building`] the one a blue/green rebuild (`bank-admin rebuild bank_balances`)
+/// fills beside it before switching.
+#[derive(Debug, Clone)]
+pub struct SqlBalances {
+    table: &'static str,
+}
+
+impl Default for SqlBalances {
+    fn default() -> Self {
+        Self::live()
+    }
+}
 
 impl SqlBalances {
-    /// Creates the table if needed.
+    /// The table readers query.
+    pub const TABLE: &'static str = "bank_balances";
+    /// The table a blue/green rebuild fills, renamed to [`SqlBalances::TABLE`] by its switch.
+    pub const BUILDING: &'static str = "bank_balances__next";
+
+    /// The projection writing the live table.
+    pub fn live() -> Self {
+        Self { table: Self::TABLE }
+    }
+
+    /// The projection writing the table a blue/green rebuild fills.
+    pub fn building() -> Self {
+        Self {
+            table: Self::BUILDING,
+        }
+    }
+
+    /// Creates the live table if needed.
     pub async fn create(store: &cqrs_sqlite::SqliteStore) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS bank_balances \
-             (account TEXT PRIMARY KEY, balance INTEGER NOT NULL, movements INTEGER NOT NULL)",
-        )
+        Self::create_table(store, Self::TABLE).await
+    }
+
+    async fn create_table(
+        store: &cqrs_sqlite::SqliteStore,
+        table: &'static str,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {table} \
+             (account TEXT PRIMARY KEY, balance INTEGER NOT NULL, movements INTEGER NOT NULL)"
+        )))
         .execute(store.pool())
         .await?;
         Ok(())
     }
 
-    /// Empties the table (creating it if needed), before a rebuild.
+    /// Empties the live table (creating it if needed), before an in-place rebuild.
     pub async fn clear(store: &cqrs_sqlite::SqliteStore) -> Result<(), sqlx::Error> {
         Self::create(store).await?;
         sqlx::query("DELETE FROM bank_balances")
@@ -231,7 +267,16 @@ impl SqlBalances {
         Ok(())
     }
 
-    /// An account's balance as the table shows it.
+    /// Creates the table a blue/green rebuild fills, empty (dropping what an interrupted
+    /// rebuild left in it).
+    pub async fn prepare(store: &cqrs_sqlite::SqliteStore) -> Result<(), sqlx::Error> {
+        sqlx::query("DROP TABLE IF EXISTS bank_balances__next")
+            .execute(store.pool())
+            .await?;
+        Self::create_table(store, Self::BUILDING).await
+    }
+
+    /// An account's balance as the live table shows it.
     pub async fn balance(
         store: &cqrs_sqlite::SqliteStore,
         account: &str,
@@ -242,7 +287,7 @@ impl SqlBalances {
             .await
     }
 
-    /// How many accounts the table holds (this run's and earlier runs').
+    /// How many accounts the live table holds (this run's and earlier runs').
     pub async fn accounts(store: &cqrs_sqlite::SqliteStore) -> Result<i64, sqlx::Error> {
         sqlx::query_scalar("SELECT count(*) FROM bank_balances")
             .fetch_one(store.pool())
@@ -258,10 +303,11 @@ impl SqlBalances {
         meta: &RecordedEvent,
         db: &mut sqlx::SqliteConnection,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO bank_balances (account, balance, movements) VALUES (?1, 0, 0) \
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {} (account, balance, movements) VALUES (?1, 0, 0) \
              ON CONFLICT (account) DO NOTHING",
-        )
+            self.table
+        )))
         .bind(meta.stream.id())
         .execute(db)
         .await?;
@@ -274,7 +320,7 @@ impl SqlBalances {
         meta: &RecordedEvent,
         db: &mut sqlx::SqliteConnection,
     ) -> Result<(), sqlx::Error> {
-        Self::change(db, meta, event.amount).await
+        Self::change(self.table, db, meta, event.amount).await
     }
 
     async fn on_withdrawn(
@@ -283,20 +329,21 @@ impl SqlBalances {
         meta: &RecordedEvent,
         db: &mut sqlx::SqliteConnection,
     ) -> Result<(), sqlx::Error> {
-        Self::change(db, meta, -event.amount).await
+        Self::change(self.table, db, meta, -event.amount).await
     }
 
     #[helper]
     async fn change(
+        table: &str,
         db: &mut sqlx::SqliteConnection,
         meta: &RecordedEvent,
         delta: i64,
     ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO bank_balances (account, balance, movements) VALUES (?1, ?2, 1) \
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {table} (account, balance, movements) VALUES (?1, ?2, 1) \
              ON CONFLICT (account) DO UPDATE SET balance = balance + excluded.balance, \
-             movements = movements + 1",
-        )
+             movements = movements + 1"
+        )))
         .bind(meta.stream.id())
         .bind(delta)
         .execute(db)
@@ -305,26 +352,195 @@ impl SqlBalances {
     }
 }
 
-/// The `cqrs-admin` command line with the bank registered: [`Account`] (for `show --state`) and,
-/// on an SQLite file, [`SqlBalances`] with its table cleared before a rebuild. The `bank-admin`
-/// binary runs it.
+/// The bank's balances in PostgreSQL, in table `bank_balances` of the store's schema, run by
+/// [`cqrs_postgres::PostgresProjections`]: what `bank-admin` rebuilds (blue/green) on a
+/// `postgres://` URL. Like [`SqlBalances`], the value names the table it writes.
+#[derive(Debug, Clone)]
+pub struct PgBalances {
+    /// The schema-qualified, quoted table.
+    table: String,
+}
+
+impl PgBalances {
+    /// The projection writing the live table `bank_balances` of `store`'s schema.
+    pub fn live(store: &cqrs_postgres::PostgresStore) -> Self {
+        Self::writing(store, SqlBalances::TABLE)
+    }
+
+    /// The projection writing `bank_balances__next`, which a blue/green rebuild fills.
+    pub fn building(store: &cqrs_postgres::PostgresStore) -> Self {
+        Self::writing(store, SqlBalances::BUILDING)
+    }
+
+    fn writing(store: &cqrs_postgres::PostgresStore, table: &str) -> Self {
+        // The store validated its schema name (`[a-z_][a-z0-9_]*`): it needs no escaping.
+        Self {
+            table: format!("\"{}\".\"{table}\"", store.schema()),
+        }
+    }
+
+    /// Creates the table this value writes, if needed.
+    pub async fn create(&self, store: &cqrs_postgres::PostgresStore) -> Result<(), sqlx::Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE IF NOT EXISTS {} \
+             (account text PRIMARY KEY, balance bigint NOT NULL, movements bigint NOT NULL)",
+            self.table
+        )))
+        .execute(store.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Creates the table this value writes, empty (dropping what was in it).
+    pub async fn prepare(&self, store: &cqrs_postgres::PostgresStore) -> Result<(), sqlx::Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP TABLE IF EXISTS {}",
+            self.table
+        )))
+        .execute(store.pool())
+        .await?;
+        self.create(store).await
+    }
+
+    /// Every account's balance and movements as the table shows them, by account.
+    pub async fn rows(
+        &self,
+        store: &cqrs_postgres::PostgresStore,
+    ) -> Result<Vec<(String, i64, i64)>, sqlx::Error> {
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT account, balance, movements FROM {} ORDER BY account",
+            self.table
+        )))
+        .fetch_all(store.pool())
+        .await
+    }
+}
+
+#[projection(name = "bank_balances")]
+impl PgBalances {
+    async fn on_opened(
+        &mut self,
+        _: &AccountOpened,
+        meta: &RecordedEvent,
+        db: &mut sqlx::PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {} (account, balance, movements) VALUES ($1, 0, 0) \
+             ON CONFLICT (account) DO NOTHING",
+            self.table
+        )))
+        .bind(meta.stream.id())
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+
+    async fn on_deposited(
+        &mut self,
+        event: &MoneyDeposited,
+        meta: &RecordedEvent,
+        db: &mut sqlx::PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        Self::change(&self.table, db, meta, event.amount).await
+    }
+
+    async fn on_withdrawn(
+        &mut self,
+        event: &MoneyWithdrawn,
+        meta: &RecordedEvent,
+        db: &mut sqlx::PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        Self::change(&self.table, db, meta, -event.amount).await
+    }
+
+    #[helper]
+    async fn change(
+        table: &str,
+        db: &mut sqlx::PgConnection,
+        meta: &RecordedEvent,
+        delta: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {table} AS t (account, balance, movements) VALUES ($1, $2, 1) \
+             ON CONFLICT (account) DO UPDATE SET balance = t.balance + EXCLUDED.balance, \
+             movements = t.movements + 1"
+        )))
+        .bind(meta.stream.id())
+        .bind(delta)
+        .execute(db)
+        .await?;
+        Ok(())
+    }
+}
+
+/// The `cqrs-admin` command line with the bank registered: [`Account`] (for `show --state`) and
+/// the balances read model, rebuilt blue/green: [`SqlBalances`] on an SQLite file,
+/// [`PgBalances`] on PostgreSQL (`--schema`). `rebuild bank_balances` fills
+/// `bank_balances__next` beside the live table, which keeps serving (a live runner keeps
+/// running), then switches in one transaction (`promote`); `reset` clears the live table. The
+/// `bank-admin` binary runs it.
 pub fn admin() -> cqrs_admin::Admin {
     use cqrs_admin::{Admin, Connection, ProjectionSetup};
+    use cqrs_core::StoreError;
+    fn backend(error: sqlx::Error) -> StoreError {
+        StoreError::Backend(Box::new(error))
+    }
+    const TABLES: &[(&str, &str)] = &[(SqlBalances::TABLE, SqlBalances::BUILDING)];
     Admin::new()
         .aggregate::<Account>()
         .projection(|connection| match connection {
             Connection::Sqlite(store) => {
                 let projections = cqrs_sqlite::SqliteProjections::new(store.clone());
-                let store = store.clone();
-                let setup =
-                    ProjectionSetup::new(projections, || SqlBalances).with_reset(move || {
-                        let store = store.clone();
-                        async move {
-                            SqlBalances::clear(&store)
-                                .await
-                                .map_err(|e| cqrs_core::StoreError::Backend(Box::new(e)))
+                let (cleared, prepared) = (store.clone(), store.clone());
+                let switching = projections.clone();
+                let setup = ProjectionSetup::new(projections, SqlBalances::live)
+                    .with_reset(move || {
+                        let store = cleared.clone();
+                        async move { SqlBalances::clear(&store).await.map_err(backend) }
+                    })
+                    .with_blue_green(
+                        SqlBalances::building,
+                        move || {
+                            let store = prepared.clone();
+                            async move { SqlBalances::prepare(&store).await.map_err(backend) }
+                        },
+                        move |name, built| {
+                            let projections = switching.clone();
+                            async move { projections.promote(&name, &built, TABLES).await.map(drop) }
+                        },
+                    );
+                Some(setup)
+            }
+            _ => None,
+        })
+        .projection(|connection| match connection {
+            Connection::Postgres(store) => {
+                let projections = cqrs_postgres::PostgresProjections::new(store.clone());
+                let (live, building) = (PgBalances::live(store), PgBalances::building(store));
+                let (cleared, prepared) = (store.clone(), store.clone());
+                let switching = projections.clone();
+                let setup = ProjectionSetup::new(projections, move || live.clone())
+                    .with_reset({
+                        let live = PgBalances::live(store);
+                        move || {
+                            let (store, live) = (cleared.clone(), live.clone());
+                            async move { live.prepare(&store).await.map_err(backend) }
                         }
-                    });
+                    })
+                    .with_blue_green(
+                        move || building.clone(),
+                        {
+                            let building = PgBalances::building(store);
+                            move || {
+                                let (store, building) = (prepared.clone(), building.clone());
+                                async move { building.prepare(&store).await.map_err(backend) }
+                            }
+                        },
+                        move |name, built| {
+                            let projections = switching.clone();
+                            async move { projections.promote(&name, &built, TABLES).await.map(drop) }
+                        },
+                    );
                 Some(setup)
             }
             _ => None,
@@ -434,7 +650,7 @@ where
             SqlBalances::create(&sqlite).await?;
             let projections = cqrs_sqlite::SqliteProjections::new(sqlite.clone());
             Running::Sqlite(
-                ProjectionRunner::new(SqlBalances, projections).spawn(),
+                ProjectionRunner::new(SqlBalances::live(), projections).spawn(),
                 sqlite,
             )
         }

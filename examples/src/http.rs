@@ -28,6 +28,11 @@ use crate::bank::{
 /// The header carrying the read-your-own-writes token (a [`Position`]).
 pub const CONSISTENCY_HEADER: &str = "x-consistency-token";
 
+/// The header carrying a request's correlation id (a UUID): the command's correlation id,
+/// stored in its events' metadata and recorded on its `command` span; one is made when a
+/// request has none, and the response carries it back.
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
+
 /// Balances shared between the projection runner (writer) and the HTTP handlers (readers).
 #[derive(Debug, Default, Clone)]
 pub struct SharedBalances {
@@ -223,17 +228,38 @@ fn valid_id(id: &str) -> Result<(), ApiError> {
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_id", e.to_string()))
 }
 
+/// The request's correlation id: its [`CORRELATION_HEADER`], or a new one.
+fn correlation_id(headers: &HeaderMap) -> Result<uuid::Uuid, ApiError> {
+    match headers.get(CORRELATION_HEADER) {
+        None => Ok(uuid::Uuid::now_v7()),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_correlation_id",
+                    format!("{CORRELATION_HEADER} must be a UUID"),
+                )
+            }),
+    }
+}
+
 async fn accepted(
     state: &AppState,
+    request: &HeaderMap,
     account: String,
     command: impl Send + 'static,
     status: StatusCode,
 ) -> Result<Response, ApiError> {
-    let receipt = state
-        .bus
-        .dispatch(account, command, CommandContext::new())
-        .await?;
+    let correlation = correlation_id(request)?;
+    let context = CommandContext::new().with_correlation_id(correlation);
+    let receipt = state.bus.dispatch(account, command, context).await?;
     let mut headers = HeaderMap::new();
+    if let Ok(value) = HeaderValue::from_str(&correlation.to_string()) {
+        headers.insert(CORRELATION_HEADER, value);
+    }
     if let Some(position) = receipt.position {
         if let Ok(value) = HeaderValue::from_str(&position.to_string()) {
             headers.insert(CONSISTENCY_HEADER, value);
@@ -254,12 +280,14 @@ struct OpenBody {
 
 async fn open_account(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Json<OpenBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     valid_id(&body.id)?;
     accepted(
         &state,
+        &headers,
         body.id,
         OpenAccount { owner: body.owner },
         StatusCode::CREATED,
@@ -277,12 +305,14 @@ struct DepositBody {
 async fn deposit(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Result<Json<DepositBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     valid_id(&id)?;
     accepted(
         &state,
+        &headers,
         id,
         Deposit {
             amount: body.amount,
@@ -301,12 +331,14 @@ struct WithdrawBody {
 async fn withdraw(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     body: Result<Json<WithdrawBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
     valid_id(&id)?;
     accepted(
         &state,
+        &headers,
         id,
         Withdraw {
             amount: body.amount,

@@ -10,6 +10,7 @@ pub mod http;
 pub mod orders;
 pub mod orders_read_models;
 pub mod restart;
+pub mod telemetry;
 
 /// The PostgreSQL store (schema `cqrs_examples`, migrated) when `DATABASE_URL` is a PostgreSQL
 /// URL (`postgres://` or `postgresql://`); `None` otherwise.

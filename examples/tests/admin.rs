@@ -70,14 +70,18 @@ async fn bank_file() -> (PathBuf, SqliteStore) {
 }
 
 fn status(path: &Path) -> Value {
+    named_status(path, "bank_balances")
+}
+
+fn named_status(path: &Path, name: &str) -> Value {
     let status = bank_admin(path, &["projections", "--json"]).ok().json();
     status["projections"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["name"] == "bank_balances")
+        .find(|p| p["name"] == name)
         .cloned()
-        .unwrap()
+        .unwrap_or_else(|| panic!("no `{name}` in {status}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,6 +109,7 @@ async fn bank_admin_state_rebuild_skip_reset() {
         .ok()
         .json();
     assert_eq!(rebuilt["rebuilt"], "bank_balances");
+    assert_eq!(rebuilt["blue_green"], true);
     assert_eq!(rebuilt["events"], 10, "every event of the story is handled");
     assert_eq!(SqlBalances::balance(&store, "acc-1").await.unwrap(), before);
     assert_eq!(status(&path)["lag"], 0);
@@ -128,23 +133,26 @@ async fn bank_admin_state_rebuild_skip_reset() {
     let failed = bank_admin(&path, &["rebuild", "bank_balances"]);
     assert_eq!(failed.code, 1, "{}", failed.stderr);
     assert!(failed.stderr.contains("skip"), "{}", failed.stderr);
-    let stuck = status(&path);
-    assert_eq!(stuck["lag"], 1);
-    assert_eq!(stuck["state"], "idle, behind");
-
-    let wrong = bank_admin(&path, &["skip", "bank_balances", "--position", "1.1"]);
-    assert_eq!(wrong.code, 6, "{}", wrong.stderr);
-    assert!(
-        wrong.stderr.contains(&appended.position.to_string()),
-        "{}",
-        wrong.stderr
-    );
+    // The live version is untouched; the build stopped right before the poison, its failure
+    // recorded under the build's name.
+    let live = status(&path);
+    assert_eq!(live["lag"], 1);
+    assert_eq!(live["state"], "idle, behind");
+    assert_eq!(live["last_error"], Value::Null);
+    let building = named_status(&path, "bank_balances.next");
+    assert_eq!(building["state"], "stopped, failed", "{building}");
     let position = appended.position.to_string();
+    assert_eq!(building["last_error"]["position"], position, "{building}");
+    assert_eq!(building["last_error"]["cause"], "decode", "{building}");
+
+    let wrong = bank_admin(&path, &["skip", "bank_balances.next", "--position", "1.1"]);
+    assert_eq!(wrong.code, 6, "{}", wrong.stderr);
+    assert!(wrong.stderr.contains(&position), "{}", wrong.stderr);
     bank_admin(
         &path,
         &[
             "skip",
-            "bank_balances",
+            "bank_balances.next",
             "--position",
             &position,
             "--reason",
@@ -152,14 +160,30 @@ async fn bank_admin_state_rebuild_skip_reset() {
         ],
     )
     .ok();
-    let skipped = status(&path);
-    assert_eq!(skipped["lag"], 0);
+    let skipped = named_status(&path, "bank_balances.next");
     assert_eq!(skipped["checkpoint"], position);
-    assert_eq!(
-        skipped["skipped"][0]["position"]["sequence"],
-        appended.position.sequence
-    );
+    assert_eq!(skipped["last_error"], Value::Null, "cleared by the skip");
     assert_eq!(skipped["skipped"][0]["reason"], "bad amount");
+
+    // The rerun resumes past the skipped event and switches.
+    let resumed = bank_admin(&path, &["rebuild", "bank_balances", "--json"])
+        .ok()
+        .json();
+    assert_eq!(resumed["blue_green"], true);
+    assert_eq!(resumed["checkpoint"], position);
+    let switched = status(&path);
+    assert_eq!(switched["lag"], 0);
+    assert_eq!(switched["checkpoint"], position);
+    assert_eq!(SqlBalances::balance(&store, "acc-1").await.unwrap(), before);
+    let listed = bank_admin(&path, &["projections", "--json"]).ok().json();
+    assert!(
+        listed["projections"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["name"] != "bank_balances.next"),
+        "the build's checkpoint goes with the switch: {listed}"
+    );
 
     bank_admin(&path, &["reset", "bank_balances"]).ok();
     assert_eq!(SqlBalances::accounts(&store).await.unwrap(), 0);
@@ -171,7 +195,8 @@ async fn bank_admin_state_rebuild_skip_reset() {
 async fn a_running_runner_is_shown_and_not_overrun() {
     let (path, store) = bank_file().await;
     let head = store.head().await.unwrap().unwrap();
-    let runner = ProjectionRunner::new(SqlBalances, SqliteProjections::new(store.clone())).spawn();
+    let runner =
+        ProjectionRunner::new(SqlBalances::live(), SqliteProjections::new(store.clone())).spawn();
     runner
         .wait_for(head, Duration::from_secs(30))
         .await
@@ -182,15 +207,19 @@ async fn a_running_runner_is_shown_and_not_overrun() {
         .as_str()
         .unwrap()
         .contains("lock"));
-    for command in ["rebuild", "reset"] {
-        let refused = bank_admin(&path, &[command, "bank_balances"]);
-        assert_eq!(refused.code, 6, "{command}: {}", refused.stderr);
-        assert!(
-            refused.stderr.contains("stop that runner"),
-            "{}",
-            refused.stderr
-        );
-    }
+    let refused = bank_admin(&path, &["reset", "bank_balances"]);
+    assert_eq!(refused.code, 6, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("stop that runner"),
+        "{}",
+        refused.stderr
+    );
+    // A blue/green rebuild builds beside the live runner instead.
+    let rebuilt = bank_admin(&path, &["rebuild", "bank_balances", "--json"])
+        .ok()
+        .json();
+    assert_eq!(rebuilt["blue_green"], true);
+    assert_eq!(status(&path)["state"], "running");
     runner.stop().await;
     assert_eq!(status(&path)["state"], "idle, caught up");
     store.close().await;

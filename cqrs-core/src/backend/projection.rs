@@ -115,6 +115,23 @@ pub trait ProjectionBackend<P: Projection>: Send + Sync + 'static {
         name: &str,
     ) -> impl Future<Output = Result<Vec<crate::subscription::SkippedEvent>, StoreError>> + Send;
 
+    /// Records `failure` as projection `name`'s last failure, replacing the one recorded before,
+    /// or clears it (`None`). The runner calls this, holding the lease, when the projection fails
+    /// and once it moves past the failure, so that [`ProjectionBackend::last_failure`] (and an
+    /// operator's tool in another process) can show it.
+    fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&crate::subscription::ProjectionFailure>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Projection `name`'s last recorded failure ([`ProjectionBackend::record_failure`]), with
+    /// when it was recorded; `None` if it has none.
+    fn last_failure(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<crate::subscription::RecordedFailure>, StoreError>> + Send;
+
     /// Tries to become the one active runner of `name`; `None` if another runner holds it.
     fn acquire_lease(
         &self,

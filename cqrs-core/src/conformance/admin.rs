@@ -138,6 +138,11 @@ pub async fn admin_lists_checkpoints_skips_leases_and_horizon(store: impl Backen
     );
     assert_eq!(store.lease_holder("zeta").await.expect("lease"), None);
     assert!(store.skipped("zeta").await.expect("skips").is_empty());
+    assert_eq!(store.last_failure("zeta").await.expect("failure"), None);
+    assert!(matches!(
+        store.last_failure("").await,
+        Err(StoreError::InvalidId(_))
+    ));
     assert!(matches!(
         store.lease_holder("").await,
         Err(StoreError::InvalidId(_))

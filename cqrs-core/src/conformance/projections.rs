@@ -18,8 +18,8 @@ use crate::projection::{Projection, ProjectionError};
 use crate::store::{EventStore, StoreError};
 use crate::stream::{ExpectedVersion, Position, StreamId};
 use crate::subscription::{
-    FailureCause, ProjectionHandle, ProjectionRunner, ProjectionState, ProjectionStatus, RunError,
-    RunnerConfig,
+    FailureCause, ProjectionFailure, ProjectionHandle, ProjectionRunner, ProjectionState,
+    ProjectionStatus, RecordedFailure, RunError, RunnerConfig,
 };
 
 /// Generates one `#[tokio::test]` per projection conformance case, each with a fresh backend
@@ -36,6 +36,7 @@ macro_rules! projection_conformance_tests {
             catch_up_applies_everything_committed_before_it,
             one_lease_holder_at_a_time,
             an_empty_batch_moves_the_checkpoint_without_a_flush,
+            failures_are_recorded_replaced_and_cleared,
         );
     };
     ($factory:path, context = $context:ty, inline = $inline:path) => {
@@ -246,6 +247,16 @@ where
         .await;
         let failure = failed.last_error.expect("a failure");
         assert_eq!(failure.cause, cause, "{failure:?}");
+        let recorded = wait_recorded(&*backend, "the runner records the failure", |r| {
+            r.is_some_and(|r| r.failure.position == Some(positions[failing]))
+        })
+        .await
+        .expect("recorded");
+        assert_eq!(
+            recorded.failure, failure,
+            "the backend keeps the failure as shown"
+        );
+        assert_eq!(recorded.projection, Recorder::<C>::NAME);
         assert!(failure.skippable(), "{failure:?}");
         assert_eq!(
             failure.event_type.as_deref(),
@@ -275,7 +286,101 @@ where
     let status = handle.status();
     assert_eq!(status.state, ProjectionState::Running, "{status:?}");
     assert_eq!(status.last_error, None);
+    wait_recorded(
+        &*backend,
+        "the runner clears the failure it moved past",
+        |r| r.is_none(),
+    )
+    .await;
     handle.stop().await;
+}
+
+/// Polls the backend's recorded failure of [`Recorder`] until `done` holds (the runner records
+/// it right after publishing its status).
+async fn wait_recorded<C, B>(
+    backend: &B,
+    what: &str,
+    mut done: impl FnMut(Option<&RecordedFailure>) -> bool,
+) -> Option<RecordedFailure>
+where
+    C: Send + 'static,
+    B: ProjectionBackend<Recorder<C>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let recorded = backend
+            .last_failure(Recorder::<C>::NAME)
+            .await
+            .expect("the recorded failure");
+        if done(recorded.as_ref()) {
+            return recorded;
+        }
+        assert!(Instant::now() < deadline, "{what}; recorded: {recorded:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A backend keeps one last failure per projection: recorded with every field, replaced by the
+/// next, cleared on request, independent of other projections' and of the checkpoint (a
+/// projection failing at its first event has none).
+pub async fn failures_are_recorded_replaced_and_cleared<C, B>(backend: B)
+where
+    C: Send + 'static,
+    B: ProjectionBackend<Recorder<C>>,
+{
+    let name = Recorder::<C>::NAME;
+    assert_eq!(backend.last_failure(name).await.expect("read"), None);
+    let first = ProjectionFailure::new(
+        FailureCause::Handler,
+        Some(Position::new(i64::MAX as u64, 7)),
+        Some("Refused".to_owned()),
+        "refused: \"quoted\", ünïcödé\nand a second line".to_owned(),
+    );
+    let before = chrono::Utc::now() - chrono::Duration::seconds(60);
+    backend
+        .record_failure(name, Some(&first))
+        .await
+        .expect("record");
+    let recorded = backend
+        .last_failure(name)
+        .await
+        .expect("read")
+        .expect("a recorded failure");
+    assert_eq!(recorded.failure, first);
+    assert_eq!(recorded.projection, name);
+    assert!(recorded.failed_at > before, "{recorded:?}");
+
+    let second = ProjectionFailure::new(
+        FailureCause::Store,
+        None,
+        None,
+        "connection lost".to_owned(),
+    );
+    backend
+        .record_failure(name, Some(&second))
+        .await
+        .expect("record");
+    backend
+        .record_failure("another_projection", Some(&first))
+        .await
+        .expect("record");
+    let recorded = backend.last_failure(name).await.expect("read");
+    assert_eq!(recorded.map(|r| r.failure), Some(second), "replaced");
+    backend.record_failure(name, None).await.expect("clear");
+    assert_eq!(backend.last_failure(name).await.expect("read"), None);
+    backend
+        .record_failure(name, None)
+        .await
+        .expect("clearing twice");
+    let other = backend
+        .last_failure("another_projection")
+        .await
+        .expect("read");
+    assert_eq!(other.map(|r| r.failure), Some(first), "independent");
+    assert!(matches!(
+        backend.record_failure("", None).await,
+        Err(StoreError::InvalidId(_))
+    ));
 }
 
 /// Skips are recorded with the event's position and type, in order, under the projection's name.

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::SkippedEvent;
+use super::{ProjectionFailure, RecordedFailure, SkippedEvent};
 use crate::backend::{apply_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
 use crate::event::RecordedEvent;
 use crate::projection::Projection;
@@ -24,6 +24,7 @@ pub struct InProcess<S> {
     checkpoints: crate::memory::InMemoryStore,
     leases: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     skipped: Arc<std::sync::Mutex<Vec<SkippedEvent>>>,
+    failures: Arc<std::sync::Mutex<std::collections::HashMap<String, RecordedFailure>>>,
 }
 
 impl<S> std::fmt::Debug for InProcess<S> {
@@ -42,6 +43,7 @@ impl<S: EventStore> InProcess<S> {
             checkpoints: crate::memory::InMemoryStore::new(),
             leases: Arc::default(),
             skipped: Arc::default(),
+            failures: Arc::default(),
         }
     }
 
@@ -145,6 +147,31 @@ impl<S: EventStore, P: Projection<Context = ()>> ProjectionBackend<P> for InProc
             .filter(|s| s.projection == name)
             .cloned()
             .collect())
+    }
+
+    async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        crate::backend::validate_checkpoint_name(name)?;
+        let mut failures = lock(&self.failures);
+        match failure {
+            Some(failure) => {
+                let recorded =
+                    RecordedFailure::new(name.to_owned(), failure.clone(), chrono::Utc::now());
+                failures.insert(name.to_owned(), recorded);
+            }
+            None => {
+                failures.remove(name);
+            }
+        }
+        Ok(())
+    }
+
+    async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        crate::backend::validate_checkpoint_name(name)?;
+        Ok(lock(&self.failures).get(name).cloned())
     }
 
     async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {

@@ -37,8 +37,8 @@ pub use config::{InvalidConfig, RunnerConfig, RunnerConfigBuilder};
 pub use handle::{wait_for, ProjectionHandle};
 pub use in_process::InProcess;
 pub use status::{
-    FailureCause, Progress, ProjectionFailure, ProjectionState, ProjectionStatus, RunError,
-    SkippedEvent, WaitError,
+    FailureCause, Progress, ProjectionFailure, ProjectionState, ProjectionStatus, RecordedFailure,
+    RunError, SkippedEvent, WaitError,
 };
 
 pub(crate) enum Control {
@@ -101,6 +101,26 @@ async fn take_lease<P: Projection, B: ProjectionBackend<P>>(
         .ok_or_else(|| RunError::LeaseHeld {
             name: name.to_owned(),
         })
+}
+
+/// Records how a catch-up or rebuild ended as the projection's last failure (cleared when it
+/// completed), for operators' tools in other processes. Best effort, with the lease held: the
+/// outcome itself is what the caller gets.
+async fn record_outcome<P: Projection, B: ProjectionBackend<P>>(
+    backend: &B,
+    name: &str,
+    outcome: &Result<(), RunError>,
+) {
+    let failure = match outcome {
+        Ok(()) => None,
+        Err(RunError::Projection(error)) => Some(ProjectionFailure::of_projection(error)),
+        Err(RunError::Store(error)) => Some(ProjectionFailure::of_store(error)),
+        Err(RunError::Panicked { message, .. }) => Some(ProjectionFailure::panic(message)),
+        Err(RunError::LeaseHeld { .. }) => return,
+    };
+    if let Err(error) = backend.record_failure(name, failure.as_ref()).await {
+        tracing::warn!(%error, "recording the projection's last failure failed");
+    }
 }
 
 /// Events read after a cursor.
@@ -211,6 +231,10 @@ struct Live {
     backoff: Duration,
     /// The event the runner is failing on, while the failure is skippable.
     failed_at: Option<SkipTarget>,
+    /// The failure the backend keeps for this projection ([`ProjectionBackend::record_failure`]),
+    /// as far as this runner knows; `None` while unknown (not holding the lease, or reading it
+    /// failed), so that the next check writes it.
+    recorded: Option<Option<ProjectionFailure>>,
 }
 
 /// Runs one projection over the global log: catches up from its checkpoint, then follows new
@@ -337,7 +361,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     /// holder rather than return a read model with events missing.
     pub async fn catch_up(mut self, progress: impl FnMut(Progress) + Send) -> Result<P, RunError> {
         let lease = take_lease(&*self.backend, &self.name).await?;
-        self.catch_up_leased(progress).await?;
+        let outcome = self.catch_up_leased(progress).await;
+        record_outcome(&*self.backend, &self.name, &outcome).await;
+        outcome?;
         drop(lease);
         Ok(self.projection)
     }
@@ -352,7 +378,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     /// and switch readers over), and it returns only when every event committed before the call
     /// is applied.
     pub async fn rebuild<F, Fut>(
-        mut self,
+        self,
         fresh: P,
         reset: F,
         progress: impl FnMut(Progress) + Send,
@@ -361,13 +387,83 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         F: FnOnce() -> Fut + Send,
         Fut: Future<Output = Result<(), StoreError>> + Send,
     {
+        self.rebuild_then(fresh, reset, progress, |_| async { Ok(()) })
+            .await
+            .map(|(projection, ())| projection)
+    }
+
+    /// [`ProjectionRunner::rebuild`], then `finish` with the position the rebuild reached (`None`
+    /// for an empty log) before the lease is released: the switch of a blue/green rebuild, which
+    /// must not race another rebuild of the same name resetting what was just built. A `finish`
+    /// failing with [`StoreError::CheckpointConflict`] (the live version it switches from moved
+    /// past what was built) is called again after another catch-up, up to 10 times in all; any
+    /// other error of `finish` is the rebuild's.
+    pub async fn rebuild_then<F, Fut, G, GFut, T>(
+        mut self,
+        fresh: P,
+        reset: F,
+        progress: impl FnMut(Progress) + Send,
+        finish: G,
+    ) -> Result<(P, T), RunError>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<(), StoreError>> + Send,
+        G: FnMut(Option<Position>) -> GFut + Send,
+        GFut: Future<Output = Result<T, StoreError>> + Send,
+    {
         let lease = take_lease(&*self.backend, &self.name).await?;
         self.projection = fresh;
         reset().await?;
         self.backend.reset_checkpoint(&self.name).await?;
-        self.catch_up_leased(progress).await?;
+        let finished = self.finish_leased(progress, finish).await?;
         drop(lease);
-        Ok(self.projection)
+        Ok((self.projection, finished))
+    }
+
+    /// [`ProjectionRunner::catch_up`], then `finish` with the position reached before the lease
+    /// is released (see [`ProjectionRunner::rebuild_then`]): resuming an interrupted blue/green
+    /// build.
+    pub async fn catch_up_then<G, GFut, T>(
+        mut self,
+        progress: impl FnMut(Progress) + Send,
+        finish: G,
+    ) -> Result<(P, T), RunError>
+    where
+        G: FnMut(Option<Position>) -> GFut + Send,
+        GFut: Future<Output = Result<T, StoreError>> + Send,
+    {
+        let lease = take_lease(&*self.backend, &self.name).await?;
+        let finished = self.finish_leased(progress, finish).await?;
+        drop(lease);
+        Ok((self.projection, finished))
+    }
+
+    /// The catch-up, its outcome recorded, then `finish`; the lease held by the caller. A
+    /// `finish` failing with [`StoreError::CheckpointConflict`] (what it switches to moved past
+    /// what was built) is tried again after another catch-up, a bounded number of times.
+    async fn finish_leased<G, GFut, T>(
+        &mut self,
+        mut progress: impl FnMut(Progress) + Send,
+        mut finish: G,
+    ) -> Result<T, RunError>
+    where
+        G: FnMut(Option<Position>) -> GFut + Send,
+        GFut: Future<Output = Result<T, StoreError>> + Send,
+    {
+        const FINISH_ATTEMPTS: usize = 10;
+        let mut attempt = 1;
+        loop {
+            let outcome = self.catch_up_leased(&mut progress).await;
+            record_outcome(&*self.backend, &self.name, &outcome).await;
+            outcome?;
+            let reached = self.backend.load_checkpoint(&self.name).await?;
+            match finish(reached).await {
+                Err(StoreError::CheckpointConflict { .. }) if attempt < FINISH_ATTEMPTS => {
+                    attempt += 1;
+                }
+                finished => return Ok(finished?),
+            }
+        }
     }
 
     /// The catch-up itself, with the lease held by the caller.
@@ -523,6 +619,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             checkpoint: None,
             backoff: self.config.initial_backoff(),
             failed_at: None,
+            recorded: None,
         };
         loop {
             while let Ok(message) = control.try_recv() {
@@ -535,6 +632,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 self.skip(&mut live, status, position).await;
             }
             let next = self.step(&mut live, status).await;
+            Self::keep_failure_recorded(&*self.backend, &self.name, &mut live, status).await;
             self.observe(status);
             let stop = match next {
                 Next::Go => false,
@@ -630,10 +728,15 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             }
         }
         live.lease = None;
+        live.recorded = None;
         match self.backend.acquire_lease(&self.name).await {
             Ok(Some(acquired)) => match self.backend.load_checkpoint(&self.name).await {
                 Ok(checkpoint) => {
                     live.lease = Some(acquired);
+                    live.recorded = match self.backend.last_failure(&self.name).await {
+                        Ok(recorded) => Some(recorded.map(|r| r.failure)),
+                        Err(_) => None,
+                    };
                     live.checkpoint = checkpoint;
                     tracing::info!(checkpoint = ?checkpoint, "lease acquired");
                     let lag = Self::count_lag(&self.backend, checkpoint).await;
@@ -838,6 +941,32 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             Err(error) => {
                 live.failed_at = Some(target);
                 tracing::error!(%error, "recording a skip failed");
+            }
+        }
+    }
+
+    /// Makes the backend's recorded failure ([`ProjectionBackend::record_failure`]) what the
+    /// status shows, while this runner holds the lease: recorded when the projection fails (once
+    /// per distinct failure), cleared once a batch or a skip moves past it. A failed write is
+    /// logged and tried again after the next step; it never stops the projection.
+    async fn keep_failure_recorded(
+        backend: &B,
+        name: &str,
+        live: &mut Live,
+        status: &watch::Sender<ProjectionStatus>,
+    ) {
+        if live.lease.is_none() {
+            return;
+        }
+        let current = status.borrow().last_error.clone();
+        if live.recorded.as_ref() == Some(&current) {
+            return;
+        }
+        match backend.record_failure(name, current.as_ref()).await {
+            Ok(()) => live.recorded = Some(current),
+            Err(error) => {
+                tracing::warn!(%error, "recording the projection's last failure failed");
+                live.recorded = None;
             }
         }
     }

@@ -27,7 +27,8 @@ pub enum ProjectionState {
 }
 
 /// What kind of failure stopped a projection, which decides whether it can be skipped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum FailureCause {
     /// A handler returned an error for the event.
@@ -49,8 +50,38 @@ pub enum FailureCause {
     Unavailable,
 }
 
+impl FailureCause {
+    /// Every cause, for backends decoding a stored name.
+    const ALL: [FailureCause; 6] = [
+        FailureCause::Handler,
+        FailureCause::Decode,
+        FailureCause::Panic,
+        FailureCause::CorruptEvent,
+        FailureCause::Store,
+        FailureCause::Unavailable,
+    ];
+
+    /// The cause's stable name, as backends store it (`"handler"`, `"corrupt_event"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            FailureCause::Handler => "handler",
+            FailureCause::Decode => "decode",
+            FailureCause::Panic => "panic",
+            FailureCause::CorruptEvent => "corrupt_event",
+            FailureCause::Store => "store",
+            FailureCause::Unavailable => "unavailable",
+        }
+    }
+
+    /// The cause of a stored [`FailureCause::name`]; `None` for a name this version does not
+    /// know.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|cause| cause.name() == name)
+    }
+}
+
 /// Why a projection is failing, as shown in [`ProjectionStatus::last_error`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
 #[non_exhaustive]
 #[error("{message}")]
 pub struct ProjectionFailure {
@@ -65,6 +96,21 @@ pub struct ProjectionFailure {
 }
 
 impl ProjectionFailure {
+    /// A failure (for backends reading back one they recorded).
+    pub fn new(
+        cause: FailureCause,
+        position: Option<Position>,
+        event_type: Option<String>,
+        message: String,
+    ) -> Self {
+        Self {
+            cause,
+            position,
+            event_type,
+            message,
+        }
+    }
+
     /// Whether [`ProjectionHandle::skip`](crate::subscription::ProjectionHandle::skip) can move past it: a failure of one event (its handler,
     /// its decoding, a panic on it, its unreadable row), never a storage failure or an
     /// unavailable system.
@@ -115,6 +161,37 @@ impl ProjectionFailure {
             position: None,
             event_type: None,
             message: format!("the projection panicked outside any one event's handler: {message}"),
+        }
+    }
+}
+
+/// A projection's last failure as its backend keeps it
+/// ([`ProjectionBackend::record_failure`](crate::backend::ProjectionBackend::record_failure)), so
+/// that it can be shown from another process: the runner records it when the projection fails
+/// and clears it once the projection moves past it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct RecordedFailure {
+    /// The projection's checkpoint name.
+    pub projection: String,
+    /// The failure.
+    #[serde(flatten)]
+    pub failure: ProjectionFailure,
+    /// When it was recorded (the latest of repeated identical failures is not re-recorded).
+    pub failed_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl RecordedFailure {
+    /// A recorded failure (for backends).
+    pub fn new(
+        projection: String,
+        failure: ProjectionFailure,
+        failed_at: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        Self {
+            projection,
+            failure,
+            failed_at,
         }
     }
 }

@@ -280,6 +280,9 @@ fn public_futures_are_send(
             .first_delivery(&mut conn, "c", EventId::new())
             .await;
         let _ = projections.switch_view("v", "t").await;
+        let _ = projections.promote("n", "n.next", &[("v", "t")]).await;
+        let _ = projections.record_failure("n", None).await;
+        let _ = projections.last_failure("n").await;
         let _ = listener.recv().await;
     });
     send(async move {
@@ -290,6 +293,7 @@ fn public_futures_are_send(
         let _ = store.checkpoints().await;
         let _ = store.lease_holder("n").await;
         let _ = store.skipped("n").await;
+        let _ = store.last_failure("n").await;
         let _ = store.horizon_report().await;
     });
 }

@@ -222,6 +222,8 @@ fn public_futures_are_send(projections: RedisProjections, events: Arc<dyn EventS
     send(projections.checkpoint("p"));
     send(projections.skipped_events("p"));
     send(projections.connection());
+    send(projections.record_failure("p", None));
+    send(projections.last_failure("p"));
     let mut balances = Balances;
     send(ProjectionBackend::<Balances>::commit_batch(
         &projections,

@@ -86,6 +86,9 @@ fn public_futures_are_send(store: SqliteStore, projections: SqliteProjections) {
     send(store.wait_for_append(cqrs_core::Position::START, std::time::Duration::ZERO));
     send(store.close());
     send(projections.skipped_events("p"));
+    send(projections.promote("p", "p.next", &[("v", "t")]));
+    send(projections.record_failure("p", None));
+    send(projections.last_failure("p"));
     {
         use cqrs_core::admin::StoreAdmin;
         send(store.stream_types());
@@ -93,6 +96,7 @@ fn public_futures_are_send(store: SqliteStore, projections: SqliteProjections) {
         send(store.checkpoints());
         send(store.lease_holder("n"));
         send(store.skipped("n"));
+        send(store.last_failure("n"));
         send(store.horizon_report());
     }
 }
