@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use crate::append::{self, Appended, Encoded};
 use crate::error::{is_connection_error, Errors, SqliteError};
+use crate::sql;
 use cqrs_core::backend::InlineProjections;
 
 /// Where an append's caller waits for its result.
@@ -132,6 +133,31 @@ async fn commit_group(
         }
     }
     let Some(conn) = slot.as_mut() else { return };
+    if let [request] = group.as_slice() {
+        if request.inline.is_empty() && request.batch.len() <= sql::MAX_ROWS_PER_INSERT {
+            cqrs_core::metrics::group_commit("sqlite", 1);
+            match append::append_alone(conn, &request.stream, request.expected, &request.batch)
+                .await
+            {
+                Ok(Some(appended)) => {
+                    if let Some(request) = group.pop() {
+                        answer_committed([(request.reply, Ok(appended))], parts);
+                    }
+                    return;
+                }
+                // Nothing stored: the transaction below tells a retry from a conflict.
+                Ok(None) => {}
+                Err(error) => {
+                    if is_connection_error(&error) {
+                        *slot = None;
+                    }
+                    answer_all(group, errors.map_commit(error));
+                    return;
+                }
+            }
+        }
+    }
+    let Some(conn) = slot.as_mut() else { return };
     if let Err(error) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
         if is_connection_error(&error) {
             *slot = None;
@@ -166,27 +192,7 @@ async fn commit_group(
         return;
     }
     match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
-        Ok(_) => {
-            let last = outcomes
-                .iter()
-                .filter_map(|(_, outcome)| match outcome {
-                    Ok(appended) if appended.fresh => Some(appended.result.position.sequence),
-                    _ => None,
-                })
-                .max();
-            if let Some(last) = last.and_then(|key| i64::try_from(key).ok()) {
-                parts.appended.send_if_modified(|known| {
-                    let newer = last > *known;
-                    if newer {
-                        *known = last;
-                    }
-                    newer
-                });
-            }
-            for (reply, outcome) in outcomes {
-                let _ = reply.send(outcome.map(|appended| appended.result));
-            }
-        }
+        Ok(_) => answer_committed(outcomes, parts),
         Err(error) => {
             let lost = is_connection_error(&error);
             let failure = errors.map_commit(error);
@@ -201,6 +207,33 @@ async fn commit_group(
             }
             answer_uncommitted(outcomes, &failure);
         }
+    }
+}
+
+/// Answers a group whose transaction committed, and wakes the projection runners of the process.
+fn answer_committed(
+    outcomes: impl IntoIterator<Item = (Reply, Result<Appended, StoreError>)>,
+    parts: &WriterParts,
+) {
+    let outcomes: Vec<_> = outcomes.into_iter().collect();
+    let last = outcomes
+        .iter()
+        .filter_map(|(_, outcome)| match outcome {
+            Ok(appended) if appended.fresh => Some(appended.result.position.sequence),
+            _ => None,
+        })
+        .max();
+    if let Some(last) = last.and_then(|key| i64::try_from(key).ok()) {
+        parts.appended.send_if_modified(|known| {
+            let newer = last > *known;
+            if newer {
+                *known = last;
+            }
+            newer
+        });
+    }
+    for (reply, outcome) in outcomes {
+        let _ = reply.send(outcome.map(|appended| appended.result));
     }
 }
 
