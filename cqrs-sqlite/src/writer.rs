@@ -134,30 +134,10 @@ async fn commit_group(
             }
         }
     }
-    let Some(conn) = slot.as_mut() else { return };
-    if let [request] = group.as_slice() {
-        if request.inline.is_empty() && request.batch.len() <= sql::MAX_ROWS_PER_INSERT {
-            cqrs_core::metrics::group_commit("sqlite", 1);
-            match append::append_alone(conn, &request.stream, request.expected, &request.batch)
-                .await
-            {
-                Ok(Some(appended)) => {
-                    if let Some(request) = group.pop() {
-                        answer_committed([(request.reply, Ok(appended))], parts);
-                    }
-                    return;
-                }
-                // Nothing stored: the transaction below tells a retry from a conflict.
-                Ok(None) => {}
-                Err(error) => {
-                    if is_connection_error(&error) {
-                        *slot = None;
-                    }
-                    answer_all(group, errors.map_commit(error));
-                    return;
-                }
-            }
-        }
+    let alone = matches!(group.as_slice(), [request]
+        if request.inline.is_empty() && request.batch.len() <= sql::MAX_ROWS_PER_INSERT);
+    if alone && commit_alone(slot, group, parts).await {
+        return;
     }
     let Some(conn) = slot.as_mut() else { return };
     if let Err(error) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
@@ -210,6 +190,42 @@ async fn commit_group(
             answer_uncommitted(outcomes, &failure);
         }
     }
+}
+
+/// A group of one append without inline projections, as one statement in autocommit mode.
+/// `false`: it stored nothing (a retry or a conflict: only a transaction tells which) and the
+/// caller has not been answered.
+async fn commit_alone(
+    slot: &mut Option<SqliteConnection>,
+    group: &mut Vec<Request>,
+    parts: &WriterParts,
+) -> bool {
+    let (Some(conn), Some(request)) = (slot.as_mut(), group.first()) else {
+        return false;
+    };
+    let outcome =
+        append::append_alone(conn, &request.stream, request.expected, &request.batch).await;
+    let outcome = match outcome {
+        Ok(Some(appended)) => Ok(appended),
+        Ok(None) => return false,
+        Err(error) => {
+            if is_connection_error(&error) {
+                *slot = None;
+            }
+            // The statement included the commit.
+            Err(parts.errors.map_commit(error))
+        }
+    };
+    cqrs_core::metrics::group_commit("sqlite", 1);
+    match outcome {
+        Ok(appended) => {
+            if let Some(request) = group.pop() {
+                answer_committed([(request.reply, Ok(appended))], parts);
+            }
+        }
+        Err(error) => answer_all(group, error),
+    }
+    true
 }
 
 /// Answers a group whose transaction committed, and wakes the projection runners of the process.
