@@ -321,7 +321,11 @@ async fn a_batch_of_several_statements_is_stored_whole_or_not_at_all() {
     assert_eq!(stored.len(), 1_200);
     for (i, event) in stored.iter().enumerate() {
         assert_eq!(event.stream_version.get(), i as u64 + 1);
-        assert_eq!(event.position.sequence, i as u64 + 1, "positions follow versions");
+        assert_eq!(
+            event.position.sequence,
+            i as u64 + 1,
+            "positions follow versions"
+        );
     }
 
     // `Any` and `StreamExists` do not pin the version: the store learns it from the insert.
