@@ -799,7 +799,8 @@ pub async fn run_w1(config: &Config) -> Result<Vec<Table>, BenchError> {
     Ok(vec![table?])
 }
 
-fn remove_temp_dir() {
+/// Removes this process's temp directory of databases (`temp_db`).
+pub fn remove_temp_dir() {
     let _ = std::fs::remove_dir_all(
         std::env::temp_dir().join(format!("cqrs-bench-{}", std::process::id())),
     );

@@ -388,6 +388,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     for r in running {
         r.finish().await?;
     }
+    crate::sqlite::remove_temp_dir();
     let mut table = Table::new(
         "SQLite: where a 1-client command's time goes (µs per operation, lower is better)",
         &["operation", "µs/op (median block)", "range", "ops/s"],
