@@ -6,6 +6,8 @@
 //! cargo run -p benches --release --features peers                # the full set
 //! cargo run -p benches --release --features peers -- --only w1,dispatch
 //! cargo run -p benches --release --features peers -- --only sqlite       # not in the default run
+//! cargo run -p benches --release --features peers -- --only sqlite-w1 --clients 1   # SQLite W1 alone
+//! cargo run -p benches --release -- --only sqlite-probe                  # a 1-client command's parts
 //! cargo run -p benches --release --features peers -- --only readmodels   # needs Redis too
 //! cargo run -p benches --release --features nats -- --only nats          # needs nats-server
 //! ```
@@ -28,6 +30,7 @@ mod peers;
 mod readmodels;
 mod report;
 mod sqlite;
+mod sqlite_probe;
 mod w1;
 mod w2;
 
@@ -44,6 +47,8 @@ pub struct Config {
     pub quick: bool,
     /// Repetitions of each measured figure (the table shows the median and the range).
     pub rounds: usize,
+    /// `--clients`: the client counts of the SQLite W1 (default 1 and 8).
+    pub clients: Option<Vec<usize>>,
 }
 
 const BENCHMARKS: &[&str] = &[
@@ -53,13 +58,15 @@ const BENCHMARKS: &[&str] = &[
 /// Run only when named in `--only`: the default run stays the PostgreSQL set above. `sqlite`:
 /// cqrs-sqlite against raw sqlx on SQLite and sqlite-es (W1, batch append, catch-up, memory);
 /// `readmodels`: catch-up of read models in Redis and in another PostgreSQL database; `nats`:
-/// the cqrs-nats relay and consumer against raw async-nats (built with `--features nats`).
-const OPT_IN: &[&str] = &["sqlite", "readmodels", "nats"];
+/// the cqrs-nats relay and consumer against raw async-nats (built with `--features nats`);
+/// `sqlite-w1`: the SQLite W1 table alone; `sqlite-probe`: where a 1-client SQLite command's time
+/// goes.
+const OPT_IN: &[&str] = &["sqlite", "sqlite-w1", "sqlite-probe", "readmodels", "nats"];
 
 fn usage() -> ! {
     eprintln!(
-        "usage: benches [--quick] [--rounds N] [--only {},{}]\n\
-         (the last {} run only when named)\n\
+        "usage: benches [--quick] [--rounds N] [--clients N,M] [--only {},{}]\n\
+         (the last {} run only when named; --clients: the SQLite W1's client counts, default 1,8)\n\
          DATABASE_URL defaults to postgres://postgres@127.0.0.1:5432/test, REDIS_URL to redis://127.0.0.1:6379/",
         BENCHMARKS.join(","),
         OPT_IN.join(","),
@@ -76,12 +83,20 @@ fn main() {
     }
     let mut quick = false;
     let mut rounds = None;
+    let mut clients: Option<Vec<usize>> = None;
     let mut only: Option<Vec<String>> = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--quick" => quick = true,
             "--rounds" => rounds = it.next().and_then(|n| n.parse().ok()).or_else(|| usage()),
+            "--clients" => {
+                clients = it
+                    .next()
+                    .and_then(|s| s.split(',').map(|n| n.parse().ok()).collect())
+                    .filter(|c: &Vec<usize>| !c.is_empty() && !c.contains(&0))
+                    .or_else(|| usage());
+            }
             "--only" => {
                 only = it
                     .next()
@@ -107,6 +122,7 @@ fn main() {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned()),
         quick,
         rounds: rounds.unwrap_or(if quick { 1 } else { 3 }).max(1),
+        clients,
     };
     let selected = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|b| b == name));
 
@@ -141,6 +157,8 @@ fn main() {
                 "dispatch" => Ok(dispatch::run(&config)),
                 "memory" => memory::run(&config).await,
                 "sqlite" => sqlite::run(&config).await,
+                "sqlite-w1" => sqlite::run_w1(&config).await,
+                "sqlite-probe" => sqlite_probe::run(&config).await,
                 "readmodels" => readmodels::run(&config).await,
                 #[cfg(feature = "nats")]
                 "nats" => nats::run(&config).await,

@@ -294,7 +294,7 @@ async fn w1(config: &Config) -> Result<Table, BenchError> {
         W1Kind::Ours,
         W1Kind::OursCache,
     ];
-    let clients = [1_usize, 8];
+    let clients = config.clients.clone().unwrap_or_else(|| vec![1, 8]);
     let Interleaved { rates, cpu } = interleave(
         &kinds,
         &clients,
@@ -792,6 +792,20 @@ async fn catchup(config: &Config) -> Result<Table, BenchError> {
 }
 
 /// Runs the SQLite set: W1, batch append, catch-up and the peak memory of a long stream's load.
+/// The W1 table alone (`--only sqlite-w1`).
+pub async fn run_w1(config: &Config) -> Result<Vec<Table>, BenchError> {
+    let table = w1(config).await;
+    remove_temp_dir();
+    Ok(vec![table?])
+}
+
+/// Removes this process's temp directory of databases (`temp_db`).
+pub fn remove_temp_dir() {
+    let _ = std::fs::remove_dir_all(
+        std::env::temp_dir().join(format!("cqrs-bench-{}", std::process::id())),
+    );
+}
+
 pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     let mut tables = Vec::new();
     eprintln!("   -- W1");
@@ -802,8 +816,6 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     tables.push(catchup(config).await?);
     eprintln!("   -- memory");
     tables.push(crate::memory::run_sqlite(config).await?);
-    let _ = std::fs::remove_dir_all(
-        std::env::temp_dir().join(format!("cqrs-bench-{}", std::process::id())),
-    );
+    remove_temp_dir();
     Ok(tables)
 }

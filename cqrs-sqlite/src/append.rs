@@ -1,6 +1,7 @@
-//! Appending inside the writer's transaction: the expected version checked against the stream's
-//! version read in the same transaction (nobody else can write between the two: the transaction
-//! holds SQLite's write lock), idempotent retries resolved by the core, like every backend.
+//! Appending: one INSERT that reads the stream's version and inserts only if it meets the
+//! expectation (nobody can write between the two: the statement holds SQLite's write lock);
+//! when it stores nothing, stored ids are looked up first (idempotent retries, resolved by the
+//! core like on every backend), then the conflict is reported.
 
 use cqrs_core::backend::{resolve_retry, validate_append};
 use cqrs_core::{
@@ -87,15 +88,6 @@ pub(crate) async fn stream_version(
     ))
 }
 
-fn meets(expected: ExpectedVersion, current: StreamVersion) -> bool {
-    match expected {
-        ExpectedVersion::Any => true,
-        ExpectedVersion::NoStream => current == StreamVersion::INITIAL,
-        ExpectedVersion::StreamExists => current != StreamVersion::INITIAL,
-        ExpectedVersion::Exact(version) => current == version,
-    }
-}
-
 /// The whole append on `conn`, which must be inside a write transaction (`BEGIN IMMEDIATE`).
 /// On error nothing of this append is left in the transaction.
 pub(crate) async fn append_on(
@@ -106,23 +98,6 @@ pub(crate) async fn append_on(
     events: &[NewEvent],
     batch: &Encoded,
 ) -> Result<Appended, StoreError> {
-    let current = stream_version(conn, errors, stream).await?;
-    let conflict = |actual| -> StoreError {
-        ConcurrencyError {
-            stream: stream.clone(),
-            expected,
-            actual,
-        }
-        .into()
-    };
-    // Stored ids win over the expectation: a retry returns the original result whatever it
-    // expects now (the core's idempotency semantics).
-    if !meets(expected, current) {
-        return match retry_outcome(conn, errors, stream, events, batch).await? {
-            Some(outcome) => replayed(outcome),
-            None => Err(conflict(current)),
-        };
-    }
     // One INSERT statement undoes itself on a constraint violation (SQLite's default `ABORT`
     // resolution), so only a batch written in several statements needs a savepoint around them.
     let chunked = batch.len() > sql::MAX_ROWS_PER_INSERT;
@@ -132,85 +107,195 @@ pub(crate) async fn append_on(
             .await
             .map_err(|e| errors.map(e))?;
     }
-    match insert(conn, stream, current, batch).await {
-        Ok(last_key) => {
-            if chunked {
-                sqlx::raw_sql("RELEASE cqrs_insert")
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| errors.map(e))?;
-            }
-            Ok(Appended {
-                result: AppendResult {
-                    stream_version: current.advance(batch.len() as u64),
-                    position: position_of(last_key)?,
-                },
-                fresh: true,
-            })
+    let inserted = insert(conn, stream, expected, batch).await;
+    if chunked {
+        // Undo the chunks already inserted when a later one failed: they are not stored.
+        let end = match inserted {
+            Ok(Inserted::Stored { .. }) => "RELEASE cqrs_insert",
+            _ => "ROLLBACK TO cqrs_insert; RELEASE cqrs_insert",
+        };
+        sqlx::raw_sql(end)
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| errors.map(e))?;
+    }
+    match inserted {
+        Ok(Inserted::Stored { version, last_key }) => Ok(Appended {
+            result: AppendResult {
+                stream_version: version,
+                position: position_of(last_key)?,
+            },
+            fresh: true,
+        }),
+        Ok(Inserted::Unmet) => rejected(conn, errors, stream, expected, events, batch).await,
+        // A stored event id, or (only for a writer that bypasses this store) a version taken.
+        Err(error) if is_unique_violation(&error) => {
+            rejected(conn, errors, stream, expected, events, batch).await
         }
-        Err(error) => {
-            // Undo the chunks already inserted before looking ids up: they are not stored.
-            if chunked {
-                sqlx::raw_sql("ROLLBACK TO cqrs_insert; RELEASE cqrs_insert")
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(|e| errors.map(e))?;
-            }
-            if !is_unique_violation(&error) {
-                return Err(errors.map(error));
-            }
-            match retry_outcome(conn, errors, stream, events, batch).await? {
-                Some(outcome) => replayed(outcome),
-                // A version taken under our write lock: only a writer that bypasses this store
-                // can do that. Report what the stream is at now.
-                None => Err(conflict(stream_version(conn, errors, stream).await?)),
-            }
-        }
+        Err(error) => Err(errors.map(error)),
     }
 }
 
-fn replayed(outcome: Result<AppendResult, StoreError>) -> Result<Appended, StoreError> {
-    outcome.map(|result| Appended {
-        result,
-        fresh: false,
-    })
+/// A lone append outside any transaction: one guarded INSERT in autocommit mode, which is a
+/// write transaction of its own (SQLite takes the write lock when the statement starts, as
+/// `BEGIN IMMEDIATE` would, so the version it reads cannot move before it inserts) and commits
+/// when the statement ends. `Ok(None)`: nothing was stored (the stream did not meet the
+/// expectation, or an id of the batch is stored), and only a transaction can tell a retry from a
+/// conflict: run the append again with [`append_on`]. An error came from the statement, which
+/// includes the commit. The batch must fit one statement ([`sql::MAX_ROWS_PER_INSERT`]).
+pub(crate) async fn append_alone(
+    conn: &mut SqliteConnection,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    batch: &Encoded,
+) -> Result<Option<Appended>, sqlx::Error> {
+    let recorded_at = crate::row::now_micros();
+    match insert_guarded(conn, stream, expected, batch, 0..batch.len(), recorded_at).await {
+        Ok(Inserted::Stored { version, last_key }) => {
+            let Ok(position) = position_of(last_key) else {
+                return Err(sqlx::Error::Protocol(format!(
+                    "SQLite returned the key {last_key}"
+                )));
+            };
+            Ok(Some(Appended {
+                result: AppendResult {
+                    stream_version: version,
+                    position,
+                },
+                fresh: true,
+            }))
+        }
+        Ok(Inserted::Unmet) => Ok(None),
+        Err(error) if is_unique_violation(&error) => Ok(None),
+        Err(error) => Err(error),
+    }
 }
 
-/// Inserts the batch at versions `current + 1 ..`, in statements of at most
-/// [`sql::MAX_ROWS_PER_INSERT`] rows; returns the last row's key.
+/// An append that stored nothing: the original result of a retry of stored events, or the
+/// conflict. Stored ids win over the expectation (the core's idempotency semantics).
+async fn rejected(
+    conn: &mut SqliteConnection,
+    errors: &Errors,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    events: &[NewEvent],
+    batch: &Encoded,
+) -> Result<Appended, StoreError> {
+    if let Some(outcome) = retry_outcome(conn, errors, stream, events, batch).await? {
+        return outcome.map(|result| Appended {
+            result,
+            fresh: false,
+        });
+    }
+    Err(ConcurrencyError {
+        stream: stream.clone(),
+        expected,
+        actual: stream_version(conn, errors, stream).await?,
+    }
+    .into())
+}
+
+/// What a guarded insert did.
+enum Inserted {
+    /// Stored: the stream's version after it, and the last row's key.
+    Stored {
+        version: StreamVersion,
+        last_key: i64,
+    },
+    /// The stream did not meet the expectation: nothing was inserted.
+    Unmet,
+}
+
+/// Inserts the batch in statements of at most [`sql::MAX_ROWS_PER_INSERT`] rows, the first
+/// guarded by `expected` and each later one by the version the one before it reached.
 async fn insert(
     conn: &mut SqliteConnection,
     stream: &StreamId,
-    current: StreamVersion,
+    expected: ExpectedVersion,
     batch: &Encoded,
-) -> Result<i64, sqlx::Error> {
+) -> Result<Inserted, sqlx::Error> {
     let recorded_at = crate::row::now_micros();
-    let mut last_key = 0;
-    let mut version = current;
+    let mut expected = expected;
+    let mut last = Inserted::Unmet;
     let mut start = 0;
     while start < batch.len() {
         let end = (start + sql::MAX_ROWS_PER_INSERT).min(batch.len());
-        let statement = sql::insert_events(end - start);
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(statement));
-        for i in start..end {
-            version = version.next();
-            // Versions above i64::MAX cannot occur: a stream would need that many rows.
-            let v = i64::try_from(version.get()).unwrap_or(i64::MAX);
-            query = query
-                .bind(stream.stream_type())
-                .bind(stream.id())
-                .bind(v)
-                .bind(&batch.ids[i][..])
-                .bind(&batch.types[i])
-                .bind(batch.schema_versions[i])
-                .bind(&batch.payloads[i])
-                .bind(&batch.metadata[i]);
-            query = query.bind(recorded_at);
+        last = insert_guarded(conn, stream, expected, batch, start..end, recorded_at).await?;
+        match last {
+            Inserted::Stored { version, .. } => expected = ExpectedVersion::Exact(version),
+            Inserted::Unmet => return Ok(Inserted::Unmet),
         }
-        last_key = query.execute(&mut *conn).await?.last_insert_rowid();
         start = end;
     }
-    Ok(last_key)
+    Ok(last)
+}
+
+/// One statement of [`sql::insert_guarded`]: `batch[rows]` after the stream's current version,
+/// if it meets `expected`.
+async fn insert_guarded(
+    conn: &mut SqliteConnection,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    batch: &Encoded,
+    rows: std::ops::Range<usize>,
+    recorded_at: i64,
+) -> Result<Inserted, sqlx::Error> {
+    let count = rows.len() as u64;
+    // The version the stream reaches when the expectation pins the current one; otherwise the
+    // statement returns the versions it stored.
+    let (kind, exact, reached) = match expected {
+        ExpectedVersion::Any => (sql::expect::ANY, 0, None),
+        ExpectedVersion::StreamExists => (sql::expect::STREAM_EXISTS, 0, None),
+        ExpectedVersion::NoStream => (sql::expect::NO_STREAM, 0, Some(count)),
+        ExpectedVersion::Exact(version) => (
+            sql::expect::EXACT,
+            // No stream is at a version beyond i64::MAX: -1 is met by none, as it should be.
+            i64::try_from(version.get()).unwrap_or(-1),
+            version.get().checked_add(count),
+        ),
+    };
+    let statement = sql::insert_guarded(rows.len(), reached.is_none());
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(statement))
+        .bind(stream.stream_type())
+        .bind(stream.id())
+        .bind(recorded_at)
+        .bind(kind)
+        .bind(exact);
+    for i in rows {
+        query = query
+            .bind(&batch.ids[i][..])
+            .bind(&batch.types[i])
+            .bind(batch.schema_versions[i])
+            .bind(&batch.payloads[i])
+            .bind(&batch.metadata[i]);
+    }
+    let (stored, version, last_key) = match reached {
+        Some(reached) => {
+            let done = query.execute(&mut *conn).await?;
+            (done.rows_affected(), reached, done.last_insert_rowid())
+        }
+        None => {
+            let rows = query.fetch_all(&mut *conn).await?;
+            let mut version = 0_i64;
+            let mut last_key = 0_i64;
+            for row in &rows {
+                version = version.max(sqlx::Row::try_get(row, 0)?);
+                last_key = last_key.max(sqlx::Row::try_get(row, 1)?);
+            }
+            (
+                rows.len() as u64,
+                u64::try_from(version).unwrap_or_default(),
+                last_key,
+            )
+        }
+    };
+    if stored == 0 {
+        return Ok(Inserted::Unmet);
+    }
+    Ok(Inserted::Stored {
+        version: StreamVersion::new(version),
+        last_key,
+    })
 }
 
 /// If some of the batch's ids are stored, the outcome of the retry (the original result, or an

@@ -101,7 +101,8 @@
 //!   them separately). A file that is not an SQLite database, or one shorter than its own header
 //!   says (truncated), is refused with [`SqliteError::NotADatabase`] before anything is written.
 //! - **One writer at a time.** Every write transaction starts with `BEGIN IMMEDIATE`, taking
-//!   SQLite's write lock before it reads. So commit order is position order, and the log is
+//!   SQLite's write lock before it reads (a lone append is one `INSERT` statement in autocommit
+//!   mode, which SQLite runs as a write transaction that takes the lock when it starts). So commit order is position order, and the log is
 //!   gap-free by construction: `read_all` never has to wait for anything, and
 //!   [`EventStore::committed_head`] is [`EventStore::head`].
 //! - **Positions.** An event's position is its row's `INTEGER PRIMARY KEY AUTOINCREMENT` key
@@ -109,8 +110,10 @@
 //!   twice.
 //! - **Group commit.** The appends of a process go through one writer task with its own
 //!   connection. It commits everything queued (up to [`SqliteConfigBuilder::max_group`]) in one
-//!   transaction, so one disk flush serves all of them; each append runs in its own savepoint, so
-//!   each caller gets exactly its own result, conflict or error.
+//!   transaction, so one disk flush serves all of them, and each caller gets exactly its own
+//!   result, conflict or error (an append with inline projections runs in a savepoint). An append
+//!   alone in the queue, without inline projections, is a single statement with no `BEGIN` or
+//!   `COMMIT` around it.
 //! - **Durability.** WAL mode, [`Synchronous::Full`] by default: an acknowledged append survives
 //!   a power cut. [`Synchronous::Normal`] flushes only at checkpoints: a power cut or an OS crash
 //!   may lose the last acknowledged commits (whole transactions, never part of one), a process
@@ -118,9 +121,9 @@
 //! - **Several processes** may open the same file. Writes of other processes wait for the write
 //!   lock up to [`SqliteConfigBuilder::busy_timeout`]; past it a write fails with
 //!   [`SqliteError::Busy`] in [`StoreError::Connection`] (nothing written).
-//! - **Idempotency and concurrency.** The expected version is checked against the stream's
-//!   version read in the same write transaction; the unique indexes on the event id and on
-//!   `(stream_type, stream_id, stream_version)` are the backstop. A batch whose ids are stored is
+//! - **Idempotency and concurrency.** The expected version is checked in the `INSERT` itself,
+//!   against the stream's version read in the same statement; the unique indexes on the event id
+//!   and on `(stream_type, stream_id, stream_version)` are the backstop. A batch whose ids are stored is
 //!   resolved by [`cqrs_core::backend::resolve_retry`], as on every backend.
 //! - **Immutability.** Triggers refuse `UPDATE` and `DELETE` on the events table.
 //! - **Wake-ups.** Projection runners wake at once on appends of their own process (a watch

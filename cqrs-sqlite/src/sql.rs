@@ -1,6 +1,6 @@
 //! Every statement the store runs, next to the schema in `migrations/`. All values are bound
 //! parameters; the only statement text built at run time is the number of `VALUES` rows of a
-//! batch insert ([`insert_events`]).
+//! batch insert ([`insert_guarded`]).
 
 /// The columns of a full read, in the order [`crate::row::recorded`] decodes them.
 macro_rules! columns {
@@ -14,22 +14,57 @@ macro_rules! columns {
 pub const STREAM_VERSION: &str = "SELECT coalesce(max(stream_version), 0) FROM events \
      WHERE stream_type = ?1 AND stream_id = ?2";
 
-/// Rows per insert statement: at 9 parameters a row, well below SQLite's limit of 32,766 bound
-/// parameters.
+/// Rows per insert statement: at 5 parameters a row (and 5 for the statement), well below
+/// SQLite's limit of 32,766 bound parameters.
 pub const MAX_ROWS_PER_INSERT: usize = 500;
 
-/// An insert of `rows` events (each `stream_type, stream_id, stream_version, event_id,
-/// event_type, schema_version, payload, metadata, recorded_at`, in that order).
-pub fn insert_events(rows: usize) -> String {
+/// How [`insert_guarded`]'s `?4` encodes the expected version (`?5` is the exact version).
+pub mod expect {
+    pub const ANY: i64 = 0;
+    pub const NO_STREAM: i64 = 1;
+    pub const STREAM_EXISTS: i64 = 2;
+    pub const EXACT: i64 = 3;
+}
+
+/// The insert of an append: `rows` events at the versions that follow the stream's current one,
+/// if the stream meets the expectation (`?4`, one of [`expect`]; `?5` the exact version),
+/// otherwise no row at all. Reading the version and inserting are one statement, so nothing can
+/// write between them, and a stream that does not meet the expectation costs no other statement.
+/// `?1`, `?2`: the stream; `?3`: `recorded_at`; then for each row `event_id, event_type,
+/// schema_version, payload, metadata`, numbered on from `?6`. Rows are inserted in batch order,
+/// so their keys (positions) ascend with their versions. `returning`: the statement returns each
+/// stored row's `stream_version, position` (for an expectation that does not pin the version).
+pub fn insert_guarded(rows: usize, returning: bool) -> String {
+    use std::fmt::Write;
     let mut sql = String::from(
         "INSERT INTO events (stream_type, stream_id, stream_version, event_id, event_type, \
-         schema_version, payload, metadata, recorded_at) VALUES ",
+         schema_version, payload, metadata, recorded_at) \
+         SELECT ?1, ?2, cur.v + b.column1, b.column2, b.column3, b.column4, b.column5, b.column6, ?3 \
+         FROM (SELECT coalesce(max(stream_version), 0) AS v FROM events \
+         WHERE stream_type = ?1 AND stream_id = ?2) AS cur, (VALUES ",
     );
     for row in 0..rows {
         if row > 0 {
             sql.push_str(", ");
         }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?)");
+        let p = 6 + 5 * row;
+        // Writing to a String cannot fail.
+        let _ = write!(
+            sql,
+            "({}, ?{p}, ?{}, ?{}, ?{}, ?{})",
+            row + 1,
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4
+        );
+    }
+    sql.push_str(
+        ") AS b WHERE CASE ?4 WHEN 0 THEN 1 WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0 \
+         ELSE cur.v = ?5 END ORDER BY b.column1",
+    );
+    if returning {
+        sql.push_str(" RETURNING stream_version, position");
     }
     sql
 }

@@ -2,7 +2,9 @@
 //!
 //! Every append of a process is queued to one task that owns one connection. It takes what is
 //! queued (up to `max_group` appends), writes it in one `BEGIN IMMEDIATE` transaction and one
-//! commit, so one disk flush serves every append in the group. A conflict, an idempotency error
+//! commit, so one disk flush serves every append in the group. An append alone in the queue,
+//! without inline projections and short enough for one statement, is that statement in
+//! autocommit mode (its own write transaction): one round trip to the driver's thread. A conflict, an idempotency error
 //! or a failing inline projection undoes that append alone (an append with inline projections
 //! runs in a savepoint; one without writes nothing before it fails), and its caller gets exactly
 //! its own result or error. A storage failure (a full disk, an I/O error) ends the group: it is
@@ -18,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use crate::append::{self, Appended, Encoded};
 use crate::error::{is_connection_error, Errors, SqliteError};
+use crate::sql;
 use cqrs_core::backend::InlineProjections;
 
 /// Where an append's caller waits for its result.
@@ -131,6 +134,11 @@ async fn commit_group(
             }
         }
     }
+    let alone = matches!(group.as_slice(), [request]
+        if request.inline.is_empty() && request.batch.len() <= sql::MAX_ROWS_PER_INSERT);
+    if alone && commit_alone(slot, group, parts).await {
+        return;
+    }
     let Some(conn) = slot.as_mut() else { return };
     if let Err(error) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
         if is_connection_error(&error) {
@@ -166,27 +174,7 @@ async fn commit_group(
         return;
     }
     match sqlx::raw_sql("COMMIT").execute(&mut *conn).await {
-        Ok(_) => {
-            let last = outcomes
-                .iter()
-                .filter_map(|(_, outcome)| match outcome {
-                    Ok(appended) if appended.fresh => Some(appended.result.position.sequence),
-                    _ => None,
-                })
-                .max();
-            if let Some(last) = last.and_then(|key| i64::try_from(key).ok()) {
-                parts.appended.send_if_modified(|known| {
-                    let newer = last > *known;
-                    if newer {
-                        *known = last;
-                    }
-                    newer
-                });
-            }
-            for (reply, outcome) in outcomes {
-                let _ = reply.send(outcome.map(|appended| appended.result));
-            }
-        }
+        Ok(_) => answer_committed(outcomes, parts),
         Err(error) => {
             let lost = is_connection_error(&error);
             let failure = errors.map_commit(error);
@@ -201,6 +189,69 @@ async fn commit_group(
             }
             answer_uncommitted(outcomes, &failure);
         }
+    }
+}
+
+/// A group of one append without inline projections, as one statement in autocommit mode.
+/// `false`: it stored nothing (a retry or a conflict: only a transaction tells which) and the
+/// caller has not been answered.
+async fn commit_alone(
+    slot: &mut Option<SqliteConnection>,
+    group: &mut Vec<Request>,
+    parts: &WriterParts,
+) -> bool {
+    let (Some(conn), Some(request)) = (slot.as_mut(), group.first()) else {
+        return false;
+    };
+    let outcome =
+        append::append_alone(conn, &request.stream, request.expected, &request.batch).await;
+    let outcome = match outcome {
+        Ok(Some(appended)) => Ok(appended),
+        Ok(None) => return false,
+        Err(error) => {
+            if is_connection_error(&error) {
+                *slot = None;
+            }
+            // The statement included the commit.
+            Err(parts.errors.map_commit(error))
+        }
+    };
+    cqrs_core::metrics::group_commit("sqlite", 1);
+    match outcome {
+        Ok(appended) => {
+            if let Some(request) = group.pop() {
+                answer_committed([(request.reply, Ok(appended))], parts);
+            }
+        }
+        Err(error) => answer_all(group, error),
+    }
+    true
+}
+
+/// Answers a group whose transaction committed, and wakes the projection runners of the process.
+fn answer_committed(
+    outcomes: impl IntoIterator<Item = (Reply, Result<Appended, StoreError>)>,
+    parts: &WriterParts,
+) {
+    let outcomes: Vec<_> = outcomes.into_iter().collect();
+    let last = outcomes
+        .iter()
+        .filter_map(|(_, outcome)| match outcome {
+            Ok(appended) if appended.fresh => Some(appended.result.position.sequence),
+            _ => None,
+        })
+        .max();
+    if let Some(last) = last.and_then(|key| i64::try_from(key).ok()) {
+        parts.appended.send_if_modified(|known| {
+            let newer = last > *known;
+            if newer {
+                *known = last;
+            }
+            newer
+        });
+    }
+    for (reply, outcome) in outcomes {
+        let _ = reply.send(outcome.map(|appended| appended.result));
     }
 }
 

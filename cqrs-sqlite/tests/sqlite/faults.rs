@@ -299,3 +299,65 @@ async fn one_conflict_in_a_group_undoes_only_its_own_append() {
         "positions of undone appends were not reused"
     );
 }
+
+/// A batch longer than one INSERT statement takes (500 rows) is stored whole, in order, under
+/// every kind of expectation; one whose later rows fail (an id stored already) stores none of
+/// its earlier rows.
+#[tokio::test]
+async fn a_batch_of_several_statements_is_stored_whole_or_not_at_all() {
+    let dir = TempDir::new();
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    let first = StreamId::new("s", "first");
+    let written = store
+        .append(&first, ExpectedVersion::NoStream, events(1_200))
+        .await
+        .unwrap();
+    assert_eq!(written.stream_version.get(), 1_200);
+    assert_eq!(written.position, Position::new(1_200, 1_200));
+    let stored = store
+        .read_stream(&first, cqrs_core::StreamVersion::INITIAL, 2_000)
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 1_200);
+    for (i, event) in stored.iter().enumerate() {
+        assert_eq!(event.stream_version.get(), i as u64 + 1);
+        assert_eq!(
+            event.position.sequence,
+            i as u64 + 1,
+            "positions follow versions"
+        );
+    }
+
+    // `Any` and `StreamExists` do not pin the version: the store learns it from the insert.
+    let any = StreamId::new("s", "any");
+    let written = store
+        .append(&any, ExpectedVersion::Any, events(700))
+        .await
+        .unwrap();
+    assert_eq!(written.stream_version.get(), 700);
+    assert_eq!(written.position.sequence, 1_900);
+    let written = store
+        .append(&any, ExpectedVersion::StreamExists, events(600))
+        .await
+        .unwrap();
+    assert_eq!(written.stream_version.get(), 1_300);
+    assert_eq!(written.position.sequence, 2_500);
+
+    // Row 701 of this batch (in its second statement) has an id the first stream holds.
+    let mut batch = events(1_200);
+    batch[700].event_id = stored[3].event_id;
+    let failed = StreamId::new("s", "failed");
+    let error = store
+        .append(&failed, ExpectedVersion::NoStream, batch)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, StoreError::IdempotencyConflict { .. }),
+        "{error}"
+    );
+    assert_eq!(store.stream_version(&failed).await.unwrap().get(), 0);
+    assert_eq!(
+        store.head().await.unwrap(),
+        Some(Position::new(2_500, 2_500))
+    );
+}
