@@ -4,7 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_core::backend::{finish_batch, BatchError, Lease, ProjectionBackend, SkipTarget};
+use cqrs_core::backend::{
+    check_promotion, finish_batch, BatchError, Lease, ProjectionBackend, SkipTarget,
+};
 use cqrs_core::subscription::{FailureCause, ProjectionFailure, RecordedFailure, SkippedEvent};
 use cqrs_core::{
     CheckpointStore, EventId, EventStore, Position, Projection, RecordedEvent, StoreError,
@@ -260,14 +262,7 @@ impl SqliteProjections {
         let switched = async {
             let reached = self.store.load_checkpoint_in(tx.conn(), built).await?;
             let live = self.store.load_checkpoint_in(tx.conn(), name).await?;
-            if live > reached {
-                // Switching now would lose the events between them from the new version.
-                return Err(StoreError::CheckpointConflict {
-                    name: name.to_owned(),
-                    expected: reached,
-                    actual: live,
-                });
-            }
+            check_promotion(name, reached, live)?;
             for (live, building) in tables {
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                     "DROP TABLE IF EXISTS \"{live}\"; ALTER TABLE \"{building}\" RENAME TO \"{live}\""

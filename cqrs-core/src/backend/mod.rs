@@ -36,8 +36,8 @@ mod validate;
 pub use inline::InlineProjections;
 pub(crate) use projection::panic_message;
 pub use projection::{
-    apply_batch, finish_batch, flush_batch, handle_event, handler_failure, BatchError,
-    BatchTransaction, Lease, ProjectionBackend, SkipTarget,
+    apply_batch, check_promotion, finish_batch, flush_batch, handle_event, handler_failure,
+    BatchError, BatchTransaction, Lease, ProjectionBackend, SkipTarget,
 };
 pub use retry::{resolve_retry, StoredEventRef};
 pub use validate::{

@@ -293,3 +293,23 @@ where
     }
     Ok(())
 }
+
+/// The rule of a blue/green switch, for backends' `promote`: a version built under checkpoint
+/// name `built` may replace the live version `name` only if it has read at least as far as the
+/// live one (`reached >= live`, read in the switch's transaction with both checkpoints locked).
+/// Otherwise the events between them would be missing from the new version: a
+/// [`StoreError::CheckpointConflict`], and the caller catches the build up and tries again.
+pub fn check_promotion(
+    name: &str,
+    reached: Option<Position>,
+    live: Option<Position>,
+) -> Result<(), StoreError> {
+    if live > reached {
+        return Err(StoreError::CheckpointConflict {
+            name: name.to_owned(),
+            expected: reached,
+            actual: live,
+        });
+    }
+    Ok(())
+}
