@@ -82,6 +82,7 @@ mod consumer;
 pub mod headers;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod publisher;
 mod relay;
 
 pub use consumer::{

@@ -29,6 +29,7 @@ use crate::store::{EventStore, EventTypes, StoreError};
 use crate::stream::Position;
 
 mod config;
+mod delivering;
 mod handle;
 mod in_process;
 mod status;
@@ -211,6 +212,9 @@ struct Live {
     backoff: Duration,
     /// The event the runner is failing on, while the failure is skippable.
     failed_at: Option<SkipTarget>,
+    /// Batches handed over and not yet checkpointed (a [`ProjectionRunner::delivering`]
+    /// runner's), in order.
+    handed: std::collections::VecDeque<delivering::Handed>,
 }
 
 /// Runs one projection over the global log: catches up from its checkpoint, then follows new
@@ -284,6 +288,8 @@ pub struct ProjectionRunner<P: Projection, B> {
     pending_skip: Option<Position>,
     /// Registered when the runner starts (its name is final then).
     metrics: Option<crate::metrics::ProjectionMetrics>,
+    /// Set by [`ProjectionRunner::delivering`]: batches go through [`crate::Deliver`].
+    deliver: Option<delivering::DeliverFn<P>>,
 }
 
 impl<P: Projection, B> std::fmt::Debug for ProjectionRunner<P, B> {
@@ -311,6 +317,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             config: RunnerConfig::default(),
             pending_skip: None,
             metrics: None,
+            deliver: None,
         }
     }
 
@@ -375,6 +382,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         &mut self,
         mut progress: impl FnMut(Progress) + Send,
     ) -> Result<(), RunError> {
+        if let Some(deliver) = self.deliver {
+            return self.catch_up_delivering(deliver, progress).await;
+        }
         // Reads (ahead of commits) go through their own handle on the backend.
         let backend = Arc::clone(&self.backend);
         let store = backend.events();
@@ -523,18 +533,25 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             checkpoint: None,
             backoff: self.config.initial_backoff(),
             failed_at: None,
+            handed: std::collections::VecDeque::new(),
         };
         loop {
             while let Ok(message) = control.try_recv() {
                 match message {
-                    Control::Stop => return self.stopped(status),
+                    Control::Stop => {
+                        self.abandon_handed(&mut live);
+                        return self.stopped(status);
+                    }
                     Control::Skip(position) => self.pending_skip = Some(position),
                 }
             }
             if let Some(position) = self.pending_skip.take() {
                 self.skip(&mut live, status, position).await;
             }
-            let next = self.step(&mut live, status).await;
+            let next = match self.deliver {
+                Some(deliver) => self.step_delivering(&mut live, status, deliver).await,
+                None => self.step(&mut live, status).await,
+            };
             self.observe(status);
             let stop = match next {
                 Next::Go => false,
@@ -550,6 +567,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 }
             };
             if stop {
+                self.abandon_handed(&mut live);
                 return self.stopped(status);
             }
         }
@@ -634,6 +652,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             Ok(Some(acquired)) => match self.backend.load_checkpoint(&self.name).await {
                 Ok(checkpoint) => {
                     live.lease = Some(acquired);
+                    // Whatever was handed over since the old checkpoint starts again from the
+                    // new one.
+                    self.abandon_handed(live);
                     live.checkpoint = checkpoint;
                     tracing::info!(checkpoint = ?checkpoint, "lease acquired");
                     let lag = Self::count_lag(&self.backend, checkpoint).await;
