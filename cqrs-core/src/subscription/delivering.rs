@@ -277,7 +277,8 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         events: Vec<RecordedEvent>,
         error: ProjectionError,
     ) -> Next {
-        self.projection.discard();
+        // Nothing of `events` was handed over; the batches before them were, and are settled
+        // first (a discard now would drop them).
         if let Some(next) = self.settle_handed(live, status, 0).await {
             return next;
         }
@@ -367,7 +368,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                     match deliver(&mut self.projection, &events).await {
                         Ok(delivery) => delivery,
                         Err(error) => {
-                            self.projection.discard();
+                            // Nothing of `events` was handed over: settle the batches before.
                             let mut settle = SettleCatchUp {
                                 checkpoint: &mut checkpoint,
                                 done: &mut done,

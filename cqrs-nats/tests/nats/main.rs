@@ -453,6 +453,100 @@ async fn failed_publish_mid_batch(streams: i64, delivering: bool) {
     drop_schema(&store).await;
 }
 
+/// An event the map cannot turn into a message (event 2,500 of 3,000, in batches of 1,000, so
+/// that the batches before it are still being acknowledged when it is met): the relay publishes
+/// and checkpoints everything before it, stops right before it with the map's error (skippable
+/// there), and after the skip publishes the rest; the skipped event is never published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmappable_event_stops_the_relay_right_before_it() {
+    let store = store_with_search_path().await;
+    let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
+    let js = jetstream::new(client.clone());
+    let (name, prefix) = (format!("T{}", unique()), format!("t{}", unique()));
+    ensure_stream(
+        &js,
+        &name,
+        vec![format!("{prefix}.>")],
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap();
+    for chunk in 0..300 {
+        let events = (chunk * 10..chunk * 10 + 10)
+            .map(|n| NewEvent::from_event(&Pinged { n }).unwrap())
+            .collect();
+        store
+            .append(
+                &StreamId::new("pinger", format!("p{}", chunk % 5)),
+                ExpectedVersion::Any,
+                events,
+            )
+            .await
+            .unwrap();
+    }
+    let log = store
+        .read_all(Position::START, cqrs_core::EventTypes::All, 10_000)
+        .await
+        .unwrap();
+    let map = |event: &RecordedEvent| {
+        let pinged: Pinged = event.decode()?;
+        if pinged.n == 2_500 {
+            return Err("no public message for this one".into());
+        }
+        Ok(Some(cqrs_nats::IntegrationMessage::stored(event)))
+    };
+    let jetstream = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(client.clone());
+    let running = ProjectionRunner::shared(
+        Relay::<_, PgConnection>::new(jetstream, map, RelayConfig::new(&prefix)),
+        Arc::new(PostgresProjections::new(store.clone())),
+    )
+    .with_config(
+        RunnerConfig::builder()
+            .batch_size(1_000)
+            .initial_backoff(Duration::from_millis(50))
+            .max_backoff(Duration::from_millis(300))
+            .build()
+            .unwrap(),
+    )
+    .delivering()
+    .spawn();
+    let mut status = running.watch_status();
+    let failed = tokio::time::timeout(
+        Duration::from_secs(20),
+        status.wait_for(|s| s.last_error.is_some()),
+    )
+    .await
+    .expect("the relay reports the event")
+    .unwrap()
+    .clone();
+    let error = failed.last_error.unwrap();
+    assert_eq!(error.cause, FailureCause::Handler, "{error:?}");
+    assert_eq!(error.position, Some(log[2_500].position));
+    assert!(error.skippable());
+    assert_eq!(
+        failed.checkpoint,
+        Some(log[2_499].position),
+        "right before it"
+    );
+    assert_eq!(stored_ids(&js, &name).await, log_ids(&store).await[..2_500]);
+
+    running.skip(log[2_500].position).await;
+    let head = store.committed_head().await.unwrap().unwrap();
+    running
+        .wait_for(head, Duration::from_secs(20))
+        .await
+        .expect("the relay goes on after the skip");
+    let mut expected = log_ids(&store).await;
+    expected.remove(2_500);
+    assert_eq!(stored_ids(&js, &name).await, expected);
+
+    running.stop().await;
+    js.delete_stream(&name).await.unwrap();
+    drop_schema(&store).await;
+}
+
 /// Every public future of the crate can be spawned (`Send`): a compile-time check.
 #[allow(dead_code, clippy::let_underscore_future)]
 fn public_futures_are_send(
