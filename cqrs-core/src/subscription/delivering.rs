@@ -365,7 +365,14 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 let delivery: Delivery = if events.is_empty() {
                     Box::pin(std::future::ready(Ok(())))
                 } else {
-                    match deliver(&mut self.projection, &events).await {
+                    let handover = AssertUnwindSafe(deliver(&mut self.projection, &events))
+                        .catch_unwind()
+                        .await
+                        .map_err(|panic| RunError::Panicked {
+                            name: self.name.clone(),
+                            message: panic_message(panic.as_ref()),
+                        })?;
+                    match handover {
                         Ok(delivery) => delivery,
                         Err(error) => {
                             // Nothing of `events` was handed over: settle the batches before.
