@@ -21,6 +21,8 @@ use crate::domain::{memo, MoneyDeposited};
 use crate::report::{median, rate, ratio, Table};
 use crate::{db, BenchError, Config};
 
+mod breakdown;
+
 /// Events per batch, for the relay (the runner's batch) and for raw publishing alike.
 const BATCH: usize = 500;
 /// Events per second of the latency run.
@@ -124,6 +126,7 @@ async fn relay_once(
     ProjectionRunner::shared(relay, backend)
         .named(fresh("relay"))
         .with_config(config)
+        .delivering()
         .catch_up(|_| {})
         .await?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -159,17 +162,89 @@ async fn noop_once(store: &PostgresStore, events: usize) -> Result<f64, BenchErr
     Ok(events as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Raw async-nats: the same messages (subject, headers, payload as the relay makes them), batch by
-/// batch: every message of a batch sent, then every ack awaited. Events per second.
-async fn raw_once(
+/// Per-batch milliseconds of one run: wall time, then the phases (see [`breakdown::Phases`]).
+struct Breakdown {
+    wall: f64,
+    phases: Vec<f64>,
+}
+
+/// The relay of [`relay_once`] with every phase timed (one run, not part of the rounds).
+async fn relay_breakdown(
+    store: &PostgresStore,
+    client: &async_nats::Client,
+) -> Result<Breakdown, BenchError> {
+    let js = jetstream::new(client.clone());
+    let prefix = fresh("r");
+    let name = fresh_stream(&js, &prefix).await?;
+    let clock = breakdown::Clock::default();
+    let backend = Arc::new(breakdown::TimedBackend::new(
+        PostgresProjections::new(store.clone()),
+        store.clone(),
+        clock.clone(),
+    ));
+    let relay: Relay<PublishStored, PgConnection> =
+        Relay::new(js.clone(), PublishStored, RelayConfig::new(&prefix));
+    let config = RunnerConfig::builder().batch_size(BATCH).build()?;
+    let started = Instant::now();
+    ProjectionRunner::shared(breakdown::Timed::new(relay, clock.clone()), backend)
+        .named(fresh("relay"))
+        .with_config(config)
+        .delivering()
+        .catch_up(|_| {})
+        .await?;
+    let wall = started.elapsed();
+    js.delete_stream(&name).await?;
+    let p = clock.take();
+    let batches = f64::from(p.batches.max(1));
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0 / batches;
+    Ok(Breakdown {
+        wall: ms(wall),
+        phases: vec![ms(p.read), ms(p.map), ms(p.delivered), ms(p.commit)],
+    })
+}
+
+/// Raw publishing of [`raw_once`], its sending and its awaiting of acks timed apart.
+async fn raw_breakdown(
     events: &[RecordedEvent],
     client: &async_nats::Client,
-) -> Result<f64, BenchError> {
+) -> Result<Breakdown, BenchError> {
     let js = jetstream::new(client.clone());
     let prefix = fresh("w");
     let name = fresh_stream(&js, &prefix).await?;
-    let config = RelayConfig::new(&prefix);
-    let messages: Vec<(String, PublishMessage)> = events
+    let messages = raw_messages(events, &prefix)?;
+    let (mut send, mut acks_awaited) = (Duration::ZERO, Duration::ZERO);
+    let started = Instant::now();
+    for batch in messages.chunks(BATCH) {
+        let t = Instant::now();
+        let mut acks = Vec::with_capacity(batch.len());
+        for (subject, message) in batch {
+            acks.push(js.send_publish(subject.clone(), message.clone()).await?);
+        }
+        let sent = Instant::now();
+        send += sent - t;
+        for ack in acks {
+            ack.await?;
+        }
+        acks_awaited += sent.elapsed();
+    }
+    let wall = started.elapsed();
+    js.delete_stream(&name).await?;
+    let batches = messages.len().div_ceil(BATCH).max(1) as f64;
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0 / batches;
+    Ok(Breakdown {
+        wall: ms(wall),
+        phases: vec![ms(send), ms(acks_awaited)],
+    })
+}
+
+/// The messages the relay makes of `events` (subject, headers, `Nats-Msg-Id`, the stored
+/// payload), for raw publishing.
+fn raw_messages(
+    events: &[RecordedEvent],
+    prefix: &str,
+) -> Result<Vec<(String, PublishMessage)>, BenchError> {
+    let config = RelayConfig::new(prefix);
+    events
         .iter()
         .map(|e| {
             let headers = cqrs_nats::headers::for_event(e, &e.event_type, e.schema_version)?;
@@ -183,7 +258,19 @@ async fn raw_once(
                     .payload(payload.into()),
             ))
         })
-        .collect::<Result<_, BenchError>>()?;
+        .collect()
+}
+
+/// Raw async-nats: the same messages (subject, headers, payload as the relay makes them), batch by
+/// batch: every message of a batch sent, then every ack awaited. Events per second.
+async fn raw_once(
+    events: &[RecordedEvent],
+    client: &async_nats::Client,
+) -> Result<f64, BenchError> {
+    let js = jetstream::new(client.clone());
+    let prefix = fresh("w");
+    let name = fresh_stream(&js, &prefix).await?;
+    let messages = raw_messages(events, &prefix)?;
     let started = Instant::now();
     for batch in messages.chunks(BATCH) {
         let mut acks = Vec::with_capacity(batch.len());
@@ -270,6 +357,7 @@ async fn end_to_end_once(
     let relaying =
         ProjectionRunner::shared(relay, Arc::new(PostgresProjections::new(store.clone())))
             .with_config(RunnerConfig::builder().batch_size(BATCH).build()?)
+            .delivering()
             .spawn();
     let consuming = Consumer::new(
         client.clone(),
@@ -447,6 +535,18 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
             "runner alone, no-op projection (events/s)",
         ],
     );
+    let mut phases = Table::new(
+        format!("Where a batch's time goes (ms per batch of {BATCH}, one timed run per layout)"),
+        &[
+            "log layout",
+            "contender",
+            "wall",
+            "runner's reads (head, read_all)",
+            "hand-over (map, enqueue)",
+            "delivery (hand-over to last ack)",
+            "checkpoint commit",
+        ],
+    );
     for (layout, streams, runs) in [
         ("1,000 streams, interleaved event by event", 1_000, 1),
         (
@@ -481,6 +581,28 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         }
         let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let timed_relay = relay_breakdown(&store, &client).await?;
+        let timed_raw = raw_breakdown(&log, &client).await?;
+        let cell = |v: f64| format!("{v:.2}");
+        let mut row = vec![
+            layout.to_owned(),
+            "relay".to_owned(),
+            cell(timed_relay.wall),
+        ];
+        row.extend(timed_relay.phases.iter().copied().map(cell));
+        phases.row(row);
+        phases.row(vec![
+            layout.to_owned(),
+            "raw".to_owned(),
+            cell(timed_raw.wall),
+            "–".to_owned(),
+            format!("send {}", cell(timed_raw.phases[0])),
+            format!(
+                "send to last ack {}",
+                cell(timed_raw.phases[0] + timed_raw.phases[1])
+            ),
+            "–".to_owned(),
+        ]);
         throughput.row(vec![
             layout.to_owned(),
             rate(&ours),
@@ -494,9 +616,10 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         db::drop_schema(store.pool(), &schema).await?;
     }
     throughput.note(format!(
-        "The relay: `ProjectionRunner::catch_up` of a `Relay<PublishStored>` on `PostgresProjections` \
-         from the start of the log, batches of {BATCH} (read from PostgreSQL, published, every ack \
-         awaited, checkpoint committed). The runner alone: the same catch-up with a no-op \
+        "The relay: `ProjectionRunner::delivering().catch_up` of a `Relay<PublishStored>` on \
+         `PostgresProjections` from the start of the log, batches of {BATCH} (read from PostgreSQL, \
+         handed over to the relay's publisher while up to two earlier batches are acknowledged and \
+         checkpointed, each checkpoint committed after its batch's last ack). The runner alone: the same catch-up with a no-op \
          projection, after both contenders in each round (its read and checkpoint cost, which the \
          relay pays on top of publishing). Raw: the same messages (subject, headers, `Nats-Msg-Id`, \
          payload), built before the clock starts, published with `send_publish` batch by batch of \
@@ -505,6 +628,19 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
          {} round(s) (range); the ratio is of the medians, its range of the per-round ratios.",
         config.rounds
     ));
+
+    phases.note(
+        "Per batch, summed over one run of each contender and divided by its batches; the relay's \
+         phases overlap (the runner hands batch N+1 over while batch N's acks are awaited and its \
+         checkpoint commits, and reads batch N+2 meanwhile), so they add up to more than the wall \
+         time. Relay: the runner's reads of the log (`head` and `read_all`), the hand-over \
+         (`Deliver::deliver`: mapping each event to its message, queueing the batch for the \
+         publisher task), the delivery (from the hand-over until the batch's last ack), and the \
+         checkpoint-only commit (`commit_batch` without events: BEGIN, compare-and-set, COMMIT). \
+         Raw: sending the batch (`send_publish` calls), and from the first send to the batch's \
+         last ack. Timed by wrappers around the store, the backend and the projection \
+         (benches/src/nats/breakdown.rs).",
+    );
 
     // (b) End-to-end latency at a steady rate.
     let seconds = if config.quick { 5 } else { 10 };
@@ -575,7 +711,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     ]);
     latency.note(format!(
         "One deposit appended every {} µs over 100 streams (each append its own task), relayed by a \
-         live `Relay` runner (batches up to {BATCH}) into JetStream, consumed by a `Consumer` \
+         live delivering `Relay` runner (batches up to {BATCH}) into JetStream, consumed by a `Consumer` \
          (batches up to {BATCH}) into a table of the same PostgreSQL database. Latency: from just \
          before the append call, or from its return (the event committed), to the consumer's insert of the event's row \
          (`clock_timestamp()` inside its transaction, committed right after). The raw round trip: \
@@ -585,5 +721,5 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         1_000_000 / RATE,
         config.rounds
     ));
-    Ok(vec![throughput, latency])
+    Ok(vec![throughput, phases, latency])
 }

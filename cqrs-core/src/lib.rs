@@ -178,7 +178,7 @@ pub use event::{
 };
 pub use json::RawJson;
 pub use memory::InMemoryStore;
-pub use projection::{HandlerError, Projection, ProjectionError, Subscription};
+pub use projection::{Deliver, Delivery, HandlerError, Projection, ProjectionError, Subscription};
 pub use snapshot::{Snapshot, SnapshotPolicy, SnapshotStore};
 pub use store::{AppendResult, ConcurrencyError, EventStore, EventTypes, StoreError};
 pub use stream::{ExpectedVersion, Position, StreamId, StreamVersion};

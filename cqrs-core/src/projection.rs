@@ -58,6 +58,44 @@ pub trait Projection: Send + 'static {
     fn discard(&mut self) {}
 }
 
+/// A projection whose read model is outside its backend (a message broker, a remote service):
+/// its effects leave the process, and the outside system acknowledges them later. The backend
+/// keeps only its checkpoint.
+///
+/// Run with [`ProjectionRunner::delivering`](crate::subscription::ProjectionRunner::delivering),
+/// the runner pipelines such a projection: it hands batch N+1 over ([`Deliver::deliver`]) while
+/// batch N's [`Delivery`] is awaited and its checkpoint commits, and reads batch N+2 meanwhile.
+/// The checkpoint still moves only past acknowledged batches, in order, one checkpoint-only
+/// commit per batch: a batch's checkpoint commits only after its own delivery and every earlier
+/// batch's have resolved `Ok`. When a delivery fails, the runner drops the deliveries handed over
+/// after it, calls [`Projection::discard`], and starts again from its checkpoint; so the outside
+/// system must tolerate a batch delivered again (for example de-duplicate by event id), as after
+/// any crash between an effect and its checkpoint.
+///
+/// The projection must keep what it hands over in order: batch N+1's effects may not overtake
+/// batch N's where order matters to the outside system.
+pub trait Deliver: Projection {
+    /// Hands `events` (one batch in log order, each matching
+    /// [`Projection::SUBSCRIPTION`], right after the batch handed over before it, or right after
+    /// the checkpoint for the first batch since the runner started or last called
+    /// [`Projection::discard`]) to the outside system. Returns the batch's acknowledgement,
+    /// which resolves `Ok` once every effect of the batch is durable there.
+    ///
+    /// An error for one event (with its position, like a handler's) means nothing of the batch
+    /// was handed over: the runner hands the events before it over on their own, commits them,
+    /// and stops right before it, where it can be skipped.
+    fn deliver<'a>(
+        &'a mut self,
+        events: &'a [RecordedEvent],
+    ) -> impl Future<Output = Result<Delivery, ProjectionError>> + Send + 'a;
+}
+
+/// The acknowledgement of a batch handed over by [`Deliver::deliver`]: resolves `Ok` once every
+/// effect of the batch is durable in the outside system. It makes progress without being
+/// polled (the projection's own task or client does the work), so the runner can await it later.
+pub type Delivery =
+    std::pin::Pin<Box<dyn Future<Output = Result<(), ProjectionError>> + Send + 'static>>;
+
 /// Why a projection could not apply an event.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

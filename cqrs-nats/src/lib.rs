@@ -9,7 +9,11 @@
 //! [`Relay`] is a [`Projection`](cqrs_core::Projection) run by the ordinary
 //! [`ProjectionRunner`](cqrs_core::subscription::ProjectionRunner) on the event store's own
 //! projection backend, so it has the runner's lease (one active relay per name), status, failure
-//! policy and skips, and its checkpoint lives beside the events.
+//! policy and skips, and its checkpoint lives beside the events. It implements
+//! [`Deliver`](cqrs_core::Deliver): run it
+//! [`delivering`](cqrs_core::subscription::ProjectionRunner::delivering), and the runner hands
+//! the next batches over while a batch's acknowledgements are awaited and its checkpoint
+//! commits.
 //!
 //! - **Subjects**: `<prefix>.<stream type>.<message type>` (each percent-encoded into one token),
 //!   or whatever [`IntegrationMessage::on_subject`] says. All subjects of one relay belong to one
@@ -21,21 +25,31 @@
 //! - **Contract, not payload**: an [`IntegrationMap`] turns an event into its public
 //!   [`IntegrationMessage`] or into nothing (the relay's filter); [`PublishStored`] publishes the
 //!   stored payload as is.
-//! - **Checkpoint after the acks**: a batch's messages are published in the projection's flush,
-//!   and only once every one of them is acknowledged does the backend commit the checkpoint. A
-//!   message whose publish fails (no broker, an ack timeout, a rejection) is republished with the
-//!   same `Nats-Msg-Id` up to [`RelayConfig::publish_attempts`] times; then the flush fails: the
-//!   checkpoint stays, the runner reports the typed [`RelayError`] as
+//! - **Checkpoint after the acks**: a batch's checkpoint commits only once every message of it
+//!   (and of every batch before it) is acknowledged. When the front message's publish fails (no
+//!   broker, an ack timeout, a rejection) it is sent again with the same `Nats-Msg-Id`, up to
+//!   [`RelayConfig::publish_attempts`] times; then the batch fails: the checkpoint stays, the
+//!   runner reports the typed [`RelayError`] as
 //!   [`FailureCause::Unavailable`](cqrs_core::subscription::FailureCause::Unavailable) (retried
 //!   with backoff, never skippable: skipping would drop the event for every other service), and
-//!   retries the batch, so the relay resumes by itself when the broker is back.
-//! - **Per-stream order**: a message is sent only once the previous message of its source stream
-//!   is acknowledged, i.e. stored (a duplicate's acknowledgement too), so nothing of a stream is
-//!   ever stored before its predecessor, whatever fails; a failed message is republished before
-//!   its stream's next one is sent. Messages of different streams are in flight together (one
-//!   per stream at a time) and may be stored in any order between streams: the JetStream stream
-//!   keeps each origin stream's order, not the log's global order. A batch of many streams is
-//!   thus published at the pace of the broker; a batch of one stream one round trip per message.
+//!   publishes again from its checkpoint, so the relay resumes by itself when the broker is back.
+//! - **Order, with many messages in flight**: messages are sent in log order without waiting for
+//!   each other's acknowledgements, across streams and within one stream. The first
+//!   unacknowledged message is sent unguarded (everything before it is acknowledged, i.e.
+//!   stored); every other one carries `Nats-Expected-Last-Msg-Id` = the id of the message sent
+//!   right before it, so JetStream stores it only right after that one. JetStream checks
+//!   `Nats-Msg-Id` against its duplicate window before the guard, so a message it already
+//!   stored comes back as a duplicate whatever its guard says. Together: the relay's messages in
+//!   its JetStream stream are always a prefix of the log, in log order, whatever is lost,
+//!   rejected or timed out; a message whose predecessor was not stored fails ("wrong last
+//!   message id"), and after any failure the relay waits for the acknowledgements in flight and
+//!   sends everything again from the first unacknowledged message. A guard that fails for
+//!   another reason (the broker restarted and forgot its last message id, or something else
+//!   published to the stream) costs such a restart, never the order; a stream that others
+//!   publish to steadily makes the relay slow, not wrong. Messages without a guard would not
+//!   do: a message lost with a dropped connection could be overtaken by the next one, which the
+//!   client sends after reconnecting, and republishing the tail afterwards would store it after
+//!   its successor.
 //! - **Crash between publish and checkpoint**: the batch is published again after a restart.
 //!   JetStream checks `Nats-Msg-Id` against its duplicate window (the stream's
 //!   `duplicate_window`, 2 minutes by default) before anything else and drops the repeat. Beyond
@@ -82,6 +96,7 @@ mod consumer;
 pub mod headers;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+mod publisher;
 mod relay;
 
 pub use consumer::{

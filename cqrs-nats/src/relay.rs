@@ -1,6 +1,5 @@
 //! The outbox relay: a projection over the event log whose "read model" is a JetStream stream.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::marker::PhantomData;
 
@@ -8,13 +7,12 @@ use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage as Publish;
 use async_nats::jetstream::Context;
 use cqrs_core::{
-    Event, EventId, HandlerError, Position, Projection, ProjectionError, RawJson, RecordedEvent,
-    StreamId, Subscription,
+    Deliver, Delivery, Event, EventId, HandlerError, Position, Projection, ProjectionError,
+    RawJson, RecordedEvent, Subscription,
 };
-use futures_util::stream::FuturesUnordered;
-use futures_util::StreamExt;
 
 use crate::headers;
+use crate::publisher::{Outgoing, Publisher};
 
 /// What the relay publishes for one event: the public message (integration events are a
 /// contract with other services, not the internal payload).
@@ -98,8 +96,8 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
-    /// Derived subjects start with `prefix` (e.g. `"orders.events"`); each message is published
-    /// up to 3 times within a batch before the batch fails.
+    /// Derived subjects start with `prefix` (e.g. `"orders.events"`); the first unacknowledged
+    /// message is published up to 3 times before its batch fails.
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             subject_prefix: prefix.into(),
@@ -107,9 +105,10 @@ impl RelayConfig {
         }
     }
 
-    /// How many times one message is published (the first time and its republishes after a
-    /// failed or timed-out acknowledgement) before its batch fails and the runner retries the
-    /// batch with backoff; at least 1.
+    /// How many times the first unacknowledged message is published (the first time and its
+    /// republishes after a failed or timed-out acknowledgement of it) before its batch fails and
+    /// the runner retries from its checkpoint with backoff; at least 1. A message that fails only
+    /// because one before it did (its ordering guard) is not counted.
     pub fn publish_attempts(mut self, attempts: u32) -> Self {
         self.publish_attempts = attempts.max(1);
         self
@@ -146,49 +145,36 @@ pub enum RelayError {
         #[source]
         source: PublishError,
     },
-}
-
-struct Outgoing {
-    event_id: EventId,
-    position: Position,
-    /// The source stream: its messages are published one at a time, in log order.
-    stream: StreamId,
-    subject: String,
-    message: Publish,
-}
-
-/// Publishes `message` and awaits its acknowledgement; answers with its lane and attempt.
-fn send(
-    jetstream: &Context,
-    lane: usize,
-    attempt: u32,
-    message: &Outgoing,
-) -> impl Future<Output = (usize, u32, Result<(), PublishError>)> + Send + 'static {
-    let jetstream = jetstream.clone();
-    let subject = message.subject.clone();
-    let publish = message.message.clone();
-    async move {
-        let acked = async { jetstream.send_publish(subject, publish).await?.await };
-        (lane, attempt, acked.await.map(drop))
-    }
+    /// The relay's publisher stopped after an earlier batch failed: this batch was not sent. The
+    /// runner goes back to its checkpoint and publishes from there.
+    #[error("the relay stopped publishing after an earlier batch failed")]
+    Stopped,
 }
 
 /// The relay: run it with a [`ProjectionRunner`](cqrs_core::subscription::ProjectionRunner) on
 /// the event store's own projection backend (e.g. `PostgresProjections`, `C =
 /// sqlx::PgConnection`), so that its checkpoint lives beside the events, its lease keeps one relay
-/// active, and its failures, skips and status are the runner's.
+/// active, and its failures, skips and status are the runner's. Run it
+/// [`delivering`](cqrs_core::subscription::ProjectionRunner::delivering): the runner then hands
+/// the next batches over while a batch's acknowledgements are awaited and its checkpoint
+/// commits, and moves the checkpoint past a batch only once every message of it is
+/// acknowledged. Run as a plain projection, a batch is published in [`Projection::flush`] and
+/// its checkpoint committed before the next batch is read.
 ///
-/// A batch is mapped event by event (handlers), then published in [`Projection::flush`], before
-/// the backend commits the checkpoint: the messages of different source streams are in flight
-/// together, those of one source stream one at a time in log order; a message whose publish
-/// fails is republished (same `Nats-Msg-Id`) before its stream's next message is sent, up to
-/// [`RelayConfig::publish_attempts`] times, after which the flush fails, so the checkpoint moves
-/// only past acknowledged messages. See the crate docs for the order and the duplicate window.
+/// Messages go out in log order, many in flight at once: each one after the first
+/// unacknowledged message carries `Nats-Expected-Last-Msg-Id` (the id of the message before
+/// it), so JetStream stores nothing of a stream before its predecessor, whatever is lost or
+/// rejected; after a failure the messages from the first unacknowledged one are sent again (the
+/// stored ones come back as duplicates), the first one up to
+/// [`RelayConfig::publish_attempts`] times, after which the batch fails and the checkpoint
+/// stays. See the crate docs for the order and the duplicate window.
 pub struct Relay<M, C = ()> {
     jetstream: Context,
     map: M,
     config: RelayConfig,
     pending: Vec<Outgoing>,
+    /// Started at the first publish, replaced after [`Projection::discard`].
+    publisher: Option<Publisher>,
     context: PhantomData<fn() -> C>,
 }
 
@@ -201,6 +187,9 @@ impl<M, C> std::fmt::Debug for Relay<M, C> {
     }
 }
 
+/// The relay's projection name (its default checkpoint name).
+const RELAY: &str = "nats-relay";
+
 impl<M: IntegrationMap, C> Relay<M, C> {
     /// A relay publishing through `jetstream` what `map` makes of each event.
     pub fn new(jetstream: Context, map: M, config: RelayConfig) -> Self {
@@ -209,77 +198,65 @@ impl<M: IntegrationMap, C> Relay<M, C> {
             map,
             config,
             pending: Vec::new(),
+            publisher: None,
             context: PhantomData,
         }
     }
 
-    /// Publishes the batch. The rule, which keeps each source stream's order in the JetStream
-    /// stream whatever fails: a message is sent only once its stream's previous message is
-    /// acknowledged. An acknowledgement (also a duplicate's) means JetStream has stored that
-    /// message, so nothing can be stored before its predecessor: a message lost with a dropped
-    /// connection, or rejected, is republished before anything after it in its stream is sent,
-    /// and a copy of it still travelling from an earlier attempt is dropped as a duplicate
-    /// within the window. Messages of different streams have no order between them, so they
-    /// are in flight together (one per stream), which is what makes a batch fast. After the
-    /// last attempt fails, nothing more is sent, the messages in flight are awaited, and the
-    /// batch fails: its checkpoint stays, and the retried batch republishes it from its start
-    /// under the same rule (what was stored comes back as duplicates).
-    async fn publish(&mut self) -> Result<(), RelayError> {
-        let outgoing = std::mem::take(&mut self.pending);
-        let mut lanes: Vec<VecDeque<Outgoing>> = Vec::new();
-        let mut lane_of: HashMap<StreamId, usize> = HashMap::new();
-        for message in outgoing {
-            let lane = *lane_of.entry(message.stream.clone()).or_insert_with(|| {
-                lanes.push(VecDeque::new());
-                lanes.len() - 1
-            });
-            lanes[lane].push_back(message);
+    /// The message for `event`, if the map publishes one; an error is the event's (skippable at
+    /// its position).
+    fn message(&self, event: &RecordedEvent) -> Result<Option<Outgoing>, ProjectionError> {
+        let handler = |source: HandlerError| ProjectionError::Handler {
+            projection: RELAY,
+            event_type: event.event_type.clone(),
+            position: event.position,
+            source,
+        };
+        let Some(message) = self.map.map(event).map_err(handler)? else {
+            return Ok(None);
+        };
+        let headers = headers::for_event(event, &message.message_type, message.schema_version)
+            .map_err(|e| handler(e.into()))?;
+        let payload = message.payload.as_str().as_bytes().to_vec();
+        let subject = message
+            .subject
+            .unwrap_or_else(|| self.config.subject(event, &message.message_type));
+        Ok(Some(Outgoing {
+            event_id: event.event_id,
+            position: event.position,
+            subject,
+            message: Publish::build()
+                .headers(headers)
+                .message_id(event.event_id.to_string())
+                .payload(payload.into()),
+        }))
+    }
+
+    /// Hands `messages` to the publisher (started on first use); the future resolves once all
+    /// of them are acknowledged.
+    fn publish(
+        &mut self,
+        messages: Vec<Outgoing>,
+    ) -> impl Future<Output = Result<(), ProjectionError>> + Send + 'static {
+        let (jetstream, attempts) = (&self.jetstream, self.config.publish_attempts);
+        let publisher = self
+            .publisher
+            .get_or_insert_with(|| Publisher::start(jetstream.clone(), attempts));
+        let acknowledged = publisher.publish(messages);
+        async move {
+            // The broker's failure, not the events': retried, never skippable.
+            acknowledged
+                .await
+                .map_err(|e| ProjectionError::Unavailable {
+                    projection: RELAY,
+                    source: e.into(),
+                })
         }
-        let mut in_flight = FuturesUnordered::new();
-        for (lane, queue) in lanes.iter().enumerate() {
-            if let Some(first) = queue.front() {
-                in_flight.push(send(&self.jetstream, lane, 1, first));
-            }
-        }
-        let mut failure: Option<RelayError> = None;
-        while let Some((lane, attempt, acked)) = in_flight.next().await {
-            match acked {
-                Ok(()) => {
-                    lanes[lane].pop_front();
-                    if failure.is_none() {
-                        if let Some(next) = lanes[lane].front() {
-                            in_flight.push(send(&self.jetstream, lane, 1, next));
-                        }
-                    }
-                }
-                Err(source) => {
-                    let Some(message) = lanes[lane].front() else {
-                        continue;
-                    };
-                    if failure.is_some() {
-                        continue;
-                    }
-                    if attempt < self.config.publish_attempts {
-                        tracing::debug!(event_id = %message.event_id, attempt, error = %source,
-                            "publish failed; republishing");
-                        in_flight.push(send(&self.jetstream, lane, attempt + 1, message));
-                    } else {
-                        failure = Some(RelayError::Publish {
-                            event_id: message.event_id,
-                            position: message.position,
-                            subject: message.subject.clone(),
-                            source,
-                        });
-                    }
-                }
-            }
-        }
-        failure.map_or(Ok(()), Err)
     }
 }
 
 impl<M: IntegrationMap, C: Send + 'static> Projection for Relay<M, C> {
-    const NAME: &'static str = "nats-relay";
+    const NAME: &'static str = RELAY;
     const EVENT_TYPES: &'static [&'static str] = &[];
     // The map decides what is published: the relay reads the whole log.
     const SUBSCRIPTION: Subscription = Subscription::ALL;
@@ -290,56 +267,31 @@ impl<M: IntegrationMap, C: Send + 'static> Projection for Relay<M, C> {
         event: &'a RecordedEvent,
         _: &'a mut C,
     ) -> impl Future<Output = Result<(), ProjectionError>> + Send + 'a {
-        let outcome = self
-            .map
-            .map(event)
-            .map_err(|source| ProjectionError::Handler {
-                projection: Self::NAME,
-                event_type: event.event_type.clone(),
-                position: event.position,
-                source,
-            });
-        let outcome = outcome.and_then(|message| {
-            let Some(message) = message else {
-                return Ok(());
-            };
-            let headers = headers::for_event(event, &message.message_type, message.schema_version)
-                .map_err(|e| ProjectionError::Handler {
-                    projection: Self::NAME,
-                    event_type: event.event_type.clone(),
-                    position: event.position,
-                    source: e.into(),
-                })?;
-            let payload = message.payload.as_str().as_bytes().to_vec();
-            let subject = message
-                .subject
-                .unwrap_or_else(|| self.config.subject(event, &message.message_type));
-            self.pending.push(Outgoing {
-                event_id: event.event_id,
-                position: event.position,
-                stream: event.stream.clone(),
-                subject,
-                message: Publish::build()
-                    .headers(headers)
-                    .message_id(event.event_id.to_string())
-                    .payload(payload.into()),
-            });
-            Ok(())
+        let outcome = self.message(event).map(|message| {
+            self.pending.extend(message);
         });
         std::future::ready(outcome)
     }
 
     async fn flush(&mut self, _: &mut C) -> Result<(), ProjectionError> {
-        // The broker's failure, not the events': retried, never skippable.
-        self.publish()
-            .await
-            .map_err(|e| ProjectionError::Unavailable {
-                projection: Self::NAME,
-                source: e.into(),
-            })
+        let messages = std::mem::take(&mut self.pending);
+        self.publish(messages).await
     }
 
     fn discard(&mut self) {
         self.pending.clear();
+        // What was handed over and not acknowledged is abandoned: the runner goes back to its
+        // checkpoint, where a new publisher starts (its first message unguarded).
+        self.publisher = None;
+    }
+}
+
+impl<M: IntegrationMap, C: Send + 'static> Deliver for Relay<M, C> {
+    async fn deliver(&mut self, events: &[RecordedEvent]) -> Result<Delivery, ProjectionError> {
+        let mut messages = Vec::with_capacity(events.len());
+        for event in events {
+            messages.extend(self.message(event)?);
+        }
+        Ok(Box::pin(self.publish(messages)))
     }
 }

@@ -29,6 +29,7 @@ use crate::store::{EventStore, EventTypes, StoreError};
 use crate::stream::Position;
 
 mod config;
+mod delivering;
 mod handle;
 mod in_process;
 mod status;
@@ -235,6 +236,9 @@ struct Live {
     /// as far as this runner knows; `None` while unknown (not holding the lease, or reading it
     /// failed), so that the next check writes it.
     recorded: Option<Option<ProjectionFailure>>,
+    /// Batches handed over and not yet checkpointed (a [`ProjectionRunner::delivering`]
+    /// runner's), in order.
+    handed: std::collections::VecDeque<delivering::Handed>,
 }
 
 /// Runs one projection over the global log: catches up from its checkpoint, then follows new
@@ -308,6 +312,8 @@ pub struct ProjectionRunner<P: Projection, B> {
     pending_skip: Option<Position>,
     /// Registered when the runner starts (its name is final then).
     metrics: Option<crate::metrics::ProjectionMetrics>,
+    /// Set by [`ProjectionRunner::delivering`]: batches go through [`crate::Deliver`].
+    deliver: Option<delivering::DeliverFn<P>>,
 }
 
 impl<P: Projection, B> std::fmt::Debug for ProjectionRunner<P, B> {
@@ -335,6 +341,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             config: RunnerConfig::default(),
             pending_skip: None,
             metrics: None,
+            deliver: None,
         }
     }
 
@@ -471,6 +478,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         &mut self,
         mut progress: impl FnMut(Progress) + Send,
     ) -> Result<(), RunError> {
+        if let Some(deliver) = self.deliver {
+            return self.catch_up_delivering(deliver, progress).await;
+        }
         // Reads (ahead of commits) go through their own handle on the backend.
         let backend = Arc::clone(&self.backend);
         let store = backend.events();
@@ -620,18 +630,25 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             backoff: self.config.initial_backoff(),
             failed_at: None,
             recorded: None,
+            handed: std::collections::VecDeque::new(),
         };
         loop {
             while let Ok(message) = control.try_recv() {
                 match message {
-                    Control::Stop => return self.stopped(status),
+                    Control::Stop => {
+                        self.abandon_handed(&mut live);
+                        return self.stopped(status);
+                    }
                     Control::Skip(position) => self.pending_skip = Some(position),
                 }
             }
             if let Some(position) = self.pending_skip.take() {
                 self.skip(&mut live, status, position).await;
             }
-            let next = self.step(&mut live, status).await;
+            let next = match self.deliver {
+                Some(deliver) => self.step_delivering(&mut live, status, deliver).await,
+                None => self.step(&mut live, status).await,
+            };
             Self::keep_failure_recorded(&*self.backend, &self.name, &mut live, status).await;
             self.observe(status);
             let stop = match next {
@@ -648,6 +665,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 }
             };
             if stop {
+                self.abandon_handed(&mut live);
                 return self.stopped(status);
             }
         }
@@ -737,6 +755,9 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                         Ok(recorded) => Some(recorded.map(|r| r.failure)),
                         Err(_) => None,
                     };
+                    // Whatever was handed over since the old checkpoint starts again from the
+                    // new one.
+                    self.abandon_handed(live);
                     live.checkpoint = checkpoint;
                     tracing::info!(checkpoint = ?checkpoint, "lease acquired");
                     let lag = Self::count_lag(&self.backend, checkpoint).await;

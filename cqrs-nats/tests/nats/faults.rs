@@ -13,8 +13,8 @@ use cqrs_postgres::PostgresProjections;
 
 use super::broker::Broker;
 use super::{
-    append, appended, applied_in_order, consumer, consumer_schema, drop_schema, fast, received,
-    store_with_search_path, stored_in_order, unique, PgRelay,
+    append, appended, applied_in_order, consumer, consumer_schema, drop_schema, fast, log_ids,
+    received, store_with_search_path, stored_ids, stored_in_order, unique, PgRelay, Pinged,
 };
 
 /// A client that reconnects quickly and, without a broker at start, keeps trying instead of
@@ -101,6 +101,7 @@ async fn broker_restart_is_survived_by_relay_and_consumer() {
     append(&store, 0, 100).await;
     let running = ProjectionRunner::shared(relay(&client, &prefix), Arc::clone(&backend))
         .with_config(fast())
+        .delivering()
         .spawn();
     let consuming = consumer(&client, &projections, &name).spawn();
     let head = store.committed_head().await.unwrap().unwrap();
@@ -160,6 +161,130 @@ async fn broker_restart_is_survived_by_relay_and_consumer() {
     drop_schema(&store).await;
 }
 
+/// The broker killed while the relay has batches in flight (a long log in small batches, the
+/// runner handing the next batches over while earlier ones are acknowledged and checkpointed):
+/// the relay's checkpoint never passes a message JetStream has not stored. Checked against the
+/// log with the relay stopped while the broker is down: once the broker is back, every event up
+/// to the checkpoint is in the JetStream stream, and what is stored is a prefix of the log, in
+/// log order. Then the relay resumes: every event stored once, in each stream's order, and
+/// applied once by the consumer, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_killed_mid_batch_never_checkpoints_an_unstored_message() {
+    let mut broker = Broker::start();
+    let store = store_with_search_path().await;
+    let client = client(&broker).await;
+    let js = jetstream::new(client.clone());
+    let (name, prefix) = (format!("T{}", unique()), format!("t{}", unique()));
+    ensure_stream(
+        &js,
+        &name,
+        vec![format!("{prefix}.>")],
+        Duration::from_secs(120),
+    )
+    .await
+    .unwrap();
+    let backend = Arc::new(PostgresProjections::new(store.clone()));
+    // 3,000 events, ten per append, each append to one of five streams.
+    for chunk in 0..300 {
+        let events = (chunk * 10..chunk * 10 + 10)
+            .map(|n| cqrs_core::NewEvent::from_event(&Pinged { n }).unwrap())
+            .collect();
+        store
+            .append(
+                &cqrs_core::StreamId::new("pinger", format!("p{}", chunk % 5)),
+                cqrs_core::ExpectedVersion::Any,
+                events,
+            )
+            .await
+            .unwrap();
+    }
+    let running = ProjectionRunner::shared(relay(&client, &prefix), Arc::clone(&backend))
+        .with_config(fast())
+        .delivering()
+        .spawn();
+
+    // Killed once some of the log is stored, while the rest is on its way.
+    let mut stream = js.get_stream(&name).await.unwrap();
+    while stream.info().await.unwrap().state.messages < 500 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    broker.kill();
+    // Until the relay reports the broker's failure (or, were it to checkpoint unacknowledged
+    // messages, reaches the head).
+    let head = store.committed_head().await.unwrap();
+    let mut status = running.watch_status();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        status.wait_for(|s| s.state == ProjectionState::Failed || s.checkpoint >= head),
+    )
+    .await
+    .expect("the relay reports the broker's failure")
+    .unwrap();
+    running.stop().await;
+    let checkpoint =
+        cqrs_core::backend::ProjectionBackend::<PgRelay>::load_checkpoint(&*backend, "nats-relay")
+            .await
+            .unwrap();
+
+    broker.up();
+    while client.connection_state() != async_nats::connection::State::Connected {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let log = store
+        .read_all(
+            cqrs_core::Position::START,
+            cqrs_core::EventTypes::All,
+            10_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(log.len(), 3_000);
+    let stored = stored_ids(&js, &name).await;
+    let checkpointed = log
+        .iter()
+        .take_while(|e| Some(e.position) <= checkpoint)
+        .count();
+    assert!(
+        checkpointed <= stored.len(),
+        "the checkpoint ({checkpoint:?}, {checkpointed} events) is ahead of the {} stored messages",
+        stored.len()
+    );
+    assert_eq!(
+        stored,
+        log_ids(&store).await[..stored.len()],
+        "JetStream holds a prefix of the log, in log order"
+    );
+
+    let running = ProjectionRunner::shared(relay(&client, &prefix), Arc::clone(&backend))
+        .with_config(fast())
+        .delivering()
+        .spawn();
+    let head = store.committed_head().await.unwrap().unwrap();
+    running
+        .wait_for(head, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let info = stream.info().await.unwrap().state.clone();
+    assert_eq!(info.messages, 3_000, "every event stored once");
+    assert_eq!(stored_in_order(&js, &name).await, appended(3_000));
+    let projections = consumer_schema(&store).await;
+    let consuming = consumer(&client, &projections, &name).spawn();
+    consuming
+        .wait_for(info.last_sequence, Duration::from_secs(30))
+        .await
+        .expect("the consumer reaches the end");
+    assert_eq!(
+        received(&store).await,
+        (3_000, 3_000),
+        "every event applied once"
+    );
+    assert_eq!(applied_in_order(&store).await, appended(3_000));
+
+    consuming.stop().await;
+    running.stop().await;
+    drop_schema(&store).await;
+}
+
 /// No broker at start (its stream exists from an earlier run): a plain connect fails with a
 /// typed error, while a client that retries its first connection lets the relay and the consumer
 /// start. Both report the broker's failure (typed, retrying, not skippable) until it is up, then
@@ -194,6 +319,7 @@ async fn start_without_broker_waits_for_it() {
     let client = client(&broker).await;
     let running = ProjectionRunner::shared(relay(&client, &prefix), Arc::clone(&backend))
         .with_config(fast())
+        .delivering()
         .spawn();
     let consuming = consumer(&client, &projections, &name).spawn();
     relay_reports_publish_failure(&running).await;
