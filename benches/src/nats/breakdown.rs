@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cqrs_core::backend::{BatchError, Lease, ProjectionBackend, SkipTarget};
-use cqrs_core::subscription::SkippedEvent;
+use cqrs_core::subscription::{ProjectionFailure, RecordedFailure, SkippedEvent};
 use cqrs_core::{
     AppendResult, Deliver, Delivery, EventId, EventStore, EventTypes, ExpectedVersion, NewEvent,
     Position, Projection, ProjectionError, RecordedEvent, StoreError, StreamId, StreamVersion,
@@ -248,6 +248,18 @@ where
 
     async fn skipped_events(&self, name: &str) -> Result<Vec<SkippedEvent>, StoreError> {
         self.inner.skipped_events(name).await
+    }
+
+    async fn record_failure(
+        &self,
+        name: &str,
+        failure: Option<&ProjectionFailure>,
+    ) -> Result<(), StoreError> {
+        self.inner.record_failure(name, failure).await
+    }
+
+    async fn last_failure(&self, name: &str) -> Result<Option<RecordedFailure>, StoreError> {
+        self.inner.last_failure(name).await
     }
 
     async fn acquire_lease(&self, name: &str) -> Result<Option<Box<dyn Lease>>, StoreError> {
