@@ -160,7 +160,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     );
     let modes = [
         (
-            "ours: `Repository::load` (streams in batches of 512)",
+            "ours: `Repository::load` (pages of `DEFAULT_LOAD_BATCH_SIZE`, 4,096 events)",
             "repository",
         ),
         (
@@ -224,7 +224,7 @@ pub async fn run_sqlite(config: &Config) -> Result<Table, BenchError> {
     );
     let modes = [
         (
-            "ours: `Repository::load` over `SqliteStore` (streams in batches of 512)",
+            "ours: `Repository::load` over `SqliteStore` (pages of `DEFAULT_LOAD_BATCH_SIZE`, 4,096 events)",
             "sqlite-repository",
         ),
         (
