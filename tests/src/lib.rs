@@ -1,6 +1,2 @@
-//! Integration tests live in `tests/tests/`; the compile-fail suite in `tests/ui/`.
-//!
-//! The README's code is compiled and run as this crate's doctest, so it stays true.
-
-#[doc = include_str!("../../README.md")]
-pub mod readme {}
+//! Integration tests live in `tests/tests/`; the compile-fail suite in `tests/ui/`. The README's
+//! code is the doctest of `tests/readme`, whose dependencies the compile-fail suite does not build.
