@@ -2,9 +2,9 @@
 //!
 //! Every append of a process is queued to one task that owns one connection. It takes what is
 //! queued (up to `max_group` appends), writes it in one `BEGIN IMMEDIATE` transaction and one
-//! commit, so one disk flush serves every append in the group. A single-event append alone in
-//! the queue, without inline projections, is its one guarded statement in autocommit mode (its
-//! own write transaction): one round trip to the driver's thread. A conflict, an idempotency error
+//! commit, so one disk flush serves every append in the group. An append alone in the queue,
+//! without inline projections and short enough for one statement, is that statement in
+//! autocommit mode (its own write transaction): one round trip to the driver's thread. A conflict, an idempotency error
 //! or a failing inline projection undoes that append alone (an append with inline projections
 //! runs in a savepoint; one without writes nothing before it fails), and its caller gets exactly
 //! its own result or error. A storage failure (a full disk, an I/O error) ends the group: it is
