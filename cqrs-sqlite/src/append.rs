@@ -142,7 +142,7 @@ pub(crate) async fn append_on(
 /// when the statement ends. `Ok(None)`: nothing was stored (the stream did not meet the
 /// expectation, or an id of the batch is stored), and only a transaction can tell a retry from a
 /// conflict: run the append again with [`append_on`]. An error came from the statement, which
-/// includes the commit. The writer sends single-event appends this way.
+/// includes the commit. The batch must fit one statement ([`sql::MAX_ROWS_PER_INSERT`]).
 pub(crate) async fn append_alone(
     conn: &mut SqliteConnection,
     stream: &StreamId,
@@ -206,12 +206,8 @@ enum Inserted {
     Unmet,
 }
 
-/// Inserts the batch; `conn` is inside a write transaction. One event: the guarded statement.
-/// Several: the stream's version is read, checked against `expected`, and the rows inserted with
-/// a plain `VALUES` list in statements of at most [`sql::MAX_ROWS_PER_INSERT`] rows (the
-/// transaction holds the write lock, so the version cannot move in between). SQLite would
-/// materialize and sort a guarded statement's `VALUES` before inserting them: a copy of every
-/// payload that a plain insert does not make.
+/// Inserts the batch in statements of at most [`sql::MAX_ROWS_PER_INSERT`] rows, the first
+/// guarded by `expected` and each later one by the version the one before it reached.
 async fn insert(
     conn: &mut SqliteConnection,
     stream: &StreamId,
@@ -219,50 +215,19 @@ async fn insert(
     batch: &Encoded,
 ) -> Result<Inserted, sqlx::Error> {
     let recorded_at = crate::row::now_micros();
-    if batch.len() == 1 {
-        return insert_guarded(conn, stream, expected, batch, 0..1, recorded_at).await;
-    }
-    let current: i64 = sqlx::query_scalar(sql::STREAM_VERSION)
-        .bind(stream.stream_type())
-        .bind(stream.id())
-        .fetch_one(&mut *conn)
-        .await?;
-    let met = match expected {
-        ExpectedVersion::Any => true,
-        ExpectedVersion::NoStream => current == 0,
-        ExpectedVersion::StreamExists => current > 0,
-        ExpectedVersion::Exact(version) => i64::try_from(version.get()) == Ok(current),
-    };
-    if !met {
-        return Ok(Inserted::Unmet);
-    }
-    let mut last_key = 0;
+    let mut expected = expected;
+    let mut last = Inserted::Unmet;
     let mut start = 0;
     while start < batch.len() {
         let end = (start + sql::MAX_ROWS_PER_INSERT).min(batch.len());
-        let statement = sql::insert_rows(end - start);
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(statement))
-            .bind(stream.stream_type())
-            .bind(stream.id())
-            .bind(recorded_at)
-            .bind(current.saturating_add(start as i64));
-        for i in start..end {
-            query = query
-                .bind(&batch.ids[i][..])
-                .bind(&batch.types[i])
-                .bind(batch.schema_versions[i])
-                .bind(&batch.payloads[i])
-                .bind(&batch.metadata[i]);
+        last = insert_guarded(conn, stream, expected, batch, start..end, recorded_at).await?;
+        match last {
+            Inserted::Stored { version, .. } => expected = ExpectedVersion::Exact(version),
+            Inserted::Unmet => return Ok(Inserted::Unmet),
         }
-        last_key = query.execute(&mut *conn).await?.last_insert_rowid();
         start = end;
     }
-    Ok(Inserted::Stored {
-        version: StreamVersion::new(
-            u64::try_from(current).unwrap_or_default() + batch.len() as u64,
-        ),
-        last_key,
-    })
+    Ok(last)
 }
 
 /// One statement of [`sql::insert_guarded`]: `batch[rows]` after the stream's current version,

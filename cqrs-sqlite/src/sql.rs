@@ -69,35 +69,6 @@ pub fn insert_guarded(rows: usize, returning: bool) -> String {
     sql
 }
 
-/// A plain insert of `rows` events at versions `?4 + 1`, `?4 + 2`, …: `?1`, `?2` the stream, `?3`
-/// `recorded_at`, `?4` the version before the first row; then for each row `event_id,
-/// event_type, schema_version, payload, metadata`, numbered on from `?5`. For a write transaction
-/// that has read and checked the stream's version itself.
-pub fn insert_rows(rows: usize) -> String {
-    use std::fmt::Write;
-    let mut sql = String::from(
-        "INSERT INTO events (stream_type, stream_id, stream_version, event_id, event_type, \
-         schema_version, payload, metadata, recorded_at) VALUES ",
-    );
-    for row in 0..rows {
-        if row > 0 {
-            sql.push_str(", ");
-        }
-        let p = 5 + 5 * row;
-        // Writing to a String cannot fail.
-        let _ = write!(
-            sql,
-            "(?1, ?2, ?4 + {}, ?{p}, ?{}, ?{}, ?{}, ?{}, ?3)",
-            row + 1,
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4
-        );
-    }
-    sql
-}
-
 /// Where stored ids are (for idempotent retries): `?1` is a JSON array of hex-encoded ids.
 pub const FIND_IDS: &str = "SELECT position, event_id, stream_type, stream_id, stream_version \
      FROM events WHERE event_id IN (SELECT unhex(value) FROM json_each(?1))";

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use crate::append::{self, Appended, Encoded};
 use crate::error::{is_connection_error, Errors, SqliteError};
+use crate::sql;
 use cqrs_core::backend::InlineProjections;
 
 /// Where an append's caller waits for its result.
@@ -133,10 +134,8 @@ async fn commit_group(
             }
         }
     }
-    // One event: the guarded statement alone is the whole write. A batch of several is cheaper
-    // as a version read and a plain insert in a transaction (see `append::insert`).
     let alone = matches!(group.as_slice(), [request]
-        if request.inline.is_empty() && request.batch.len() == 1);
+        if request.inline.is_empty() && request.batch.len() <= sql::MAX_ROWS_PER_INSERT);
     if alone && commit_alone(slot, group, parts).await {
         return;
     }
@@ -193,8 +192,7 @@ async fn commit_group(
     }
 }
 
-/// A group of one single-event append without inline projections, as one statement in
-/// autocommit mode.
+/// A group of one append without inline projections, as one statement in autocommit mode.
 /// `false`: it stored nothing (a retry or a conflict: only a transaction tells which) and the
 /// caller has not been answered.
 async fn commit_alone(
