@@ -597,7 +597,9 @@ impl<A: Aggregate> Repository<A> {
             }
             let event = match recorded.decode_set::<A::Event>() {
                 Ok(event) => event,
-                Err(source) => return Err(self.undecodable(stream, &recorded, source).await),
+                Err(source) => {
+                    return Err(self.undecodable_replayed(stream, &recorded, source).await)
+                }
             };
             loaded.state.apply_event(&event);
             loaded.version = recorded.stream_version;
@@ -610,7 +612,7 @@ impl<A: Aggregate> Repository<A> {
 
     /// The error for a replayed event that does not decode, naming its position: a replay read
     /// carries none, so it is looked up here, on the failure path only.
-    async fn undecodable(
+    async fn undecodable_replayed(
         &self,
         stream: &StreamId,
         event: &ReplayEvent,
