@@ -417,6 +417,12 @@ impl PostgresProjections {
             .execute(tx.conn())
             .await
             .map_err(|e| self.read.fail(e))?;
+        sqlx::query(self.read.sql.hand_over_skips.clone())
+            .bind(name)
+            .bind(built)
+            .execute(tx.conn())
+            .await
+            .map_err(|e| self.read.fail(e))?;
         tx.commit().await?;
         Ok(reached)
     }

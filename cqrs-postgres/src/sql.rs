@@ -105,6 +105,7 @@ pub struct Statements {
     pub record_skip: SqlStr,
     pub record_skip_given: SqlStr,
     pub skipped: SqlStr,
+    pub hand_over_skips: SqlStr,
     pub record_failure: SqlStr,
     pub clear_failure: SqlStr,
     pub last_failure: SqlStr,
@@ -373,6 +374,12 @@ impl Statements {
             record_skip_given: sql(format!(
                 "INSERT INTO {s}.projection_skips (projection, tx, position, event_id, event_type, reason)
                  VALUES ($1, $2::text::xid8, $3, $5, $6, $4)"
+            )),
+            // A blue/green switch: the built version's skips become the live name's, replacing
+            // those of the version it replaces.
+            hand_over_skips: sql(format!(
+                "WITH dropped AS (DELETE FROM {s}.projection_skips WHERE projection = $1)
+                 UPDATE {s}.projection_skips SET projection = $1 WHERE projection = $2"
             )),
             skipped: sql(format!(
                 "SELECT projection, tx::text AS tx_text, position, event_type, reason

@@ -290,6 +290,18 @@ impl SqliteProjections {
                 .execute(tx.conn())
                 .await
                 .map_err(|e| self.store.fail(e))?;
+            // The built version's skips become the live name's, replacing the old version's.
+            sqlx::query(sql::DROP_SKIPS)
+                .bind(name)
+                .execute(tx.conn())
+                .await
+                .map_err(|e| self.store.fail(e))?;
+            sqlx::query(sql::RENAME_SKIPS)
+                .bind(name)
+                .bind(built)
+                .execute(tx.conn())
+                .await
+                .map_err(|e| self.store.fail(e))?;
             Ok::<_, StoreError>(reached)
         }
         .await;

@@ -146,6 +146,11 @@ pub const SET_CHECKPOINT: &str = "INSERT INTO checkpoints (name, tx, position, u
 
 /// The skipped event's id and type come from its row: a row whose payload cannot be decoded
 /// still has them.
+/// A blue/green switch (`?1` the live name, `?2` the built one): the replaced version's skips go,
+/// then the built version's take the live name.
+pub const DROP_SKIPS: &str = "DELETE FROM projection_skips WHERE projection = ?1";
+pub const RENAME_SKIPS: &str = "UPDATE projection_skips SET projection = ?1 WHERE projection = ?2";
+
 pub const RECORD_SKIP: &str = "INSERT INTO projection_skips \
      (projection, tx, position, event_id, event_type, reason, skipped_at) \
      SELECT ?1, ?2, position, event_id, event_type, ?4, ?5 FROM events WHERE position = ?3";

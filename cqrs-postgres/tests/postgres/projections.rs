@@ -1180,3 +1180,49 @@ async fn exactly_once_across_server_crashes_with_asynchronous_batches() {
     }
     eprintln!("server crashes that lost acknowledged batches: {lost_batches} of 3");
 }
+
+/// A blue/green switch hands the built version's recorded skips to the live name (the version
+/// that skipped them is now the live one) and drops the replaced version's.
+#[tokio::test]
+async fn a_promotion_hands_the_built_versions_skips_to_the_live_name() {
+    let store = fresh_store().await;
+    store
+        .append(
+            &StreamId::new("account", "a"),
+            ExpectedVersion::NoStream,
+            vec![deposit(1), deposit(2)],
+        )
+        .await
+        .unwrap();
+    let events = store
+        .read_all(Position::START, EventTypes::All, 10)
+        .await
+        .unwrap();
+    let backend = PostgresProjections::new(store.clone());
+    for (name, event, reason) in [
+        ("balances", 0, "old version"),
+        ("balances.next", 1, "new version"),
+    ] {
+        let target = cqrs_core::backend::SkipTarget::of(&events[event]);
+        ProjectionBackend::<Balances>::record_skip(&backend, name, None, &target, reason)
+            .await
+            .unwrap();
+    }
+    backend
+        .promote("balances", "balances.next", &[])
+        .await
+        .unwrap();
+    let live = ProjectionBackend::<Balances>::skipped_events(&backend, "balances")
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(live[0].reason, "new version");
+    assert_eq!(live[0].position, events[1].position);
+    assert!(
+        ProjectionBackend::<Balances>::skipped_events(&backend, "balances.next")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop_schema(&store).await;
+}

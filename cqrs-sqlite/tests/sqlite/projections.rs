@@ -383,3 +383,54 @@ async fn inline_projection_is_all_or_nothing_with_its_append() {
     assert_eq!(first, second);
     assert_eq!(Balances::rows(&store).await.get("retry"), Some(&(1, 1)));
 }
+
+/// A blue/green switch hands the built version's recorded skips to the live name (the version
+/// that skipped them is now the live one) and drops the replaced version's.
+#[tokio::test]
+async fn a_promotion_hands_the_built_versions_skips_to_the_live_name() {
+    let dir = TempDir::new();
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    store
+        .append(
+            &StreamId::new("account", "a"),
+            ExpectedVersion::NoStream,
+            vec![deposit(1), deposit(2)],
+        )
+        .await
+        .unwrap();
+    let events = store
+        .read_all(Position::START, EventTypes::All, 10)
+        .await
+        .unwrap();
+    let backend = SqliteProjections::new(store.clone());
+    let skip = |name: &'static str, event: usize, reason: &'static str| {
+        let target = cqrs_core::backend::SkipTarget::of(&events[event]);
+        let backend = backend.clone();
+        async move {
+            cqrs_core::backend::ProjectionBackend::<Balances>::record_skip(
+                &backend, name, None, &target, reason,
+            )
+            .await
+            .unwrap();
+        }
+    };
+    skip("balances", 0, "old version").await;
+    skip("balances.next", 1, "new version").await;
+    backend
+        .promote("balances", "balances.next", &[])
+        .await
+        .unwrap();
+    let skipped = |name: &'static str| {
+        let backend = backend.clone();
+        async move {
+            cqrs_core::backend::ProjectionBackend::<Balances>::skipped_events(&backend, name)
+                .await
+                .unwrap()
+        }
+    };
+    let live = skipped("balances").await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(live[0].reason, "new version");
+    assert_eq!(live[0].position, events[1].position);
+    assert!(skipped("balances.next").await.is_empty());
+}
