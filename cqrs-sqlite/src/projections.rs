@@ -236,7 +236,8 @@ impl SqliteProjections {
     /// the new version when it commits and the old one before, never a partial one. The live
     /// runner's next batch then fails its compare-and-set (unless it was exactly where the build
     /// is), re-reads the checkpoint and continues from the build's position into the new tables:
-    /// no event is lost or applied twice.
+    /// no event is lost or applied twice. The skips recorded while building become the live
+    /// name's, replacing the old version's.
     ///
     /// The live version must not be ahead of the build: if checkpoint `name` is past `built`,
     /// nothing changes and the error is [`StoreError::CheckpointConflict`] (catch the build up
