@@ -331,17 +331,15 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     ) -> Result<(), RunError> {
         let backend = std::sync::Arc::clone(&self.backend);
         let store = backend.events();
-        let Some(target) = store.committed_head().await? else {
+        let Some(super::CatchUpStart {
+            target,
+            mut checkpoint,
+            after,
+            total,
+        }) = self.catch_up_start(store).await?
+        else {
             return Ok(());
         };
-        store.wait_until_readable(target).await?;
-        let mut checkpoint = self.backend.load_checkpoint(&self.name).await?;
-        let types = P::SUBSCRIPTION.event_types;
-        let after = checkpoint.unwrap_or(Position::START);
-        if after >= target {
-            return Ok(());
-        }
-        let total = store.count_between(after, target, types).await?;
         let started = Instant::now();
         let mut done = 0u64;
         let limit = self.config.batch_size();
@@ -354,13 +352,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 complete,
             }) = next.take()
             {
-                let read = events.len();
-                events.retain(|e| e.position <= target);
-                let at_target = events.len() < read || (complete && read < limit);
-                let to = match events.last() {
-                    Some(last) if !at_target => last.position,
-                    _ => target,
-                };
+                let to = super::trim_to_target(&mut events, complete, limit, target);
                 reader.keep_handled(&mut events);
                 let delivery: Delivery = if events.is_empty() {
                     Box::pin(std::future::ready(Ok(())))

@@ -89,6 +89,33 @@ impl LogReader {
     }
 }
 
+/// A catch-up's bounds: every event committed before it started, up to `target`, is applied
+/// after `checkpoint` (`after` when there is none); `total` of them, for progress.
+struct CatchUpStart {
+    target: Position,
+    checkpoint: Option<Position>,
+    after: Position,
+    total: u64,
+}
+
+/// Drops the events of a catch-up page past `target` and returns the position the page's batch
+/// takes the checkpoint to. Everything up to `target` is readable, so a page cut at `target`, or
+/// a short complete one, ends at `target`.
+fn trim_to_target(
+    events: &mut Vec<RecordedEvent>,
+    complete: bool,
+    limit: usize,
+    target: Position,
+) -> Position {
+    let read = events.len();
+    events.retain(|e| e.position <= target);
+    let at_target = events.len() < read || (complete && read < limit);
+    match events.last() {
+        Some(last) if !at_target => last.position,
+        _ => target,
+    }
+}
+
 /// Takes the lease of `name`, or fails with [`RunError::LeaseHeld`]. A free function of the backend
 /// and the name, not a method: a future borrowing the runner would be `Send` only for `Sync`
 /// projections.
@@ -474,6 +501,32 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     }
 
     /// The catch-up itself, with the lease held by the caller.
+    /// Where a catch-up starts and ends: `None` if there is nothing to do.
+    async fn catch_up_start(
+        &self,
+        store: &dyn EventStore,
+    ) -> Result<Option<CatchUpStart>, RunError> {
+        let Some(target) = store.committed_head().await? else {
+            return Ok(None);
+        };
+        store.wait_until_readable(target).await?;
+        let checkpoint = self.backend.load_checkpoint(&self.name).await?;
+        let after = checkpoint.unwrap_or(Position::START);
+        if after >= target {
+            return Ok(None);
+        }
+        // Up to `target` only: writers may append while this runs.
+        let total = store
+            .count_between(after, target, P::SUBSCRIPTION.event_types)
+            .await?;
+        Ok(Some(CatchUpStart {
+            target,
+            checkpoint,
+            after,
+            total,
+        }))
+    }
+
     async fn catch_up_leased(
         &mut self,
         mut progress: impl FnMut(Progress) + Send,
@@ -484,18 +537,15 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         // Reads (ahead of commits) go through their own handle on the backend.
         let backend = Arc::clone(&self.backend);
         let store = backend.events();
-        let Some(target) = store.committed_head().await? else {
+        let Some(CatchUpStart {
+            target,
+            mut checkpoint,
+            after,
+            total,
+        }) = self.catch_up_start(store).await?
+        else {
             return Ok(());
         };
-        store.wait_until_readable(target).await?;
-        let mut checkpoint = self.backend.load_checkpoint(&self.name).await?;
-        let types = P::SUBSCRIPTION.event_types;
-        let after = checkpoint.unwrap_or(Position::START);
-        if after >= target {
-            return Ok(());
-        }
-        // Up to `target` only: writers may append while this runs.
-        let total = store.count_between(after, target, types).await?;
         let started = Instant::now();
         let mut done = 0u64;
         let limit = self.config.batch_size();
@@ -506,14 +556,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             complete,
         }) = next.take()
         {
-            let read = events.len();
-            events.retain(|e| e.position <= target);
-            // Everything up to `target` is readable, so a short complete page ends at it.
-            let at_target = events.len() < read || (complete && read < limit);
-            let to = match events.last() {
-                Some(last) if !at_target => last.position,
-                _ => target,
-            };
+            let to = trim_to_target(&mut events, complete, limit, target);
             reader.keep_handled(&mut events);
             // Read the next batch while this one commits: the read depends only on `to`.
             let read_next = (to < target).then(|| read_page(store, to, reader.types(), limit));
