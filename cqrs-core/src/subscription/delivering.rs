@@ -336,7 +336,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             mut checkpoint,
             after,
             total,
-        }) = self.catch_up_start(store).await?
+        }) = super::catch_up_start(&*self.backend, &self.name).await?
         else {
             return Ok(());
         };

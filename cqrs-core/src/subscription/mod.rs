@@ -98,6 +98,34 @@ struct CatchUpStart {
     total: u64,
 }
 
+/// Where a catch-up of `name` starts and ends: `None` if there is nothing to do. A free function
+/// of the backend, like [`take_lease`], so its future is `Send` for projections that are not `Sync`.
+async fn catch_up_start<P: Projection, B: ProjectionBackend<P>>(
+    backend: &B,
+    name: &str,
+) -> Result<Option<CatchUpStart>, RunError> {
+    let store = backend.events();
+    let Some(target) = store.committed_head().await? else {
+        return Ok(None);
+    };
+    store.wait_until_readable(target).await?;
+    let checkpoint = backend.load_checkpoint(name).await?;
+    let after = checkpoint.unwrap_or(Position::START);
+    if after >= target {
+        return Ok(None);
+    }
+    // Up to `target` only: writers may append while this runs.
+    let total = store
+        .count_between(after, target, P::SUBSCRIPTION.event_types)
+        .await?;
+    Ok(Some(CatchUpStart {
+        target,
+        checkpoint,
+        after,
+        total,
+    }))
+}
+
 /// Drops the events of a catch-up page past `target` and returns the position the page's batch
 /// takes the checkpoint to. Everything up to `target` is readable, so a page cut at `target`, or
 /// a short complete one, ends at `target`.
@@ -501,32 +529,6 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     }
 
     /// The catch-up itself, with the lease held by the caller.
-    /// Where a catch-up starts and ends: `None` if there is nothing to do.
-    async fn catch_up_start(
-        &self,
-        store: &dyn EventStore,
-    ) -> Result<Option<CatchUpStart>, RunError> {
-        let Some(target) = store.committed_head().await? else {
-            return Ok(None);
-        };
-        store.wait_until_readable(target).await?;
-        let checkpoint = self.backend.load_checkpoint(&self.name).await?;
-        let after = checkpoint.unwrap_or(Position::START);
-        if after >= target {
-            return Ok(None);
-        }
-        // Up to `target` only: writers may append while this runs.
-        let total = store
-            .count_between(after, target, P::SUBSCRIPTION.event_types)
-            .await?;
-        Ok(Some(CatchUpStart {
-            target,
-            checkpoint,
-            after,
-            total,
-        }))
-    }
-
     async fn catch_up_leased(
         &mut self,
         mut progress: impl FnMut(Progress) + Send,
@@ -542,7 +544,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             mut checkpoint,
             after,
             total,
-        }) = self.catch_up_start(store).await?
+        }) = catch_up_start(&*self.backend, &self.name).await?
         else {
             return Ok(());
         };
