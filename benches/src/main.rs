@@ -8,6 +8,7 @@
 //! cargo run -p benches --release --features peers -- --only sqlite       # not in the default run
 //! cargo run -p benches --release --features peers -- --only sqlite-w1 --clients 1   # SQLite W1 alone
 //! cargo run -p benches --release -- --only sqlite-probe                  # a 1-client command's parts
+//! cargo run -p benches --release -- --only pg-probe                      # the same on PostgreSQL
 //! cargo run -p benches --release --features peers -- --only readmodels   # needs Redis too
 //! cargo run -p benches --release --features nats -- --only nats          # needs nats-server
 //! ```
@@ -27,6 +28,7 @@ mod memory;
 mod nats;
 #[cfg(feature = "peers")]
 mod peers;
+mod pg_probe;
 mod readmodels;
 mod report;
 mod sqlite;
@@ -59,9 +61,16 @@ const BENCHMARKS: &[&str] = &[
 /// cqrs-sqlite against raw sqlx on SQLite and sqlite-es (W1, batch append, catch-up, memory);
 /// `readmodels`: catch-up of read models in Redis and in another PostgreSQL database; `nats`:
 /// the cqrs-nats relay and consumer against raw async-nats (built with `--features nats`);
-/// `sqlite-w1`: the SQLite W1 table alone; `sqlite-probe`: where a 1-client SQLite command's time
-/// goes.
-const OPT_IN: &[&str] = &["sqlite", "sqlite-w1", "sqlite-probe", "readmodels", "nats"];
+/// `sqlite-w1`: the SQLite W1 table alone; `sqlite-probe` and `pg-probe`: where a 1-client
+/// command's time goes, on SQLite and on PostgreSQL.
+const OPT_IN: &[&str] = &[
+    "pg-probe",
+    "sqlite",
+    "sqlite-w1",
+    "sqlite-probe",
+    "readmodels",
+    "nats",
+];
 
 fn usage() -> ! {
     eprintln!(
@@ -159,6 +168,7 @@ fn main() {
                 "sqlite" => sqlite::run(&config).await,
                 "sqlite-w1" => sqlite::run_w1(&config).await,
                 "sqlite-probe" => sqlite_probe::run(&config).await,
+                "pg-probe" => pg_probe::run(&config).await,
                 "readmodels" => readmodels::run(&config).await,
                 #[cfg(feature = "nats")]
                 "nats" => nats::run(&config).await,

@@ -15,7 +15,7 @@ use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::domain::{deposits, opened, w1_commands, Account};
-use crate::report::{median, Table};
+use crate::report::Table;
 use crate::sqlite::{remove_db, temp_db};
 use crate::{BenchError, Config};
 
@@ -395,16 +395,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     );
     for probe in PROBES {
         let values = micros.get(&probe).map_or(&[][..], Vec::as_slice);
-        let m = median(values);
-        let (lo, hi) = values
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-        table.row(vec![
-            probe.label().to_owned(),
-            format!("{m:.0}"),
-            format!("{lo:.0}–{hi:.0}"),
-            format!("{:.0}", 1e6 / m),
-        ]);
+        table.row(crate::report::probe_row(probe.label(), values));
     }
     table.note(format!(
         "One client, each probe on a fresh file of its own (the store's migrated schema; WAL), {BLOCK} operations per block, \
