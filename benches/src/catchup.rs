@@ -259,13 +259,13 @@ fn runner_config() -> RunnerConfig {
 async fn noop(store: &PostgresStore) -> Result<u64, BenchError> {
     let runner = ProjectionRunner::new(Noop::default(), InProcess::new(store.clone()))
         .with_config(runner_config());
-    Ok(runner.catch_up(|_| {}).await?.seen)
+    Ok(runner.catch_up().await?.seen)
 }
 
 async fn balances(store: &PostgresStore) -> Result<u64, BenchError> {
     let runner = ProjectionRunner::new(Balances::default(), InProcess::new(store.clone()))
         .with_config(runner_config());
-    let done = runner.catch_up(|_| {}).await?;
+    let done = runner.catch_up().await?;
     black_box(&done.by_account);
     // Opens are not handled by this projection, so it sees only the deposits.
     Ok(done.seen + STREAMS as u64)
@@ -276,11 +276,20 @@ fn fresh_name(what: &str) -> String {
     format!("{what}_{}", uuid::Uuid::now_v7().simple())
 }
 
-async fn pg_noop(store: &PostgresStore) -> Result<u64, BenchError> {
+/// `progress`: through `catch_up_with_progress`, which counts the events first for the total.
+async fn pg_noop(store: &PostgresStore, progress: bool) -> Result<u64, BenchError> {
     let runner = ProjectionRunner::new(PgNoop::default(), PostgresProjections::new(store.clone()))
         .named(fresh_name("pg_noop"))
         .with_config(runner_config());
-    Ok(runner.catch_up(|_| {}).await?.seen)
+    let done = if progress {
+        let mut reports = 0_u64;
+        let done = runner.catch_up_with_progress(|_| reports += 1).await?;
+        black_box(reports);
+        done
+    } else {
+        runner.catch_up().await?
+    };
+    Ok(done.seen)
 }
 
 async fn pg_rows(store: &PostgresStore) -> Result<u64, BenchError> {
@@ -301,7 +310,7 @@ async fn pg_rows(store: &PostgresStore) -> Result<u64, BenchError> {
     let runner = ProjectionRunner::new(projection, PostgresProjections::new(store.clone()))
         .named(fresh_name("pg_rows"))
         .with_config(runner_config());
-    let seen = runner.catch_up(|_| {}).await?.seen;
+    let seen = runner.catch_up().await?.seen;
     let rows: i64 =
         sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
             .fetch_one(store.pool())
@@ -321,6 +330,7 @@ enum Kind {
     Noop,
     Balances,
     PgNoop,
+    PgNoopProgress,
     PgRows,
 }
 
@@ -340,6 +350,9 @@ impl Kind {
             Kind::PgNoop => {
                 "ours: `ProjectionRunner::catch_up` on `PostgresProjections`, no-op (checkpoint CAS + commit per batch)"
             }
+            Kind::PgNoopProgress => {
+                "ours: `catch_up_with_progress` on `PostgresProjections`, no-op (counts the events first, for the total)"
+            }
             Kind::PgRows => {
                 "ours: `PostgresProjections`, one row per event written to a table (`#[flush]`: one INSERT per batch)"
             }
@@ -354,7 +367,8 @@ impl Kind {
             Kind::StoreReadFiltered => store_read(store, true).await,
             Kind::Noop => noop(store).await,
             Kind::Balances => balances(store).await,
-            Kind::PgNoop => pg_noop(store).await,
+            Kind::PgNoop => pg_noop(store, false).await,
+            Kind::PgNoopProgress => pg_noop(store, true).await,
             Kind::PgRows => pg_rows(store).await,
         }
     }
@@ -378,6 +392,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         Kind::Noop,
         Kind::Balances,
         Kind::PgNoop,
+        Kind::PgNoopProgress,
         Kind::PgRows,
     ];
     // One unmeasured pass warms the table into the buffer cache for everyone.

@@ -127,7 +127,7 @@ async fn relay_once(
         .named(fresh("relay"))
         .with_config(config)
         .delivering()
-        .catch_up(|_| {})
+        .catch_up()
         .await?;
     let elapsed = started.elapsed().as_secs_f64();
     let stored = js.get_stream(&name).await?.info().await?.state.messages;
@@ -157,7 +157,7 @@ async fn noop_once(store: &PostgresStore, events: usize) -> Result<f64, BenchErr
     ProjectionRunner::shared(Noop, backend)
         .named(fresh("noop"))
         .with_config(config)
-        .catch_up(|_| {})
+        .catch_up()
         .await?;
     Ok(events as f64 / started.elapsed().as_secs_f64())
 }
@@ -190,7 +190,7 @@ async fn relay_breakdown(
         .named(fresh("relay"))
         .with_config(config)
         .delivering()
-        .catch_up(|_| {})
+        .catch_up()
         .await?;
     let wall = started.elapsed();
     js.delete_stream(&name).await?;

@@ -293,7 +293,7 @@ async fn ours_pg(events: &PostgresStore, read: &ReadDb) -> Result<u64, BenchErro
     let runner = ProjectionRunner::new(projection, projections)
         .named(fresh("rows"))
         .with_config(runner_config());
-    let seen = runner.catch_up(|_| {}).await?.seen;
+    let seen = runner.catch_up().await?.seen;
     read.check_and_drop(&table).await?;
     Ok(seen)
 }
@@ -400,7 +400,7 @@ async fn ours_redis(events: &PostgresStore) -> Result<u64, BenchError> {
     let runner = ProjectionRunner::new(RedisBalances { seen: 0 }, projections)
         .named("balances")
         .with_config(runner_config());
-    let seen = runner.catch_up(|_| {}).await?.seen;
+    let seen = runner.catch_up().await?.seen;
     check_redis(&mut conn, &prefix).await?;
     Ok(seen)
 }

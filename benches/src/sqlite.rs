@@ -706,7 +706,7 @@ impl ReadKind {
             ReadKind::Noop => {
                 let runner = ProjectionRunner::new(Noop::default(), InProcess::new(store.clone()))
                     .with_config(runner_config());
-                Ok(runner.catch_up(|_| {}).await?.seen)
+                Ok(runner.catch_up().await?.seen)
             }
             ReadKind::SqliteNoop => {
                 let runner = ProjectionRunner::new(
@@ -715,7 +715,7 @@ impl ReadKind {
                 )
                 .named(format!("noop_{}", uuid::Uuid::now_v7().simple()))
                 .with_config(runner_config());
-                Ok(runner.catch_up(|_| {}).await?.seen)
+                Ok(runner.catch_up().await?.seen)
             }
         }
     }

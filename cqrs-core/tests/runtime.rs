@@ -435,7 +435,7 @@ async fn rebuild_reports_progress_and_equals_replay() {
     }
     let first = ProjectionRunner::shared(Totals::default(), backend.clone())
         .with_config(fast())
-        .catch_up(|_| {})
+        .catch_up()
         .await
         .unwrap();
     let mut reports = Vec::new();
@@ -712,7 +712,7 @@ fn public_futures_are_send(repo: Repository<Counter>, store: InMemoryStore, bus:
             .wait_for(Position::START, Duration::from_secs(1))
             .await;
         let _ = ProjectionRunner::new(Totals::default(), InProcess::new(store.clone()))
-            .catch_up(|_| {})
+            .catch_up()
             .await;
         let _ = ProjectionRunner::new(Totals::default(), InProcess::new(store.clone()))
             .rebuild_then(
@@ -805,7 +805,7 @@ async fn runners_read_the_whole_log_while_it_is_mostly_theirs() {
     let mut reports = Vec::new();
     let caught_up = ProjectionRunner::new(Totals::default(), InProcess::new(store.clone()))
         .with_config(fast())
-        .catch_up(|p| reports.push(p))
+        .catch_up_with_progress(|p| reports.push(p))
         .await
         .unwrap();
     assert_eq!(caught_up.handled, 50);
@@ -1040,7 +1040,7 @@ async fn catch_all_and_category_projections_get_exactly_their_events() {
     );
     let everything = ProjectionRunner::new(Everything::default(), InProcess::new(store.clone()))
         .with_config(fast())
-        .catch_up(|_| {})
+        .catch_up()
         .await
         .unwrap();
     assert_eq!(everything.seen.len(), 20, "{:?}", everything.seen);
@@ -1058,7 +1058,7 @@ async fn catch_all_and_category_projections_get_exactly_their_events() {
 
     let other = ProjectionRunner::new(OtherAdded::default(), InProcess::new(store.clone()))
         .with_config(fast())
-        .catch_up(|_| {})
+        .catch_up()
         .await
         .unwrap();
     assert_eq!((other.added, other.rest), (12, 8));

@@ -449,7 +449,9 @@ where
         events: &[RecordedEvent],
         to: Position,
     ) -> Result<(), BatchError> {
-        let mut tx = Tx::begin_with(self.read.pool(), self.begin_batch).await?;
+        // A runner commits batch after batch: on a connection kept between them.
+        let mut tx =
+            Tx::begin_kept(self.read.pool(), self.read.group.as_ref(), self.begin_batch).await?;
         // The compare-and-set first: it locks the checkpoint row, so a second runner waits here
         // instead of doing the batch's work only to fail at the end.
         self.read

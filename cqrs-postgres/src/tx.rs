@@ -9,19 +9,26 @@
 //! its own transactions with [`Tx`]: a connection that is closed, never returned to the pool,
 //! unless the transaction was committed.
 
+use std::sync::Arc;
+
 use cqrs_core::StoreError;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, Postgres};
 use sqlx::Executor;
 
 use crate::error::{map_error, map_sent_write_error};
+use crate::group::GroupCommitter;
 
 /// A transaction on a pooled connection. Dropped without [`Tx::commit`] (an error, a cancelled
 /// future), it closes the connection, and PostgreSQL rolls the transaction back.
 pub(crate) struct Tx {
-    conn: PoolConnection<Postgres>,
+    /// Always `Some` until dropped.
+    conn: Option<PoolConnection<Postgres>>,
     /// The transaction ended (committed or rolled back): the connection may go back to the pool.
     ended: bool,
+    /// Where the connection goes once the transaction ended: kept by group commit for the next
+    /// write (see [`Tx::begin_kept`]), or back to the pool.
+    keeper: Option<Arc<GroupCommitter>>,
 }
 
 impl Tx {
@@ -34,11 +41,42 @@ impl Tx {
         pool: &PgPool,
         statements: &'static str,
     ) -> Result<Self, StoreError> {
+        let conn = pool.acquire().await.map_err(map_error)?;
+        Self::begin_on(conn, statements, None).await
+    }
+
+    /// [`Tx::begin_with`] on a connection that group commit keeps idle between writes, if it
+    /// has one, and kept again once the transaction ended: a run of transactions (a projection's
+    /// batches) then skips the pool's two round trips per checkout. A kept connection that went
+    /// stale (it skipped the pool's check) is left, and the transaction begins on a pooled one.
+    pub(crate) async fn begin_kept(
+        pool: &PgPool,
+        keeper: Option<&Arc<GroupCommitter>>,
+        statements: &'static str,
+    ) -> Result<Self, StoreError> {
+        if let Some(keeper) = keeper {
+            if let Some(conn) = keeper.borrow_kept() {
+                match Self::begin_on(conn, statements, Some(Arc::clone(keeper))).await {
+                    Err(StoreError::Connection(_)) => {}
+                    begun => return begun,
+                }
+            }
+        }
+        let conn = pool.acquire().await.map_err(map_error)?;
+        Self::begin_on(conn, statements, keeper.cloned()).await
+    }
+
+    async fn begin_on(
+        conn: PoolConnection<Postgres>,
+        statements: &'static str,
+        keeper: Option<Arc<GroupCommitter>>,
+    ) -> Result<Self, StoreError> {
         // The guard exists before `BEGIN` is sent: from here on, a cancellation closes the
         // connection instead of returning it to the pool mid-transaction.
         let mut tx = Self {
-            conn: pool.acquire().await.map_err(map_error)?,
+            conn: Some(conn),
             ended: false,
+            keeper,
         };
         sqlx::raw_sql(statements)
             .execute(tx.conn())
@@ -48,8 +86,11 @@ impl Tx {
     }
 
     /// The transaction's connection.
+    #[allow(clippy::expect_used)] // `conn` is `Some` until the drop
     pub(crate) fn conn(&mut self) -> &mut PgConnection {
-        &mut self.conn
+        self.conn
+            .as_mut()
+            .expect("a transaction's connection is taken only when it is dropped")
     }
 
     /// Commits; the connection goes back to the pool only if this succeeds. A connection lost
@@ -92,9 +133,16 @@ impl cqrs_core::backend::BatchTransaction for Tx {
 
 impl Drop for Tx {
     fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
         if !self.ended {
             // Ending the session rolls the transaction back on the server.
-            self.conn.close_on_drop();
+            conn.close_on_drop();
+            return;
+        }
+        if let Some(keeper) = &self.keeper {
+            keeper.give_back(conn);
         }
     }
 }

@@ -210,14 +210,14 @@ pub async fn demo(
         table: lookup_table.clone(),
     };
     ProjectionRunner::new(lookup, sql.clone())
-        .catch_up(|_| {})
+        .catch_up()
         .await?;
     let search = OrderTextSearch {
         table: search_table.clone(),
     };
-    ProjectionRunner::new(search, sql).catch_up(|_| {}).await?;
+    ProjectionRunner::new(search, sql).catch_up().await?;
     ProjectionRunner::new(CustomerDashboard, dashboard.clone())
-        .catch_up(|_| {})
+        .catch_up()
         .await?;
 
     let first = format!("{run}-o1");

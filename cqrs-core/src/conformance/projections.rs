@@ -428,7 +428,7 @@ where
         "a rebuild beside a live runner: {refused:?}"
     );
     let refused = ProjectionRunner::shared(rebuilt.clone(), Arc::clone(&backend))
-        .catch_up(|_| {})
+        .catch_up()
         .await;
     assert!(
         matches!(refused, Err(RunError::LeaseHeld { .. })),
@@ -501,7 +501,7 @@ where
     let recorder = Recorder::<C>::default();
     ProjectionRunner::shared(recorder.clone(), Arc::clone(&backend))
         .with_config(config())
-        .catch_up(|_| {})
+        .catch_up()
         .await
         .expect("catch-up");
     let handled: Vec<Position> = positions.iter().copied().step_by(2).collect();

@@ -328,6 +328,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         &mut self,
         deliver: DeliverFn<P>,
         mut progress: impl FnMut(Progress) + Send,
+        count: bool,
     ) -> Result<(), RunError> {
         let backend = std::sync::Arc::clone(&self.backend);
         let store = backend.events();
@@ -336,7 +337,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             mut checkpoint,
             after,
             total,
-        }) = super::catch_up_start(&*self.backend, &self.name).await?
+        }) = super::catch_up_start(&*self.backend, &self.name, count).await?
         else {
             return Ok(());
         };

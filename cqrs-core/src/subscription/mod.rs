@@ -90,7 +90,8 @@ impl LogReader {
 }
 
 /// A catch-up's bounds: every event committed before it started, up to `target`, is applied
-/// after `checkpoint` (`after` when there is none); `total` of them, for progress.
+/// after `checkpoint` (`after` when there is none); `total` of them, for progress (counted only
+/// when someone watches the progress, 0 otherwise).
 struct CatchUpStart {
     target: Position,
     checkpoint: Option<Position>,
@@ -100,9 +101,14 @@ struct CatchUpStart {
 
 /// Where a catch-up of `name` starts and ends: `None` if there is nothing to do. A free function
 /// of the backend, like [`take_lease`], so its future is `Send` for projections that are not `Sync`.
+///
+/// `count`: whether to count the events to handle, for a progress report's total. The count is
+/// a scan of the whole range, as long as a good part of reading it: only a caller who reports
+/// progress pays for it.
 async fn catch_up_start<P: Projection, B: ProjectionBackend<P>>(
     backend: &B,
     name: &str,
+    count: bool,
 ) -> Result<Option<CatchUpStart>, RunError> {
     let store = backend.events();
     let Some(target) = store.committed_head().await? else {
@@ -115,9 +121,13 @@ async fn catch_up_start<P: Projection, B: ProjectionBackend<P>>(
         return Ok(None);
     }
     // Up to `target` only: writers may append while this runs.
-    let total = store
-        .count_between(after, target, P::SUBSCRIPTION.event_types)
-        .await?;
+    let total = if count {
+        store
+            .count_between(after, target, P::SUBSCRIPTION.event_types)
+            .await?
+    } else {
+        0
+    };
     Ok(Some(CatchUpStart {
         target,
         checkpoint,
@@ -344,7 +354,7 @@ struct Live {
 /// // Once: everything committed so far, then the projection back.
 /// let runner = ProjectionRunner::new(Registrations::default(), InProcess::new(store.clone()))
 ///     .with_config(config);
-/// let caught_up = runner.catch_up(|progress| println!("{}/{}", progress.done, progress.total)).await?;
+/// let caught_up = runner.catch_up().await?;
 /// assert_eq!(caught_up.count, 1);
 ///
 /// // Or for as long as the application runs.
@@ -413,17 +423,34 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         self
     }
 
-    /// Processes every event committed before the call, reporting progress after each batch, and
-    /// returns the projection.
+    /// Processes every event committed before the call and returns the projection.
     ///
     /// It takes the projection's lease for its duration and fails with [`RunError::LeaseHeld`]
     /// if another runner holds it. It returns `Ok` only once every event committed before the
     /// call is applied: on PostgreSQL, events held back by an older running transaction are
     /// waited for (boundedly), then it fails with [`StoreError::NotYetReadable`] naming the
     /// holder rather than return a read model with events missing.
-    pub async fn catch_up(mut self, progress: impl FnMut(Progress) + Send) -> Result<P, RunError> {
+    pub async fn catch_up(self) -> Result<P, RunError> {
+        self.catch_up_reporting(|_| {}, false).await
+    }
+
+    /// [`ProjectionRunner::catch_up`], reporting progress after each batch: how many events are
+    /// done, of how many, and how fast. The total is counted before the first batch is read,
+    /// which costs a scan of the range to catch up on.
+    pub async fn catch_up_with_progress(
+        self,
+        progress: impl FnMut(Progress) + Send,
+    ) -> Result<P, RunError> {
+        self.catch_up_reporting(progress, true).await
+    }
+
+    async fn catch_up_reporting(
+        mut self,
+        progress: impl FnMut(Progress) + Send,
+        count: bool,
+    ) -> Result<P, RunError> {
         let lease = take_lease(&*self.backend, &self.name).await?;
-        let outcome = self.catch_up_leased(progress).await;
+        let outcome = self.catch_up_leased(progress, count).await;
         record_outcome(&*self.backend, &self.name, &outcome).await;
         outcome?;
         drop(lease);
@@ -515,7 +542,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
         const FINISH_ATTEMPTS: usize = 10;
         let mut attempt = 1;
         loop {
-            let outcome = self.catch_up_leased(&mut progress).await;
+            let outcome = self.catch_up_leased(&mut progress, true).await;
             record_outcome(&*self.backend, &self.name, &outcome).await;
             outcome?;
             let reached = self.backend.load_checkpoint(&self.name).await?;
@@ -529,12 +556,14 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
     }
 
     /// The catch-up itself, with the lease held by the caller.
+    /// `count`: whether progress reports carry a total (see [`catch_up_start`]).
     async fn catch_up_leased(
         &mut self,
         mut progress: impl FnMut(Progress) + Send,
+        count: bool,
     ) -> Result<(), RunError> {
         if let Some(deliver) = self.deliver {
-            return self.catch_up_delivering(deliver, progress).await;
+            return self.catch_up_delivering(deliver, progress, count).await;
         }
         // Reads (ahead of commits) go through their own handle on the backend.
         let backend = Arc::clone(&self.backend);
@@ -544,7 +573,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             mut checkpoint,
             after,
             total,
-        }) = catch_up_start(&*self.backend, &self.name).await?
+        }) = catch_up_start(&*self.backend, &self.name, count).await?
         else {
             return Ok(());
         };

@@ -476,7 +476,7 @@ async fn a_read_database_that_loses_its_data_rebuilds_from_the_start() {
         let projection = Balances::create(&read, "balances").await;
         ProjectionRunner::new(projection, backend.clone())
             .with_config(config())
-            .catch_up(|_| {})
+            .catch_up()
             .await
             .unwrap();
         assert_eq!(read.load_checkpoint("balances").await.unwrap(), Some(last));
@@ -1098,7 +1098,7 @@ async fn batches_commit_asynchronously_unless_asked_to_wait_for_the_flush() {
         ProjectionRunner::new(projection, backend)
             .named(format!("commit_mode_{expected}"))
             .with_config(config())
-            .catch_up(|_| {})
+            .catch_up()
             .await
             .unwrap();
         assert_eq!(*seen.lock().unwrap(), vec![expected.to_owned()]);
@@ -1144,7 +1144,7 @@ async fn exactly_once_across_server_crashes_with_asynchronous_batches() {
         let backend = PostgresProjections::new(store.clone());
         ProjectionRunner::new(projection, backend)
             .with_config(config_with(20))
-            .catch_up(|_| {})
+            .catch_up()
             .await
             .unwrap();
         let acknowledged = store.load_checkpoint("balances").await.unwrap();
@@ -1166,7 +1166,7 @@ async fn exactly_once_across_server_crashes_with_asynchronous_batches() {
         let projection = Balances::on(&store, "balances");
         ProjectionRunner::new(projection, PostgresProjections::new(store.clone()))
             .with_config(config_with(20))
-            .catch_up(|_| {})
+            .catch_up()
             .await
             .unwrap();
         let (full, _) = replay(&store).await;

@@ -78,7 +78,7 @@ async fn catch_up_and_rebuild_wait_for_events_held_above_the_horizon() {
     let recorder = Recorder::<PgConnection>::default();
     ProjectionRunner::new(recorder.clone(), PostgresProjections::new(store.clone()))
         .with_config(config())
-        .catch_up(|_| {})
+        .catch_up()
         .await
         .unwrap();
     assert_eq!(
@@ -115,7 +115,7 @@ async fn catch_up_fails_naming_what_holds_the_horizon_instead_of_returning_incom
     let recorder = Recorder::<PgConnection>::default();
     let outcome = ProjectionRunner::new(recorder.clone(), PostgresProjections::new(store.clone()))
         .with_config(config())
-        .catch_up(|_| {})
+        .catch_up()
         .await;
     sqlx::raw_sql("ROLLBACK")
         .execute(&mut holder)

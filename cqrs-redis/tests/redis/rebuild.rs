@@ -65,7 +65,7 @@ async fn the_checkpoint_lives_in_redis_not_in_the_event_store() {
     let backend = backend_over(events.clone()).await;
     ProjectionRunner::new(Balances, backend.clone())
         .with_config(config())
-        .catch_up(|_| {})
+        .catch_up()
         .await
         .unwrap();
     let (expected, last) = replay(&*events).await;

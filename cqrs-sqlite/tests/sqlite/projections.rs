@@ -212,7 +212,7 @@ async fn runner_killed_at_random_points_applies_each_event_once() {
     // Whatever the killed runners left, a catch-up here finishes the work exactly once.
     ProjectionRunner::new(Balances, SqliteProjections::new(store.clone()))
         .with_config(config())
-        .catch_up(|_| {})
+        .catch_up()
         .await
         .unwrap();
     assert_eq!(Balances::rows(&store).await, replay(&store).await);
@@ -274,7 +274,7 @@ async fn a_read_file_fed_from_postgres_is_exact_across_sigkills() {
     let backend = SqliteProjections::with_event_source(Arc::new(events.clone()), read.clone());
     ProjectionRunner::new(Balances, backend)
         .with_config(config())
-        .catch_up(|_| {})
+        .catch_up()
         .await
         .unwrap();
     let all: Vec<RecordedEvent> = read_all_batched(
