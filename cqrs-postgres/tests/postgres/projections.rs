@@ -1226,3 +1226,102 @@ async fn a_promotion_hands_the_built_versions_skips_to_the_live_name() {
     );
     drop_schema(&store).await;
 }
+
+/// Records the server process each handled event's batch ran on.
+#[derive(Debug, Default)]
+struct Backends {
+    pids: Vec<i32>,
+}
+
+#[projection(name = "backends")]
+impl Backends {
+    async fn deposited(
+        &mut self,
+        _: &Deposited,
+        _: &RecordedEvent,
+        db: &mut PgConnection,
+    ) -> Result<(), sqlx::Error> {
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(db)
+            .await?;
+        self.pids.push(pid);
+        Ok(())
+    }
+}
+
+/// A store whose group commit keeps a connection between writes for `keep`, on a pool with
+/// idle connections to spare (a connection is kept only while the pool has another idle).
+async fn store_keeping_connections(keep: Duration) -> PostgresStore {
+    let store = fresh_store_with(6)
+        .await
+        .with_group_commit(cqrs_postgres::GroupCommit::default().with_keep_connection(keep));
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        open.push(store.pool().acquire().await.unwrap());
+    }
+    drop(open);
+    store
+}
+
+async fn deposit_many(store: &PostgresStore, stream: &StreamId, n: usize) {
+    let events = (0..n)
+        .map(|i| NewEvent::from_event(&Deposited { amount: i as i64 }).unwrap())
+        .collect();
+    store
+        .append(stream, ExpectedVersion::Any, events)
+        .await
+        .unwrap();
+}
+
+async fn catch_up_backends(store: &PostgresStore) -> Vec<i32> {
+    let config = RunnerConfig::builder().batch_size(5).build().unwrap();
+    ProjectionRunner::new(Backends::default(), PostgresProjections::new(store.clone()))
+        .with_config(config)
+        .catch_up()
+        .await
+        .unwrap()
+        .pids
+}
+
+/// A runner's batches commit one after another on the connection group commit keeps between
+/// writes, instead of checking one out of the pool for each batch (and pinging it twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_commit_on_one_kept_connection() {
+    let store = store_keeping_connections(Duration::from_secs(30)).await;
+    deposit_many(&store, &StreamId::new("account", "a"), 50).await;
+    let pids = catch_up_backends(&store).await;
+    assert_eq!(pids.len(), 50);
+    assert!(
+        pids.iter().all(|pid| *pid == pids[0]),
+        "10 batches ran on server processes {pids:?}"
+    );
+    drop_schema(&store).await;
+}
+
+/// A kept connection closed by the server between two batches (it skipped the pool's check) is
+/// replaced by a pooled one: the batch commits, no error reaches the runner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_closed_by_the_server_is_replaced() {
+    let store = store_keeping_connections(Duration::from_secs(30)).await;
+    let stream = StreamId::new("account", "a");
+    deposit_many(&store, &stream, 10).await;
+    let first = catch_up_backends(&store).await;
+    let kept = *first.last().unwrap();
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(kept)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(terminated);
+    // The server closes it at once; give the termination a moment to land.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    deposit_many(&store, &stream, 10).await;
+    let second = catch_up_backends(&store).await;
+    assert_eq!(
+        second.len(),
+        10,
+        "the second catch-up handles only the new events"
+    );
+    assert!(!second.contains(&kept));
+    drop_schema(&store).await;
+}
