@@ -49,7 +49,7 @@ pub(crate) fn encode(stream: &StreamId, events: &[NewEvent]) -> Result<Encoded, 
     };
     for event in events {
         let metadata =
-            serde_json::to_value(&event.metadata).map_err(|e| StoreError::Backend(Box::new(e)))?;
+            serde_json::to_string(&event.metadata).map_err(|e| StoreError::Backend(Box::new(e)))?;
         encoded.ids.push(*event.event_id.as_uuid());
         encoded.types.push(event.event_type.clone());
         encoded.schema_versions.push(
@@ -57,7 +57,7 @@ pub(crate) fn encode(stream: &StreamId, events: &[NewEvent]) -> Result<Encoded, 
                 .map_err(|_| out_of_range("schema version", event.schema_version))?,
         );
         encoded.payloads.push(event.payload.to_string());
-        encoded.metadata.push(metadata.to_string());
+        encoded.metadata.push(metadata);
     }
     Ok(encoded)
 }
