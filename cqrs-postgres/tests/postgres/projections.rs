@@ -1046,24 +1046,33 @@ async fn batched_writes_are_committed_once_even_when_a_batch_is_abandoned() {
 
 // ---- Commit durability --------------------------------------------------------------------------
 
-/// Records the `synchronous_commit` setting each batch's transaction runs under.
-#[derive(Debug, Clone, Default)]
-pub struct CommitMode {
+/// Records, for each handled deposit, what `query` (one text value) answers in its batch's
+/// transaction: the `synchronous_commit` setting, the server process.
+#[derive(Debug, Clone)]
+pub struct Answers {
+    query: &'static str,
     seen: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
-#[projection(name = "commit_mode")]
-impl CommitMode {
+impl Answers {
+    fn to(query: &'static str) -> Self {
+        Self {
+            query,
+            seen: Arc::default(),
+        }
+    }
+}
+
+#[projection(name = "answers")]
+impl Answers {
     async fn deposited(
         &mut self,
         _: &Deposited,
         _: &RecordedEvent,
         db: &mut PgConnection,
     ) -> Result<(), sqlx::Error> {
-        let mode: String = sqlx::query_scalar("SHOW synchronous_commit")
-            .fetch_one(db)
-            .await?;
-        self.seen.lock().unwrap().push(mode);
+        let answer: String = sqlx::query_scalar(self.query).fetch_one(db).await?;
+        self.seen.lock().unwrap().push(answer);
         Ok(())
     }
 }
@@ -1093,7 +1102,7 @@ async fn batches_commit_asynchronously_unless_asked_to_wait_for_the_flush() {
             "on",
         ),
     ] {
-        let projection = CommitMode::default();
+        let projection = Answers::to("SHOW synchronous_commit");
         let seen = projection.seen.clone();
         ProjectionRunner::new(projection, backend)
             .named(format!("commit_mode_{expected}"))
@@ -1227,28 +1236,6 @@ async fn a_promotion_hands_the_built_versions_skips_to_the_live_name() {
     drop_schema(&store).await;
 }
 
-/// Records the server process each handled event's batch ran on.
-#[derive(Debug, Default)]
-struct Backends {
-    pids: Vec<i32>,
-}
-
-#[projection(name = "backends")]
-impl Backends {
-    async fn deposited(
-        &mut self,
-        _: &Deposited,
-        _: &RecordedEvent,
-        db: &mut PgConnection,
-    ) -> Result<(), sqlx::Error> {
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(db)
-            .await?;
-        self.pids.push(pid);
-        Ok(())
-    }
-}
-
 /// A store whose group commit keeps a connection between writes for `keep`, on a pool with
 /// idle connections to spare (a connection is kept only while the pool has another idle).
 async fn store_keeping_connections(keep: Duration) -> PostgresStore {
@@ -1273,14 +1260,18 @@ async fn deposit_many(store: &PostgresStore, stream: &StreamId, n: usize) {
         .unwrap();
 }
 
-async fn catch_up_backends(store: &PostgresStore) -> Vec<i32> {
+/// The server process each new deposit's batch ran on, catching up in batches of 5.
+async fn catch_up_backends(store: &PostgresStore) -> Vec<String> {
     let config = RunnerConfig::builder().batch_size(5).build().unwrap();
-    ProjectionRunner::new(Backends::default(), PostgresProjections::new(store.clone()))
+    let projection = Answers::to("SELECT pg_backend_pid()::text");
+    let seen = projection.seen.clone();
+    ProjectionRunner::new(projection, PostgresProjections::new(store.clone()))
         .with_config(config)
         .catch_up()
         .await
-        .unwrap()
-        .pids
+        .unwrap();
+    let pids = seen.lock().unwrap().clone();
+    pids
 }
 
 /// A runner's batches commit one after another on the connection group commit keeps between
