@@ -29,6 +29,7 @@ mod nats;
 #[cfg(feature = "peers")]
 mod peers;
 mod pg_probe;
+mod probe;
 mod readmodels;
 mod report;
 mod sqlite;

@@ -4,25 +4,16 @@
 //! statement against the raw INSERT, the store's append path (alone, then through group commit),
 //! the repository.
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
-use std::time::Instant;
-
-use cqrs_core::{EventStore, ExpectedVersion, NewEvent, Repository, StreamId, StreamVersion};
+use cqrs_core::{EventStore, Repository};
 use cqrs_postgres::PostgresStore;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgPool, Postgres};
 use sqlx::AssertSqlSafe;
 
-use crate::domain::{deposits, opened, w1_commands, Account};
+use crate::domain::Account;
+use crate::probe::{execute_nth, expected, nth_event, Probing, BLOCK, PER_STREAM};
 use crate::report::Table;
 use crate::{db, BenchError, Config};
-
-/// Operations per timed block; the probes take turns block by block.
-const BLOCK: usize = 200;
-/// Events per stream before the next stream starts (W1's commands per account).
-const PER_STREAM: u64 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Probe {
@@ -91,13 +82,6 @@ struct Running {
     done: u64,
 }
 
-fn stream_of(n: u64) -> (StreamId, u64) {
-    (
-        StreamId::new("account", format!("probe-{:06}", n / PER_STREAM)),
-        n % PER_STREAM,
-    )
-}
-
 async fn open(url: &str, probe: Probe) -> Result<Running, BenchError> {
     let schema = db::schema_name(&format!("pgprobe_{probe:?}"));
     let store = db::our_store(url, &schema).await?;
@@ -127,67 +111,58 @@ async fn open(url: &str, probe: Probe) -> Result<Running, BenchError> {
     })
 }
 
-type OpFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BenchError>> + 'a>>;
+impl Probing for Running {
+    type Probe = Probe;
 
-impl Running {
-    fn one(&mut self) -> OpFuture<'_> {
-        let n = self.done;
-        self.done += 1;
-        let (stream, before) = stream_of(n);
-        let event: NewEvent = if before == 0 {
-            opened(n as usize)
-        } else {
-            deposits(n as usize, before as usize, 1).remove(0)
-        };
-        Box::pin(async move {
-            match &mut self.live {
-                Live::Conn { conn, sql } if self.probe == Probe::RawInsert => {
-                    sqlx::query(AssertSqlSafe(sql.as_str()))
-                        .bind(stream.stream_type())
-                        .bind(stream.id())
-                        .bind(i64::try_from(before + 1)?)
-                        .bind(event.event_id.as_uuid())
-                        .bind(&event.event_type)
-                        .bind(i32::try_from(event.schema_version)?)
-                        .bind(event.payload.to_string())
-                        .execute(&mut **conn)
-                        .await?;
-                }
-                Live::Conn { conn, sql } => {
-                    let rows = sqlx::query(AssertSqlSafe(sql.as_str()))
-                        .bind(stream.stream_type())
-                        .bind(stream.id())
-                        .bind(i64::try_from(before)?)
-                        .bind(event.event_id.as_uuid())
-                        .bind(&event.event_type)
-                        .bind(i32::try_from(event.schema_version)?)
-                        .bind(event.payload.to_string())
-                        .bind(serde_json::to_string(&event.metadata)?)
-                        .fetch_all(&mut **conn)
-                        .await?;
-                    if rows.len() != 1 {
-                        return Err("our statement's guard refused".into());
-                    }
-                }
-                Live::Store(store) => {
-                    let expected = if before == 0 {
-                        ExpectedVersion::NoStream
-                    } else {
-                        ExpectedVersion::Exact(StreamVersion::new(before))
-                    };
-                    store.append(&stream, expected, vec![event]).await?;
-                }
-                Live::Repository(repo) => {
-                    let account = usize::try_from(n / PER_STREAM)?;
-                    let command = &w1_commands(account)[usize::try_from(before)?];
-                    repo.execute(&format!("probe-{account:06}"), command)
-                        .await?;
-                }
-            }
-            Ok(())
-        })
+    fn probe(&self) -> Probe {
+        self.probe
     }
 
+    async fn one(&mut self) -> Result<(), BenchError> {
+        let n = self.done;
+        self.done += 1;
+        let (stream, before, event) = nth_event(n);
+        match &mut self.live {
+            Live::Conn { conn, sql } if self.probe == Probe::RawInsert => {
+                sqlx::query(AssertSqlSafe(sql.as_str()))
+                    .bind(stream.stream_type())
+                    .bind(stream.id())
+                    .bind(i64::try_from(before + 1)?)
+                    .bind(event.event_id.as_uuid())
+                    .bind(&event.event_type)
+                    .bind(i32::try_from(event.schema_version)?)
+                    .bind(event.payload.to_string())
+                    .execute(&mut **conn)
+                    .await?;
+            }
+            Live::Conn { conn, sql } => {
+                let rows = sqlx::query(AssertSqlSafe(sql.as_str()))
+                    .bind(stream.stream_type())
+                    .bind(stream.id())
+                    .bind(i64::try_from(before)?)
+                    .bind(event.event_id.as_uuid())
+                    .bind(&event.event_type)
+                    .bind(i32::try_from(event.schema_version)?)
+                    .bind(event.payload.to_string())
+                    .bind(serde_json::to_string(&event.metadata)?)
+                    .fetch_all(&mut **conn)
+                    .await?;
+                if rows.len() != 1 {
+                    return Err("our statement's guard refused".into());
+                }
+            }
+            Live::Store(store) => {
+                store.append(&stream, expected(before), vec![event]).await?;
+            }
+            Live::Repository(repo) => {
+                execute_nth(repo, n).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Running {
     async fn finish(self) -> Result<(), BenchError> {
         drop(self.live);
         db::drop_schema(&self.pool, &self.schema).await?;
@@ -197,32 +172,14 @@ impl Running {
 }
 
 /// Runs every probe in blocks of [`BLOCK`] operations, taking turns block by block (the order
-/// rotating), for `config.rounds` × 10 blocks each (2 with `--quick`); the table shows the
-/// median block's mean time per operation.
+/// rotating; see [`crate::probe::time_blocks`]); the table shows the median block's mean time per
+/// operation.
 pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     let mut running = Vec::new();
     for probe in PROBES {
-        let mut r = open(&config.url, probe).await?;
-        // Untimed: prepared statements planned and cached, connections kept.
-        for _ in 0..BLOCK / 4 {
-            r.one().await?;
-        }
-        running.push(r);
+        running.push(open(&config.url, probe).await?);
     }
-    let blocks = config.rounds * if config.quick { 2 } else { 10 };
-    let mut micros: HashMap<Probe, Vec<f64>> = HashMap::new();
-    for block in 0..blocks {
-        for k in 0..running.len() {
-            let i = (block + k) % running.len();
-            let r = &mut running[i];
-            let started = Instant::now();
-            for _ in 0..BLOCK {
-                r.one().await?;
-            }
-            let per_op = started.elapsed().as_secs_f64() * 1e6 / BLOCK as f64;
-            micros.entry(r.probe).or_default().push(per_op);
-        }
-    }
+    let (micros, blocks) = crate::probe::time_blocks(&mut running, config).await?;
     for r in running {
         r.finish().await?;
     }
@@ -231,8 +188,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         &["operation", "µs/op (median block)", "range", "ops/s"],
     );
     for probe in PROBES {
-        let values = micros.get(&probe).map_or(&[][..], Vec::as_slice);
-        table.row(crate::report::probe_row(probe.label(), values));
+        crate::probe::row(&mut table, probe.label(), micros.get(&probe));
     }
     table.note(format!(
         "One client, each probe in a fresh schema of its own (our migrated tables; the raw INSERT into the raw \

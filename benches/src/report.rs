@@ -62,20 +62,6 @@ impl fmt::Display for Table {
     }
 }
 
-/// A probe table's row: the label, the median block's µs per operation, the range and the rate.
-pub fn probe_row(label: &str, micros: &[f64]) -> Vec<String> {
-    let m = median(micros);
-    let (lo, hi) = micros
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    vec![
-        label.to_owned(),
-        format!("{m:.0}"),
-        format!("{lo:.0}–{hi:.0}"),
-        format!("{:.0}", 1e6 / m),
-    ]
-}
-
 /// The median of `values` (NaN if empty).
 pub fn median(values: &[f64]) -> f64 {
     if values.is_empty() {

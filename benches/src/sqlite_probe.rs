@@ -4,25 +4,20 @@
 //! sqlx's worker thread, a round trip to a Tokio task, the commit's flush, the writer's
 //! statements, the store's writer, the repository.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cqrs_core::{EventStore, ExpectedVersion, Repository, StreamId, StreamVersion};
+use cqrs_core::{EventStore, Repository, StreamId};
 use cqrs_sqlite::{SqliteConfig, SqliteStore, Synchronous};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::domain::{deposits, opened, w1_commands, Account};
+use crate::domain::Account;
+use crate::probe::{execute_nth, expected, nth_event, Probing, BLOCK, PER_STREAM};
 use crate::report::Table;
 use crate::sqlite::{remove_db, temp_db};
 use crate::{BenchError, Config};
-
-/// Operations per timed block; the probes take turns block by block.
-const BLOCK: usize = 200;
-/// Events per stream before the next stream starts (W1's commands per account).
-const PER_STREAM: u64 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Probe {
@@ -127,13 +122,6 @@ struct Running {
     path: Option<PathBuf>,
 }
 
-fn stream_of(n: u64) -> (StreamId, u64) {
-    (
-        StreamId::new("account", format!("probe-{:06}", n / PER_STREAM)),
-        n % PER_STREAM,
-    )
-}
-
 async fn open(probe: Probe) -> Result<Running, BenchError> {
     if probe == Probe::Task {
         let (queue, mut requests) = mpsc::channel::<oneshot::Sender<()>>(16);
@@ -197,16 +185,17 @@ async fn open(probe: Probe) -> Result<Running, BenchError> {
     })
 }
 
-impl Running {
+impl Probing for Running {
+    type Probe = Probe;
+
+    fn probe(&self) -> Probe {
+        self.probe
+    }
+
     async fn one(&mut self) -> Result<(), BenchError> {
         let n = self.done;
         self.done += 1;
-        let (stream, before) = stream_of(n);
-        let event = if before == 0 {
-            opened(n as usize)
-        } else {
-            deposits(n as usize, before as usize, 1).remove(0)
-        };
+        let (stream, before, event) = nth_event(n);
         match (&mut self.live, self.probe) {
             (Live::Task(queue), _) => {
                 let (reply, done) = oneshot::channel();
@@ -258,23 +247,17 @@ impl Running {
                 insert(conn, &stream, i64::try_from(before)? + 1, &event).await?;
             }
             (Live::Store(store), _) => {
-                let expected = if before == 0 {
-                    ExpectedVersion::NoStream
-                } else {
-                    ExpectedVersion::Exact(StreamVersion::new(before))
-                };
-                store.append(&stream, expected, vec![event]).await?;
+                store.append(&stream, expected(before), vec![event]).await?;
             }
             (Live::Repository(repo), _) => {
-                let account = usize::try_from(n / PER_STREAM)?;
-                let command = &w1_commands(account)[usize::try_from(before)?];
-                repo.execute(&format!("probe-{account:06}"), command)
-                    .await?;
+                execute_nth(repo, n).await?;
             }
         }
         Ok(())
     }
+}
 
+impl Running {
     async fn finish(self) -> Result<(), BenchError> {
         match self.live {
             Live::Conn(conn) => conn.close().await?,
@@ -359,32 +342,14 @@ fn rusqlite_writer(
 }
 
 /// Runs every probe in blocks of [`BLOCK`] operations, taking turns block by block (the order
-/// rotating), for `config.rounds` × 10 blocks each (2 with `--quick`); the table shows the
-/// median block's mean time per operation.
+/// rotating; see [`crate::probe::time_blocks`]); the table shows the median block's mean time per
+/// operation.
 pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     let mut running = Vec::new();
     for probe in PROBES {
-        let mut r = open(probe).await?;
-        // Untimed: prepared statements, the WAL and the page cache warm.
-        for _ in 0..BLOCK / 4 {
-            r.one().await?;
-        }
-        running.push(r);
+        running.push(open(probe).await?);
     }
-    let blocks = config.rounds * if config.quick { 2 } else { 10 };
-    let mut micros: HashMap<Probe, Vec<f64>> = HashMap::new();
-    for block in 0..blocks {
-        for k in 0..running.len() {
-            let i = (block + k) % running.len();
-            let r = &mut running[i];
-            let started = Instant::now();
-            for _ in 0..BLOCK {
-                r.one().await?;
-            }
-            let per_op = started.elapsed().as_secs_f64() * 1e6 / BLOCK as f64;
-            micros.entry(r.probe).or_default().push(per_op);
-        }
-    }
+    let (micros, blocks) = crate::probe::time_blocks(&mut running, config).await?;
     for r in running {
         r.finish().await?;
     }
@@ -394,8 +359,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         &["operation", "µs/op (median block)", "range", "ops/s"],
     );
     for probe in PROBES {
-        let values = micros.get(&probe).map_or(&[][..], Vec::as_slice);
-        table.row(crate::report::probe_row(probe.label(), values));
+        crate::probe::row(&mut table, probe.label(), micros.get(&probe));
     }
     table.note(format!(
         "One client, each probe on a fresh file of its own (the store's migrated schema; WAL), {BLOCK} operations per block, \

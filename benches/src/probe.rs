@@ -1,0 +1,104 @@
+//! The timing loop the `*-probe` benchmarks share: each probe's operation, in blocks taken in
+//! turns, the order rotating, so that the machine's noise hits every probe alike.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::Instant;
+
+use cqrs_core::{ExpectedVersion, NewEvent, Repository, StreamId, StreamVersion};
+
+use crate::domain::{deposits, opened, w1_commands, Account};
+use crate::report::{median, Table};
+use crate::{BenchError, Config};
+
+/// Operations per timed block.
+pub const BLOCK: usize = 200;
+
+/// One probe, open and ready to time.
+#[allow(async_fn_in_trait)] // awaited in place, never spawned
+pub trait Probing {
+    /// Which probe this is.
+    type Probe: Copy + Eq + Hash;
+
+    fn probe(&self) -> Self::Probe;
+
+    /// One operation.
+    async fn one(&mut self) -> Result<(), BenchError>;
+}
+
+/// Warms every probe up (a quarter block, untimed: prepared statements, caches), then times
+/// `config.rounds` × 10 blocks of each (2 with `--quick`), in turns; returns µs per operation of
+/// every block, per probe, and the number of blocks.
+pub async fn time_blocks<R: Probing>(
+    running: &mut [R],
+    config: &Config,
+) -> Result<(HashMap<R::Probe, Vec<f64>>, usize), BenchError> {
+    for r in running.iter_mut() {
+        for _ in 0..BLOCK / 4 {
+            r.one().await?;
+        }
+    }
+    let blocks = config.rounds * if config.quick { 2 } else { 10 };
+    let mut micros: HashMap<R::Probe, Vec<f64>> = HashMap::new();
+    for block in 0..blocks {
+        for k in 0..running.len() {
+            let r = &mut running[(block + k) % running.len()];
+            let started = Instant::now();
+            for _ in 0..BLOCK {
+                r.one().await?;
+            }
+            let per_op = started.elapsed().as_secs_f64() * 1e6 / BLOCK as f64;
+            micros.entry(r.probe()).or_default().push(per_op);
+        }
+    }
+    Ok((micros, blocks))
+}
+
+/// A probe table's row: the label, the median block's µs per operation, the range and the rate.
+pub fn row(table: &mut Table, label: &str, micros: Option<&Vec<f64>>) {
+    let micros = micros.map_or(&[][..], Vec::as_slice);
+    let m = median(micros);
+    let (lo, hi) = micros
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    table.row(vec![
+        label.to_owned(),
+        format!("{m:.0}"),
+        format!("{lo:.0}–{hi:.0}"),
+        format!("{:.0}", 1e6 / m),
+    ]);
+}
+
+/// Events per stream before the next stream starts (W1's commands per account).
+pub const PER_STREAM: u64 = 10;
+
+/// The `n`-th operation's stream, how many events it holds before, and the event to append (an
+/// opening, then deposits), as in W1.
+pub fn nth_event(n: u64) -> (StreamId, u64, NewEvent) {
+    let stream = StreamId::new("account", format!("probe-{:06}", n / PER_STREAM));
+    let before = n % PER_STREAM;
+    let event = if before == 0 {
+        opened(n as usize)
+    } else {
+        deposits(n as usize, before as usize, 1).remove(0)
+    };
+    (stream, before, event)
+}
+
+/// The expectation of an append to a stream that holds `before` events.
+pub fn expected(before: u64) -> ExpectedVersion {
+    if before == 0 {
+        ExpectedVersion::NoStream
+    } else {
+        ExpectedVersion::Exact(StreamVersion::new(before))
+    }
+}
+
+/// Executes the `n`-th W1 command, on the stream of [`nth_event`]`(n)`.
+pub async fn execute_nth(repo: &Repository<Account>, n: u64) -> Result<(), BenchError> {
+    let account = usize::try_from(n / PER_STREAM)?;
+    let command = &w1_commands(account)[usize::try_from(n % PER_STREAM)?];
+    repo.execute(&format!("probe-{account:06}"), command)
+        .await?;
+    Ok(())
+}
