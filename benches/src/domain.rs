@@ -144,16 +144,20 @@ pub fn account_id(i: usize) -> String {
 
 /// The commands of account `i` in W1: open, then 9 deposits.
 pub fn w1_commands(i: usize) -> Vec<Cmd> {
-    let mut commands = vec![Cmd::Open {
-        owner: format!("Owner {i}"),
-    }];
-    for n in 1..=9 {
-        commands.push(Cmd::Deposit {
+    (0..10).map(|n| w1_command(i, n)).collect()
+}
+
+/// Command `n` (0-9) of account `i` in W1.
+pub fn w1_command(i: usize, n: usize) -> Cmd {
+    match n {
+        0 => Cmd::Open {
+            owner: format!("Owner {i}"),
+        },
+        n => Cmd::Deposit {
             amount: 100 + n as i64,
             memo: memo(i, n),
-        });
+        },
     }
-    commands
 }
 
 /// `n` encoded deposits (fresh ids), for seeding and batch appends.

@@ -176,7 +176,7 @@ impl Running {
 /// operation.
 pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     let mut running = Vec::new();
-    for probe in PROBES {
+    for probe in crate::probe::selected(&PROBES) {
         running.push(open(&config.url, probe).await?);
     }
     let (micros, blocks) = crate::probe::time_blocks(&mut running, config).await?;
@@ -187,7 +187,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         "PostgreSQL: where a 1-client command's time goes (µs per operation, lower is better)",
         &["operation", "µs/op (median block)", "range", "ops/s"],
     );
-    for probe in PROBES {
+    for probe in PROBES.into_iter().filter(|p| micros.contains_key(p)) {
         crate::probe::row(&mut table, probe.label(), micros.get(&probe));
     }
     table.note(format!(

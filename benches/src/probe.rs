@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use cqrs_core::{ExpectedVersion, NewEvent, Repository, StreamId, StreamVersion};
 
-use crate::domain::{deposits, opened, w1_commands, Account};
+use crate::domain::{deposits, opened, w1_command, Account};
 use crate::report::{median, Table};
 use crate::{BenchError, Config};
 
@@ -97,8 +97,20 @@ pub fn expected(before: u64) -> ExpectedVersion {
 /// Executes the `n`-th W1 command, on the stream of [`nth_event`]`(n)`.
 pub async fn execute_nth(repo: &Repository<Account>, n: u64) -> Result<(), BenchError> {
     let account = usize::try_from(n / PER_STREAM)?;
-    let command = &w1_commands(account)[usize::try_from(n % PER_STREAM)?];
-    repo.execute(&format!("probe-{account:06}"), command)
+    let command = w1_command(account, usize::try_from(n % PER_STREAM)?);
+    repo.execute(&format!("probe-{account:06}"), &command)
         .await?;
     Ok(())
+}
+
+/// The probes to run: all of `all`, or those `PROBE_ONLY` names (comma-separated, as their
+/// `Debug` names), so that one probe can run alone under a profiler.
+pub fn selected<P: Copy + std::fmt::Debug>(all: &[P]) -> Vec<P> {
+    let only: Option<Vec<String>> = std::env::var("PROBE_ONLY")
+        .ok()
+        .map(|s| s.split(',').map(str::to_owned).collect());
+    all.iter()
+        .copied()
+        .filter(|p| only.as_ref().is_none_or(|o| o.contains(&format!("{p:?}"))))
+        .collect()
 }

@@ -346,7 +346,7 @@ fn rusqlite_writer(
 /// operation.
 pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
     let mut running = Vec::new();
-    for probe in PROBES {
+    for probe in crate::probe::selected(&PROBES) {
         running.push(open(probe).await?);
     }
     let (micros, blocks) = crate::probe::time_blocks(&mut running, config).await?;
@@ -358,7 +358,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         "SQLite: where a 1-client command's time goes (µs per operation, lower is better)",
         &["operation", "µs/op (median block)", "range", "ops/s"],
     );
-    for probe in PROBES {
+    for probe in PROBES.into_iter().filter(|p| micros.contains_key(p)) {
         crate::probe::row(&mut table, probe.label(), micros.get(&probe));
     }
     table.note(format!(
