@@ -1,5 +1,6 @@
-//! Appending: one INSERT that reads the stream's version and inserts only if it meets the
-//! expectation (nobody can write between the two: the statement holds SQLite's write lock);
+//! Appending: for one event, one INSERT that reads the stream's version and inserts only if it
+//! meets the expectation (nobody can write between the two: the statement holds SQLite's write
+//! lock); for several, a version read and a plain INSERT in the write transaction;
 //! when it stores nothing, stored ids are looked up first (idempotent retries, resolved by the
 //! core like on every backend), then the conflict is reported.
 
