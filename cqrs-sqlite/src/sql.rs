@@ -38,14 +38,20 @@ pub mod expect {
 /// the table it inserts into, SQLite first materializes the `VALUES`, sorts them and copies the
 /// result into a temporary table, copies of every payload that a plain insert does not make, and
 /// its numbered parameters make binding quadratic in the row count (see [`insert_rows`]).
+///
+/// The version is the stream's last index entry (`ORDER BY … DESC LIMIT 1`, one seek): SQLite
+/// answers a bare `max()` with one seek only in a top-level query ([`STREAM_VERSION`]), and in
+/// this derived table it would walk every entry of the stream, a cost that grows with the
+/// stream's length on every append.
 pub fn insert_guarded(rows: usize, returning: bool) -> String {
     use std::fmt::Write;
     let mut sql = String::from(
         "INSERT INTO events (stream_type, stream_id, stream_version, event_id, event_type, \
          schema_version, payload, metadata, recorded_at) \
          SELECT ?1, ?2, cur.v + b.column1, b.column2, b.column3, b.column4, b.column5, b.column6, ?3 \
-         FROM (SELECT coalesce(max(stream_version), 0) AS v FROM events \
-         WHERE stream_type = ?1 AND stream_id = ?2) AS cur, (VALUES ",
+         FROM (SELECT coalesce(max(stream_version), 0) AS v FROM (SELECT stream_version \
+         FROM events WHERE stream_type = ?1 AND stream_id = ?2 \
+         ORDER BY stream_version DESC LIMIT 1)) AS cur, (VALUES ",
     );
     for row in 0..rows {
         if row > 0 {
