@@ -4,12 +4,12 @@
 //! when it stores nothing, stored ids are looked up first (idempotent retries, resolved by the
 //! core like on every backend), then the conflict is reported.
 
+use std::sync::Arc;
+
 use cqrs_core::backend::{resolve_retry, validate_append};
 use cqrs_core::{
     AppendResult, ConcurrencyError, ExpectedVersion, NewEvent, StoreError, StreamId, StreamVersion,
 };
-use std::sync::Arc;
-
 use sqlx::sqlite::SqliteConnection;
 
 use crate::error::{is_unique_violation, Errors};
