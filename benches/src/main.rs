@@ -7,7 +7,9 @@
 //! cargo run -p benches --release --features peers -- --only w1,dispatch
 //! cargo run -p benches --release --features peers -- --only sqlite       # not in the default run
 //! cargo run -p benches --release --features peers -- --only sqlite-w1 --clients 1   # SQLite W1 alone
+//! cargo run -p benches --release -- --only sqlite-append                 # SQLite batch append alone
 //! cargo run -p benches --release -- --only sqlite-probe                  # a 1-client command's parts
+//! cargo run -p benches --release -- --only sqlite-append-probe           # a 1-client batch's parts
 //! cargo run -p benches --release -- --only pg-probe                      # the same on PostgreSQL
 //! cargo run -p benches --release --features peers -- --only readmodels   # needs Redis too
 //! cargo run -p benches --release --features nats -- --only nats          # needs nats-server
@@ -33,6 +35,7 @@ mod probe;
 mod readmodels;
 mod report;
 mod sqlite;
+mod sqlite_append_probe;
 mod sqlite_probe;
 mod w1;
 mod w2;
@@ -62,13 +65,16 @@ const BENCHMARKS: &[&str] = &[
 /// cqrs-sqlite against raw sqlx on SQLite and sqlite-es (W1, batch append, catch-up, memory);
 /// `readmodels`: catch-up of read models in Redis and in another PostgreSQL database; `nats`:
 /// the cqrs-nats relay and consumer against raw async-nats (built with `--features nats`);
-/// `sqlite-w1`: the SQLite W1 table alone; `sqlite-probe` and `pg-probe`: where a 1-client
-/// command's time goes, on SQLite and on PostgreSQL.
+/// `sqlite-w1`, `sqlite-append`: the SQLite W1 or batch-append table alone; `sqlite-probe` and
+/// `pg-probe`: where a 1-client command's time goes, on SQLite and on PostgreSQL;
+/// `sqlite-append-probe`: where a 1-client 100-event batch append's time goes on SQLite.
 const OPT_IN: &[&str] = &[
     "pg-probe",
     "sqlite",
     "sqlite-w1",
+    "sqlite-append",
     "sqlite-probe",
+    "sqlite-append-probe",
     "readmodels",
     "nats",
 ];
@@ -168,7 +174,9 @@ fn main() {
                 "memory" => memory::run(&config).await,
                 "sqlite" => sqlite::run(&config).await,
                 "sqlite-w1" => sqlite::run_w1(&config).await,
+                "sqlite-append" => sqlite::run_append(&config).await,
                 "sqlite-probe" => sqlite_probe::run(&config).await,
+                "sqlite-append-probe" => sqlite_append_probe::run(&config).await,
                 "pg-probe" => pg_probe::run(&config).await,
                 "readmodels" => readmodels::run(&config).await,
                 #[cfg(feature = "nats")]

@@ -799,6 +799,13 @@ pub async fn run_w1(config: &Config) -> Result<Vec<Table>, BenchError> {
     Ok(vec![table?])
 }
 
+/// The batch-append table alone (`--only sqlite-append`).
+pub async fn run_append(config: &Config) -> Result<Vec<Table>, BenchError> {
+    let table = append(config).await;
+    remove_temp_dir();
+    Ok(vec![table?])
+}
+
 /// Removes this process's temp directory of databases (`temp_db`).
 pub fn remove_temp_dir() {
     let _ = std::fs::remove_dir_all(

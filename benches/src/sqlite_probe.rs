@@ -94,7 +94,8 @@ const INSERT: &str = "INSERT INTO events (stream_type, stream_id, stream_version
 const FOLDED: &str = "INSERT INTO events (stream_type, stream_id, stream_version, event_id, \
      event_type, schema_version, payload, metadata, recorded_at) \
      SELECT ?1, ?2, cur.v + 1, ?4, ?5, ?6, ?7, ?8, ?9 FROM (SELECT coalesce(max(stream_version), 0) \
-     AS v FROM events WHERE stream_type = ?1 AND stream_id = ?2) AS cur WHERE cur.v = ?3";
+     AS v FROM (SELECT stream_version FROM events WHERE stream_type = ?1 AND stream_id = ?2 \
+     ORDER BY stream_version DESC LIMIT 1)) AS cur WHERE cur.v = ?3";
 
 const VERSION: &str = "SELECT coalesce(max(stream_version), 0) FROM events \
      WHERE stream_type = ?1 AND stream_id = ?2";

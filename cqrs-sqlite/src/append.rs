@@ -1,7 +1,10 @@
-//! Appending: one INSERT that reads the stream's version and inserts only if it meets the
-//! expectation (nobody can write between the two: the statement holds SQLite's write lock);
+//! Appending: for one event, one INSERT that reads the stream's version and inserts only if it
+//! meets the expectation (nobody can write between the two: the statement holds SQLite's write
+//! lock); for several, a version read and a plain INSERT in the write transaction;
 //! when it stores nothing, stored ids are looked up first (idempotent retries, resolved by the
 //! core like on every backend), then the conflict is reported.
+
+use std::sync::Arc;
 
 use cqrs_core::backend::{resolve_retry, validate_append};
 use cqrs_core::{
@@ -142,7 +145,8 @@ pub(crate) async fn append_on(
 /// when the statement ends. `Ok(None)`: nothing was stored (the stream did not meet the
 /// expectation, or an id of the batch is stored), and only a transaction can tell a retry from a
 /// conflict: run the append again with [`append_on`]. An error came from the statement, which
-/// includes the commit. The batch must fit one statement ([`sql::MAX_ROWS_PER_INSERT`]).
+/// includes the commit. For one-event batches: a batch of several is a version read and an insert
+/// (see [`insert`]), which need a transaction around them.
 pub(crate) async fn append_alone(
     conn: &mut SqliteConnection,
     stream: &StreamId,
@@ -206,8 +210,11 @@ enum Inserted {
     Unmet,
 }
 
-/// Inserts the batch in statements of at most [`sql::MAX_ROWS_PER_INSERT`] rows, the first
-/// guarded by `expected` and each later one by the version the one before it reached.
+/// Inserts the batch; `conn` is inside a write transaction. One event: the guarded statement.
+/// Several: the stream's version is read and checked against `expected`, then the rows are
+/// inserted at the versions that follow it with a plain `VALUES` list, in statements of at most
+/// [`sql::MAX_ROWS_PER_INSERT`] rows (the transaction holds the write lock, so the version cannot
+/// move in between; see [`sql::insert_guarded`] for why batches are not guarded in the insert).
 async fn insert(
     conn: &mut SqliteConnection,
     stream: &StreamId,
@@ -215,19 +222,54 @@ async fn insert(
     batch: &Encoded,
 ) -> Result<Inserted, sqlx::Error> {
     let recorded_at = crate::row::now_micros();
-    let mut expected = expected;
-    let mut last = Inserted::Unmet;
+    if batch.len() == 1 {
+        return insert_guarded(conn, stream, expected, batch, 0..1, recorded_at).await;
+    }
+    let current: i64 = sqlx::query_scalar(sql::STREAM_VERSION)
+        .bind(stream.stream_type())
+        .bind(stream.id())
+        .fetch_one(&mut *conn)
+        .await?;
+    let met = match expected {
+        ExpectedVersion::Any => true,
+        ExpectedVersion::NoStream => current == 0,
+        ExpectedVersion::StreamExists => current > 0,
+        ExpectedVersion::Exact(version) => i64::try_from(version.get()) == Ok(current),
+    };
+    if !met {
+        return Ok(Inserted::Unmet);
+    }
+    // Shared by every row's binding instead of a copy of the text per row.
+    let stream_type: Arc<str> = Arc::from(stream.stream_type());
+    let stream_id: Arc<str> = Arc::from(stream.id());
+    let mut version = current;
+    let mut last_key = 0;
     let mut start = 0;
     while start < batch.len() {
         let end = (start + sql::MAX_ROWS_PER_INSERT).min(batch.len());
-        last = insert_guarded(conn, stream, expected, batch, start..end, recorded_at).await?;
-        match last {
-            Inserted::Stored { version, .. } => expected = ExpectedVersion::Exact(version),
-            Inserted::Unmet => return Ok(Inserted::Unmet),
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql::insert_rows(end - start)));
+        for i in start..end {
+            version = version.checked_add(1).ok_or_else(|| {
+                sqlx::Error::Protocol(format!("stream version {version} cannot grow"))
+            })?;
+            query = query
+                .bind(Arc::clone(&stream_type))
+                .bind(Arc::clone(&stream_id))
+                .bind(version)
+                .bind(&batch.ids[i][..])
+                .bind(&batch.types[i])
+                .bind(batch.schema_versions[i])
+                .bind(&batch.payloads[i])
+                .bind(&batch.metadata[i])
+                .bind(recorded_at);
         }
+        last_key = query.execute(&mut *conn).await?.last_insert_rowid();
         start = end;
     }
-    Ok(last)
+    Ok(Inserted::Stored {
+        version: StreamVersion::new(u64::try_from(version).unwrap_or_default()),
+        last_key,
+    })
 }
 
 /// One statement of [`sql::insert_guarded`]: `batch[rows]` after the stream's current version,

@@ -101,8 +101,9 @@
 //!   them separately). A file that is not an SQLite database, or one shorter than its own header
 //!   says (truncated), is refused with [`SqliteError::NotADatabase`] before anything is written.
 //! - **One writer at a time.** Every write transaction starts with `BEGIN IMMEDIATE`, taking
-//!   SQLite's write lock before it reads (a lone append is one `INSERT` statement in autocommit
-//!   mode, which SQLite runs as a write transaction that takes the lock when it starts). So commit order is position order, and the log is
+//!   SQLite's write lock before it reads (a lone single-event append is one `INSERT` statement in
+//!   autocommit mode, which SQLite runs as a write transaction that takes the lock when it
+//!   starts). So commit order is position order, and the log is
 //!   gap-free by construction: `read_all` never has to wait for anything, and
 //!   [`EventStore::committed_head`] is [`EventStore::head`].
 //! - **Positions.** An event's position is its row's `INTEGER PRIMARY KEY AUTOINCREMENT` key

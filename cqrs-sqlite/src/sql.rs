@@ -1,6 +1,6 @@
 //! Every statement the store runs, next to the schema in `migrations/`. All values are bound
 //! parameters; the only statement text built at run time is the number of `VALUES` rows of a
-//! batch insert ([`insert_guarded`]).
+//! batch insert ([`insert_guarded`], [`insert_rows`]).
 
 /// The columns of a full read, in the order [`crate::row::recorded`] decodes them.
 macro_rules! columns {
@@ -26,22 +26,32 @@ pub mod expect {
     pub const EXACT: i64 = 3;
 }
 
-/// The insert of an append: `rows` events at the versions that follow the stream's current one,
-/// if the stream meets the expectation (`?4`, one of [`expect`]; `?5` the exact version),
-/// otherwise no row at all. Reading the version and inserting are one statement, so nothing can
-/// write between them, and a stream that does not meet the expectation costs no other statement.
-/// `?1`, `?2`: the stream; `?3`: `recorded_at`; then for each row `event_id, event_type,
-/// schema_version, payload, metadata`, numbered on from `?6`. Rows are inserted in batch order,
-/// so their keys (positions) ascend with their versions. `returning`: the statement returns each
-/// stored row's `stream_version, position` (for an expectation that does not pin the version).
+/// The insert of a one-event append: `rows` events at the versions that follow the stream's
+/// current one, if the stream meets the expectation (`?4`, one of [`expect`]; `?5` the exact
+/// version), otherwise no row at all. Reading the version and inserting are one statement, so
+/// nothing can write between them, and a stream that does not meet the expectation costs no other
+/// statement. `?1`, `?2`: the stream; `?3`: `recorded_at`; then for each row `event_id,
+/// event_type, schema_version, payload, metadata`, numbered on from `?6`. Rows are inserted in
+/// batch order, so their keys (positions) ascend with their versions. `returning`: the statement
+/// returns each stored row's `stream_version, position` (for an expectation that does not pin the
+/// version). Batches of several events use [`insert_rows`] instead: because this statement reads
+/// the table it inserts into, SQLite first materializes the `VALUES`, sorts them and copies the
+/// result into a temporary table, copies of every payload that a plain insert does not make, and
+/// its numbered parameters make binding quadratic in the row count (see [`insert_rows`]).
+///
+/// The version is the stream's last index entry (`ORDER BY … DESC LIMIT 1`, one seek): SQLite
+/// answers a bare `max()` with one seek only in a top-level query ([`STREAM_VERSION`]), and in
+/// this derived table it would walk every entry of the stream, a cost that grows with the
+/// stream's length on every append.
 pub fn insert_guarded(rows: usize, returning: bool) -> String {
     use std::fmt::Write;
     let mut sql = String::from(
         "INSERT INTO events (stream_type, stream_id, stream_version, event_id, event_type, \
          schema_version, payload, metadata, recorded_at) \
          SELECT ?1, ?2, cur.v + b.column1, b.column2, b.column3, b.column4, b.column5, b.column6, ?3 \
-         FROM (SELECT coalesce(max(stream_version), 0) AS v FROM events \
-         WHERE stream_type = ?1 AND stream_id = ?2) AS cur, (VALUES ",
+         FROM (SELECT coalesce(max(stream_version), 0) AS v FROM (SELECT stream_version \
+         FROM events WHERE stream_type = ?1 AND stream_id = ?2 \
+         ORDER BY stream_version DESC LIMIT 1)) AS cur, (VALUES ",
     );
     for row in 0..rows {
         if row > 0 {
@@ -65,6 +75,31 @@ pub fn insert_guarded(rows: usize, returning: bool) -> String {
     );
     if returning {
         sql.push_str(" RETURNING stream_version, position");
+    }
+    sql
+}
+
+/// A plain insert of `rows` events, for a write transaction that has read and checked the
+/// stream's version itself: each row binds `stream_type, stream_id, stream_version, event_id,
+/// event_type, schema_version, payload, metadata, recorded_at`, in that order. Rows are inserted
+/// in `VALUES` order, so their keys (positions) ascend with their versions.
+///
+/// The parameters are anonymous (`?`), never numbered (`?NNN`): the driver asks SQLite for every
+/// parameter's name before binding it, and SQLite finds a numbered parameter's name by a linear
+/// search of the statement's names, which makes binding a statement of n numbered parameters
+/// cost n² steps. Anonymous parameters have no names to search.
+pub fn insert_rows(rows: usize) -> String {
+    const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    let mut sql = String::with_capacity(160 + rows * (ROW.len() + 2));
+    sql.push_str(
+        "INSERT INTO events (stream_type, stream_id, stream_version, event_id, event_type, \
+         schema_version, payload, metadata, recorded_at) VALUES ",
+    );
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(ROW);
     }
     sql
 }

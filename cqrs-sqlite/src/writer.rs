@@ -2,9 +2,9 @@
 //!
 //! Every append of a process is queued to one task that owns one connection. It takes what is
 //! queued (up to `max_group` appends), writes it in one `BEGIN IMMEDIATE` transaction and one
-//! commit, so one disk flush serves every append in the group. An append alone in the queue,
-//! without inline projections and short enough for one statement, is that statement in
-//! autocommit mode (its own write transaction): one round trip to the driver's thread. A conflict, an idempotency error
+//! commit, so one disk flush serves every append in the group. An append alone in the queue, of
+//! one event and without inline projections, is its guarded statement in autocommit mode (its
+//! own write transaction): one round trip to the driver's thread. A conflict, an idempotency error
 //! or a failing inline projection undoes that append alone (an append with inline projections
 //! runs in a savepoint; one without writes nothing before it fails), and its caller gets exactly
 //! its own result or error. A storage failure (a full disk, an I/O error) ends the group: it is
@@ -20,7 +20,6 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 
 use crate::append::{self, Appended, Encoded};
 use crate::error::{is_connection_error, Errors, SqliteError};
-use crate::sql;
 use cqrs_core::backend::InlineProjections;
 
 /// Where an append's caller waits for its result.
@@ -134,8 +133,10 @@ async fn commit_group(
             }
         }
     }
+    // One event: the guarded statement alone is the whole write. A batch of several is a version
+    // read and a plain insert (see `append::insert`), in a transaction.
     let alone = matches!(group.as_slice(), [request]
-        if request.inline.is_empty() && request.batch.len() <= sql::MAX_ROWS_PER_INSERT);
+        if request.inline.is_empty() && request.batch.len() == 1);
     if alone && commit_alone(slot, group, parts).await {
         return;
     }
@@ -192,7 +193,8 @@ async fn commit_group(
     }
 }
 
-/// A group of one append without inline projections, as one statement in autocommit mode.
+/// A group of one single-event append without inline projections, as one statement in
+/// autocommit mode.
 /// `false`: it stored nothing (a retry or a conflict: only a transaction tells which) and the
 /// caller has not been answered.
 async fn commit_alone(

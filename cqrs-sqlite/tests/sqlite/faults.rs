@@ -361,3 +361,57 @@ async fn a_batch_of_several_statements_is_stored_whole_or_not_at_all() {
         Some(Position::new(2_500, 2_500))
     );
 }
+
+/// A batch of several events is checked against its expectation before any row is inserted: an
+/// expectation ahead of the stream (which an insert at the versions that follow it would turn
+/// into a gap), a stale one, `NoStream` on a stream and `StreamExists` on none store nothing, and
+/// an accepted batch continues the stream without a gap, positions following versions.
+#[tokio::test]
+async fn a_batch_is_checked_before_it_is_inserted_and_leaves_no_gap() {
+    let dir = TempDir::new();
+    let store = SqliteStore::open(dir.db()).await.unwrap();
+    let s = StreamId::new("s", "checked");
+    store
+        .append(&s, ExpectedVersion::NoStream, events(2))
+        .await
+        .unwrap();
+    for expected in [
+        ExpectedVersion::Exact(cqrs_core::StreamVersion::new(5)),
+        ExpectedVersion::Exact(cqrs_core::StreamVersion::new(1)),
+        ExpectedVersion::NoStream,
+    ] {
+        match store.append(&s, expected, events(3)).await {
+            Err(StoreError::Concurrency(c)) => assert_eq!(c.actual.get(), 2, "{expected:?}"),
+            other => panic!("{expected:?}: expected a conflict, got {other:?}"),
+        }
+    }
+    let none = StreamId::new("s", "none");
+    match store
+        .append(&none, ExpectedVersion::StreamExists, events(3))
+        .await
+    {
+        Err(StoreError::Concurrency(c)) => assert_eq!(c.actual.get(), 0),
+        other => panic!("StreamExists on no stream: expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.head().await.unwrap(), Some(Position::new(2, 2)));
+
+    let written = store
+        .append(
+            &s,
+            ExpectedVersion::Exact(cqrs_core::StreamVersion::new(2)),
+            events(3),
+        )
+        .await
+        .unwrap();
+    assert_eq!(written.stream_version.get(), 5);
+    assert_eq!(written.position, Position::new(5, 5));
+    let stored = store
+        .read_stream(&s, cqrs_core::StreamVersion::INITIAL, 100)
+        .await
+        .unwrap();
+    let versions: Vec<(u64, u64)> = stored
+        .iter()
+        .map(|e| (e.stream_version.get(), e.position.sequence))
+        .collect();
+    assert_eq!(versions, [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]);
+}
