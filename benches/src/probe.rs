@@ -20,7 +20,16 @@ pub trait Probing {
     /// Which probe this is.
     type Probe: Copy + Eq + Hash;
 
+    /// Operations per timed block.
+    const BLOCK: usize = BLOCK;
+
     fn probe(&self) -> Self::Probe;
+
+    /// Untimed, before the warm-up (`block` 0) and before each timed block (`block` 1, 2, …):
+    /// prepares what the block's operations need.
+    fn prepare(&mut self, block: usize) {
+        let _ = block;
+    }
 
     /// One operation.
     async fn one(&mut self) -> Result<(), BenchError>;
@@ -34,7 +43,8 @@ pub async fn time_blocks<R: Probing>(
     config: &Config,
 ) -> Result<(HashMap<R::Probe, Vec<f64>>, usize), BenchError> {
     for r in running.iter_mut() {
-        for _ in 0..BLOCK / 4 {
+        r.prepare(0);
+        for _ in 0..R::BLOCK / 4 {
             r.one().await?;
         }
     }
@@ -43,11 +53,12 @@ pub async fn time_blocks<R: Probing>(
     for block in 0..blocks {
         for k in 0..running.len() {
             let r = &mut running[(block + k) % running.len()];
+            r.prepare(block + 1);
             let started = Instant::now();
-            for _ in 0..BLOCK {
+            for _ in 0..R::BLOCK {
                 r.one().await?;
             }
-            let per_op = started.elapsed().as_secs_f64() * 1e6 / BLOCK as f64;
+            let per_op = started.elapsed().as_secs_f64() * 1e6 / R::BLOCK as f64;
             micros.entry(r.probe()).or_default().push(per_op);
         }
     }

@@ -385,7 +385,7 @@ struct AppendLive {
     sql: Arc<String>,
 }
 
-fn raw_batch_sql(rows: usize) -> String {
+pub(crate) fn raw_batch_sql(rows: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO events (stream_type, stream_id, stream_version, event_id, event_type, \
          schema_version, payload, metadata, recorded_at) VALUES ",

@@ -6,17 +6,17 @@
 //! blocks on files of their own. `PROBE_ONLY=RawPool,Store` (the probes' names) runs a subset,
 //! e.g. one probe at a time under `valgrind --tool=callgrind` for instruction counts.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cqrs_core::{EventStore, ExpectedVersion, NewEvent, StreamId, StreamVersion};
+use cqrs_core::{EventStore, NewEvent, StreamId};
 use cqrs_sqlite::SqliteStore;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection};
 
 use crate::append::BATCH;
 use crate::domain::deposits;
+use crate::probe::Probing;
 use crate::report::Table;
 use crate::sqlite::{our_store, remove_db, temp_db};
 use crate::{BenchError, Config};
@@ -65,20 +65,6 @@ impl Probe {
             Probe::Store => "`SqliteStore::append`",
         }
     }
-}
-
-fn raw_sql(rows: usize) -> String {
-    let mut sql = String::from(
-        "INSERT INTO events (stream_type, stream_id, stream_version, event_id, event_type, \
-         schema_version, payload, metadata, recorded_at) VALUES ",
-    );
-    for row in 0..rows {
-        if row > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?)");
-    }
-    sql
 }
 
 fn guarded_anon_sql(rows: usize) -> String {
@@ -158,6 +144,8 @@ struct Running {
     sql: String,
     done: u64,
     path: PathBuf,
+    /// The current block's batches, built before it is timed.
+    batches: Vec<Vec<NewEvent>>,
 }
 
 async fn open(probe: Probe) -> Result<Running, BenchError> {
@@ -182,7 +170,7 @@ async fn open(probe: Probe) -> Result<Running, BenchError> {
         Probe::GuardedConn => guarded_sql(BATCH, true),
         Probe::GuardedAnonConn => guarded_anon_sql(BATCH),
         Probe::ExplicitConn => explicit_sql(BATCH),
-        _ => raw_sql(BATCH),
+        _ => crate::sqlite::raw_batch_sql(BATCH),
     };
     Ok(Running {
         probe,
@@ -190,11 +178,57 @@ async fn open(probe: Probe) -> Result<Running, BenchError> {
         sql,
         done: 0,
         path,
+        batches: Vec::new(),
     })
 }
 
-impl Running {
-    async fn one(&mut self, events: Vec<NewEvent>) -> Result<(), BenchError> {
+type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+/// Binds an event's own columns: id, type, schema version, payload, metadata.
+fn bind_event<'q>(query: Query<'q>, event: &NewEvent) -> Result<Query<'q>, BenchError> {
+    Ok(query
+        .bind(event.event_id.as_uuid().as_bytes().to_vec())
+        .bind(event.event_type.clone())
+        .bind(i64::from(event.schema_version))
+        .bind(event.payload.to_string())
+        .bind(serde_json::to_string(&event.metadata)?))
+}
+
+/// Binds rows of the events table's nine columns, versions `after + 1`, `after + 2`, …
+fn bind_rows<'q>(
+    mut query: Query<'q>,
+    stream: &StreamId,
+    after: i64,
+    events: &[NewEvent],
+    recorded_at: i64,
+) -> Result<Query<'q>, BenchError> {
+    for (offset, event) in (1_i64..).zip(events) {
+        query = query
+            .bind(stream.stream_type().to_owned())
+            .bind(stream.id().to_owned())
+            .bind(after + offset);
+        query = bind_event(query, event)?.bind(recorded_at);
+    }
+    Ok(query)
+}
+
+impl Probing for Running {
+    type Probe = Probe;
+    const BLOCK: usize = BLOCK;
+
+    fn probe(&self) -> Probe {
+        self.probe
+    }
+
+    fn prepare(&mut self, block: usize) {
+        self.batches = (0..BLOCK)
+            .rev()
+            .map(|i| deposits(block * BLOCK + i, 0, BATCH))
+            .collect();
+    }
+
+    async fn one(&mut self) -> Result<(), BenchError> {
+        let events = self.batches.pop().ok_or("a block has no batch left")?;
         let n = self.done;
         self.done += 1;
         let stream = StreamId::new("account", format!("probe-{:06}", n / PER_STREAM));
@@ -202,59 +236,44 @@ impl Running {
         let recorded_at = chrono::Utc::now().timestamp_micros();
         match (&mut self.live, self.probe) {
             (Live::Store(store), Probe::Store) => {
-                let expected = if base == 0 {
-                    ExpectedVersion::NoStream
-                } else {
-                    ExpectedVersion::Exact(StreamVersion::new(base))
-                };
-                store.append(&stream, expected, events).await?;
+                store
+                    .append(&stream, crate::probe::expected(base), events)
+                    .await?;
             }
-            (Live::Conn(conn), Probe::GuardedAnonConn) => {
+            (Live::Conn(conn), Probe::GuardedConn | Probe::GuardedAnonConn) => {
                 let mut query = sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()))
                     .bind(stream.stream_type().to_owned())
                     .bind(stream.id().to_owned())
-                    .bind(recorded_at)
-                    .bind(stream.stream_type().to_owned())
-                    .bind(stream.id().to_owned());
-                for event in &events {
+                    .bind(recorded_at);
+                if self.probe == Probe::GuardedAnonConn {
+                    // Anonymous parameters: the version subquery's own stream parameters.
                     query = query
-                        .bind(event.event_id.as_uuid().as_bytes().to_vec())
-                        .bind(event.event_type.clone())
-                        .bind(i64::from(event.schema_version))
-                        .bind(event.payload.to_string())
-                        .bind(serde_json::to_string(&event.metadata)?);
+                        .bind(stream.stream_type().to_owned())
+                        .bind(stream.id().to_owned());
+                } else {
+                    query = query.bind(3_i64).bind(i64::try_from(base)?);
                 }
-                let done = query
-                    .bind(3_i64)
-                    .bind(i64::try_from(base)?)
-                    .execute(&mut **conn)
-                    .await?;
+                for event in &events {
+                    query = bind_event(query, event)?;
+                }
+                if self.probe == Probe::GuardedAnonConn {
+                    query = query.bind(3_i64).bind(i64::try_from(base)?);
+                }
+                let done = query.execute(&mut **conn).await?;
                 if done.rows_affected() != BATCH as u64 {
                     return Err("the guarded insert stored nothing".into());
                 }
             }
             (Live::Conn(conn), Probe::ExplicitConn) => {
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()));
-                for (offset, event) in (1_i64..).zip(&events) {
-                    query = query
-                        .bind(stream.stream_type().to_owned())
-                        .bind(stream.id().to_owned());
-                    if offset == 1 {
-                        query = query
-                            .bind(stream.stream_type().to_owned())
-                            .bind(stream.id().to_owned())
-                            .bind(i64::try_from(base)?);
-                    } else {
-                        query = query.bind(i64::try_from(base)? + offset);
-                    }
-                    query = query
-                        .bind(event.event_id.as_uuid().as_bytes().to_vec())
-                        .bind(event.event_type.clone())
-                        .bind(i64::from(event.schema_version))
-                        .bind(event.payload.to_string())
-                        .bind(serde_json::to_string(&event.metadata)?)
-                        .bind(recorded_at);
-                }
+                let (first, rest) = events.split_first().ok_or("an empty batch")?;
+                let query = sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()))
+                    .bind(stream.stream_type().to_owned())
+                    .bind(stream.id().to_owned())
+                    .bind(stream.stream_type().to_owned())
+                    .bind(stream.id().to_owned())
+                    .bind(i64::try_from(base)?);
+                let query = bind_event(query, first)?.bind(recorded_at);
+                let query = bind_rows(query, &stream, i64::try_from(base)? + 1, rest, recorded_at)?;
                 let done = query.execute(&mut **conn).await?;
                 if done.rows_affected() != BATCH as u64 {
                     return Err("the explicit insert stored nothing".into());
@@ -276,66 +295,27 @@ impl Running {
                     sqlx::raw_sql("ROLLBACK").execute(&mut **conn).await?;
                     return Err("the version moved".into());
                 }
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()));
-                for (offset, event) in (1_i64..).zip(&events) {
-                    query = query
-                        .bind(stream.stream_type().to_owned())
-                        .bind(stream.id().to_owned())
-                        .bind(current + offset)
-                        .bind(event.event_id.as_uuid().as_bytes().to_vec())
-                        .bind(event.event_type.clone())
-                        .bind(i64::from(event.schema_version))
-                        .bind(event.payload.to_string())
-                        .bind(serde_json::to_string(&event.metadata)?)
-                        .bind(recorded_at);
-                }
-                query.execute(&mut **conn).await?;
+                let query = sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()));
+                bind_rows(query, &stream, current, &events, recorded_at)?
+                    .execute(&mut **conn)
+                    .await?;
                 sqlx::raw_sql("COMMIT").execute(&mut **conn).await?;
             }
             (live, Probe::RawPool | Probe::RawConn) => {
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()));
-                for (offset, event) in (1_i64..).zip(&events) {
-                    query = query
-                        .bind(stream.stream_type().to_owned())
-                        .bind(stream.id().to_owned())
-                        .bind(i64::try_from(base)? + offset)
-                        .bind(event.event_id.as_uuid().as_bytes().to_vec())
-                        .bind(event.event_type.clone())
-                        .bind(i64::from(event.schema_version))
-                        .bind(event.payload.to_string())
-                        .bind(serde_json::to_string(&event.metadata)?)
-                        .bind(recorded_at);
-                }
+                let query = sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()));
+                let query = bind_rows(query, &stream, i64::try_from(base)?, &events, recorded_at)?;
                 match live {
                     Live::Store(store) => query.execute(store.pool()).await?,
                     Live::Conn(conn) => query.execute(&mut **conn).await?,
                 };
             }
-            (Live::Conn(conn), _) => {
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(self.sql.as_str()))
-                    .bind(stream.stream_type().to_owned())
-                    .bind(stream.id().to_owned())
-                    .bind(recorded_at)
-                    .bind(3_i64)
-                    .bind(i64::try_from(base)?);
-                for event in &events {
-                    query = query
-                        .bind(event.event_id.as_uuid().as_bytes().to_vec())
-                        .bind(event.event_type.clone())
-                        .bind(i64::from(event.schema_version))
-                        .bind(event.payload.to_string())
-                        .bind(serde_json::to_string(&event.metadata)?);
-                }
-                let done = query.execute(&mut **conn).await?;
-                if done.rows_affected() != BATCH as u64 {
-                    return Err("the guarded insert stored nothing".into());
-                }
-            }
-            (Live::Store(_), _) => return Err("no such probe".into()),
+            (Live::Conn(_) | Live::Store(_), _) => return Err("no such probe".into()),
         }
         Ok(())
     }
+}
 
+impl Running {
     async fn finish(self) -> Result<(), BenchError> {
         match self.live {
             Live::Conn(conn) => conn.close().await?,
@@ -350,39 +330,11 @@ impl Running {
 /// rotating), for `config.rounds` × 10 blocks each (2 with `--quick`); the table shows the
 /// median block's mean time per batch.
 pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
-    let only: Option<Vec<String>> = std::env::var("PROBE_ONLY")
-        .ok()
-        .map(|s| s.split(',').map(str::to_owned).collect());
-    let probes: Vec<Probe> = PROBES
-        .into_iter()
-        .filter(|p| only.as_ref().is_none_or(|o| o.contains(&format!("{p:?}"))))
-        .collect();
     let mut running = Vec::new();
-    for &probe in &probes {
-        let mut r = open(probe).await?;
-        for i in 0..BLOCK / 4 {
-            r.one(deposits(i, 0, BATCH)).await?;
-        }
-        running.push(r);
+    for probe in crate::probe::selected(&PROBES) {
+        running.push(open(probe).await?);
     }
-    let blocks = config.rounds * if config.quick { 2 } else { 10 };
-    let mut micros: HashMap<Probe, Vec<f64>> = HashMap::new();
-    for block in 0..blocks {
-        let work: Vec<Vec<NewEvent>> = (0..BLOCK)
-            .map(|i| deposits(block * BLOCK + i, 0, BATCH))
-            .collect();
-        for k in 0..running.len() {
-            let i = (block + k) % running.len();
-            let r = &mut running[i];
-            let batches = work.clone();
-            let started = Instant::now();
-            for events in batches {
-                r.one(events).await?;
-            }
-            let per_op = started.elapsed().as_secs_f64() * 1e6 / BLOCK as f64;
-            micros.entry(r.probe).or_default().push(per_op);
-        }
-    }
+    let (micros, blocks) = crate::probe::time_blocks(&mut running, config).await?;
     for r in running {
         r.finish().await?;
     }
@@ -391,9 +343,8 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         format!("SQLite: where a 1-client {BATCH}-event batch append's time goes (µs per batch, lower is better)"),
         &["operation", "µs/batch (median block)", "range", "batches/s"],
     );
-    for probe in probes {
-        let values = micros.get(&probe).map_or(&[][..], Vec::as_slice);
-        table.row(crate::report::probe_row(probe.label(), values));
+    for probe in PROBES.into_iter().filter(|p| micros.contains_key(p)) {
+        crate::probe::row(&mut table, probe.label(), micros.get(&probe));
     }
     table.note(format!(
         "One client, each probe on a fresh file of its own (the store's migrated schema; WAL, `synchronous = FULL`), \
