@@ -109,12 +109,13 @@
 //! - **Positions.** An event's position is its row's `INTEGER PRIMARY KEY AUTOINCREMENT` key
 //!   `k`, as the core's `(tx, sequence)` pair `(k, k)`. AUTOINCREMENT never hands a key out
 //!   twice.
-//! - **Group commit.** The appends of a process go through one writer task with its own
-//!   connection. It commits everything queued (up to [`SqliteConfigBuilder::max_group`]) in one
+//! - **Group commit.** The appends of a process are written on one connection, through one
+//!   writer task. It commits everything queued (up to [`SqliteConfigBuilder::max_group`]) in one
 //!   transaction, so one disk flush serves all of them, and each caller gets exactly its own
 //!   result, conflict or error (an append with inline projections runs in a savepoint). An append
-//!   alone in the queue, without inline projections, is a single statement with no `BEGIN` or
-//!   `COMMIT` around it.
+//!   alone, of one event and without inline projections, is a single statement with no `BEGIN`
+//!   or `COMMIT` around it, which its caller runs itself when nothing is queued and the
+//!   connection is idle.
 //! - **Durability.** WAL mode, [`Synchronous::Full`] by default: an acknowledged append survives
 //!   a power cut. [`Synchronous::Normal`] flushes only at checkpoints: a power cut or an OS crash
 //!   may lose the last acknowledged commits (whole transactions, never part of one), a process

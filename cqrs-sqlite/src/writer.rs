@@ -1,8 +1,15 @@
 //! The process's one writer, and group commit.
 //!
-//! Every append of a process is queued to one task that owns one connection. It takes what is
-//! queued (up to `max_group` appends), writes it in one `BEGIN IMMEDIATE` transaction and one
-//! commit, so one disk flush serves every append in the group. An append alone in the queue, of
+//! Every append of a process is written on one connection. Appends are queued to one task that
+//! takes what is queued (up to `max_group` appends) and writes it in one `BEGIN IMMEDIATE`
+//! transaction and one commit, so one disk flush serves every append in the group. An append that
+//! finds the queue empty and the connection idle, of one event and without inline projections,
+//! does not queue: its caller writes it on the connection, as the one autocommit statement the
+//! writer would run for it, which saves the two hand-offs between tasks (to the writer and back)
+//! that a lone append would otherwise wait for. Only that statement runs on a caller's task:
+//! it commits by itself, so a caller dropped mid-write leaves no transaction open on the
+//! connection. If it stores nothing (a conflict, or a retry of stored events: only a transaction
+//! tells which), the append queues like any other. An append alone in the queue, of
 //! one event and without inline projections, is its guarded statement in autocommit mode (its
 //! own write transaction): one round trip to the driver's thread. A conflict, an idempotency error
 //! or a failing inline projection undoes that append alone (an append with inline projections
@@ -35,10 +42,24 @@ pub(crate) struct Request {
     pub reply: Reply,
 }
 
-/// The queue to the writer task.
-#[derive(Debug)]
+/// The queue to the writer task, and the connection it writes on.
 pub(crate) struct Writer {
     queue: mpsc::Sender<Request>,
+    shared: Arc<WriterShared>,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").finish_non_exhaustive()
+    }
+}
+
+/// What the writer task and the callers writing alone share: the connection (opened on first
+/// use, dropped after a connection error) and the settings. Whoever writes holds `conn`, then
+/// `gate`, in that order.
+struct WriterShared {
+    conn: Mutex<Option<SqliteConnection>>,
+    parts: WriterParts,
 }
 
 /// What the writer task needs.
@@ -58,8 +79,12 @@ impl Writer {
     /// queue is dropped.
     pub(crate) fn start(parts: WriterParts) -> Self {
         let (queue, requests) = mpsc::channel(parts.queue_size);
-        tokio::spawn(run(requests, parts));
-        Self { queue }
+        let shared = Arc::new(WriterShared {
+            conn: Mutex::new(None),
+            parts,
+        });
+        tokio::spawn(run(requests, Arc::clone(&shared)));
+        Self { queue, shared }
     }
 
     pub(crate) async fn append(
@@ -70,6 +95,11 @@ impl Writer {
         batch: Encoded,
         inline: InlineProjections<SqliteConnection>,
     ) -> Result<AppendResult, StoreError> {
+        if inline.is_empty() && batch.len() == 1 {
+            if let Some(written) = self.write_alone(stream, expected, &batch).await {
+                return written;
+            }
+        }
         let (reply, outcome) = oneshot::channel();
         let request = Request {
             stream: stream.clone(),
@@ -90,10 +120,50 @@ impl Writer {
             )))
         })
     }
+
+    /// Writes a one-event append on the caller's task if nothing is queued and the connection
+    /// is idle: `None` if it is not, or if the statement stored nothing (the queue then decides
+    /// between a conflict and a retry).
+    async fn write_alone(
+        &self,
+        stream: &StreamId,
+        expected: ExpectedVersion,
+        batch: &Encoded,
+    ) -> Option<Result<AppendResult, StoreError>> {
+        // Queued appends go first: they wait for the connection already.
+        if self.queue.capacity() < self.queue.max_capacity() {
+            return None;
+        }
+        let mut slot = self.shared.conn.try_lock().ok()?;
+        let parts = &self.shared.parts;
+        let _gate = parts.gate.lock().await;
+        if slot.is_none() {
+            match parts.options.connect().await {
+                Ok(conn) => *slot = Some(conn),
+                Err(error) => return Some(Err(parts.errors.map(error))),
+            }
+        }
+        let conn = slot.as_mut()?;
+        match append::append_alone(conn, stream, expected, batch).await {
+            Ok(Some(appended)) => {
+                cqrs_core::metrics::group_commit("sqlite", 1);
+                announce(&parts.appended, [&appended]);
+                Some(Ok(appended.result))
+            }
+            Ok(None) => None,
+            Err(error) => {
+                if is_connection_error(&error) {
+                    *slot = None;
+                }
+                // The statement included the commit.
+                Some(Err(parts.errors.map_commit(error)))
+            }
+        }
+    }
 }
 
-async fn run(mut requests: mpsc::Receiver<Request>, parts: WriterParts) {
-    let mut conn: Option<SqliteConnection> = None;
+async fn run(mut requests: mpsc::Receiver<Request>, shared: Arc<WriterShared>) {
+    let parts = &shared.parts;
     let mut group = Vec::with_capacity(parts.max_group);
     while let Some(first) = requests.recv().await {
         group.push(first);
@@ -103,10 +173,11 @@ async fn run(mut requests: mpsc::Receiver<Request>, parts: WriterParts) {
                 Err(_) => break,
             }
         }
-        commit_group(&mut conn, &mut group, &parts).await;
+        let mut conn = shared.conn.lock().await;
+        commit_group(&mut conn, &mut group, parts).await;
         group.clear();
     }
-    if let Some(conn) = conn {
+    if let Some(conn) = shared.conn.lock().await.take() {
         let _ = sqlx::Connection::close(conn).await;
     }
 }
@@ -236,24 +307,33 @@ fn answer_committed(
     parts: &WriterParts,
 ) {
     let outcomes: Vec<_> = outcomes.into_iter().collect();
-    let last = outcomes
-        .iter()
-        .filter_map(|(_, outcome)| match outcome {
-            Ok(appended) if appended.fresh => Some(appended.result.position.sequence),
-            _ => None,
-        })
+    announce(
+        &parts.appended,
+        outcomes
+            .iter()
+            .filter_map(|(_, outcome)| outcome.as_ref().ok()),
+    );
+    for (reply, outcome) in outcomes {
+        let _ = reply.send(outcome.map(|appended| appended.result));
+    }
+}
+
+/// Wakes the projection runners of the process with the newest event the committed appends
+/// stored (retries of stored events store nothing).
+fn announce<'a>(appended: &watch::Sender<i64>, committed: impl IntoIterator<Item = &'a Appended>) {
+    let last = committed
+        .into_iter()
+        .filter(|appended| appended.fresh)
+        .map(|appended| appended.result.position.sequence)
         .max();
     if let Some(last) = last.and_then(|key| i64::try_from(key).ok()) {
-        parts.appended.send_if_modified(|known| {
+        appended.send_if_modified(|known| {
             let newer = last > *known;
             if newer {
                 *known = last;
             }
             newer
         });
-    }
-    for (reply, outcome) in outcomes {
-        let _ = reply.send(outcome.map(|appended| appended.result));
     }
 }
 

@@ -415,3 +415,59 @@ async fn a_batch_is_checked_before_it_is_inserted_and_leaves_no_gap() {
         .collect();
     assert_eq!(versions, [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)]);
 }
+
+/// Yields to the runtime `n` times.
+async fn yields(n: usize) {
+    for _ in 0..n {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Appends dropped at every stage of their write (waiting for the connection, mid-statement,
+/// after it) leave the writer usable and the stream whole: an append written on its caller's
+/// task is one autocommit statement, so a dropped caller leaves no transaction open, and the
+/// next appends (alone or queued) go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_dropped_mid_write_leave_the_writer_usable() {
+    let dir = TempDir::new();
+    let store = crate::open_fast(&dir.db()).await;
+    let stream = StreamId::new("numbers", "n");
+    let (mut kept, mut dropped) = (0_u64, 0);
+    for i in 0..300 {
+        let append = store.append(&stream, ExpectedVersion::Any, events(1));
+        tokio::select! {
+            biased;
+            _ = yields(i % 12) => dropped += 1,
+            written = append => {
+                written.unwrap();
+            }
+        }
+        store
+            .append(&stream, ExpectedVersion::Any, events(1))
+            .await
+            .unwrap();
+        kept += 1;
+    }
+    let stored = store
+        .read_stream(&stream, Default::default(), usize::MAX)
+        .await
+        .unwrap();
+    let versions: Vec<u64> = stored.iter().map(|e| e.stream_version.get()).collect();
+    assert_eq!(versions, (1..=versions.len() as u64).collect::<Vec<_>>());
+    assert!(stored.len() as u64 >= kept);
+    assert!(
+        dropped > 100,
+        "only {dropped} of 300 appends were dropped before they finished"
+    );
+    // No write transaction was left open: another connection takes the write lock at once.
+    let mut other = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.db())
+        .busy_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN IMMEDIATE; ROLLBACK")
+        .execute(&mut other)
+        .await
+        .unwrap();
+}
