@@ -175,9 +175,20 @@ fn main() {
                 "sqlite" => sqlite::run(&config).await,
                 "sqlite-w1" => sqlite::run_w1(&config).await,
                 "sqlite-append" => sqlite::run_append(&config).await,
-                "sqlite-probe" => sqlite_probe::run(&config).await,
-                "sqlite-append-probe" => sqlite_append_probe::run(&config).await,
-                "pg-probe" => pg_probe::run(&config).await,
+                "sqlite-probe" => {
+                    probe::on_a_worker(&config, |c| async move { sqlite_probe::run(&c).await })
+                        .await
+                }
+                "sqlite-append-probe" => {
+                    probe::on_a_worker(
+                        &config,
+                        |c| async move { sqlite_append_probe::run(&c).await },
+                    )
+                    .await
+                }
+                "pg-probe" => {
+                    probe::on_a_worker(&config, |c| async move { pg_probe::run(&c).await }).await
+                }
                 "readmodels" => readmodels::run(&config).await,
                 #[cfg(feature = "nats")]
                 "nats" => nats::run(&config).await,

@@ -125,3 +125,14 @@ pub fn selected<P: Copy + std::fmt::Debug>(all: &[P]) -> Vec<P> {
         .filter(|p| only.as_ref().is_none_or(|o| o.contains(&format!("{p:?}"))))
         .collect()
 }
+
+/// Runs a probe set on one of the runtime's worker threads, where a service's requests run: a
+/// reply from the database wakes a task there differently (and at another cost) than the thread
+/// that blocks on the runtime.
+pub async fn on_a_worker<F, Fut>(config: &Config, run: F) -> Result<Vec<Table>, BenchError>
+where
+    F: FnOnce(Config) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Table>, BenchError>> + Send + 'static,
+{
+    tokio::spawn(run(config.clone())).await?
+}
