@@ -8,7 +8,7 @@
 //!
 //! Leader/follower, with no dedicated task. At most `max_in_flight` writes are in flight at once,
 //! each holding a slot ([`Slot`]); an append joins the queue, and if a slot is free its caller
-//! takes it and leads: it yields to the runtime (so that appends from tasks already runnable can
+//! takes it and leads: under load it yields to the runtime (so that appends from tasks already runnable can
 //! join), then writes what is queued (its own append included) as one group. A group
 //! of one is written by its caller with the individual statement (cheaper than the group's), and
 //! that caller holds the slot until its write is done. Followers wait for their leader's reply.
@@ -167,6 +167,9 @@ struct State {
     spare: Vec<(PoolConnection<Postgres>, Instant)>,
     /// The reaper task that gives spare connections back to the pool: started with the first.
     reaper: Option<JoinHandle<()>>,
+    /// How many appends the last group took: more than one means appends are arriving while
+    /// writes are in flight, and a new leader lets runnable tasks join before taking its group.
+    last_group: usize,
 }
 
 pub(crate) struct GroupCommitter {
@@ -350,10 +353,20 @@ impl GroupCommitter {
     /// so that tasks already runnable on it append before the group is taken. Under load those
     /// are mostly the callers of the group that just committed, woken by its replies and going on
     /// with their next command: without the yield, the first of them back finds a free slot and
-    /// writes alone, and the rest wait for the next group. A lone client loses one yield (nothing
-    /// else is runnable, so it resumes at once), never a timer.
+    /// writes alone, and the rest wait for the next group. Only under load: while the last group
+    /// took one append and nothing else is queued or in flight, a leader takes its group at once,
+    /// so a lone client never yields (nor waits for a timer).
     async fn let_runnable_tasks_join(&self) {
-        let mut queued = self.state().queue.len();
+        let mut queued = {
+            let state = self.state();
+            // A lone client (the last group was one append, nothing else queued, no other write
+            // in flight): nothing is coming, and a yield would cost it a trip through the
+            // scheduler (on a multi-threaded runtime, a wake-up of another worker).
+            if state.last_group <= 1 && state.queue.len() <= 1 && state.slots <= 1 {
+                return;
+            }
+            state.queue.len()
+        };
         for _ in 0..JOIN_YIELDS {
             tokio::task::yield_now().await;
             let now = self.state().queue.len();
@@ -381,6 +394,7 @@ impl GroupCommitter {
             }
         }
         state.queue = rest;
+        state.last_group = group.len();
         for request in &group {
             *state.writing.entry(request.stream.clone()).or_default() += 1;
         }
