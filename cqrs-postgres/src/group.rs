@@ -8,8 +8,8 @@
 //!
 //! Leader/follower, with no dedicated task. At most `max_in_flight` writes are in flight at once,
 //! each holding a slot ([`Slot`]); an append joins the queue, and if a slot is free its caller
-//! takes it and leads: under load it yields to the runtime (so that appends from tasks already runnable can
-//! join), then writes what is queued (its own append included) as one group. A group
+//! takes it and leads: under load it yields to the runtime (so that appends from tasks already
+//! runnable can join), then writes what is queued (its own append included) as one group. A group
 //! of one is written by its caller with the individual statement (cheaper than the group's), and
 //! that caller holds the slot until its write is done. Followers wait for their leader's reply.
 //! When a write ends and appends are queued, its slot passes to a new leader for them. A lone
@@ -264,7 +264,7 @@ impl GroupCommitter {
             }
         };
         if let Some(conn) = lead {
-            Slot::new(Arc::clone(self), conn).lead().await;
+            Slot::new(Arc::clone(self), conn).lead(false).await;
         }
         loop {
             match tokio::time::timeout(STUCK_AFTER, &mut result).await {
@@ -274,7 +274,7 @@ impl GroupCommitter {
                 Ok(joined) => return joined.unwrap_or(Joined::Unsettled),
                 Err(_) => {
                     if let Some(slot) = self.extra_slot(batch) {
-                        slot.lead().await;
+                        slot.lead(true).await;
                     }
                 }
             }
@@ -353,16 +353,17 @@ impl GroupCommitter {
     /// so that tasks already runnable on it append before the group is taken. Under load those
     /// are mostly the callers of the group that just committed, woken by its replies and going on
     /// with their next command: without the yield, the first of them back finds a free slot and
-    /// writes alone, and the rest wait for the next group. Only under load: while the last group
-    /// took one append and nothing else is queued or in flight, a leader takes its group at once,
-    /// so a lone client never yields (nor waits for a timer).
-    async fn let_runnable_tasks_join(&self) {
+    /// writes alone, and the rest wait for the next group. Only under load: a leader whose own
+    /// append took a free slot while the last group took one append and nothing else is queued
+    /// or in flight takes its group at once, so a lone client never yields (nor waits for a
+    /// timer). `waited`: the leader leads appends that waited for a slot.
+    async fn let_runnable_tasks_join(&self, waited: bool) {
         let mut queued = {
             let state = self.state();
-            // A lone client (the last group was one append, nothing else queued, no other write
-            // in flight): nothing is coming, and a yield would cost it a trip through the
-            // scheduler (on a multi-threaded runtime, a wake-up of another worker).
-            if state.last_group <= 1 && state.queue.len() <= 1 && state.slots <= 1 {
+            // A lone client (its append took a free slot, the last group was one append, nothing
+            // else is queued or in flight): nothing is coming, and a yield would cost it a trip
+            // through the scheduler (on a multi-threaded runtime, a wake-up of another worker).
+            if !waited && state.last_group <= 1 && state.queue.len() <= 1 && state.slots <= 1 {
                 return;
             }
             state.queue.len()
@@ -466,10 +467,13 @@ impl Slot {
         self.conn = Some(conn);
     }
 
-    async fn lead(mut self) {
+    /// Leads the queue: lets appends join, takes its group and writes it. `queued`: the leader
+    /// leads appends that waited for a slot (a slot handed over after a write, or an extra one),
+    /// not its own caller's append on a free slot.
+    async fn lead(mut self, queued: bool) {
         let committer = Arc::clone(&self.committer);
         if committer.config.max_wait.is_zero() {
-            committer.let_runnable_tasks_join().await;
+            committer.let_runnable_tasks_join(queued).await;
         } else {
             tokio::time::sleep(committer.config.max_wait).await;
         }
@@ -522,7 +526,7 @@ impl Drop for Slot {
         let conn = self.conn.take().filter(|_| self.committer.may_hold());
         let next = Slot::new(Arc::clone(&self.committer), conn);
         HANDING_OVER.set(true);
-        runtime.spawn(next.lead());
+        runtime.spawn(next.lead(true));
         HANDING_OVER.set(false);
     }
 }
