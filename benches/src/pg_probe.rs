@@ -160,9 +160,7 @@ impl Probing for Running {
         }
         Ok(())
     }
-}
 
-impl Running {
     async fn finish(self) -> Result<(), BenchError> {
         drop(self.live);
         db::drop_schema(&self.pool, &self.schema).await?;
@@ -175,21 +173,12 @@ impl Running {
 /// rotating; see [`crate::probe::time_blocks`]); the table shows the median block's mean time per
 /// operation.
 pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
-    let mut running = Vec::new();
-    for probe in crate::probe::selected(&PROBES) {
-        running.push(open(&config.url, probe).await?);
-    }
-    let (micros, blocks) = crate::probe::time_blocks(&mut running, config).await?;
-    for r in running {
-        r.finish().await?;
-    }
+    let (micros, blocks) = crate::probe::measure(&PROBES, config, |p| open(&config.url, p)).await?;
     let mut table = Table::new(
         "PostgreSQL: where a 1-client command's time goes (µs per operation, lower is better)",
         &["operation", "µs/op (median block)", "range", "ops/s"],
     );
-    for probe in PROBES.into_iter().filter(|p| micros.contains_key(p)) {
-        crate::probe::row(&mut table, probe.label(), micros.get(&probe));
-    }
+    crate::probe::rows(&mut table, &PROBES, &micros, Probe::label);
     table.note(format!(
         "One client, each probe in a fresh schema of its own (our migrated tables; the raw INSERT into the raw \
          baselines' table), {BLOCK} operations per block, {blocks} blocks per probe taken in turns with the order \

@@ -33,6 +33,49 @@ pub trait Probing {
 
     /// One operation.
     async fn one(&mut self) -> Result<(), BenchError>;
+
+    /// Closes what the probe opened.
+    async fn finish(self) -> Result<(), BenchError>
+    where
+        Self: Sized;
+}
+
+/// Opens each probe of `all` that [`selected`] picks, times them all ([`time_blocks`]) and
+/// closes them: µs per operation of every block, per probe, and the number of blocks.
+pub async fn measure<R, F, Fut>(
+    all: &[R::Probe],
+    config: &Config,
+    open: F,
+) -> Result<(HashMap<R::Probe, Vec<f64>>, usize), BenchError>
+where
+    R: Probing,
+    R::Probe: std::fmt::Debug,
+    F: Fn(R::Probe) -> Fut,
+    Fut: std::future::Future<Output = Result<R, BenchError>>,
+{
+    let mut running = Vec::new();
+    for probe in selected(all) {
+        running.push(open(probe).await?);
+    }
+    let measured = time_blocks(&mut running, config).await?;
+    for r in running {
+        r.finish().await?;
+    }
+    Ok(measured)
+}
+
+/// A row per measured probe of `all`, in that order, labelled by `label`.
+pub fn rows<P: Copy + Eq + Hash>(
+    table: &mut Table,
+    all: &[P],
+    micros: &HashMap<P, Vec<f64>>,
+    label: impl Fn(P) -> &'static str,
+) {
+    for probe in all {
+        if let Some(values) = micros.get(probe) {
+            row(table, label(*probe), Some(values));
+        }
+    }
 }
 
 /// Warms every probe up (a quarter block, untimed: prepared statements, caches), then times
@@ -66,7 +109,7 @@ pub async fn time_blocks<R: Probing>(
 }
 
 /// A probe table's row: the label, the median block's µs per operation, the range and the rate.
-pub fn row(table: &mut Table, label: &str, micros: Option<&Vec<f64>>) {
+fn row(table: &mut Table, label: &str, micros: Option<&Vec<f64>>) {
     let micros = micros.map_or(&[][..], Vec::as_slice);
     let m = median(micros);
     let (lo, hi) = micros

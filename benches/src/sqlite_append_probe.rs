@@ -313,9 +313,7 @@ impl Probing for Running {
         }
         Ok(())
     }
-}
 
-impl Running {
     async fn finish(self) -> Result<(), BenchError> {
         match self.live {
             Live::Conn(conn) => conn.close().await?,
@@ -330,22 +328,13 @@ impl Running {
 /// rotating), for `config.rounds` × 10 blocks each (2 with `--quick`); the table shows the
 /// median block's mean time per batch.
 pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
-    let mut running = Vec::new();
-    for probe in crate::probe::selected(&PROBES) {
-        running.push(open(probe).await?);
-    }
-    let (micros, blocks) = crate::probe::time_blocks(&mut running, config).await?;
-    for r in running {
-        r.finish().await?;
-    }
+    let (micros, blocks) = crate::probe::measure(&PROBES, config, open).await?;
     crate::sqlite::remove_temp_dir();
     let mut table = Table::new(
         format!("SQLite: where a 1-client {BATCH}-event batch append's time goes (µs per batch, lower is better)"),
         &["operation", "µs/batch (median block)", "range", "batches/s"],
     );
-    for probe in PROBES.into_iter().filter(|p| micros.contains_key(p)) {
-        crate::probe::row(&mut table, probe.label(), micros.get(&probe));
-    }
+    crate::probe::rows(&mut table, &PROBES, &micros, Probe::label);
     table.note(format!(
         "One client, each probe on a fresh file of its own (the store's migrated schema; WAL, `synchronous = FULL`), \
          {BLOCK} batches of {BATCH} per block, {blocks} blocks per probe taken in turns with the order rotating; median block. \
