@@ -6,8 +6,8 @@
 //! append included, then runs in that transaction and is never committed, and the transaction
 //! holds the visibility horizon back for every reader in the cluster. Runners are cancelled in
 //! normal operation (`ProjectionHandle::abort`, dropped handles, shutdown), so the store begins
-//! its own transactions with [`Tx`]: a connection that is closed, never returned to the pool,
-//! unless the transaction was committed.
+//! its own transactions with [`Tx`]: a connection that is closed, never returned to the pool
+//! (nor kept by group commit), unless the transaction ended with a commit or a rollback.
 
 use std::sync::Arc;
 
@@ -19,8 +19,8 @@ use sqlx::Executor;
 use crate::error::{map_error, map_sent_write_error};
 use crate::group::GroupCommitter;
 
-/// A transaction on a pooled connection. Dropped without [`Tx::commit`] (an error, a cancelled
-/// future), it closes the connection, and PostgreSQL rolls the transaction back.
+/// A transaction on a pooled connection. Dropped without [`Tx::commit`] or [`Tx::rollback`] (an
+/// error, a cancelled future), it closes the connection, and PostgreSQL rolls the transaction back.
 pub(crate) struct Tx {
     /// Always `Some` until dropped.
     conn: Option<PoolConnection<Postgres>>,
