@@ -73,7 +73,7 @@ pub fn rows<P: Copy + Eq + Hash>(
 ) {
     for probe in all {
         if let Some(values) = micros.get(probe) {
-            row(table, label(*probe), Some(values));
+            row(table, label(*probe), values);
         }
     }
 }
@@ -109,8 +109,7 @@ pub async fn time_blocks<R: Probing>(
 }
 
 /// A probe table's row: the label, the median block's µs per operation, the range and the rate.
-fn row(table: &mut Table, label: &str, micros: Option<&Vec<f64>>) {
-    let micros = micros.map_or(&[][..], Vec::as_slice);
+fn row(table: &mut Table, label: &str, micros: &[f64]) {
     let m = median(micros);
     let (lo, hi) = micros
         .iter()

@@ -9,9 +9,8 @@
 //! that a lone append would otherwise wait for. Only that statement runs on a caller's task:
 //! it commits by itself, so a caller dropped mid-write leaves no transaction open on the
 //! connection. If it stores nothing (a conflict, or a retry of stored events: only a transaction
-//! tells which), the append queues like any other. An append alone in the queue, of
-//! one event and without inline projections, is its guarded statement in autocommit mode (its
-//! own write transaction): one round trip to the driver's thread. A conflict, an idempotency error
+//! tells which), the append queues like any other. The task writes such an append, alone in the
+//! queue, the same way (one statement, its own write transaction). A conflict, an idempotency error
 //! or a failing inline projection undoes that append alone (an append with inline projections
 //! runs in a savepoint; one without writes nothing before it fails), and its caller gets exactly
 //! its own result or error. A storage failure (a full disk, an I/O error) ends the group: it is
@@ -143,22 +142,7 @@ impl Writer {
                 Err(error) => return Some(Err(parts.errors.map(error))),
             }
         }
-        let conn = slot.as_mut()?;
-        match append::append_alone(conn, stream, expected, batch).await {
-            Ok(Some(appended)) => {
-                cqrs_core::metrics::group_commit("sqlite", 1);
-                announce(&parts.appended, [&appended]);
-                Some(Ok(appended.result))
-            }
-            Ok(None) => None,
-            Err(error) => {
-                if is_connection_error(&error) {
-                    *slot = None;
-                }
-                // The statement included the commit.
-                Some(Err(parts.errors.map_commit(error)))
-            }
-        }
+        write_lone(&mut slot, parts, stream, expected, batch).await
     }
 }
 
@@ -273,14 +257,49 @@ async fn commit_alone(
     group: &mut Vec<Request>,
     parts: &WriterParts,
 ) -> bool {
-    let (Some(conn), Some(request)) = (slot.as_mut(), group.first()) else {
+    let Some(request) = group.first() else {
         return false;
     };
-    let outcome =
-        append::append_alone(conn, &request.stream, request.expected, &request.batch).await;
-    let outcome = match outcome {
-        Ok(Some(appended)) => Ok(appended),
-        Ok(None) => return false,
+    let Some(outcome) = write_lone(
+        slot,
+        parts,
+        &request.stream,
+        request.expected,
+        &request.batch,
+    )
+    .await
+    else {
+        return false;
+    };
+    match outcome {
+        Ok(result) => {
+            if let Some(request) = group.pop() {
+                let _ = request.reply.send(Ok(result));
+            }
+        }
+        Err(error) => answer_all(group, error),
+    }
+    true
+}
+
+/// A lone one-event append without inline projections, as its one autocommit statement on the
+/// writer's connection (by the task or by the caller): `None` if there is no connection or the
+/// statement stored nothing (a conflict or a retry: only a transaction tells which). A stored
+/// append wakes the process's projection runners.
+async fn write_lone(
+    slot: &mut Option<SqliteConnection>,
+    parts: &WriterParts,
+    stream: &StreamId,
+    expected: ExpectedVersion,
+    batch: &Encoded,
+) -> Option<Result<AppendResult, StoreError>> {
+    let conn = slot.as_mut()?;
+    let outcome = match append::append_alone(conn, stream, expected, batch).await {
+        Ok(Some(appended)) => {
+            announce(&parts.appended, [&appended]);
+            Ok(appended.result)
+        }
+        Ok(None) => return None,
         Err(error) => {
             if is_connection_error(&error) {
                 *slot = None;
@@ -290,15 +309,7 @@ async fn commit_alone(
         }
     };
     cqrs_core::metrics::group_commit("sqlite", 1);
-    match outcome {
-        Ok(appended) => {
-            if let Some(request) = group.pop() {
-                answer_committed([(request.reply, Ok(appended))], parts);
-            }
-        }
-        Err(error) => answer_all(group, error),
-    }
-    true
+    Some(outcome)
 }
 
 /// Answers a group whose transaction committed, and wakes the projection runners of the process.

@@ -208,9 +208,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             mut events,
             complete,
         } = page;
-        let caught_up = complete && events.len() < limit;
-        let last = events.last().map(|e| e.position);
-        let to = if caught_up { last.max(head) } else { last }.unwrap_or(after);
+        let (to, caught_up) = super::live_page_end(&events, complete, limit, head, after);
         live.reader.keep_handled(&mut events);
         if events.is_empty() && to <= after {
             if let Some(next) = self.settle_handed(live, status, 0).await {

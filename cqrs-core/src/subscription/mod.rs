@@ -136,6 +136,23 @@ async fn catch_up_start<P: Projection, B: ProjectionBackend<P>>(
     }))
 }
 
+/// Where a live page takes the checkpoint, and whether it caught up: a short, complete page read
+/// after `head` was taken means every event up to `head` has been seen (it ends at `head` if that
+/// is further); a page cut short before an unreadable row has not (it ends at its last event).
+/// `after` if it holds nothing.
+fn live_page_end(
+    events: &[RecordedEvent],
+    complete: bool,
+    limit: usize,
+    head: Option<Position>,
+    after: Position,
+) -> (Position, bool) {
+    let caught_up = complete && events.len() < limit;
+    let last = events.last().map(|e| e.position);
+    let to = if caught_up { last.max(head) } else { last }.unwrap_or(after);
+    (to, caught_up)
+}
+
 /// Drops the events of a catch-up page past `target` and returns the position the page's batch
 /// takes the checkpoint to. Everything up to `target` is readable, so a page cut at `target`, or
 /// a short complete one, ends at `target`.
@@ -775,11 +792,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
                 let failure = ProjectionFailure::of_store(&error);
                 // An unreadable row right after the checkpoint is this projection's poison
                 // event: skippable at its position like a failing handler.
-                live.failed_at = failure.position.map(|position| SkipTarget {
-                    position,
-                    event_id: None,
-                    event_type: None,
-                });
+                live.failed_at = failure.position.map(SkipTarget::unreadable);
                 self.failed(status, failure);
                 return Next::Backoff;
             }
@@ -788,11 +801,7 @@ impl<P: Projection, B: ProjectionBackend<P>> ProjectionRunner<P, B> {
             mut events,
             complete,
         } = page;
-        // A short, complete batch read after `head` was taken means every event up to `head` has
-        // been seen. A batch cut short before an unreadable row has not.
-        let caught_up = complete && events.len() < limit;
-        let last = events.last().map(|e| e.position);
-        let to = if caught_up { last.max(head) } else { last }.unwrap_or(after);
+        let (to, caught_up) = live_page_end(&events, complete, limit, head, after);
         live.reader.keep_handled(&mut events);
         if events.is_empty() && to <= after {
             return Next::Wait(after);
