@@ -21,7 +21,7 @@
 //! lone client's, skip the pool's per-checkout round trips.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use cqrs_core::{AppendResult, ExpectedVersion, Position, StreamId};
@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 
 use crate::append::{expected_code, to_version, Encoded};
 use crate::error::{is_connection_error, is_version_collision};
+use crate::notify::Announcer;
 use crate::row::parse_tx;
 use crate::sql::Statements;
 
@@ -176,6 +177,10 @@ pub(crate) struct GroupCommitter {
     config: GroupCommit,
     pool: PgPool,
     sql: Arc<Statements>,
+    /// The store's announcer (started by the store's first append): a group claims the
+    /// interval's notification like an append written alone, so that under load announcing
+    /// rides on the groups' statements.
+    announcer: Arc<OnceLock<Arc<Announcer>>>,
     state: Mutex<State>,
     /// Wakes the reaper when a spare connection is put aside.
     spare_put: Arc<Notify>,
@@ -208,7 +213,12 @@ impl Drop for GroupCommitter {
 }
 
 impl GroupCommitter {
-    pub(crate) fn new(pool: PgPool, sql: Arc<Statements>, config: GroupCommit) -> Arc<Self> {
+    pub(crate) fn new(
+        pool: PgPool,
+        sql: Arc<Statements>,
+        announcer: Arc<OnceLock<Arc<Announcer>>>,
+        config: GroupCommit,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config: GroupCommit {
                 max_batch: config.max_batch.max(1),
@@ -217,6 +227,7 @@ impl GroupCommitter {
             },
             pool,
             sql,
+            announcer,
             state: Mutex::default(),
             spare_put: Arc::new(Notify::new()),
         })
@@ -482,7 +493,7 @@ impl Slot {
             cqrs_core::metrics::group_commit("postgres", group.len());
         }
         if group.len() > 1 {
-            write_group(&mut self, &committer.sql, group).await;
+            write_group(&mut self, &committer.sql, committer.announcer.get(), group).await;
             drop(writing);
             return;
         }
@@ -563,8 +574,14 @@ async fn reap(committer: Weak<GroupCommitter>, spare_put: Arc<Notify>, keep: Dur
     }
 }
 
-/// One statement for the whole group, on the slot's connection; replies to every request.
-async fn write_group(slot: &mut Slot, sql: &Statements, group: Vec<Request>) {
+/// One statement for the whole group, on the slot's connection; replies to every request. If
+/// `announcer` gives it the interval's notification, the statement carries it.
+async fn write_group(
+    slot: &mut Slot,
+    sql: &Statements,
+    announcer: Option<&Arc<Announcer>>,
+    group: Vec<Request>,
+) {
     let events: usize = group.iter().map(|r| r.batch.len()).sum();
     let mut columns = Columns::with_capacity(events);
     for request in &group {
@@ -585,9 +602,16 @@ async fn write_group(slot: &mut Slot, sql: &Statements, group: Vec<Request>) {
             return;
         }
     };
+    let notifying = announcer.is_some_and(|announcer| announcer.claim());
+    let statement = if notifying {
+        &sql.append_many_notify
+    } else {
+        &sql.append_many
+    };
+    let last_id = columns.ids.last().copied();
     let mut collisions = 0;
     let result = loop {
-        let result = sqlx::query(sql.append_many.clone())
+        let mut query = sqlx::query(statement.clone())
             .bind(&columns.stream_type)
             .bind(&columns.stream_id)
             .bind(&columns.expected)
@@ -596,9 +620,11 @@ async fn write_group(slot: &mut Slot, sql: &Statements, group: Vec<Request>) {
             .bind(&columns.types)
             .bind(&columns.schema_versions)
             .bind(&columns.payloads)
-            .bind(&columns.metadata)
-            .fetch_all(&mut *conn)
-            .await;
+            .bind(&columns.metadata);
+        if notifying {
+            query = query.bind(last_id).bind(&sql.channel);
+        }
+        let result = query.fetch_all(&mut *conn).await;
         // A version collision means a concurrent transaction (another process, another slot, an
         // `append_in`) committed a version of one member's stream while the statement ran; the
         // statement wrote nothing. Run it again: that member's guard now sees the committed row
@@ -615,6 +641,11 @@ async fn write_group(slot: &mut Slot, sql: &Statements, group: Vec<Request>) {
     };
     let replies: Vec<Joined> = match result {
         Ok(rows) => {
+            if let (true, Some(announcer)) = (notifying, announcer) {
+                if let Some(position) = notified(&rows) {
+                    announcer.notified(position, "group");
+                }
+            }
             let landed = landed(&rows);
             let replies = group
                 .iter()
@@ -679,6 +710,20 @@ impl Landed<'_> {
             position: Position::new(parse_tx(tx).ok()?, u64::try_from(last).ok()?),
         })
     }
+}
+
+/// The position a notifying group's statement notified, if its last event was written.
+fn notified(rows: &[sqlx::postgres::PgRow]) -> Option<Position> {
+    rows.iter().find_map(|row| {
+        let notified: Option<String> = row.try_get("notified").ok()?;
+        notified?;
+        let tx: &str = row.try_get(4).ok()?;
+        let position: i64 = row.try_get(3).ok()?;
+        Some(Position::new(
+            parse_tx(tx).ok()?,
+            u64::try_from(position).ok()?,
+        ))
+    })
 }
 
 /// The group's rows (one per written event; streams are distinct within a group) by stream, read

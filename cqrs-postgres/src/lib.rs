@@ -143,9 +143,9 @@
 //!   retry instead). A 23505 on the event id means a retry: the ids are looked up and
 //!   [`cqrs_core::backend::resolve_retry`] decides, exactly as for every other backend.
 //! - **Wake-ups.** Committed appends are announced with `NOTIFY` on
-//!   [`PostgresStore::notification_channel`], at most once per 2 ms: the first append of an
-//!   interval notifies in its own statement, later ones are covered by the next, and a background
-//!   task sends one trailing `NOTIFY` for what no append carried. A `pg_notify` inside every append
+//!   [`PostgresStore::notification_channel`], at most once per 2 ms: the first append (or group
+//!   commit) of an interval notifies in its own statement, later ones are covered by the next,
+//!   and a background task sends one trailing `NOTIFY` for what no append carried. A `pg_notify` inside every append
 //!   would serialize all concurrent commits on PostgreSQL's notification lock. `append_in` always
 //!   notifies in its statement, delivered when the caller commits.
 //! - **Gap-free reads.** [`EventStore::read_all`](cqrs_core::EventStore::read_all) orders by

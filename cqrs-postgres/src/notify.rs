@@ -2,7 +2,7 @@
 //!
 //! Appends do not all notify: PostgreSQL serializes the commits of every notifying transaction on
 //! one lock, so notifying from every append would serialize concurrent commits (BENCHMARKS.md has
-//! the measurement). The [`Announcer`] lets at most one append per
+//! the measurement). The [`Announcer`] lets at most one append (or group commit) per
 //! [`ANNOUNCE_INTERVAL`] notify in its own statement, carrying its position; appends that commit
 //! meanwhile are covered by the next one, and after the last append of a burst a background
 //! `NOTIFY` covers the rest. Waiters in the appending process are woken directly. `append_in`
@@ -164,12 +164,12 @@ async fn listen_forever(pool: PgPool, channel: String, sender: Arc<watch::Sender
 /// [`ANNOUNCE_INTERVAL`]: started on the first append, stopped when the last store clone is
 /// dropped.
 ///
-/// Under steady load the notification rides on an append: the first append of each interval
-/// [claims](Announcer::claim) it and runs the statement variant that calls `pg_notify` itself, so
-/// announcing costs no extra round trip and no extra commit, and only one commit per interval
-/// takes PostgreSQL's notification lock. Appends that commit later in the interval are covered by
-/// the next claim; when the appends stop, the background task sends one trailing `NOTIFY` for
-/// what no append announced.
+/// Under steady load the notification rides on an append: the first append (or group commit) of
+/// each interval [claims](Announcer::claim) it and runs the statement variant that calls
+/// `pg_notify` itself, so announcing costs no extra round trip and no extra commit, and only one
+/// commit per interval takes PostgreSQL's notification lock. Appends that commit later in the
+/// interval are covered by the next claim; when the appends stop, the background task sends one
+/// trailing `NOTIFY` for what no append announced.
 pub(crate) struct Announcer {
     latest: watch::Sender<Position>,
     state: Arc<Mutex<Announced>>,
@@ -201,9 +201,13 @@ impl Announced {
         if latest <= self.covered {
             return Step::Covered;
         }
+        // Two intervals, not one: under steady load the next interval's first append claims
+        // the notification (no extra round trip) a moment after one interval, and a timer that
+        // fired at one interval would race it and mostly win. Only the end of a burst waits
+        // that long.
         let since = self.at.map(|at| now.saturating_duration_since(at));
         match since {
-            Some(since) if since < ANNOUNCE_INTERVAL => Step::Wait(ANNOUNCE_INTERVAL - since),
+            Some(since) if since < TRAILING_AFTER => Step::Wait(TRAILING_AFTER - since),
             _ => {
                 self.at = Some(now);
                 self.covered = latest;
@@ -247,10 +251,14 @@ impl Announcer {
         due
     }
 
-    /// An append that notified in its statement committed with its last event at `position`.
-    pub(crate) fn notified(&self, position: Position) {
-        let mut state = lock(&self.state);
-        state.covered = state.covered.max(position);
+    /// An append (`carried_by` `append`) or a group (`group`) that notified in its statement
+    /// committed with its last event at `position`.
+    pub(crate) fn notified(&self, position: Position, carried_by: &'static str) {
+        {
+            let mut state = lock(&self.state);
+            state.covered = state.covered.max(position);
+        }
+        cqrs_core::metrics::notification("postgres", carried_by);
     }
 
     /// An append committed with its last event at `position`.
@@ -279,6 +287,10 @@ fn lock(state: &Mutex<Announced>) -> std::sync::MutexGuard<'_, Announced> {
 /// listeners in other processes. Local waiters are woken directly.
 const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(2);
 
+/// How long after the last notification the background task sends one for appends no later
+/// append announced: the end of a burst.
+const TRAILING_AFTER: Duration = ANNOUNCE_INTERVAL.saturating_mul(2);
+
 /// Sends the notifications no append carried: whenever committed appends are not covered and no
 /// notification went out for an interval.
 async fn announce_forever(
@@ -302,13 +314,14 @@ async fn announce_forever(
                 Step::Send => {}
             }
             // A lost notification only delays listeners until their polling fallback.
-            if let Err(error) = sqlx::query(sql.notify.clone())
+            match sqlx::query(sql.notify.clone())
                 .bind(&sql.channel)
                 .bind(latest.to_string())
                 .execute(&pool)
                 .await
             {
-                tracing::debug!(%error, "announcing an append failed");
+                Ok(_) => cqrs_core::metrics::notification("postgres", "background"),
+                Err(error) => tracing::debug!(%error, "announcing an append failed"),
             }
         }
     }
@@ -331,14 +344,18 @@ mod tests {
         // Nothing announced yet: send at once.
         assert_eq!(state.next_step(one, at(0)), Step::Send);
         assert_eq!(state.next_step(one, at(0)), Step::Covered);
-        // An append committed after it, within the interval: wait for the rest of the interval
-        // (an append may claim the next notification meanwhile) ...
+        // An append committed after it, within the interval: wait until two intervals have
+        // passed (an append of the next interval may claim the notification meanwhile) ...
         assert_eq!(
             state.next_step(two, at(1)),
-            Step::Wait(Duration::from_millis(1))
+            Step::Wait(Duration::from_millis(3))
         );
-        // ... and if none did, send once it is over: the last append of a burst is announced.
-        assert_eq!(state.next_step(two, at(2)), Step::Send);
+        assert_eq!(
+            state.next_step(two, at(2)),
+            Step::Wait(Duration::from_millis(2))
+        );
+        // ... and if none did, send then: the last append of a burst is announced.
+        assert_eq!(state.next_step(two, at(4)), Step::Send);
         assert_eq!(state.next_step(two, at(9)), Step::Covered);
         // An append that notified in its own statement covers itself and what came before.
         state.at = Some(at(10));

@@ -77,6 +77,7 @@ pub struct Statements {
     pub append_batch_notify: SqlStr,
     pub notify: SqlStr,
     pub append_many: SqlStr,
+    pub append_many_notify: SqlStr,
     pub find_ids: SqlStr,
     pub read_stream: SqlStr,
     pub read_stream_for_replay: SqlStr,
@@ -198,6 +199,45 @@ fn append(events: &str, one: bool, notify: bool) -> String {
     )
 }
 
+/// Group commit: several batches, each for a different stream, in one statement and
+/// transaction; one row per written event. A batch whose guard fails writes nothing
+/// and returns no row (its caller then appends alone and learns why). Each event's
+/// lookup sees the stream as before the statement, so a batch's events share one base.
+///
+/// The arrays go through a subquery the planner cannot flatten (`OFFSET 0`) so that no
+/// plan knows their lengths: custom plans then cost what the generic plan costs,
+/// PostgreSQL settles on the generic plan after five executions, and a group is not
+/// planned afresh each time (planning a group costs more than executing it).
+///
+/// `notify`: the event whose id is `$10` (the group's last) also notifies `$11` with its
+/// position, the group's newest. A group whose last member was refused notifies nothing, and its
+/// rows carry no `notified` value.
+fn append_many(events: &str, guard_many: &str, notify: bool) -> String {
+    let notify = if notify {
+        ", CASE WHEN event_id = $10 THEN pg_notify($11, tx::text || '.' || position)::text END AS notified"
+    } else {
+        ""
+    };
+    format!(
+        "INSERT INTO {events}
+            (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
+         SELECT u.st, u.sid, COALESCE(last.stream_version, 0) + u.k, u.id, u.t, u.sv, u.p::json, u.m::json
+         FROM (SELECT $1::text[] AS st, $2::text[] AS sid, $3::bigint[] AS expected, $4::bigint[] AS k,
+              $5::uuid[] AS id, $6::text[] AS t, $7::int[] AS sv, $8::text[] AS p, $9::text[] AS m
+               OFFSET 0) AS a
+         CROSS JOIN LATERAL UNNEST(a.st, a.sid, a.expected, a.k, a.id, a.t, a.sv, a.p, a.m)
+             WITH ORDINALITY AS u(st, sid, expected, k, id, t, sv, p, m, n)
+         LEFT JOIN LATERAL (
+            SELECT stream_version FROM {events}
+            WHERE stream_type = u.st AND stream_id = u.sid
+            ORDER BY stream_version DESC LIMIT 1
+         ) AS last ON true
+         WHERE {guard_many}
+         ORDER BY u.n
+         RETURNING stream_type, stream_id, stream_version, position, tx::text AS tx_text{notify}"
+    )
+}
+
 impl Statements {
     pub fn new(schema: &str) -> Self {
         let s = format!("\"{schema}\"");
@@ -213,33 +253,8 @@ impl Statements {
             // the caller commits; alone, when the store's announcer picked this append to carry it.
             append_one_notify: sql(append(&events, true, true)),
             append_batch_notify: sql(append(&events, false, true)),
-            // Group commit: several batches, each for a different stream, in one statement and
-            // transaction; one row per written event. A batch whose guard fails writes nothing
-            // and returns no row (its caller then appends alone and learns why). Each event's
-            // lookup sees the stream as before the statement, so a batch's events share one base.
-            //
-            // The arrays go through a subquery the planner cannot flatten (`OFFSET 0`) so that no
-            // plan knows their lengths: custom plans then cost what the generic plan costs,
-            // PostgreSQL settles on the generic plan after five executions, and a group is not
-            // planned afresh each time (planning a group costs more than executing it).
-            append_many: sql(format!(
-                "INSERT INTO {events}
-                    (stream_type, stream_id, stream_version, event_id, event_type, schema_version, payload, metadata)
-                 SELECT u.st, u.sid, COALESCE(last.stream_version, 0) + u.k, u.id, u.t, u.sv, u.p::json, u.m::json
-                 FROM (SELECT $1::text[] AS st, $2::text[] AS sid, $3::bigint[] AS expected, $4::bigint[] AS k,
-                              $5::uuid[] AS id, $6::text[] AS t, $7::int[] AS sv, $8::text[] AS p, $9::text[] AS m
-                       OFFSET 0) AS a
-                 CROSS JOIN LATERAL UNNEST(a.st, a.sid, a.expected, a.k, a.id, a.t, a.sv, a.p, a.m)
-                     WITH ORDINALITY AS u(st, sid, expected, k, id, t, sv, p, m, n)
-                 LEFT JOIN LATERAL (
-                    SELECT stream_version FROM {events}
-                    WHERE stream_type = u.st AND stream_id = u.sid
-                    ORDER BY stream_version DESC LIMIT 1
-                 ) AS last ON true
-                 WHERE {guard_many}
-                 ORDER BY u.n
-                 RETURNING stream_type, stream_id, stream_version, position, tx::text AS tx_text"
-            )),
+            append_many: sql(append_many(&events, &guard_many, false)),
+            append_many_notify: sql(append_many(&events, &guard_many, true)),
             notify: sql("SELECT pg_notify($1, $2)".to_owned()),
             find_ids: sql(format!(
                 "SELECT position, tx::text AS tx_text, event_id, stream_type, stream_id, stream_version

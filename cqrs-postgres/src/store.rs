@@ -83,17 +83,19 @@ impl PostgresStore {
     /// A store on an existing pool, using schema `public`, with group commit on.
     pub fn new(pool: PgPool) -> Self {
         let sql = Arc::new(sql::Statements::new("public"));
+        let announcer = Arc::default();
         Self {
             group: Some(group::GroupCommitter::new(
                 pool.clone(),
                 sql.clone(),
+                Arc::clone(&announcer),
                 GroupCommit::default(),
             )),
             pool,
             sql,
             horizon_wait: DEFAULT_HORIZON_WAIT,
             notifier: Arc::default(),
-            announcer: Arc::default(),
+            announcer,
             inline: cqrs_core::backend::InlineProjections::default(),
         }
     }
@@ -110,6 +112,7 @@ impl PostgresStore {
             self.group = Some(group::GroupCommitter::new(
                 self.pool.clone(),
                 self.sql.clone(),
+                Arc::clone(&self.announcer),
                 group.config(),
             ));
         }
@@ -149,6 +152,7 @@ impl PostgresStore {
         self.group = Some(group::GroupCommitter::new(
             self.pool.clone(),
             self.sql.clone(),
+            Arc::clone(&self.announcer),
             config,
         ));
         self

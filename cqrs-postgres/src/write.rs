@@ -169,7 +169,8 @@ impl PostgresStore {
             tx.commit().await?;
             if appended.fresh {
                 // The statement notified, delivered on this commit.
-                self.announcer().notified(appended.result.position);
+                self.announcer()
+                    .notified(appended.result.position, "append");
             }
             return Ok(appended.result);
         }
@@ -213,7 +214,7 @@ impl PostgresStore {
         }
         let result = result.map(|appended| appended.result);
         if let (true, Ok(written)) = (notifying, &result) {
-            self.announcer().notified(written.position);
+            self.announcer().notified(written.position, "append");
         }
         if let (Some(slot), Ok(_)) = (slot, &result) {
             slot.keep(conn);

@@ -274,6 +274,62 @@ async fn appends_already_runnable_join_the_leaders_group() {
     }
 }
 
+/// Under load a group's statement carries the notification, as a lone append's does: announcing
+/// costs no `NOTIFY` of its own and no extra round trip. Each burst of eight runnable appends
+/// after the first is one group (see `appends_already_runnable_join_the_leaders_group`), and
+/// comes more than the announcer's interval after the last notification, so it claims the next
+/// one. Only the first burst may leave a trailing notification to the background task (its
+/// first append, written alone, may have carried one just before its group).
+#[tokio::test(flavor = "current_thread")]
+async fn a_group_carries_the_notification_in_its_own_statement() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // This runtime's one thread runs every task of the store: they all record here.
+    let _recording = metrics::set_default_local_recorder(&recorder);
+    let store = fresh_store_with(8).await;
+    let mut listener = store.listen().await.unwrap();
+    commits_of_runnable_appends(&store, "first").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    const BURSTS: u64 = 5;
+    for burst in 0..BURSTS {
+        let commits = commits_of_runnable_appends(&store, &format!("burst{burst}")).await;
+        assert_eq!(commits, 1, "burst {burst} was not one group");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut carried: HashMap<String, u64> = HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if key.key().name() != cqrs_core::metrics::NOTIFICATIONS {
+            continue;
+        }
+        let by = key.key().labels().find(|l| l.key() == "carried_by");
+        if let (Some(by), metrics_util::debugging::DebugValue::Counter(n)) = (by, value) {
+            carried.insert(by.value().to_owned(), n);
+        }
+    }
+    assert!(
+        carried.get("group").copied().unwrap_or(0) >= BURSTS,
+        "notifications by carrier: {carried:?}"
+    );
+    assert!(
+        carried.get("background").copied().unwrap_or(0) <= 1,
+        "notifications by carrier: {carried:?}"
+    );
+    // Listeners got them, the last naming the newest event.
+    let stored = store
+        .read_all(Position::START, EventTypes::All, 100)
+        .await
+        .unwrap();
+    let newest = stored.last().unwrap().position;
+    let mut heard = Vec::new();
+    while let Ok(notified) = tokio::time::timeout(Duration::from_millis(200), listener.recv()).await
+    {
+        heard.push(notified.unwrap().unwrap());
+    }
+    assert!(heard.len() as u64 > BURSTS, "heard only {heard:?}");
+    assert_eq!(heard.last(), Some(&newest), "heard {heard:?}");
+    drop_schema(&store).await;
+}
+
 /// Eight appends to new streams `<burst>-0` … `<burst>-7`, runnable at once: how many commits
 /// they took.
 async fn commits_of_runnable_appends(store: &PostgresStore, burst: &str) -> usize {
