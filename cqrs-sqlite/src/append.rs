@@ -145,16 +145,20 @@ pub(crate) async fn append_on(
 /// when the statement ends. `Ok(None)`: nothing was stored (the stream did not meet the
 /// expectation, or an id of the batch is stored), and only a transaction can tell a retry from a
 /// conflict: run the append again with [`append_on`]. An error came from the statement, which
-/// includes the commit. For one-event batches: a batch of several is a version read and an insert
-/// (see [`insert`]), which need a transaction around them.
+/// includes the commit. For one-event batches (a batch of several comes back as `Ok(None)`): a
+/// batch of several is a version read and an insert (see [`insert`]), which need a transaction
+/// around them.
 pub(crate) async fn append_alone(
     conn: &mut SqliteConnection,
     stream: &StreamId,
     expected: ExpectedVersion,
     batch: &Encoded,
 ) -> Result<Option<Appended>, sqlx::Error> {
+    if batch.len() != 1 {
+        return Ok(None);
+    }
     let recorded_at = crate::row::now_micros();
-    match insert_guarded(conn, stream, expected, batch, 0..batch.len(), recorded_at).await {
+    match insert_guarded(conn, stream, expected, batch, recorded_at).await {
         Ok(Inserted::Stored { version, last_key }) => {
             let Ok(position) = position_of(last_key) else {
                 return Err(sqlx::Error::Protocol(format!(
@@ -214,7 +218,7 @@ enum Inserted {
 /// Several: the stream's version is read and checked against `expected`, then the rows are
 /// inserted at the versions that follow it with a plain `VALUES` list, in statements of at most
 /// [`sql::MAX_ROWS_PER_INSERT`] rows (the transaction holds the write lock, so the version cannot
-/// move in between; see [`sql::insert_guarded`] for why batches are not guarded in the insert).
+/// move in between; see [`sql::INSERT_GUARDED`] for why batches are not guarded in the insert).
 async fn insert(
     conn: &mut SqliteConnection,
     stream: &StreamId,
@@ -223,7 +227,7 @@ async fn insert(
 ) -> Result<Inserted, sqlx::Error> {
     let recorded_at = crate::row::now_micros();
     if batch.len() == 1 {
-        return insert_guarded(conn, stream, expected, batch, 0..1, recorded_at).await;
+        return insert_guarded(conn, stream, expected, batch, recorded_at).await;
     }
     let current: i64 = sqlx::query_scalar(sql::STREAM_VERSION)
         .bind(stream.stream_type())
@@ -272,45 +276,43 @@ async fn insert(
     })
 }
 
-/// One statement of [`sql::insert_guarded`]: `batch[rows]` after the stream's current version,
-/// if it meets `expected`.
+/// [`sql::INSERT_GUARDED`] of the one event of `batch`, after the stream's current version, if it
+/// meets `expected`.
 async fn insert_guarded(
     conn: &mut SqliteConnection,
     stream: &StreamId,
     expected: ExpectedVersion,
     batch: &Encoded,
-    rows: std::ops::Range<usize>,
     recorded_at: i64,
 ) -> Result<Inserted, sqlx::Error> {
-    let count = rows.len() as u64;
     // The version the stream reaches when the expectation pins the current one; otherwise the
-    // statement returns the versions it stored.
+    // statement returns the version it stored.
     let (kind, exact, reached) = match expected {
         ExpectedVersion::Any => (sql::expect::ANY, 0, None),
         ExpectedVersion::StreamExists => (sql::expect::STREAM_EXISTS, 0, None),
-        ExpectedVersion::NoStream => (sql::expect::NO_STREAM, 0, Some(count)),
+        ExpectedVersion::NoStream => (sql::expect::NO_STREAM, 0, Some(1)),
         ExpectedVersion::Exact(version) => (
             sql::expect::EXACT,
             // No stream is at a version beyond i64::MAX: -1 is met by none, as it should be.
             i64::try_from(version.get()).unwrap_or(-1),
-            version.get().checked_add(count),
+            version.get().checked_add(1),
         ),
     };
-    let statement = sql::insert_guarded(rows.len(), reached.is_none());
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(statement))
+    let statement = match reached {
+        Some(_) => sql::INSERT_GUARDED,
+        None => sql::INSERT_GUARDED_RETURNING,
+    };
+    let query = sqlx::query(statement)
         .bind(stream.stream_type())
         .bind(stream.id())
         .bind(recorded_at)
         .bind(kind)
-        .bind(exact);
-    for i in rows {
-        query = query
-            .bind(&batch.ids[i][..])
-            .bind(&batch.types[i])
-            .bind(batch.schema_versions[i])
-            .bind(&batch.payloads[i])
-            .bind(&batch.metadata[i]);
-    }
+        .bind(exact)
+        .bind(&batch.ids[0][..])
+        .bind(&batch.types[0])
+        .bind(batch.schema_versions[0])
+        .bind(&batch.payloads[0])
+        .bind(&batch.metadata[0]);
     let (stored, version, last_key) = match reached {
         Some(reached) => {
             let done = query.execute(&mut *conn).await?;

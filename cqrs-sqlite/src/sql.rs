@@ -1,12 +1,24 @@
 //! Every statement the store runs, next to the schema in `migrations/`. All values are bound
 //! parameters; the only statement text built at run time is the number of `VALUES` rows of a
-//! batch insert ([`insert_guarded`], [`insert_rows`]).
+//! batch insert ([`insert_rows`]).
 
 /// The columns of a full read, in the order [`crate::row::recorded`] decodes them.
 macro_rules! columns {
     () => {
         "position, stream_type, stream_id, stream_version, event_id, event_type, schema_version, \
          payload, metadata, recorded_at"
+    };
+}
+
+macro_rules! insert_guarded {
+    () => {
+        "INSERT INTO events (stream_type, stream_id, stream_version, event_id, event_type, \
+         schema_version, payload, metadata, recorded_at) \
+         SELECT ?1, ?2, cur.v + 1, ?6, ?7, ?8, ?9, ?10, ?3 \
+         FROM (SELECT coalesce(max(stream_version), 0) AS v FROM (SELECT stream_version \
+         FROM events WHERE stream_type = ?1 AND stream_id = ?2 \
+         ORDER BY stream_version DESC LIMIT 1)) AS cur \
+         WHERE CASE ?4 WHEN 0 THEN 1 WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0 ELSE cur.v = ?5 END"
     };
 }
 
@@ -18,7 +30,7 @@ pub const STREAM_VERSION: &str = "SELECT coalesce(max(stream_version), 0) FROM e
 /// SQLite's limit of 32,766 bound parameters.
 pub const MAX_ROWS_PER_INSERT: usize = 500;
 
-/// How [`insert_guarded`]'s `?4` encodes the expected version (`?5` is the exact version).
+/// How [`INSERT_GUARDED`]'s `?4` encodes the expected version (`?5` is the exact version).
 pub mod expect {
     pub const ANY: i64 = 0;
     pub const NO_STREAM: i64 = 1;
@@ -26,58 +38,29 @@ pub mod expect {
     pub const EXACT: i64 = 3;
 }
 
-/// The insert of a one-event append: `rows` events at the versions that follow the stream's
-/// current one, if the stream meets the expectation (`?4`, one of [`expect`]; `?5` the exact
-/// version), otherwise no row at all. Reading the version and inserting are one statement, so
-/// nothing can write between them, and a stream that does not meet the expectation costs no other
-/// statement. `?1`, `?2`: the stream; `?3`: `recorded_at`; then for each row `event_id,
-/// event_type, schema_version, payload, metadata`, numbered on from `?6`. Rows are inserted in
-/// batch order, so their keys (positions) ascend with their versions. `returning`: the statement
-/// returns each stored row's `stream_version, position` (for an expectation that does not pin the
-/// version). Batches of several events use [`insert_rows`] instead: because this statement reads
-/// the table it inserts into, SQLite first materializes the `VALUES`, sorts them and copies the
-/// result into a temporary table, copies of every payload that a plain insert does not make, and
-/// its numbered parameters make binding quadratic in the row count (see [`insert_rows`]).
+/// The insert of a one-event append: the event at the version that follows the stream's current
+/// one, if the stream meets the expectation (`?4`, one of [`expect`]; `?5` the exact version),
+/// otherwise no row at all. Reading the version and inserting are one statement, so nothing can
+/// write between them, and a stream that does not meet the expectation costs no other statement.
+/// `?1`, `?2`: the stream; `?3`: `recorded_at`; `?6` to `?10`: the event's `event_id, event_type,
+/// schema_version, payload, metadata`. The event is bound as scalars, not as a one-row `VALUES`
+/// list: a list would cost SQLite a coroutine and a sorter per append. [`INSERT_GUARDED_RETURNING`]
+/// returns the stored row's `stream_version, position` (for an expectation that does not pin the
+/// version).
+///
+/// Batches of several events use [`insert_rows`] instead: because this statement reads the table
+/// it inserts into, a `VALUES` list of several rows would be materialized, sorted and copied into
+/// a temporary table first, copies of every payload that a plain insert does not make.
 ///
 /// The version is the stream's last index entry (`ORDER BY … DESC LIMIT 1`, one seek): SQLite
 /// answers a bare `max()` with one seek only in a top-level query ([`STREAM_VERSION`]), and in
 /// this derived table it would walk every entry of the stream, a cost that grows with the
 /// stream's length on every append.
-pub fn insert_guarded(rows: usize, returning: bool) -> String {
-    use std::fmt::Write;
-    let mut sql = String::from(
-        "INSERT INTO events (stream_type, stream_id, stream_version, event_id, event_type, \
-         schema_version, payload, metadata, recorded_at) \
-         SELECT ?1, ?2, cur.v + b.column1, b.column2, b.column3, b.column4, b.column5, b.column6, ?3 \
-         FROM (SELECT coalesce(max(stream_version), 0) AS v FROM (SELECT stream_version \
-         FROM events WHERE stream_type = ?1 AND stream_id = ?2 \
-         ORDER BY stream_version DESC LIMIT 1)) AS cur, (VALUES ",
-    );
-    for row in 0..rows {
-        if row > 0 {
-            sql.push_str(", ");
-        }
-        let p = 6 + 5 * row;
-        // Writing to a String cannot fail.
-        let _ = write!(
-            sql,
-            "({}, ?{p}, ?{}, ?{}, ?{}, ?{})",
-            row + 1,
-            p + 1,
-            p + 2,
-            p + 3,
-            p + 4
-        );
-    }
-    sql.push_str(
-        ") AS b WHERE CASE ?4 WHEN 0 THEN 1 WHEN 1 THEN cur.v = 0 WHEN 2 THEN cur.v > 0 \
-         ELSE cur.v = ?5 END ORDER BY b.column1",
-    );
-    if returning {
-        sql.push_str(" RETURNING stream_version, position");
-    }
-    sql
-}
+pub const INSERT_GUARDED: &str = insert_guarded!();
+
+/// [`INSERT_GUARDED`], returning the stored row's `stream_version, position`.
+pub const INSERT_GUARDED_RETURNING: &str =
+    concat!(insert_guarded!(), " RETURNING stream_version, position");
 
 /// A plain insert of `rows` events, for a write transaction that has read and checked the
 /// stream's version itself: each row binds `stream_type, stream_id, stream_version, event_id,
