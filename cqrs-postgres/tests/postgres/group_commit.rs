@@ -296,16 +296,7 @@ async fn a_group_carries_the_notification_in_its_own_statement() {
         assert_eq!(commits, 1, "burst {burst} was not one group");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let mut carried: HashMap<String, u64> = HashMap::new();
-    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-        if key.key().name() != cqrs_core::metrics::NOTIFICATIONS {
-            continue;
-        }
-        let by = key.key().labels().find(|l| l.key() == "carried_by");
-        if let (Some(by), metrics_util::debugging::DebugValue::Counter(n)) = (by, value) {
-            carried.insert(by.value().to_owned(), n);
-        }
-    }
+    let carried = notifications_by_carrier(&snapshotter);
     assert!(
         carried.get("group").copied().unwrap_or(0) >= BURSTS,
         "notifications by carrier: {carried:?}"
@@ -315,43 +306,123 @@ async fn a_group_carries_the_notification_in_its_own_statement() {
         "notifications by carrier: {carried:?}"
     );
     // Listeners got them, the last naming the newest event.
-    let stored = store
-        .read_all(Position::START, EventTypes::All, 100)
-        .await
-        .unwrap();
-    let newest = stored.last().unwrap().position;
+    let heard = heard_until_quiet(&mut listener).await;
+    assert!(heard.len() as u64 > BURSTS, "heard only {heard:?}");
+    assert_eq!(heard.last(), Some(&newest(&store).await), "heard {heard:?}");
+    drop_schema(&store).await;
+}
+
+/// A group claims the notification for its last event, so if that event's append is refused the
+/// statement notifies nothing: the group must then leave its appends to the background task
+/// (not count them as announced), and listeners still hear of them.
+#[tokio::test(flavor = "current_thread")]
+async fn a_group_whose_last_append_is_refused_leaves_the_notification_to_the_background() {
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _recording = metrics::set_default_local_recorder(&recorder);
+    let store = fresh_store_with(8).await;
+    let mut listener = store.listen().await.unwrap();
+    commits_of_runnable_appends(&store, "first").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    heard_until_quiet(&mut listener).await;
+    notifications_by_carrier(&snapshotter);
+    // One group of eight (as in the test above) whose last append expects a version its new
+    // stream does not have.
+    let results = runnable_appends(
+        &store,
+        "refused",
+        ExpectedVersion::Exact(StreamVersion::new(5)),
+    )
+    .await;
+    let (last, written) = results.split_last().unwrap();
+    assert!(matches!(last, Err(StoreError::Concurrency(_))), "{last:?}");
+    let transactions: HashSet<_> = written
+        .iter()
+        .map(|r| r.as_ref().unwrap().position.tx)
+        .collect();
+    assert_eq!(transactions.len(), 1, "the seven were not one group");
+    let heard = heard_until_quiet(&mut listener).await;
+    let carried = notifications_by_carrier(&snapshotter);
+    assert_eq!(carried.get("group").copied().unwrap_or(0), 0, "{carried:?}");
+    assert_eq!(carried.get("background").copied(), Some(1), "{carried:?}");
+    assert_eq!(heard.last(), Some(&newest(&store).await), "heard {heard:?}");
+    drop_schema(&store).await;
+}
+
+/// `cqrs_notifications_total` by `carried_by`, as recorded since the last call (a snapshot takes
+/// the counters' values).
+fn notifications_by_carrier(
+    snapshotter: &metrics_util::debugging::Snapshotter,
+) -> HashMap<String, u64> {
+    let mut carried = HashMap::new();
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        if key.key().name() != cqrs_core::metrics::NOTIFICATIONS {
+            continue;
+        }
+        let by = key.key().labels().find(|l| l.key() == "carried_by");
+        if let (Some(by), metrics_util::debugging::DebugValue::Counter(n)) = (by, value) {
+            carried.insert(by.value().to_owned(), n);
+        }
+    }
+    carried
+}
+
+/// The positions `listener` hears until it has heard nothing for 200 ms.
+async fn heard_until_quiet(listener: &mut cqrs_postgres::AppendListener) -> Vec<Position> {
     let mut heard = Vec::new();
     while let Ok(notified) = tokio::time::timeout(Duration::from_millis(200), listener.recv()).await
     {
         heard.push(notified.unwrap().unwrap());
     }
-    assert!(heard.len() as u64 > BURSTS, "heard only {heard:?}");
-    assert_eq!(heard.last(), Some(&newest), "heard {heard:?}");
-    drop_schema(&store).await;
+    heard
+}
+
+/// The position of the newest stored event.
+async fn newest(store: &PostgresStore) -> Position {
+    let stored = store
+        .read_all(Position::START, EventTypes::All, 1000)
+        .await
+        .unwrap();
+    stored.last().unwrap().position
 }
 
 /// Eight appends to new streams `<burst>-0` … `<burst>-7`, runnable at once: how many commits
 /// they took.
 async fn commits_of_runnable_appends(store: &PostgresStore, burst: &str) -> usize {
+    let mut transactions = HashSet::new();
+    for written in runnable_appends(store, burst, ExpectedVersion::NoStream).await {
+        let written = written.unwrap();
+        assert_eq!(written.stream_version, StreamVersion::new(1));
+        transactions.insert(written.position.tx);
+    }
+    transactions.len()
+}
+
+/// Eight appends of one event to new streams `<burst>-0` … `<burst>-7`, runnable at once, the
+/// first seven expecting no stream and the last `last_expects`: their results, in that order.
+async fn runnable_appends(
+    store: &PostgresStore,
+    burst: &str,
+    last_expects: ExpectedVersion,
+) -> Vec<Result<AppendResult, StoreError>> {
     const TASKS: usize = 8;
     let tasks: Vec<_> = (0..TASKS)
         .map(|t| {
             let store = store.clone();
             let stream = StreamId::new("account", format!("{burst}-{t}"));
-            tokio::spawn(async move {
-                store
-                    .append(&stream, ExpectedVersion::NoStream, batch(1))
-                    .await
-            })
+            let expected = if t + 1 == TASKS {
+                last_expects
+            } else {
+                ExpectedVersion::NoStream
+            };
+            tokio::spawn(async move { store.append(&stream, expected, batch(1)).await })
         })
         .collect();
-    let mut transactions = HashSet::new();
+    let mut results = Vec::new();
     for task in tasks {
-        let written = task.await.unwrap().unwrap();
-        assert_eq!(written.stream_version, StreamVersion::new(1));
-        transactions.insert(written.position.tx);
+        results.push(task.await.unwrap());
     }
-    transactions.len()
+    results
 }
 
 /// A group whose write waits on a lock must not hold up the appends queued behind it for as long
