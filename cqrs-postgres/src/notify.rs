@@ -292,7 +292,7 @@ const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(2);
 const TRAILING_AFTER: Duration = ANNOUNCE_INTERVAL.saturating_mul(2);
 
 /// Sends the notifications no append carried: whenever committed appends are not covered and no
-/// notification went out for an interval.
+/// notification went out for [`TRAILING_AFTER`].
 async fn announce_forever(
     pool: PgPool,
     sql: Arc<Statements>,
