@@ -5,7 +5,7 @@ use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, CqrsFramework, DomainEvent, EventStore};
 use postgres_es::PostgresEventRepository;
 use serde::{Deserialize, Serialize};
-use sqlx08::postgres::{PgPool, PgPoolOptions};
+use sqlx08::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 
 use crate::domain::{BankError, Cmd};
 use crate::w1::Contender;
@@ -117,10 +117,22 @@ impl CqrsEs {
         snapshot_every: Option<usize>,
     ) -> Result<Self, BenchError> {
         let schema = db::schema_name(name);
+        // Plaintext, like every other contender. sqlite-es's sqlx 0.8 dependency turns on rustls
+        // for the whole sqlx 0.8 build (feature unification), and with the default
+        // `sslmode=prefer` postgres-es would then talk TLS to a server with `ssl = on`: about a
+        // fifth more CPU per command, a handicap that is not cqrs-es's own.
+        let options: PgConnectOptions = url.parse()?;
         let pool = PgPoolOptions::new()
             .max_connections(db::POOL_SIZE)
-            .connect(url)
+            .connect_with(options.ssl_mode(PgSslMode::Disable))
             .await?;
+        let tls: bool =
+            sqlx08::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&pool)
+                .await?;
+        if tls {
+            return Err("cqrs-es's connection uses TLS; the other contenders' do not".into());
+        }
         let mut held = Vec::new();
         for _ in 0..db::POOL_SIZE {
             held.push(pool.acquire().await?);
