@@ -286,10 +286,7 @@ async fn a_group_carries_the_notification_in_its_own_statement() {
     let snapshotter = recorder.snapshotter();
     // This runtime's one thread runs every task of the store: they all record here.
     let _recording = metrics::set_default_local_recorder(&recorder);
-    let store = fresh_store_with(8).await;
-    let mut listener = store.listen().await.unwrap();
-    commits_of_runnable_appends(&store, "first").await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (store, mut listener) = listened_store_after_a_first_burst().await;
     const BURSTS: u64 = 5;
     for burst in 0..BURSTS {
         let commits = commits_of_runnable_appends(&store, &format!("burst{burst}")).await;
@@ -320,10 +317,7 @@ async fn a_group_whose_last_append_is_refused_leaves_the_notification_to_the_bac
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let _recording = metrics::set_default_local_recorder(&recorder);
-    let store = fresh_store_with(8).await;
-    let mut listener = store.listen().await.unwrap();
-    commits_of_runnable_appends(&store, "first").await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (store, mut listener) = listened_store_after_a_first_burst().await;
     heard_until_quiet(&mut listener).await;
     notifications_by_carrier(&snapshotter);
     // One group of eight (as in the test above) whose last append expects a version its new
@@ -347,6 +341,16 @@ async fn a_group_whose_last_append_is_refused_leaves_the_notification_to_the_bac
     assert_eq!(carried.get("background").copied(), Some(1), "{carried:?}");
     assert_eq!(heard.last(), Some(&newest(&store).await), "heard {heard:?}");
     drop_schema(&store).await;
+}
+
+/// A fresh store with a listener, after a first burst of eight runnable appends and a pause of
+/// several announcer intervals: the next burst is one group, and it may claim the notification.
+async fn listened_store_after_a_first_burst() -> (PostgresStore, cqrs_postgres::AppendListener) {
+    let store = fresh_store_with(8).await;
+    let listener = store.listen().await.unwrap();
+    commits_of_runnable_appends(&store, "first").await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    (store, listener)
 }
 
 /// `cqrs_notifications_total` by `carried_by`, as recorded since the last call (a snapshot takes
