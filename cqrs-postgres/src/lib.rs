@@ -91,6 +91,21 @@
 //! run by a deployment step, use the parts: [`PostgresStore::connect`] or [`PostgresStore::new`],
 //! [`PostgresStore::with_schema`], [`PostgresStore::migrate`].
 //!
+//! # Connecting over TLS
+//!
+//! This crate turns on no TLS backend of sqlx: whether the connection uses rustls (with webpki
+//! or the platform's roots) or native-tls is the application's choice. Turn one on in your own
+//! dependency on sqlx 0.9 and Cargo builds the store's sqlx with it; the URL's `sslmode` then
+//! applies (`?sslmode=require`, `verify-full`, ...):
+//!
+//! ```toml
+//! sqlx = { version = "0.9", default-features = false, features = ["tls-rustls-ring-webpki"] }
+//! ```
+//!
+//! Without a backend, a URL that requires TLS fails at connect with
+//! [`StoreError::Connection`](cqrs_core::StoreError::Connection) ("SQLx was built without TLS
+//! support"), and `sslmode=prefer` (the default) connects in plaintext.
+//!
 //! # Appending inside your transaction
 //!
 //! ```no_run
