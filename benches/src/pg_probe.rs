@@ -78,8 +78,6 @@ struct Running {
     live: Live,
     pool: PgPool,
     schema: String,
-    /// Operations done so far (the next event's number).
-    done: u64,
 }
 
 async fn open(url: &str, probe: Probe) -> Result<Running, BenchError> {
@@ -107,7 +105,6 @@ async fn open(url: &str, probe: Probe) -> Result<Running, BenchError> {
         live,
         pool,
         schema,
-        done: 0,
     })
 }
 
@@ -118,9 +115,7 @@ impl Probing for Running {
         self.probe
     }
 
-    async fn one(&mut self) -> Result<(), BenchError> {
-        let n = self.done;
-        self.done += 1;
+    async fn one(&mut self, n: u64) -> Result<(), BenchError> {
         let (stream, before, event) = nth_event(n);
         match &mut self.live {
             Live::Conn { conn, sql } if self.probe == Probe::RawInsert => {

@@ -31,8 +31,8 @@ pub trait Probing {
         let _ = block;
     }
 
-    /// One operation.
-    async fn one(&mut self) -> Result<(), BenchError>;
+    /// The probe's `n`-th operation (0, 1, 2, … over the warm-up and every block).
+    async fn one(&mut self, n: u64) -> Result<(), BenchError>;
 
     /// Closes what the probe opened.
     async fn finish(self) -> Result<(), BenchError>
@@ -41,7 +41,8 @@ pub trait Probing {
 }
 
 /// Opens each probe of `all` that [`selected`] picks, times them all ([`time_blocks`]) and
-/// closes them: µs per operation of every block, per probe, and the number of blocks.
+/// closes them: the microseconds per operation of every block, per probe, and the number of
+/// blocks.
 pub async fn measure<R, F, Fut>(
     all: &[R::Probe],
     config: &Config,
@@ -79,27 +80,32 @@ pub fn rows<P: Copy + Eq + Hash>(
 }
 
 /// Warms every probe up (a quarter block, untimed: prepared statements, caches), then times
-/// `config.rounds` × 10 blocks of each (2 with `--quick`), in turns; returns µs per operation of
-/// every block, per probe, and the number of blocks.
+/// `config.rounds` × 10 blocks of each (2 with `--quick`), in turns; returns the microseconds per
+/// operation of every block, per probe, and the number of blocks.
 pub async fn time_blocks<R: Probing>(
     running: &mut [R],
     config: &Config,
 ) -> Result<(HashMap<R::Probe, Vec<f64>>, usize), BenchError> {
-    for r in running.iter_mut() {
+    // Each probe's operations so far: the next one's number.
+    let mut done = vec![0_u64; running.len()];
+    for (r, done) in running.iter_mut().zip(&mut done) {
         r.prepare(0);
         for _ in 0..R::BLOCK / 4 {
-            r.one().await?;
+            r.one(*done).await?;
+            *done += 1;
         }
     }
     let blocks = config.rounds * if config.quick { 2 } else { 10 };
     let mut micros: HashMap<R::Probe, Vec<f64>> = HashMap::new();
     for block in 0..blocks {
         for k in 0..running.len() {
-            let r = &mut running[(block + k) % running.len()];
+            let i = (block + k) % running.len();
+            let r = &mut running[i];
             r.prepare(block + 1);
             let started = Instant::now();
             for _ in 0..R::BLOCK {
-                r.one().await?;
+                r.one(done[i]).await?;
+                done[i] += 1;
             }
             let per_op = started.elapsed().as_secs_f64() * 1e6 / R::BLOCK as f64;
             micros.entry(r.probe()).or_default().push(per_op);
@@ -108,7 +114,8 @@ pub async fn time_blocks<R: Probing>(
     Ok((micros, blocks))
 }
 
-/// A probe table's row: the label, the median block's µs per operation, the range and the rate.
+/// A probe table's row: the label, the median block's microseconds per operation, the range and
+/// the rate.
 fn row(table: &mut Table, label: &str, micros: &[f64]) {
     let m = median(micros);
     let (lo, hi) = micros

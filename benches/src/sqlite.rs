@@ -60,15 +60,21 @@ pub async fn our_store(path: &Path) -> Result<SqliteStore, BenchError> {
     Ok(SqliteStore::open_with(config).await?)
 }
 
-/// A raw sqlx pool on `path` (created if missing), WAL, `synchronous = FULL`, every connection
-/// opened before it is returned.
-pub async fn raw_pool(path: &Path) -> Result<SqlitePool, BenchError> {
-    let options = SqliteConnectOptions::new()
+/// The raw contenders' connection options: `path` (created if missing), WAL, `synchronous`, and
+/// sqlx's busy handler for concurrent writers.
+pub fn raw_options(path: &Path, synchronous: SqliteSynchronous) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(30));
+        .synchronous(synchronous)
+        .busy_timeout(Duration::from_secs(30))
+}
+
+/// A raw sqlx pool on `path` ([`raw_options`], `synchronous = FULL`), every connection opened
+/// before it is returned.
+pub async fn raw_pool(path: &Path) -> Result<SqlitePool, BenchError> {
+    let options = raw_options(path, SqliteSynchronous::Full);
     let pool = SqlitePoolOptions::new()
         .max_connections(CONNECTIONS)
         .connect_with(options)

@@ -7,11 +7,10 @@
 //! e.g. one probe at a time under `valgrind --tool=callgrind` for instruction counts.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use cqrs_core::{EventStore, NewEvent, StreamId};
 use cqrs_sqlite::SqliteStore;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnection, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection};
 
 use crate::append::BATCH;
@@ -142,7 +141,6 @@ struct Running {
     probe: Probe,
     live: Live,
     sql: String,
-    done: u64,
     path: PathBuf,
     /// The current block's batches, built before it is timed.
     batches: Vec<Vec<NewEvent>>,
@@ -156,11 +154,7 @@ async fn open(probe: Probe) -> Result<Running, BenchError> {
         _ => {
             store.close().await;
             drop(store);
-            let conn = SqliteConnectOptions::new()
-                .filename(&path)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Full)
-                .busy_timeout(Duration::from_secs(30))
+            let conn = crate::sqlite::raw_options(&path, SqliteSynchronous::Full)
                 .connect()
                 .await?;
             Live::Conn(Box::new(conn))
@@ -176,7 +170,6 @@ async fn open(probe: Probe) -> Result<Running, BenchError> {
         probe,
         live,
         sql,
-        done: 0,
         path,
         batches: Vec::new(),
     })
@@ -227,10 +220,8 @@ impl Probing for Running {
             .collect();
     }
 
-    async fn one(&mut self) -> Result<(), BenchError> {
+    async fn one(&mut self, n: u64) -> Result<(), BenchError> {
         let events = self.batches.pop().ok_or("a block has no batch left")?;
-        let n = self.done;
-        self.done += 1;
         let stream = StreamId::new("account", format!("probe-{:06}", n / PER_STREAM));
         let base = (n % PER_STREAM) * BATCH as u64;
         let recorded_at = chrono::Utc::now().timestamp_micros();

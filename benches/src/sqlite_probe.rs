@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cqrs_core::{EventStore, Repository, StreamId};
 use cqrs_sqlite::{SqliteConfig, SqliteStore, Synchronous};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnection, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection};
 use tokio::sync::{mpsc, oneshot};
 
@@ -118,8 +118,6 @@ enum Live {
 struct Running {
     probe: Probe,
     live: Live,
-    /// Operations done so far (the next event's number).
-    done: u64,
     path: Option<PathBuf>,
 }
 
@@ -134,7 +132,6 @@ async fn open(probe: Probe) -> Result<Running, BenchError> {
         return Ok(Running {
             probe,
             live: Live::Task(queue),
-            done: 0,
             path: None,
         });
     }
@@ -165,14 +162,11 @@ async fn open(probe: Probe) -> Result<Running, BenchError> {
         _ => {
             store.close().await;
             drop(store);
-            let conn = SqliteConnectOptions::new()
-                .filename(&path)
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(match synchronous {
-                    Synchronous::Normal => SqliteSynchronous::Normal,
-                    _ => SqliteSynchronous::Full,
-                })
-                .busy_timeout(Duration::from_secs(30))
+            let synchronous = match synchronous {
+                Synchronous::Normal => SqliteSynchronous::Normal,
+                _ => SqliteSynchronous::Full,
+            };
+            let conn = crate::sqlite::raw_options(&path, synchronous)
                 .connect()
                 .await?;
             Live::Conn(Box::new(conn))
@@ -181,7 +175,6 @@ async fn open(probe: Probe) -> Result<Running, BenchError> {
     Ok(Running {
         probe,
         live,
-        done: 0,
         path: Some(path),
     })
 }
@@ -193,9 +186,7 @@ impl Probing for Running {
         self.probe
     }
 
-    async fn one(&mut self) -> Result<(), BenchError> {
-        let n = self.done;
-        self.done += 1;
+    async fn one(&mut self, n: u64) -> Result<(), BenchError> {
         let (stream, before, event) = nth_event(n);
         match (&mut self.live, self.probe) {
             (Live::Task(queue), _) => {
