@@ -32,6 +32,7 @@ mod nats;
 mod peers;
 mod pg_probe;
 mod probe;
+mod raw_group;
 mod readmodels;
 mod report;
 mod sqlite;

@@ -203,16 +203,20 @@ impl Contender for Ours {
 
 /// A contender's own schema and pool: what it counts at the end and drops.
 pub struct Place {
-    pool: PgPool,
-    schema: String,
+    pub(crate) pool: PgPool,
+    pub(crate) schema: String,
 }
 
 impl Place {
-    async fn stored_events(&self) -> Result<i64, BenchError> {
+    pub(crate) fn new(pool: PgPool, schema: String) -> Self {
+        Self { pool, schema }
+    }
+
+    pub(crate) async fn stored_events(&self) -> Result<i64, BenchError> {
         count(&self.pool, &format!("\"{}\".events", self.schema)).await
     }
 
-    async fn finish(self) -> Result<(), BenchError> {
+    pub(crate) async fn finish(self) -> Result<(), BenchError> {
         db::drop_schema(&self.pool, &self.schema).await?;
         self.pool.close().await;
         Ok(())
@@ -398,6 +402,8 @@ enum Kind {
     OursGroup,
     /// The defaults: `Repository::new(PostgresStore::new(pool))` (cache and group commit on).
     Ours,
+    /// Raw group commit: one writer task inserts what every client queued ([`crate::raw_group`]).
+    RawGroup,
 }
 
 impl Kind {
@@ -412,6 +418,7 @@ impl Kind {
             Kind::OursCache => "ours, aggregate cache only (`without_group_commit`)",
             Kind::OursGroup => "ours, group commit only (`without_cache`)",
             Kind::Ours => "ours, defaults (group commit + aggregate cache)",
+            Kind::RawGroup => "raw sqlx: group INSERT (one writer task, state in memory)",
         }
     }
 
@@ -430,6 +437,7 @@ impl Kind {
             Kind::OursCache => Live::Ours(Ours::new(url, &name, true, false).await?),
             Kind::OursGroup => Live::Ours(Ours::new(url, &name, false, true).await?),
             Kind::Ours => Live::Ours(Ours::new(url, &name, true, true).await?),
+            Kind::RawGroup => Live::RawGroup(crate::raw_group::RawGroup::new(url, &name).await?),
         })
     }
 }
@@ -441,6 +449,7 @@ enum Live {
     RawReadInsert(RawReadInsert),
     RawInsert(RawInsert),
     Ours(Ours),
+    RawGroup(crate::raw_group::RawGroup),
 }
 
 impl Contender for Live {
@@ -451,6 +460,7 @@ impl Contender for Live {
             Live::RawReadInsert(c) => c.execute(id, cmd).await,
             Live::RawInsert(c) => c.execute(id, cmd).await,
             Live::Ours(c) => c.execute(id, cmd).await,
+            Live::RawGroup(c) => c.execute(id, cmd).await,
         }
     }
 
@@ -461,6 +471,7 @@ impl Contender for Live {
             Live::RawReadInsert(c) => c.stored_events().await,
             Live::RawInsert(c) => c.stored_events().await,
             Live::Ours(c) => c.stored_events().await,
+            Live::RawGroup(c) => c.stored_events().await,
         }
     }
 
@@ -471,6 +482,7 @@ impl Contender for Live {
             Live::RawReadInsert(c) => c.finish().await,
             Live::RawInsert(c) => c.finish().await,
             Live::Ours(c) => c.finish().await,
+            Live::RawGroup(c) => c.finish().await,
         }
     }
 }
@@ -583,6 +595,7 @@ pub async fn run(config: &Config) -> Result<Vec<Table>, BenchError> {
         Kind::OursPlain,
         Kind::OursCache,
         Kind::OursGroup,
+        Kind::RawGroup,
         Kind::Ours,
     ];
     let clients = [1_usize, 8];
