@@ -73,13 +73,14 @@ pub struct GroupCommit {
     /// application whose open transaction waits for one of them does not deadlock. 2 keeps a
     /// second write going from the start.
     pub max_in_flight: usize,
-    /// How long a slot keeps its connection after its last write, for the next one. Each slot
-    /// holds at most one connection, taken from the pool; reusing it skips the pool's round trips
-    /// (sqlx pings a connection when it is checked out and when it is given back), which on a
-    /// fast network is a good part of a single-event append. While it is idle, the store's
-    /// `read_stream` (a command's load) borrows it too. A slot never keeps the pool's last idle
+    /// How long a kept connection waits for its next use. Each slot keeps the connection of its
+    /// last write for the next one; reusing it skips the pool's round trips (sqlx pings a
+    /// connection when it is checked out and when it is given back), which on a fast network is
+    /// a good part of a single-event append. A command's load (the store's `read_stream`) runs
+    /// on a kept connection that is idle, and keeps the one it had to take from the pool in the
+    /// same way (at most two beyond one per slot). The store never keeps the pool's last idle
     /// connection, and idle connections go back within about this long (also when the store is
-    /// dropped). `Duration::ZERO` gives every connection back after its write.
+    /// dropped). `Duration::ZERO` gives every connection back after its use.
     pub keep_connection: Duration,
 }
 
@@ -125,6 +126,12 @@ impl GroupCommit {
 /// [`GroupCommitter::let_runnable_tasks_join`]. One yield already takes in most of the
 /// runnable appends; the bound only keeps a leader from yielding forever under a steady stream.
 const JOIN_YIELDS: usize = 4;
+
+/// Connections kept aside for loads, beyond one per write slot (see
+/// [`GroupCommitter::put_aside`]). Under load a slot's connection is busy writing, and the loads of
+/// the commands that miss the aggregate cache (a stream's first command, a stale entry) run beside
+/// it; two cover the loads of a few clients at once without keeping much of a pool.
+const KEPT_FOR_LOADS: usize = 2;
 
 /// How long an append waits in the queue before it may lead from an extra slot (see
 /// [`GroupCommitter::extra_slot`]). Far above a healthy write (about a millisecond for a group of
@@ -311,10 +318,11 @@ impl GroupCommitter {
         Some(Slot::new(Arc::clone(self), conn))
     }
 
-    /// Keeps a freed slot's connection for the next slot taken, for `keep_connection`: at most
-    /// `max_in_flight` of them, and only while the pool has another idle connection. A connection
-    /// not kept comes back, for the caller to drop (back to the pool, to whoever may be waiting
-    /// for it) once it has let go of the state's lock.
+    /// Keeps a connection (a freed slot's, or one a load used) for the next slot taken or load,
+    /// for `keep_connection`: at most [`GroupCommitter::spare_capacity`] of them, and only while
+    /// the pool has another idle connection. A connection not kept comes back, for the caller to
+    /// drop (back to the pool, to whoever may be waiting for it) once it has let go of the
+    /// state's lock.
     #[must_use = "a connection not kept goes back to the pool when dropped: drop it outside the lock"]
     fn put_aside(
         self: &Arc<Self>,
@@ -322,7 +330,7 @@ impl GroupCommitter {
         conn: PoolConnection<Postgres>,
     ) -> Option<PoolConnection<Postgres>> {
         let keep = self.config.keep_connection;
-        if keep.is_zero() || !self.may_hold() || state.spare.len() >= self.config.max_in_flight {
+        if keep.is_zero() || !self.may_hold() || state.spare.len() >= self.spare_capacity() {
             return Some(conn);
         }
         // Started with the first spare, and again if its runtime went away since.
@@ -341,6 +349,12 @@ impl GroupCommitter {
         None
     }
 
+    /// The most connections kept aside at once: one per write slot, and [`KEPT_FOR_LOADS`] more
+    /// for the loads of commands that run while the slots' connections are busy writing.
+    fn spare_capacity(&self) -> usize {
+        self.config.max_in_flight + KEPT_FOR_LOADS
+    }
+
     /// Whether the committer may hold on to a connection now: only while the pool has another
     /// idle, so that it never sits on one that someone else is waiting for (another slot's
     /// leader, or the application, on a small pool).
@@ -354,7 +368,7 @@ impl GroupCommitter {
         self.state().spare.pop().map(|(conn, _)| conn)
     }
 
-    /// Puts a borrowed connection aside again (after a read that succeeded).
+    /// Puts a load's connection aside (after a read that succeeded), borrowed or from the pool.
     pub(crate) fn give_back(self: &Arc<Self>, conn: PoolConnection<Postgres>) {
         let rejected = self.put_aside(&mut self.state(), conn);
         drop(rejected);

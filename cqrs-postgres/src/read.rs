@@ -87,9 +87,11 @@ impl PostgresStore {
     }
 
     /// One stream's rows from `statement` (`$1` stream type, `$2` id, `$3` first version, `$4`
-    /// limit), each decoded by `decode`. A load before a command runs on a connection group
-    /// commit keeps, if one is idle (no pool round trips); on a connection error (the server
-    /// closed it meanwhile) it reads from the pool.
+    /// limit), each decoded by `decode`. With group commit, a load before a command runs on a
+    /// connection the store keeps, if one is idle (no pool round trips; on a connection error,
+    /// the server closed it meanwhile, it reads from the pool instead), and a connection it had
+    /// to take from the pool is kept afterwards in the same way: under load, the loads of the
+    /// commands that miss the aggregate cache then skip the pool's two pings as the writes do.
     async fn stream_rows<T, E: RowError>(
         &self,
         statement: &sqlx::SqlStr,
@@ -121,6 +123,16 @@ impl PostgresStore {
                     Err(other) => return Err(other),
                 }
             }
+            let mut conn = self
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| E::from(self.fail(e)))?;
+            let events = self
+                .decode_rows_with(query().fetch(&mut *conn), limit, decode)
+                .await?;
+            group.give_back(conn);
+            return Ok(events);
         }
         self.decode_rows_with(query().fetch(&self.pool), limit, decode)
             .await

@@ -821,6 +821,48 @@ async fn a_load_after_an_append_uses_the_kept_connection() {
     drop_schema(&store).await;
 }
 
+/// A load that finds no kept connection idle keeps the one it took from the pool, so that the
+/// next command's load (or write) skips the pool's round trips too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_keeps_the_connection_it_took_from_the_pool() {
+    let (store, pool) = keeping_store().await;
+    let stream = StreamId::new("account", "first-load");
+    // Nothing written yet, so nothing kept: the load takes a connection from the pool.
+    assert!(store
+        .read_stream(&stream, StreamVersion::new(1), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_keeps_one(&pool).await;
+    drop_schema(&store).await;
+}
+
+/// Concurrent loads keep at most three connections (one for the write slot, two for loads); the
+/// rest go back to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_loads_keep_at_most_three_connections() {
+    let store = fresh_store_with(8)
+        .await
+        .with_group_commit(GroupCommit::default().with_keep_connection(Duration::from_secs(30)));
+    let pool = store.pool().clone();
+    open_connections(&pool, 7).await;
+    let stream = StreamId::new("account", "many-loads");
+    // Polled together, every load takes its connection before any answer arrives.
+    let loads = futures_util::future::join_all(
+        (0..6).map(|_| store.read_stream(&stream, StreamVersion::new(1), 10)),
+    )
+    .await;
+    assert!(loads.into_iter().all(|events| events.unwrap().is_empty()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        wait_for(|| pool.size() as usize - pool.num_idle() == 3).await,
+        "expected three kept connections: {} idle of {}",
+        pool.num_idle(),
+        pool.size()
+    );
+    drop_schema(&store).await;
+}
+
 /// A store whose group commit keeps connections for 30 s (longer than any test), on a pool with
 /// three connections open.
 async fn keeping_store() -> (cqrs_postgres::PostgresStore, sqlx::PgPool) {
