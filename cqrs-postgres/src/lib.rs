@@ -176,7 +176,8 @@
 //!   [`PostgresStore::without_group_commit`] turns it off): concurrent appends to
 //!   different streams are written in one statement and one commit by whichever caller finds a
 //!   free slot; each caller still gets its own result or concurrency error. The slots keep their
-//!   connections between writes, so appends skip the pool's checkout round trips.
+//!   connections between writes, and commands' loads keep theirs, so both skip the pool's
+//!   checkout round trips.
 //!
 //! **Round trips to the pool.** Everything else takes a connection from the `PgPool` per
 //! operation, and sqlx pings it on the way out and on the way back: two round trips that on a
