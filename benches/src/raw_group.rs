@@ -6,7 +6,6 @@
 //! clients it just answered can queue their next commands. No version guard beyond the unique
 //! index, no idempotency, no notification, no reads: what group commit costs with nothing else.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use cqrs_core::EventSet;
@@ -16,7 +15,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::domain::Cmd;
-use crate::w1::{Contender, Place};
+use crate::w1::{Accounts, Contender, Place};
 use crate::{db, BenchError};
 
 /// The most yields before the writer takes its group (the bound our group committer uses).
@@ -49,7 +48,7 @@ impl Queue {
 /// Raw group commit: see the module docs.
 pub struct RawGroup {
     place: Place,
-    state: Mutex<HashMap<String, (bool, i64)>>,
+    state: Accounts,
     queue: Arc<Queue>,
     writer: JoinHandle<()>,
 }
@@ -70,7 +69,7 @@ impl RawGroup {
         let writer = tokio::spawn(write(pool.clone(), insert, Arc::clone(&queue)));
         Ok(Self {
             place: Place::new(pool, schema),
-            state: Mutex::default(),
+            state: Accounts::default(),
             queue,
             writer,
         })
@@ -138,19 +137,12 @@ impl Drop for RawGroup {
 
 impl Contender for RawGroup {
     async fn execute(&self, id: &str, cmd: &Cmd) -> Result<(), BenchError> {
-        let (open, version) = self
-            .state
-            .lock()
-            .map_err(|_| "poisoned")?
-            .get(id)
-            .copied()
-            .unwrap_or((false, 0));
-        cmd.validate(open)?;
+        let version = self.state.decide(id, cmd)?;
         let event = cmd.event();
         let (reply, result) = oneshot::channel();
         self.queue.lock().push(Queued {
             id: id.to_owned(),
-            version: version + 1,
+            version,
             event_id: Uuid::now_v7(),
             event_type: event.event_type(),
             schema_version: i32::try_from(event.schema_version())?,
@@ -159,11 +151,7 @@ impl Contender for RawGroup {
         });
         self.queue.more.notify_one();
         result.await.map_err(|_| "the raw group writer stopped")??;
-        self.state
-            .lock()
-            .map_err(|_| "poisoned")?
-            .insert(id.to_owned(), (true, version + 1));
-        Ok(())
+        self.state.stored(id, version)
     }
 
     async fn stored_events(&self) -> Result<i64, BenchError> {

@@ -325,7 +325,7 @@ impl Contender for RawReadInsert {
 pub struct RawInsert {
     place: Place,
     insert: String,
-    state: Mutex<HashMap<String, (bool, i64)>>,
+    state: Accounts,
     /// `Some` when keeping connections: the idle ones.
     kept: Option<Mutex<Vec<PoolConnection<Postgres>>>>,
 }
@@ -339,39 +339,57 @@ impl RawInsert {
         Ok(Self {
             place: Place { pool, schema },
             insert: insert_sql(&table),
-            state: Mutex::default(),
+            state: Accounts::default(),
             kept: keep.then(Mutex::default),
         })
     }
 }
 
-impl Contender for RawInsert {
-    async fn execute(&self, id: &str, cmd: &Cmd) -> Result<(), BenchError> {
+/// The raw contenders' state in memory: per account, whether it is open and its stream's
+/// version.
+#[derive(Default)]
+pub(crate) struct Accounts(Mutex<HashMap<String, (bool, i64)>>);
+
+impl Accounts {
+    /// Validates `cmd` against account `id`'s state; the version its event gets.
+    pub(crate) fn decide(&self, id: &str, cmd: &Cmd) -> Result<i64, BenchError> {
         let (open, version) = self
-            .state
+            .0
             .lock()
             .map_err(|_| "poisoned")?
             .get(id)
             .copied()
             .unwrap_or((false, 0));
         cmd.validate(open)?;
+        Ok(version + 1)
+    }
+
+    /// Records that account `id`'s event `version` is stored.
+    pub(crate) fn stored(&self, id: &str, version: i64) -> Result<(), BenchError> {
+        self.0
+            .lock()
+            .map_err(|_| "poisoned")?
+            .insert(id.to_owned(), (true, version));
+        Ok(())
+    }
+}
+
+impl Contender for RawInsert {
+    async fn execute(&self, id: &str, cmd: &Cmd) -> Result<(), BenchError> {
+        let version = self.state.decide(id, cmd)?;
         match &self.kept {
-            None => raw_insert(&self.place.pool, &self.insert, id, version + 1, cmd).await?,
+            None => raw_insert(&self.place.pool, &self.insert, id, version, cmd).await?,
             Some(kept) => {
                 let idle = kept.lock().map_err(|_| "poisoned")?.pop();
                 let mut conn = match idle {
                     Some(conn) => conn,
                     None => self.place.pool.acquire().await?,
                 };
-                raw_insert(&mut *conn, &self.insert, id, version + 1, cmd).await?;
+                raw_insert(&mut *conn, &self.insert, id, version, cmd).await?;
                 kept.lock().map_err(|_| "poisoned")?.push(conn);
             }
         }
-        self.state
-            .lock()
-            .map_err(|_| "poisoned")?
-            .insert(id.to_owned(), (true, version + 1));
-        Ok(())
+        self.state.stored(id, version)
     }
 
     async fn stored_events(&self) -> Result<i64, BenchError> {
