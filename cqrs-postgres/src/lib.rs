@@ -160,9 +160,10 @@
 //! - **Wake-ups.** Committed appends are announced with `NOTIFY` on
 //!   [`PostgresStore::notification_channel`], at most once per 2 ms: the first append (or group
 //!   commit) of an interval notifies in its own statement, later ones are covered by the next,
-//!   and a background task sends one trailing `NOTIFY` for what no append carried. A `pg_notify` inside every append
-//!   would serialize all concurrent commits on PostgreSQL's notification lock. `append_in` always
-//!   notifies in its statement, delivered when the caller commits.
+//!   and a background task sends one trailing `NOTIFY` for what no append carried. A
+//!   `pg_notify` inside every append would serialize all concurrent commits on PostgreSQL's
+//!   notification lock. `append_in` always notifies in its statement, delivered when the caller
+//!   commits.
 //! - **Gap-free reads.** [`EventStore::read_all`](cqrs_core::EventStore::read_all) orders by
 //!   `(tx, position)` and returns only events below the visibility horizon
 //!   `pg_snapshot_xmin(pg_current_snapshot())`: every transaction below it has finished, and any
