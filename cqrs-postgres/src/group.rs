@@ -168,7 +168,7 @@ struct State {
     queue: Vec<Request>,
     /// Slots taken: writes in flight (groups, or appends written alone by a slot's holder).
     slots: usize,
-    /// Streams with an append taken from the queue and not yet answered, with how many.
+    /// Streams with an append taken from the queue whose write is not done yet, with how many.
     writing: HashMap<StreamId, usize>,
     /// Connections of freed slots, kept for the next slot taken (at most one per slot), with the
     /// time each was put here.
@@ -432,8 +432,8 @@ impl GroupCommitter {
     }
 }
 
-/// The streams of a group taken from the queue, counted in [`State::writing`] until its appends
-/// are answered (dropped then, also when the write is cancelled).
+/// The streams of a group taken from the queue, counted in [`State::writing`] until the group's
+/// write is done (dropped just before the replies go out, or with a cancelled write).
 struct Writing {
     committer: Arc<GroupCommitter>,
     streams: Vec<StreamId>,
@@ -507,8 +507,14 @@ impl Slot {
             cqrs_core::metrics::group_commit("postgres", group.len());
         }
         if group.len() > 1 {
-            write_group(&mut self, &committer.sql, committer.announcer.get(), group).await;
-            drop(writing);
+            write_group(
+                &mut self,
+                &committer.sql,
+                committer.announcer.get(),
+                group,
+                writing,
+            )
+            .await;
             return;
         }
         // Alone: the individual statement is cheaper than the group's. The slot goes with the
@@ -590,11 +596,16 @@ async fn reap(committer: Weak<GroupCommitter>, spare_put: Arc<Notify>, keep: Dur
 
 /// One statement for the whole group, on the slot's connection; replies to every request. If
 /// `announcer` gives it the interval's notification, the statement carries it.
+///
+/// The group's streams stop counting as being written (`writing` dropped) before the first reply
+/// goes out: a member's caller may append to its stream again the moment it has its reply, and
+/// that append belongs in the next group, not alone on the hot-stream path.
 async fn write_group(
     slot: &mut Slot,
     sql: &Statements,
     announcer: Option<&Arc<Announcer>>,
     group: Vec<Request>,
+    writing: Writing,
 ) {
     let events: usize = group.iter().map(|r| r.batch.len()).sum();
     let mut columns = Columns::with_capacity(events);
@@ -610,6 +621,7 @@ async fn write_group(
         Err(error) => {
             // No connection: each caller appends alone (and meets the error itself).
             tracing::debug!(%error, appends = group.len(), "no connection for a group; appending individually");
+            drop(writing);
             for request in group {
                 let _ = request.reply.send(Joined::Alone(None));
             }
@@ -697,6 +709,7 @@ async fn write_group(
                 .collect()
         }
     };
+    drop(writing);
     for (request, reply) in group.into_iter().zip(replies) {
         let _ = request.reply.send(reply);
     }

@@ -274,6 +274,66 @@ async fn appends_already_runnable_join_the_leaders_group() {
     }
 }
 
+/// A writer that appends again the moment its grouped append returns (a client's next command
+/// on its own stream) joins the queue for the next group: its stream no longer counts as being
+/// written once its reply is out. Were it still counted, the append would take the hot-stream
+/// path and be written alone, outside every group, which only a multi-threaded runtime shows
+/// (the caller's task resumes on another worker while the leader is still replying to the
+/// rest). Every append taken from the queue is counted in the group-size histogram, so the
+/// histogram's sum is the number of appends that went through the queue: all of them.
+#[test]
+fn a_writer_appending_again_after_its_reply_joins_the_queue() {
+    const WRITERS: usize = 8;
+    const APPENDS: usize = 40;
+    // The metrics of every worker thread go to one recorder; `metrics` keeps a local recorder per
+    // thread, set here for the runtime's threads as each starts.
+    let recorder: &'static _ =
+        Box::leak(Box::new(metrics_util::debugging::DebuggingRecorder::new()));
+    let snapshotter = recorder.snapshotter();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .on_thread_start(move || std::mem::forget(metrics::set_default_local_recorder(recorder)))
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let store = fresh_store_with(8).await;
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let stream = StreamId::new("account", format!("again{w}"));
+                    for i in 0..APPENDS {
+                        let expected = ExpectedVersion::Exact(StreamVersion::new(i as u64));
+                        store.append(&stream, expected, batch(1)).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        drop_schema(&store).await;
+    });
+    let queued: f64 = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == cqrs_core::metrics::GROUP_COMMIT_SIZE)
+        .filter_map(|(.., value)| match value {
+            metrics_util::debugging::DebugValue::Histogram(sizes) => {
+                Some(sizes.iter().map(|size| size.into_inner()).sum::<f64>())
+            }
+            _ => None,
+        })
+        .sum();
+    assert_eq!(
+        queued as usize,
+        WRITERS * APPENDS,
+        "appends that went through the group-commit queue"
+    );
+}
+
 /// Under load a group's statement carries the notification, as a lone append's does: announcing
 /// costs no `NOTIFY` of its own and no extra round trip. Each burst of eight runnable appends
 /// after the first is one group (see `appends_already_runnable_join_the_leaders_group`), and
