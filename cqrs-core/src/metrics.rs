@@ -15,6 +15,7 @@
 //! | `cqrs_append_duration_seconds` | histogram | `aggregate` | one append of a command's events (re-sends included) |
 //! | `cqrs_events_appended_total` | counter | `aggregate` | events appended by commands |
 //! | `cqrs_group_commit_size` | histogram | `backend` | appends written together by one group commit (PostgreSQL, SQLite) |
+//! | `cqrs_load_group_size` | histogram | `backend` | commands' loads (stream replays) read together in one statement, 1 for a load read alone (PostgreSQL with group commit) |
 //! | `cqrs_notifications_total` | counter | `backend`, `carried_by` | append notifications the store committed (PostgreSQL's `NOTIFY`): `carried_by` is `append` (in an append's own statement), `group` (in a group commit's statement) or `background` (a `NOTIFY` of its own, after the last append of a burst); those of `append_in` are the caller's |
 //! | `cqrs_projection_events_applied_total` | counter | `projection` | events a runner applied and committed |
 //! | `cqrs_projection_batch_commit_seconds` | histogram | `projection` | one batch: handlers, flush and checkpoint commit |
@@ -35,6 +36,8 @@ pub const APPEND_DURATION: &str = "cqrs_append_duration_seconds";
 pub const EVENTS_APPENDED: &str = "cqrs_events_appended_total";
 /// `cqrs_group_commit_size`.
 pub const GROUP_COMMIT_SIZE: &str = "cqrs_group_commit_size";
+/// `cqrs_load_group_size`.
+pub const LOAD_GROUP_SIZE: &str = "cqrs_load_group_size";
 /// `cqrs_notifications_total`.
 pub const NOTIFICATIONS: &str = "cqrs_notifications_total";
 /// `cqrs_projection_events_applied_total`.
@@ -84,6 +87,11 @@ pub(crate) fn appended(aggregate: &'static str, events: usize, took: Duration) {
 /// Records the size of a group commit; for backends.
 pub fn group_commit(backend: &'static str, appends: usize) {
     metrics::histogram!(GROUP_COMMIT_SIZE, "backend" => backend).record(appends as f64);
+}
+
+/// Records how many loads one statement read; for backends.
+pub fn load_group(backend: &'static str, loads: usize) {
+    metrics::histogram!(LOAD_GROUP_SIZE, "backend" => backend).record(loads as f64);
 }
 
 /// Counts a notification of appends that a store committed, `carried_by` one of `append`,

@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 
 use crate::append::{expected_code, to_version, Encoded};
 use crate::error::{is_connection_error, is_version_collision};
+use crate::load::LoadGroup;
 use crate::notify::Announcer;
 use crate::row::parse_tx;
 use crate::sql::Statements;
@@ -191,6 +192,8 @@ pub(crate) struct GroupCommitter {
     state: Mutex<State>,
     /// Wakes the reaper when a spare connection is put aside.
     spare_put: Arc<Notify>,
+    /// Commands' loads, grouped as the writes are (see [`crate::load`]).
+    pub(crate) loads: Arc<LoadGroup>,
 }
 
 impl Drop for GroupCommitter {
@@ -237,6 +240,7 @@ impl GroupCommitter {
             announcer,
             state: Mutex::default(),
             spare_put: Arc::new(Notify::new()),
+            loads: Arc::default(),
         })
     }
 

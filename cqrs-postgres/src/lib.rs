@@ -176,9 +176,10 @@
 //! - **Group commit** (on by default; [`PostgresStore::with_group_commit`] configures it,
 //!   [`PostgresStore::without_group_commit`] turns it off): concurrent appends to
 //!   different streams are written in one statement and one commit by whichever caller finds a
-//!   free slot; each caller still gets its own result or concurrency error. The slots keep their
-//!   connections between writes, and commands' loads keep theirs, so both skip the pool's
-//!   checkout round trips.
+//!   free slot; each caller still gets its own result or concurrency error. Concurrent loads of
+//!   commands that miss the aggregate cache (`read_stream_for_replay`) are read together in one
+//!   statement in the same way. The slots keep their connections between writes, and commands'
+//!   loads keep theirs, so both skip the pool's checkout round trips.
 //!
 //! **Round trips to the pool.** Everything else takes a connection from the `PgPool` per
 //! operation, and sqlx pings it on the way out and on the way back: two round trips that on a
@@ -193,6 +194,7 @@ mod checkpoints;
 mod error;
 mod group;
 mod horizon;
+mod load;
 mod notify;
 mod projections;
 mod read;

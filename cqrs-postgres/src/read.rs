@@ -9,11 +9,11 @@ use cqrs_core::{
     RecordedEvent, ReplayEvent, StoreError, StreamId, StreamVersion,
 };
 use futures_util::TryStreamExt;
-use sqlx::postgres::PgRow;
+use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use sqlx::Row;
 
 use crate::error::map_error;
-use crate::{append, notify, row, PostgresStore};
+use crate::{append, load, notify, row, PostgresStore};
 
 impl PostgresStore {
     /// Runs a count statement: `all`, or `only` with the type names first; then each position
@@ -87,11 +87,8 @@ impl PostgresStore {
     }
 
     /// One stream's rows from `statement` (`$1` stream type, `$2` id, `$3` first version, `$4`
-    /// limit), each decoded by `decode`. With group commit, a load before a command runs on a
-    /// connection the store keeps, if one is idle (no pool round trips; on a connection error,
-    /// the server closed it meanwhile, it reads from the pool instead), and a connection it had
-    /// to take from the pool is kept afterwards in the same way: under load, the loads of the
-    /// commands that miss the aggregate cache then skip the pool's two pings as the writes do.
+    /// limit), each decoded by `decode`, read as a command's load (see
+    /// [`PostgresStore::rows_for_load`]).
     async fn stream_rows<T, E: RowError>(
         &self,
         statement: &sqlx::SqlStr,
@@ -101,14 +98,29 @@ impl PostgresStore {
         decode: impl Fn(&PgRow) -> Result<T, E> + Copy,
     ) -> Result<Vec<T>, E> {
         stream.validate().map_err(StoreError::from)?;
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let query = || {
             sqlx::query(statement.clone())
                 .bind(stream.stream_type())
                 .bind(stream.id())
                 .bind(i64::try_from(from.get()).unwrap_or(i64::MAX))
-                .bind(limit)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         };
+        self.rows_for_load(query, limit, decode).await
+    }
+
+    /// The rows of `query` (at most about `limit`), each decoded by `decode`. With group commit,
+    /// a load before a command runs on a connection the store keeps, if one is idle (no pool
+    /// round trips; on a connection error, the server closed it meanwhile, it reads from the pool
+    /// instead), and a connection it had to take from the pool is kept afterwards in the same
+    /// way: under load, the loads of the commands that miss the aggregate cache then skip the
+    /// pool's two pings as the writes do.
+    pub(crate) async fn rows_for_load<'q, T, E: RowError>(
+        &self,
+        query: impl Fn() -> sqlx::query::Query<'q, Postgres, PgArguments>,
+        limit: usize,
+        decode: impl Fn(&PgRow) -> Result<T, E> + Copy,
+    ) -> Result<Vec<T>, E> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         if let Some(group) = &self.group {
             if let Some(mut conn) = group.borrow_kept() {
                 match self
@@ -187,7 +199,7 @@ impl PostgresStore {
 }
 
 /// The error of a row read: a connection error makes a read on a kept connection retry on the pool.
-trait RowError: From<StoreError> {
+pub(crate) trait RowError: From<StoreError> {
     fn is_connection(&self) -> bool;
 }
 
@@ -248,12 +260,22 @@ impl EventStore for PostgresStore {
         from: StreamVersion,
         limit: usize,
     ) -> Result<Vec<ReplayEvent>, StoreError> {
+        // A command's load: read with the loads of other commands when group commit is on.
+        let mut reading = None;
+        if let Some(group) = &self.group {
+            stream.validate()?;
+            match group.loads.load(self, stream, from, limit).await {
+                load::Load::Read(events) => return Ok(events),
+                load::Load::Alone(held) => reading = held,
+            }
+        }
         let read = &self.sql.read_stream_for_replay;
         let rows = self
             .stream_rows(read, stream, from, limit, |row| {
                 row::replayed(row).ok_or(ReplayRowError::Unreadable)
             })
             .await;
+        drop(reading);
         match rows {
             Ok(events) => Ok(events),
             // The full read fails on the same row, with the error naming its position.

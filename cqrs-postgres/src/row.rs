@@ -116,12 +116,14 @@ pub(crate) fn recorded(row: &PgRow) -> Result<RecordedEvent, StoreError> {
 }
 
 /// The columns of `REPLAY_COLUMNS`, in order.
-mod replay_col {
+pub(crate) mod replay_col {
     pub const STREAM_VERSION: usize = 0;
     pub const EVENT_TYPE: usize = 1;
     pub const SCHEMA_VERSION: usize = 2;
     pub const PAYLOAD: usize = 3;
     pub const RECORDED_AT: usize = 4;
+    /// A grouped load's member (`read_streams_for_replay`), after the replay columns.
+    pub const MEMBER: usize = 5;
 }
 
 /// An event as replay reads it (the columns of `REPLAY_COLUMNS`, in order), or `None` if the row

@@ -81,6 +81,7 @@ pub struct Statements {
     pub find_ids: SqlStr,
     pub read_stream: SqlStr,
     pub read_stream_for_replay: SqlStr,
+    pub read_streams_for_replay: SqlStr,
     pub find_event: SqlStr,
     pub read_all: SqlStr,
     pub read_all_filtered: SqlStr,
@@ -270,6 +271,19 @@ impl Statements {
                 "SELECT {REPLAY_COLUMNS} FROM {events}
                  WHERE stream_type = $1 AND stream_id = $2 AND stream_version >= $3
                  ORDER BY stream_version LIMIT $4"
+            )),
+            // A grouped load: each member's stream (`$1`-`$4`, one array element per member)
+            // from its first version, at most its limit, with its ordinal (`n`, 1-based) last.
+            // One index range scan per member. No overall ORDER BY (a sort of every row): the
+            // reader puts each member's rows in version order itself.
+            read_streams_for_replay: sql(format!(
+                "SELECT e.*, r.n FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                     WITH ORDINALITY AS r(st, sid, from_version, lim, n)
+                 CROSS JOIN LATERAL (
+                    SELECT {REPLAY_COLUMNS} FROM {events}
+                    WHERE stream_type = r.st AND stream_id = r.sid AND stream_version >= r.from_version
+                    ORDER BY stream_version LIMIT r.lim
+                 ) e"
             )),
             read_all: sql(format!(
                 "SELECT {COLUMNS} FROM {events}

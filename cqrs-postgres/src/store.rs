@@ -134,7 +134,10 @@ impl PostgresStore {
     /// streams are written in one statement and one transaction, by whichever caller leads the
     /// group (see [`GroupCommit`]); each caller still gets its own result or error. A lone append
     /// is written as usual. [`PostgresStore::append_in`] is unaffected (it uses the caller's
-    /// transaction).
+    /// transaction). Concurrent loads of different streams
+    /// ([`EventStore::read_stream_for_replay`](cqrs_core::EventStore::read_stream_for_replay), what
+    /// a command that misses the aggregate cache reads) are grouped the same way: one statement
+    /// reads them all, and a lone load reads alone.
     ///
     /// Each of the `max_in_flight` slots keeps its pooled connection from write to write (for
     /// [`GroupCommit::keep_connection`] once appends pause, and never the pool's last idle one),

@@ -14,6 +14,7 @@ mod concurrency;
 mod connection;
 mod gaps;
 mod group_commit;
+mod grouped_loads;
 mod hostile;
 mod lost_reply;
 mod process_manager;
