@@ -387,7 +387,7 @@ impl GroupCommitter {
     /// or in flight takes its group at once, so a lone client never yields (nor waits for a
     /// timer). `waited`: the leader leads appends that waited for a slot.
     async fn let_runnable_tasks_join(&self, waited: bool) {
-        let mut queued = {
+        let queued = {
             let state = self.state();
             // A lone client (its append took a free slot, the last group was one append, nothing
             // else is queued or in flight): nothing is coming, and a yield would cost it a trip
@@ -397,15 +397,7 @@ impl GroupCommitter {
             }
             state.queue.len()
         };
-        for _ in 0..JOIN_YIELDS {
-            tokio::task::yield_now().await;
-            let now = self.state().queue.len();
-            // Not grown: nothing more is coming, or another leader took the queue meanwhile.
-            if now <= queued {
-                break;
-            }
-            queued = now;
-        }
+        yield_while_growing(queued, || self.state().queue.len()).await;
     }
 
     /// Takes a group from the queue: the oldest appends, at most one per stream (a second
@@ -563,6 +555,21 @@ impl Drop for Slot {
         HANDING_OVER.set(true);
         runtime.spawn(next.lead(true));
         HANDING_OVER.set(false);
+    }
+}
+
+/// Yields to the runtime, up to [`JOIN_YIELDS`] times and only while `queued()` (a queue's
+/// length, `queued` before the first yield) keeps growing: the tasks already runnable add to the
+/// queue before a leader takes it. Not grown: nothing more is coming, or another leader took the
+/// queue meanwhile.
+pub(crate) async fn yield_while_growing(mut queued: usize, now: impl Fn() -> usize) {
+    for _ in 0..JOIN_YIELDS {
+        tokio::task::yield_now().await;
+        let now = now();
+        if now <= queued {
+            break;
+        }
+        queued = now;
     }
 }
 

@@ -19,10 +19,8 @@ use cqrs_core::{ReplayEvent, StoreError, StreamId, StreamVersion};
 use sqlx::Row;
 use tokio::sync::oneshot;
 
+use crate::group::yield_while_growing;
 use crate::{row, PostgresStore};
-
-/// At most this many yields before a leader takes its group (as group commit's leader does).
-const JOIN_YIELDS: usize = 4;
 
 /// The most loads read in one statement.
 const MAX_GROUP: usize = 64;
@@ -163,25 +161,18 @@ impl LoadGroup {
         }
     }
 
-    /// Yields to the runtime, up to [`JOIN_YIELDS`] times and only while the queue keeps growing,
-    /// so that loads of tasks already runnable join this read. Only when loads came together
-    /// last time or are queued now: a lone client never yields.
+    /// Yields to the runtime while the queue keeps growing (a few times at most), so that loads
+    /// of tasks already runnable join this read. Only when loads came together last time or are
+    /// queued now: a lone client never yields.
     async fn let_runnable_loads_join(&self) {
-        let mut queued = {
+        let queued = {
             let state = self.state();
             if state.last_group <= 1 && state.queue.is_empty() {
                 return;
             }
             state.queue.len()
         };
-        for _ in 0..JOIN_YIELDS {
-            tokio::task::yield_now().await;
-            let now = self.state().queue.len();
-            if now <= queued {
-                break;
-            }
-            queued = now;
-        }
+        yield_while_growing(queued, || self.state().queue.len()).await;
     }
 }
 

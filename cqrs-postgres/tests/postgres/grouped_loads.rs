@@ -32,19 +32,27 @@ async fn streams_and_loads(store: &PostgresStore) -> Vec<(StreamId, StreamVersio
     loads
 }
 
-/// Runs `loads` as tasks that are all runnable at once, and returns their results in order.
-async fn runnable_loads(
+/// `loads` as tasks, all runnable at once.
+fn spawn_loads(
     store: &PostgresStore,
     loads: &[(StreamId, StreamVersion, usize)],
-) -> Vec<Result<Vec<ReplayEvent>, StoreError>> {
-    let tasks: Vec<_> = loads
+) -> Vec<tokio::task::JoinHandle<Result<Vec<ReplayEvent>, StoreError>>> {
+    loads
         .iter()
         .cloned()
         .map(|(stream, from, limit)| {
             let store = store.clone();
             tokio::spawn(async move { store.read_stream_for_replay(&stream, from, limit).await })
         })
-        .collect();
+        .collect()
+}
+
+/// Runs `loads` as tasks that are all runnable at once, and returns their results in order.
+async fn runnable_loads(
+    store: &PostgresStore,
+    loads: &[(StreamId, StreamVersion, usize)],
+) -> Vec<Result<Vec<ReplayEvent>, StoreError>> {
+    let tasks = spawn_loads(store, loads);
     let mut results = Vec::new();
     for task in tasks {
         results.push(task.await.unwrap());
@@ -67,11 +75,13 @@ fn load_groups(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<usize>
         .collect()
 }
 
-/// On a single-threaded runtime the order is fixed. In a first burst of eight runnable loads the
-/// first reads alone (nothing came together before it, so it does not wait) and the seven others
-/// queue behind it and are read together. In the second burst the first load lets the runnable
-/// ones join: all eight in one statement. Each load returns what the same read returns on a store
-/// without group commit (no grouping): its own stream, from its own version, up to its own limit.
+/// Eight loads runnable at once. A load that finds no read in flight reads alone unless loads
+/// came together last time: then it first lets the runnable ones join, and all eight are read in
+/// one statement. Whether the first bursts come together depends on I/O timing (a load whose
+/// reply is already there when it reads completes in its first poll, before the next task runs),
+/// so bursts repeat until one is a single group; from then on each is. Every burst's loads are
+/// all accounted for, and each returns what the same read returns on a store without group
+/// commit (no grouping): its own stream, from its own version, up to its own limit.
 #[tokio::test(flavor = "current_thread")]
 async fn loads_that_run_together_are_read_in_one_statement_each_with_its_own_events() {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
@@ -94,14 +104,29 @@ async fn loads_that_run_together_are_read_in_one_statement_each_with_its_own_eve
     assert!(expected[6].is_empty() && expected[0].is_empty());
     load_groups(&snapshotter);
 
-    let first = runnable_loads(&store, &loads).await;
-    assert_eq!(load_groups(&snapshotter), vec![1, 7]);
-    let second = runnable_loads(&store, &loads).await;
-    assert_eq!(load_groups(&snapshotter), vec![8]);
-    for results in [first, second] {
+    let mut one_statement = 0;
+    for burst in 0..20 {
+        let results = runnable_loads(&store, &loads).await;
+        let groups = load_groups(&snapshotter);
+        assert_eq!(groups.iter().sum::<usize>(), 8, "burst {burst}: {groups:?}");
         let results: Vec<_> = results.into_iter().map(Result::unwrap).collect();
-        assert_eq!(results, expected);
+        assert_eq!(results, expected, "burst {burst}");
+        if groups == [8] {
+            one_statement += 1;
+            if one_statement == 2 {
+                break;
+            }
+        } else {
+            assert_eq!(
+                one_statement, 0,
+                "burst {burst} after a single group: {groups:?}"
+            );
+        }
     }
+    assert_eq!(
+        one_statement, 2,
+        "no burst of runnable loads was read in one statement"
+    );
     drop_schema(&store).await;
 }
 
@@ -148,14 +173,7 @@ async fn cancelled_loads_leave_the_queue_to_the_next_one() {
         let events = alone.read_stream_for_replay(stream, *from, *limit).await;
         expected.insert(stream.clone(), events.unwrap());
     }
-    let tasks: Vec<_> = loads
-        .iter()
-        .cloned()
-        .map(|(stream, from, limit)| {
-            let store = store.clone();
-            tokio::spawn(async move { store.read_stream_for_replay(&stream, from, limit).await })
-        })
-        .collect();
+    let tasks = spawn_loads(&store, &loads);
     // Every load is at its first await: the first reading, the rest queued behind it. Cancel
     // the reader and the first in the queue (the one it would tell to lead next).
     tokio::task::yield_now().await;
