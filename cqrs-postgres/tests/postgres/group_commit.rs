@@ -898,7 +898,10 @@ async fn a_load_keeps_the_connection_it_took_from_the_pool() {
 }
 
 /// Concurrent loads keep at most three connections (one for the write slot, two for loads); the
-/// rest go back to the pool.
+/// rest go back to the pool. Usually all six loads hold a connection at once and exactly three
+/// are kept; on a loaded machine a load can finish in its first poll (its reply already there)
+/// and the next one borrows the connection it kept, so fewer may be: at least one, never more
+/// than three.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_loads_keep_at_most_three_connections() {
     let store = fresh_store_with(8)
@@ -914,9 +917,10 @@ async fn concurrent_loads_keep_at_most_three_connections() {
     .await;
     assert!(loads.into_iter().all(|events| events.unwrap().is_empty()));
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let kept = || pool.size() as usize - pool.num_idle();
     assert!(
-        wait_for(|| pool.size() as usize - pool.num_idle() == 3).await,
-        "expected three kept connections: {} idle of {}",
+        wait_for(|| (1..=3).contains(&kept())).await,
+        "expected one to three kept connections: {} idle of {}",
         pool.num_idle(),
         pool.size()
     );
