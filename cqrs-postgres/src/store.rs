@@ -162,7 +162,7 @@ impl PostgresStore {
     }
 
     /// Writes every append in its own transaction on a connection checked out of the pool for
-    /// it, with no grouping and no kept connections.
+    /// it, and reads every load on its own, with no grouping and no kept connections.
     pub fn without_group_commit(mut self) -> Self {
         self.group = None;
         self
