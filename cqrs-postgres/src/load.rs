@@ -234,8 +234,8 @@ async fn read_group(
         }
     };
     tracing::trace!(loads = members, "grouped load");
-    // Each member's rows in version order (they arrive in it: one index range scan each, so
-    // this sort only checks).
+    // Each member's rows in version order: the statement has no overall ORDER BY, though each
+    // member's rows normally arrive in it (one index range scan each), and then this only checks.
     for events in &mut events {
         events.sort_by_key(|event| event.stream_version);
     }
