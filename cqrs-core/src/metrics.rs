@@ -15,7 +15,7 @@
 //! | `cqrs_append_duration_seconds` | histogram | `aggregate` | one append of a command's events (re-sends included) |
 //! | `cqrs_events_appended_total` | counter | `aggregate` | events appended by commands |
 //! | `cqrs_group_commit_size` | histogram | `backend` | appends written together by one group commit (PostgreSQL, SQLite) |
-//! | `cqrs_load_group_size` | histogram | `backend` | commands' loads (stream replays) read together in one statement, 1 for a load read alone (PostgreSQL with group commit) |
+//! | `cqrs_load_group_size` | histogram | `backend` | commands' loads (stream replays) a leader read together in one statement, 1 for a load that found no other queued (PostgreSQL with group commit); a member that reads again alone after its group failed is not counted again |
 //! | `cqrs_notifications_total` | counter | `backend`, `carried_by` | append notifications the store committed (PostgreSQL's `NOTIFY`): `carried_by` is `append` (in an append's own statement), `group` (in a group commit's statement) or `background` (a `NOTIFY` of its own, after the last append of a burst); those of `append_in` are the caller's |
 //! | `cqrs_projection_events_applied_total` | counter | `projection` | events a runner applied and committed |
 //! | `cqrs_projection_batch_commit_seconds` | histogram | `projection` | one batch: handlers, flush and checkpoint commit |
