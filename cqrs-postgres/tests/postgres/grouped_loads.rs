@@ -174,8 +174,10 @@ async fn cancelled_loads_leave_the_queue_to_the_next_one() {
         expected.insert(stream.clone(), events.unwrap());
     }
     let tasks = spawn_loads(&store, &loads);
-    // Every load is at its first await: the first reading, the rest queued behind it. Cancel
-    // the reader and the first in the queue (the one it would tell to lead next).
+    // Every load is at its first await, as a rule: the first reading, the rest queued behind it
+    // (on a loaded machine the first may already be done). Cancel the reader and the first in
+    // the queue (the one it would tell to lead next); whatever the timing, the others must get
+    // their events.
     tokio::task::yield_now().await;
     tasks[0].abort();
     tasks[1].abort();
