@@ -315,17 +315,8 @@ fn a_writer_appending_again_after_its_reply_joins_the_queue() {
         }
         drop_schema(&store).await;
     });
-    let queued: f64 = snapshotter
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(key, ..)| key.key().name() == cqrs_core::metrics::GROUP_COMMIT_SIZE)
-        .filter_map(|(.., value)| match value {
-            metrics_util::debugging::DebugValue::Histogram(sizes) => {
-                Some(sizes.iter().map(|size| size.into_inner()).sum::<f64>())
-            }
-            _ => None,
-        })
+    let queued: f64 = crate::histogram_samples(&snapshotter, cqrs_core::metrics::GROUP_COMMIT_SIZE)
+        .iter()
         .sum();
     assert_eq!(
         queued as usize,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use cqrs_core::{EventStore, ExpectedVersion, ReplayEvent, StoreError, StreamId, StreamVersion};
 use cqrs_postgres::PostgresStore;
 
-use crate::{batch, drop_schema, fresh_store_with, insert_raw};
+use crate::{batch, drop_schema, fresh_store_with, histogram_samples, insert_raw};
 
 /// Eight streams of 0 to 7 events, and eight loads of them that differ in where they start and
 /// how many events they take.
@@ -62,16 +62,9 @@ async fn runnable_loads(
 
 /// The sizes the load-group histogram recorded since the last call.
 fn load_groups(snapshotter: &metrics_util::debugging::Snapshotter) -> Vec<usize> {
-    snapshotter
-        .snapshot()
-        .into_vec()
+    histogram_samples(snapshotter, cqrs_core::metrics::LOAD_GROUP_SIZE)
         .into_iter()
-        .filter(|(key, ..)| key.key().name() == cqrs_core::metrics::LOAD_GROUP_SIZE)
-        .flat_map(|(.., value)| match value {
-            metrics_util::debugging::DebugValue::Histogram(sizes) => sizes,
-            _ => Vec::new(),
-        })
-        .map(|size| size.into_inner() as usize)
+        .map(|size| size as usize)
         .collect()
 }
 

@@ -199,6 +199,25 @@ pub fn batch(count: usize) -> Vec<NewEvent> {
     (0..count).map(|n| event("Added", n as i64)).collect()
 }
 
+/// The samples the debugging recorder holds for histogram `name` (all label sets), taken: the
+/// next call returns only what was recorded after this one.
+pub fn histogram_samples(
+    snapshotter: &metrics_util::debugging::Snapshotter,
+    name: &str,
+) -> Vec<f64> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| key.key().name() == name)
+        .flat_map(|(.., value)| match value {
+            metrics_util::debugging::DebugValue::Histogram(samples) => samples,
+            _ => Vec::new(),
+        })
+        .map(|sample| sample.into_inner())
+        .collect()
+}
+
 /// Inserts a row as another tool (or an older release) might have, bypassing the store.
 #[allow(clippy::too_many_arguments)] // one argument per column: reads like the row it writes
 pub async fn insert_raw(
