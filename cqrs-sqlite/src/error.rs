@@ -6,8 +6,9 @@ use std::time::Duration;
 use cqrs_core::StoreError;
 
 /// What went wrong with the database file itself. Carried inside [`StoreError::Backend`] or
-/// [`StoreError::Connection`] (downcast the source to read it).
-#[derive(Debug, thiserror::Error)]
+/// [`StoreError::Connection`] (downcast the source to read it). Every caller of a commit group
+/// that failed as a whole gets the same variant.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum SqliteError {
     /// The file exists but is not an SQLite database, or it was damaged (truncated, overwritten).

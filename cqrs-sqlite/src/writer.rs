@@ -445,12 +445,22 @@ fn answer_all(group: &mut Vec<Request>, error: StoreError) {
 }
 
 /// A copy of a group-wide failure for one more caller (errors are not `Clone`): the same
-/// variant, so each caller can tell "nothing was written" from "unknown", with the message.
+/// variant, so each caller can tell "nothing was written" from "unknown"; the same
+/// [`SqliteError`] inside it (a full disk, a lock held too long), so each caller can match on it;
+/// any other source as its message.
 fn same_kind(error: &StoreError) -> StoreError {
+    fn copy(source: &BoxError) -> BoxError {
+        match source.downcast_ref::<SqliteError>() {
+            Some(typed) => Box::new(typed.clone()),
+            None => source.to_string().into(),
+        }
+    }
     match error {
-        StoreError::Connection(source) => StoreError::Connection(source.to_string().into()),
-        StoreError::OutcomeUnknown(source) => StoreError::OutcomeUnknown(source.to_string().into()),
-        StoreError::Backend(source) => StoreError::Backend(source.to_string().into()),
+        StoreError::Connection(source) => StoreError::Connection(copy(source)),
+        StoreError::OutcomeUnknown(source) => StoreError::OutcomeUnknown(copy(source)),
+        StoreError::Backend(source) => StoreError::Backend(copy(source)),
         other => StoreError::Backend(other.to_string().into()),
     }
 }
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -7,6 +7,7 @@ use cqrs_core::{
     CheckpointStore, EventId, EventStore, ExpectedVersion, NewEvent, Position, StoreError, StreamId,
 };
 use cqrs_sqlite::{SqliteConfig, SqliteError, SqliteStore};
+use futures_util::TryStreamExt;
 use serde_json::json;
 use sqlx::{ConnectOptions, Connection};
 
@@ -470,4 +471,233 @@ async fn appends_dropped_mid_write_leave_the_writer_usable() {
         .execute(&mut other)
         .await
         .unwrap();
+}
+
+/// The size of the file system `a_full_disk_…` mounts for its child, and how much of it the
+/// child's filler file takes before the appends start.
+const TMPFS_SIZE: &str = "2m";
+const FILLER_BYTES: usize = 1024 * 1024;
+
+/// Not a test: the process of
+/// `a_full_disk_fails_appends_with_a_typed_error_and_keeps_every_acknowledged_one`, with its
+/// database on a small tmpfs of its own. Appends until the disk is full, on every write path,
+/// checks what failed and what is stored, frees the space, and appends again. Panics on anything
+/// wrong; prints `FULL after <n> events` once the disk is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "entry point of a child process"]
+async fn full_disk_child() {
+    let db = crate::child_db();
+    let store = SqliteStore::open(&db).await.unwrap();
+    let filler = db.with_file_name("filler");
+    std::fs::write(&filler, vec![0u8; FILLER_BYTES]).unwrap();
+    let mut acked = Acked::default();
+
+    // Batches of ten (a transaction of the writer's) until one fails.
+    let batches = StreamId::new("full", "batches");
+    let error = acked.until_failure(&store, &batches, 10).await;
+    println!("FULL after {} events", acked.total());
+    assert!(matches!(error, StoreError::Connection(_)), "{error:?}");
+
+    // Every byte taken. A smaller write may still fit where the failed transaction had grown the
+    // log, so each write path appends until it fails too: a lone one-event append (one
+    // autocommit statement) ...
+    let squeeze = db.with_file_name("squeeze");
+    fill_up(&squeeze);
+    acked
+        .until_failure(&store, &StreamId::new("full", "lone"), 1)
+        .await;
+    // ... and concurrent appends, which the writer commits in shared transactions: each gets
+    // its own result, stored or `DiskFull`.
+    let mut rounds = 0;
+    loop {
+        rounds += 1;
+        assert!(rounds < 10_000, "concurrent appends never failed");
+        let tasks: Vec<_> = (0..4)
+            .map(|i| {
+                let store = store.clone();
+                let stream = StreamId::new("full", format!("concurrent-{i}"));
+                let expected = expected_at(acked.version(&stream));
+                tokio::spawn(async move {
+                    let outcome = store.append(&stream, expected, events(1)).await;
+                    (stream, outcome)
+                })
+            })
+            .collect();
+        let mut failed = false;
+        for task in tasks {
+            let (stream, outcome) = task.await.unwrap();
+            failed |= acked.record(&stream, outcome).is_some();
+        }
+        if failed {
+            break;
+        }
+    }
+
+    // Nothing partial: exactly the acknowledged appends, whole, positions without a gap.
+    acked.check(&store).await;
+
+    // Room again: the same store appends where it stopped, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&squeeze).unwrap();
+    let outcome = store
+        .append(&batches, expected_at(acked.version(&batches)), events(10))
+        .await;
+    assert!(
+        acked.record(&batches, outcome).is_none(),
+        "no room after freeing the disk"
+    );
+    let lone = StreamId::new("full", "lone");
+    let outcome = store
+        .append(&lone, expected_at(acked.version(&lone)), events(1))
+        .await;
+    assert!(
+        acked.record(&lone, outcome).is_none(),
+        "no room after freeing the disk"
+    );
+    acked.check(&store).await;
+
+    // And a reopened file holds all of it.
+    store.close().await;
+    acked.check(&SqliteStore::open(&db).await.unwrap()).await;
+}
+
+/// What the full-disk child's appends were told, per stream: the version each acknowledged.
+#[derive(Debug, Default)]
+struct Acked(std::collections::BTreeMap<String, u64>);
+
+impl Acked {
+    fn version(&self, stream: &StreamId) -> u64 {
+        self.0.get(stream.id()).copied().unwrap_or(0)
+    }
+
+    fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+
+    /// Records an append's outcome: `None` if it was stored; its error if it failed, which must
+    /// be the full disk.
+    fn record(
+        &mut self,
+        stream: &StreamId,
+        outcome: Result<cqrs_core::AppendResult, StoreError>,
+    ) -> Option<StoreError> {
+        match outcome {
+            Ok(written) => {
+                self.0
+                    .insert(stream.id().to_owned(), written.stream_version.get());
+                None
+            }
+            Err(error) => {
+                assert!(
+                    matches!(sqlite_error(&error), Some(SqliteError::DiskFull)),
+                    "{error:?}"
+                );
+                Some(error)
+            }
+        }
+    }
+
+    /// Appends `size` events at a time to `stream` until one append fails; returns its error.
+    async fn until_failure(
+        &mut self,
+        store: &SqliteStore,
+        stream: &StreamId,
+        size: usize,
+    ) -> StoreError {
+        for _ in 0..100_000 {
+            let expected = expected_at(self.version(stream));
+            let outcome = store.append(stream, expected, events(size)).await;
+            if let Some(error) = self.record(stream, outcome) {
+                return error;
+            }
+        }
+        panic!("appends to {stream} never failed");
+    }
+
+    /// The store holds exactly the acknowledged events: every stream's versions dense up to
+    /// what was acknowledged, and the global positions dense.
+    async fn check(&self, store: &SqliteStore) {
+        let all: Vec<cqrs_core::RecordedEvent> = cqrs_core::store::read_all_batched(
+            store,
+            Position::START,
+            cqrs_core::EventTypes::All,
+            500,
+        )
+        .try_collect()
+        .await
+        .unwrap();
+        let positions: Vec<u64> = all.iter().map(|e| e.position.sequence).collect();
+        assert_eq!(
+            positions,
+            (1..=self.total()).collect::<Vec<_>>(),
+            "positions"
+        );
+        let mut versions = std::collections::BTreeMap::<String, Vec<u64>>::new();
+        for event in &all {
+            versions
+                .entry(event.stream.id().to_owned())
+                .or_default()
+                .push(event.stream_version.get());
+        }
+        for (stream, acked) in &self.0 {
+            let stored = versions.remove(stream).unwrap_or_default();
+            assert_eq!(stored, (1..=*acked).collect::<Vec<_>>(), "{stream}");
+        }
+        assert!(versions.is_empty(), "unacknowledged streams: {versions:?}");
+    }
+}
+
+/// Writes `path` until the file system has no room left for another byte.
+fn fill_up(path: &std::path::Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).unwrap();
+    for size in [4096, 1] {
+        loop {
+            match file.write(&[0u8; 4096][..size]) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(error) => panic!("filling up the disk: {error}"),
+            }
+        }
+    }
+}
+
+fn expected_at(version: u64) -> ExpectedVersion {
+    match version {
+        0 => ExpectedVersion::NoStream,
+        v => ExpectedVersion::Exact(cqrs_core::StreamVersion::new(v)),
+    }
+}
+
+/// A disk that fills up under the store: every append fails with `SqliteError::DiskFull` (a
+/// connection-class error: nothing was written), batches are stored whole or not at all, every
+/// acknowledged append stays, and once there is room again the same store appends on, without a
+/// gap. The child process runs in a user and mount namespace of its own (`unshare`), on a tmpfs
+/// of `TMPFS_SIZE`, so nothing outside it fills up.
+#[tokio::test]
+async fn a_full_disk_fails_appends_with_a_typed_error_and_keeps_every_acknowledged_one() {
+    let dir = TempDir::new();
+    let mount = dir.path().join("tmpfs");
+    std::fs::create_dir(&mount).unwrap();
+    let script = format!("mount -t tmpfs -o size={TMPFS_SIZE} tmpfs \"$0\" && exec \"$@\"");
+    let mut child = crate::start_child_under(
+        &[
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            &script,
+            mount.to_str().unwrap(),
+        ],
+        "faults::full_disk_child",
+        &mount.join("events.db"),
+        &[],
+    );
+    child.wait_success();
+    let full = child.lines("FULL after ");
+    assert_eq!(full.len(), 1, "the child never filled its disk: {full:?}");
+    eprintln!("{}", full[0]);
 }

@@ -171,10 +171,34 @@ impl Rng {
 /// The environment variable naming a child process's database file.
 pub const CHILD_DB: &str = "CQRS_SQLITE_CHILD_DB";
 
+/// For child entry points: the database file their parent chose.
+pub fn child_db() -> PathBuf {
+    PathBuf::from(std::env::var(CHILD_DB).expect("started by a test"))
+}
+
 /// Starts this test binary again as a child process running only the ignored test `entry`
 /// (a child entry point), with its database at `db`. Its stdout lines are collected.
 pub fn start_child(entry: &str, db: &Path, env: &[(&str, String)]) -> Child {
-    let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+    start_child_under(&[], entry, db, env)
+}
+
+/// [`start_child`], run by the command `wrapper` (a program and its first arguments; the test
+/// binary and its arguments follow them), e.g. in namespaces of its own.
+pub fn start_child_under(
+    wrapper: &[&str],
+    entry: &str,
+    db: &Path,
+    env: &[(&str, String)],
+) -> Child {
+    let exe = std::env::current_exe().unwrap();
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = std::process::Command::new(program);
+            command.args(args).arg(&exe);
+            command
+        }
+        None => std::process::Command::new(&exe),
+    };
     command
         .args(["--ignored", "--exact", entry, "--nocapture", "--quiet"])
         .env(CHILD_DB, db)

@@ -1,7 +1,6 @@
 //! Several processes on one file: a writer killed mid-batch, two writers racing.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use cqrs_core::store::read_all_batched;
@@ -13,7 +12,7 @@ use cqrs_sqlite::SqliteStore;
 use futures_util::TryStreamExt;
 use serde_json::json;
 
-use crate::{parent_alive, start_child, Rng, TempDir, CHILD_DB};
+use crate::{child_db, parent_alive, start_child, Rng, TempDir};
 
 const BATCH: usize = 20;
 
@@ -27,10 +26,6 @@ fn batch(n: usize) -> Vec<NewEvent> {
             metadata: Default::default(),
         })
         .collect()
-}
-
-fn child_db() -> PathBuf {
-    PathBuf::from(std::env::var(CHILD_DB).expect("started by a test"))
 }
 
 /// Not a test: a writer process for `kill_9_mid_batch_tears_no_batch_and_loses_no_ack`. Four
