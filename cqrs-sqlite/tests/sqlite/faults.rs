@@ -215,6 +215,28 @@ async fn a_lock_held_past_the_busy_timeout_is_a_typed_error() {
         "{error:?}"
     );
     assert!(error.is_transient());
+    // Concurrent appends, which the writer takes as one group: every caller gets the typed error.
+    let tasks: Vec<_> = (0..6)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let stream = StreamId::new("s", format!("concurrent-{i}"));
+                store
+                    .append(&stream, ExpectedVersion::NoStream, events(2))
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        let error = task.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                (&error, sqlite_error(&error)),
+                (StoreError::Connection(_), Some(SqliteError::Busy { .. }))
+            ),
+            "{error:?}"
+        );
+    }
     // A lock released within the timeout is waited out.
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(50)).await;
