@@ -3,10 +3,12 @@
 
 use std::time::{Duration, Instant};
 
+use cqrs_core::subscription::{ProjectionRunner, RunError, RunnerConfig};
 use cqrs_core::{
     CheckpointStore, EventId, EventStore, ExpectedVersion, NewEvent, Position, StoreError, StreamId,
 };
-use cqrs_sqlite::{SqliteConfig, SqliteError, SqliteStore};
+use cqrs_core::{Projection, ProjectionError};
+use cqrs_sqlite::{SqliteConfig, SqliteError, SqliteProjections, SqliteStore};
 use futures_util::TryStreamExt;
 use serde_json::json;
 use sqlx::{ConnectOptions, Connection};
@@ -496,20 +498,25 @@ async fn appends_dropped_mid_write_leave_the_writer_usable() {
 }
 
 /// The size of the file system `a_full_disk_…` mounts for its child, and how much of it the
-/// child's filler file takes before the appends start.
+/// child's filler file takes before the appends start (then frees for the read model, then
+/// removes).
 const TMPFS_SIZE: &str = "2m";
 const FILLER_BYTES: usize = 1024 * 1024;
+/// What the child frees for the read model's catch-up: room for part of its rows.
+const ROOM_FOR_THE_READ_MODEL: usize = 128 * 1024;
 
 /// Not a test: the process of
 /// `a_full_disk_fails_appends_with_a_typed_error_and_keeps_every_acknowledged_one`, with its
 /// database on a small tmpfs of its own. Appends until the disk is full, on every write path,
-/// checks what failed and what is stored, frees the space, and appends again. Panics on anything
+/// checks what failed and what is stored, runs a read model's catch-up into the full disk, frees
+/// the space, and appends and catches up again. Panics on anything
 /// wrong; prints `FULL after <n> events` once the disk is full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "entry point of a child process"]
 async fn full_disk_child() {
     let db = crate::child_db();
     let store = SqliteStore::open(&db).await.unwrap();
+    Copies::create(&store).await;
     let filler = db.with_file_name("filler");
     std::fs::write(&filler, vec![0u8; FILLER_BYTES]).unwrap();
     let mut acked = Acked::default();
@@ -558,6 +565,30 @@ async fn full_disk_child() {
     // Nothing partial: exactly the acknowledged appends, whole, positions without a gap.
     acked.check(&store).await;
 
+    // A read model in the same file, given room for part of its rows: the catch-up stops with
+    // the storage's error, and what it committed is exactly what its checkpoint says.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&filler)
+        .unwrap()
+        .set_len((FILLER_BYTES - ROOM_FOR_THE_READ_MODEL) as u64)
+        .unwrap();
+    let error = Copies::catch_up(&store).await.unwrap_err();
+    assert!(Copies::is_full_disk(&error), "{error:?}");
+    let checkpoint = store.load_checkpoint(Copies::NAME).await.unwrap();
+    let copied = Copies::count(&store).await;
+    assert_eq!(
+        copied,
+        checkpoint.map_or(0, |p| p.sequence),
+        "rows beside the checkpoint"
+    );
+    println!("the read model stopped at {copied} events: {error}");
+    assert!(
+        copied > 0 && copied < acked.total(),
+        "the catch-up should stop part of the way: {copied} of {}",
+        acked.total()
+    );
+
     // Room again: the same store appends where it stopped, without a restart.
     std::fs::remove_file(&filler).unwrap();
     std::fs::remove_file(&squeeze).unwrap();
@@ -577,10 +608,89 @@ async fn full_disk_child() {
         "no room after freeing the disk"
     );
     acked.check(&store).await;
+    // The read model resumes at its checkpoint, and holds every event once.
+    Copies::catch_up(&store).await.unwrap();
+    assert_eq!(Copies::count(&store).await, acked.total());
 
     // And a reopened file holds all of it.
     store.close().await;
     acked.check(&SqliteStore::open(&db).await.unwrap()).await;
+}
+
+/// A read model in the store's file with one large row per event, so that a full disk refuses
+/// its writes.
+#[derive(Debug, Default)]
+struct Copies;
+
+impl Copies {
+    async fn create(store: &SqliteStore) {
+        sqlx::query("CREATE TABLE copies (position INTEGER PRIMARY KEY, pad TEXT NOT NULL)")
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+
+    async fn count(store: &SqliteStore) -> u64 {
+        let (count,): (i64,) = sqlx::query_as("SELECT count(*) FROM copies")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        count as u64
+    }
+
+    async fn catch_up(store: &SqliteStore) -> Result<Self, RunError> {
+        let config = RunnerConfig::builder().batch_size(20).build().unwrap();
+        ProjectionRunner::new(Self, SqliteProjections::new(store.clone()))
+            .with_config(config)
+            .catch_up()
+            .await
+    }
+
+    /// Whether a catch-up failed because the disk is full (reported by SQLite to the handler or
+    /// to the batch's commit).
+    fn is_full_disk(error: &RunError) -> bool {
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(error) = cause {
+            let full = matches!(
+                error.downcast_ref::<SqliteError>(),
+                Some(SqliteError::DiskFull)
+            ) || error
+                .downcast_ref::<sqlx::Error>()
+                .and_then(|e| e.as_database_error())
+                .and_then(|e| e.code())
+                .is_some_and(|code| code == "13");
+            if full {
+                return true;
+            }
+            cause = error.source();
+        }
+        false
+    }
+}
+
+impl Projection for Copies {
+    const NAME: &'static str = "copies";
+    const EVENT_TYPES: &'static [&'static str] = &["Numbered"];
+    type Context = sqlx::SqliteConnection;
+
+    async fn handle<'a>(
+        &'a mut self,
+        event: &'a cqrs_core::RecordedEvent,
+        db: &'a mut sqlx::SqliteConnection,
+    ) -> Result<(), ProjectionError> {
+        sqlx::query("INSERT INTO copies (position, pad) VALUES (?1, ?2)")
+            .bind(event.position.sequence as i64)
+            .bind("c".repeat(1000))
+            .execute(db)
+            .await
+            .map_err(|source| ProjectionError::Handler {
+                projection: Self::NAME,
+                event_type: event.event_type.clone(),
+                position: event.position,
+                source: source.into(),
+            })?;
+        Ok(())
+    }
 }
 
 /// What the full-disk child's appends were told, per stream: the version each acknowledged.
@@ -694,8 +804,9 @@ fn expected_at(version: u64) -> ExpectedVersion {
 
 /// A disk that fills up under the store: every append fails with `SqliteError::DiskFull` (a
 /// connection-class error: nothing was written), batches are stored whole or not at all, every
-/// acknowledged append stays, and once there is room again the same store appends on, without a
-/// gap. The child process runs in a user and mount namespace of its own (`unshare`), on a tmpfs
+/// acknowledged append stays, a read model's catch-up stops with its rows and checkpoint in step,
+/// and once there is room again the same store appends on, without a gap, and the read model
+/// resumes. The child process runs in a user and mount namespace of its own (`unshare`), on a tmpfs
 /// of `TMPFS_SIZE`, so nothing outside it fills up.
 #[tokio::test]
 async fn a_full_disk_fails_appends_with_a_typed_error_and_keeps_every_acknowledged_one() {
@@ -721,5 +832,5 @@ async fn a_full_disk_fails_appends_with_a_typed_error_and_keeps_every_acknowledg
     child.wait_success();
     let full = child.lines("FULL after ");
     assert_eq!(full.len(), 1, "the child never filled its disk: {full:?}");
-    eprintln!("{}", full[0]);
+    eprintln!("{}; {:?}", full[0], child.lines("the read model stopped"));
 }
