@@ -592,21 +592,13 @@ async fn full_disk_child() {
     // Room again: the same store appends where it stopped, without a restart.
     std::fs::remove_file(&filler).unwrap();
     std::fs::remove_file(&squeeze).unwrap();
-    let outcome = store
-        .append(&batches, expected_at(acked.version(&batches)), events(10))
-        .await;
-    assert!(
-        acked.record(&batches, outcome).is_none(),
-        "no room after freeing the disk"
-    );
-    let lone = StreamId::new("full", "lone");
-    let outcome = store
-        .append(&lone, expected_at(acked.version(&lone)), events(1))
-        .await;
-    assert!(
-        acked.record(&lone, outcome).is_none(),
-        "no room after freeing the disk"
-    );
+    for (stream, size) in [(&batches, 10), (&StreamId::new("full", "lone"), 1)] {
+        let failed = acked.append(&store, stream, size).await;
+        assert!(
+            failed.is_none(),
+            "no room after freeing the disk: {failed:?}"
+        );
+    }
     acked.check(&store).await;
     // The read model resumes at its checkpoint, and holds every event once.
     Copies::catch_up(&store).await.unwrap();
@@ -729,6 +721,19 @@ impl Acked {
         }
     }
 
+    /// Appends `size` events to `stream` after those acknowledged and records the outcome: `None`
+    /// if they were stored, the error if not (which must be the full disk).
+    async fn append(
+        &mut self,
+        store: &SqliteStore,
+        stream: &StreamId,
+        size: usize,
+    ) -> Option<StoreError> {
+        let expected = expected_at(self.version(stream));
+        let outcome = store.append(stream, expected, events(size)).await;
+        self.record(stream, outcome)
+    }
+
     /// Appends `size` events at a time to `stream` until one append fails; returns its error.
     async fn until_failure(
         &mut self,
@@ -737,9 +742,7 @@ impl Acked {
         size: usize,
     ) -> StoreError {
         for _ in 0..100_000 {
-            let expected = expected_at(self.version(stream));
-            let outcome = store.append(stream, expected, events(size)).await;
-            if let Some(error) = self.record(stream, outcome) {
+            if let Some(error) = self.append(store, stream, size).await {
                 return error;
             }
         }
