@@ -509,8 +509,8 @@ const ROOM_FOR_THE_READ_MODEL: usize = 128 * 1024;
 /// `a_full_disk_fails_appends_with_a_typed_error_and_keeps_every_acknowledged_one`, with its
 /// database on a small tmpfs of its own. Appends until the disk is full, on every write path,
 /// checks what failed and what is stored, runs a read model's catch-up into the full disk, frees
-/// the space, and appends and catches up again. Panics on anything
-/// wrong; prints `FULL after <n> events` once the disk is full.
+/// the space, and appends and catches up again. Panics on anything wrong; prints `FULL after <n>
+/// events` once the disk is full.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "entry point of a child process"]
 async fn full_disk_child() {
