@@ -17,13 +17,15 @@ pub async fn check(url: &str) -> Result<(), BenchError> {
     Ok(())
 }
 
-/// A pool of [`POOL_SIZE`] connections, all opened before it is returned (so no benchmark times a
-/// connection handshake).
+/// A pool of [`POOL_SIZE`] connections with sqlx's default options, all opened before it is
+/// returned (so no benchmark times a connection handshake).
 pub async fn pool(url: &str) -> Result<PgPool, BenchError> {
-    let pool = PgPoolOptions::new()
-        .max_connections(POOL_SIZE)
-        .connect(url)
-        .await?;
+    pool_with(PgPoolOptions::new(), url).await
+}
+
+/// [`pool`], from `options`.
+async fn pool_with(options: PgPoolOptions, url: &str) -> Result<PgPool, BenchError> {
+    let pool = options.max_connections(POOL_SIZE).connect(url).await?;
     let mut held = Vec::new();
     for _ in 0..POOL_SIZE {
         held.push(pool.acquire().await?);
@@ -66,9 +68,10 @@ pub async fn fresh_schema(pool: &PgPool, schema: &str) -> Result<(), BenchError>
     Ok(())
 }
 
-/// Our store on a fresh, migrated schema, with its own pool of [`POOL_SIZE`].
+/// Our store on a fresh, migrated schema, with its own pool of [`POOL_SIZE`] and otherwise the
+/// options `PostgresStore::connect` uses.
 pub async fn our_store(url: &str, schema: &str) -> Result<PostgresStore, BenchError> {
-    let pool = pool(url).await?;
+    let pool = pool_with(PostgresStore::pool_options(), url).await?;
     drop_schema(&pool, schema).await?;
     let store = PostgresStore::new(pool).with_schema(schema)?;
     store.migrate().await?;

@@ -22,7 +22,7 @@ pub struct SchemaMismatch {
 /// Public so that code running its own queries next to the store (projection runners, outboxes)
 /// reports failures the same way.
 pub fn map_error(error: sqlx::Error) -> StoreError {
-    if is_connection_error(&error) {
+    if connection_failed(&error) {
         return StoreError::Connection(Box::new(error));
     }
     if let sqlx::Error::Database(db) = &error {
@@ -63,10 +63,20 @@ pub(crate) fn map_sent_write_error(
     error: sqlx::Error,
     map: impl FnOnce(sqlx::Error) -> StoreError,
 ) -> StoreError {
-    if is_connection_error(&error) {
+    if connection_failed(&error) {
         return StoreError::OutcomeUnknown(Box::new(error));
     }
     map(error)
+}
+
+/// [`is_connection_error`], noting a failed connection for the pool's checkout check (see
+/// `pool.rs`): every driver error the store reports passes through here.
+pub(crate) fn connection_failed(error: &sqlx::Error) -> bool {
+    let failed = is_connection_error(error);
+    if failed {
+        crate::pool::connection_failed();
+    }
+    failed
 }
 
 pub(crate) fn is_connection_error(error: &sqlx::Error) -> bool {

@@ -32,7 +32,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 use crate::append::{expected_code, to_version, Encoded};
-use crate::error::{is_connection_error, is_version_collision};
+use crate::error::{connection_failed, is_version_collision};
 use crate::load::LoadGroup;
 use crate::notify::Announcer;
 use crate::row::parse_tx;
@@ -707,7 +707,7 @@ async fn write_group(
             tracing::debug!(%error, appends = group.len(), "group append failed; appending individually");
             // A lost connection may have lost the reply of a committed statement; any other
             // failure means nothing of the group was written (one statement, one transaction).
-            let unsettled = is_connection_error(&error);
+            let unsettled = connection_failed(&error);
             group
                 .iter()
                 .map(|_| {

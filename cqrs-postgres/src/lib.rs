@@ -182,10 +182,12 @@
 //!   loads keep theirs, so both skip the pool's checkout round trips.
 //!
 //! **Round trips to the pool.** Everything else takes a connection from the `PgPool` per
-//! operation, and sqlx pings it on the way out and on the way back: two round trips that on a
-//! local database cost about as much as a single-row append. The ping on checkout can be turned
-//! off where connections are trusted, `PgPoolOptions::test_before_acquire(false)`; the one on
-//! return cannot.
+//! operation. sqlx pings every connection it takes back (that one cannot be turned off) and, by
+//! default, again on checkout: on a local database each ping costs about as much as a single-row
+//! append. The pool of [`PostgresStore::connect`] ([`PostgresStore::pool_options`], to start a
+//! pool of your own from) skips the checkout ping for a connection taken back less than half a
+//! second ago; it pings one that sat idle longer, and every one for two seconds after a store in
+//! the process saw a connection fail, so that a retry after a server restart gets a live one.
 #![forbid(unsafe_code)]
 
 mod admin;
@@ -196,6 +198,7 @@ mod group;
 mod horizon;
 mod load;
 mod notify;
+mod pool;
 mod projections;
 mod read;
 mod row;

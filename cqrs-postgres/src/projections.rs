@@ -562,7 +562,7 @@ fn is_storage_failure(cause: &(dyn std::error::Error + 'static)) -> bool {
         error,
         sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40001" | "40P01"))
     );
-    transient || crate::error::is_connection_error(error)
+    transient || crate::error::connection_failed(error)
 }
 
 /// A session advisory lock on its own connection; released when the connection closes (dropped

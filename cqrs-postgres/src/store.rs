@@ -59,14 +59,33 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
-    /// Connects a pool of up to 10 connections to `url`; the store uses schema `public`.
+    /// Connects a pool of up to 10 connections to `url` ([`PostgresStore::pool_options`]); the
+    /// store uses schema `public`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new()
-            .max_connections(10)
-            .connect(url)
-            .await
-            .map_err(map_error)?;
+        let pool = Self::pool_options().connect(url).await.map_err(map_error)?;
         Ok(Self::new(pool))
+    }
+
+    /// The pool options [`PostgresStore::connect`] uses, to start a pool of your own from (for
+    /// another size, timeouts, TLS): up to 10 connections, health-checked on checkout only where
+    /// the check can find something. sqlx pings every connection it takes back (and closes one
+    /// that fails), so a connection taken back less than half a second ago is handed out again
+    /// without another ping, and an operation on the pool skips that round trip; a connection
+    /// idle for longer is pinged, as sqlx does by default, and so is every connection for two
+    /// seconds after a store in this process saw one fail (a server restart or failover closes
+    /// them all), so that the store's retries get a live one.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = cqrs_postgres::PostgresStore::pool_options()
+    ///     .max_connections(32)
+    ///     .connect("postgres://postgres@127.0.0.1:5432/app")
+    ///     .await?;
+    /// let store = cqrs_postgres::PostgresStore::new(pool);
+    /// # Ok(()) }
+    /// ```
+    pub fn pool_options() -> PgPoolOptions {
+        crate::pool::options()
     }
 
     /// The short path: connects (as [`PostgresStore::connect`]) and applies the migrations (as

@@ -1024,3 +1024,30 @@ fn a_store_with_a_kept_connection_can_be_dropped_after_its_runtime() {
     drop(store);
     drop(pool);
 }
+
+/// The pool of `connect` skips the checkout ping only for a connection taken back moments ago:
+/// one the server closed while it sat idle is pinged on checkout and replaced, and the append that
+/// gets the pool's connection never sees the dead one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_server_closed_while_idle_is_replaced_on_checkout() {
+    let store = fresh_store_with(2).await.without_group_commit();
+    let stream = StreamId::new("account", "idle");
+    store
+        .append(&stream, ExpectedVersion::NoStream, batch(1))
+        .await
+        .unwrap();
+    terminate_backends(&store).await;
+    // Idle past the window in which the pool hands a connection out unchecked, and past the
+    // store's memory of a failed connection (none failed here: the store used none since).
+    tokio::time::sleep(Duration::from_millis(2_600)).await;
+    store
+        .append(
+            &stream,
+            ExpectedVersion::Exact(StreamVersion::new(1)),
+            batch(1),
+        )
+        .await
+        .expect("the pool hands out a live connection");
+    assert_eq!(store.stream_version(&stream).await.unwrap().get(), 2);
+    drop_schema(&store).await;
+}

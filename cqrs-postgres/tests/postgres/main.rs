@@ -44,14 +44,15 @@ pub async fn fresh_store() -> PostgresStore {
     fresh_store_with(4).await
 }
 
-/// A store on a new, migrated schema, through a pool of `connections`.
+/// A store on a new, migrated schema, through a pool of `connections` with the options
+/// `PostgresStore::connect` uses.
 pub async fn fresh_store_with(connections: u32) -> PostgresStore {
     let url = url();
     let schema = format!("{PREFIX}{}", uuid::Uuid::now_v7().simple());
     let options = PgConnectOptions::from_str(&url)
         .unwrap_or_else(|e| panic!("DATABASE_URL `{url}` is not a PostgreSQL URL: {e}"))
         .application_name(&schema);
-    let pool = PgPoolOptions::new()
+    let pool = PostgresStore::pool_options()
         .max_connections(connections)
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(options)
