@@ -88,7 +88,7 @@ impl PostgresStore {
 
     /// One stream's rows from `statement` (`$1` stream type, `$2` id, `$3` first version, `$4`
     /// limit), each decoded by `decode`, read as a command's load (see
-    /// [`PostgresStore::rows_for_load`]).
+    /// [`PostgresStore::rows_for_load`]). The caller has validated `stream`.
     async fn stream_rows<T, E: RowError>(
         &self,
         statement: &sqlx::SqlStr,
@@ -97,7 +97,6 @@ impl PostgresStore {
         limit: usize,
         decode: impl Fn(&PgRow) -> Result<T, E> + Copy,
     ) -> Result<Vec<T>, E> {
-        stream.validate().map_err(StoreError::from)?;
         let query = || {
             sqlx::query(statement.clone())
                 .bind(stream.stream_type())
@@ -249,6 +248,7 @@ impl EventStore for PostgresStore {
         from: StreamVersion,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        stream.validate()?;
         let read = &self.sql.read_stream;
         self.stream_rows(read, stream, from, limit, row::recorded)
             .await
@@ -260,10 +260,10 @@ impl EventStore for PostgresStore {
         from: StreamVersion,
         limit: usize,
     ) -> Result<Vec<ReplayEvent>, StoreError> {
+        stream.validate()?;
         // A command's load: read with the loads of other commands when group commit is on.
         let mut reading = None;
         if let Some(group) = &self.group {
-            stream.validate()?;
             match group.loads.load(self, stream, from, limit).await {
                 load::Load::Read(events) => return Ok(events),
                 load::Load::Alone(held) => reading = held,

@@ -169,7 +169,7 @@ impl Rng {
 }
 
 /// The environment variable naming a child process's database file.
-pub const CHILD_DB: &str = "CQRS_SQLITE_CHILD_DB";
+const CHILD_DB: &str = "CQRS_SQLITE_CHILD_DB";
 
 /// For child entry points: the database file their parent chose.
 pub fn child_db() -> PathBuf {

@@ -17,7 +17,7 @@ use serde_json::json;
 use sqlx::SqliteConnection;
 use std::sync::Arc;
 
-use crate::{parent_alive, start_child, Rng, TempDir, CHILD_DB};
+use crate::{parent_alive, start_child, Rng, TempDir};
 
 /// Balance and event count per account, in table `balances` of the store's file.
 #[derive(Debug, Clone, Default)]
@@ -148,8 +148,7 @@ async fn postgres_events(schema: &str) -> PostgresStore {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "entry point of a child process"]
 async fn runner_child() {
-    let db = std::env::var(CHILD_DB).expect("started by a test");
-    let store = SqliteStore::open(db).await.unwrap();
+    let store = SqliteStore::open(crate::child_db()).await.unwrap();
     let backend = match std::env::var(CHILD_EVENTS_SCHEMA) {
         Ok(schema) => {
             SqliteProjections::with_event_source(Arc::new(postgres_events(&schema).await), store)
